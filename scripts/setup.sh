@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Installs what Berth needs on Debian 12 (as root), idempotently, then builds it.
+# Sourced by scripts/up.sh and scripts/test.sh.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "$(id -u)" != 0 ]; then echo "berth: run this as root (Berth manages mounts, cgroups and containers)" >&2; exit 1; fi
+if ! command -v node >/dev/null || ! node -e 'process.exit(Number(process.versions.node.split(".")[0]) >= 20 ? 0 : 1)'; then
+  echo "berth: Node.js 20 or newer is required" >&2; exit 1
+fi
+
+# Host packages: container runtime + monitor, the busybox image source, Docker's default
+# seccomp profile (containers-common), and a toolchain for native npm modules.
+APT_PACKAGES=(runc conmon busybox-static golang-github-containers-common iproute2 build-essential python3)
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "==> apt-get install ${missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# npm packages (exact versions from package-lock.json).
+stamp=node_modules/.berth-lock-hash
+want=$(sha256sum package-lock.json | cut -d' ' -f1)
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  echo "==> npm ci"
+  npm ci --no-audit --no-fund --loglevel=error
+  echo "$want" > "$stamp"
+fi
+
+echo "==> build"
+npx --no-install tsc -p tsconfig.json

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Command (1): install, start berthd with its embedded default state, run a demo workload.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/setup.sh
+
+export BERTH_DATA_DIR=${BERTH_DATA_DIR:-/var/lib/berth}
+LISTEN=${BERTH_LISTEN:-127.0.0.1:7878}
+berth() { node dist/src/cli/main.js "$@"; }
+
+running=""
+if [ -f "$BERTH_DATA_DIR/berthd.pid" ] && kill -0 "$(cat "$BERTH_DATA_DIR/berthd.pid")" 2>/dev/null && [ -S "$BERTH_DATA_DIR/berthd.sock" ]; then
+  running=$(cat "$BERTH_DATA_DIR/berthd.pid")
+  echo "==> berthd already running (pid $running)"
+else
+  mkdir -p "$BERTH_DATA_DIR"
+  echo "==> starting berthd (data in $BERTH_DATA_DIR, API on http://$LISTEN and unix:$BERTH_DATA_DIR/berthd.sock)"
+  nohup node dist/src/daemon/main.js --data-dir "$BERTH_DATA_DIR" --listen "$LISTEN" >>"$BERTH_DATA_DIR/berthd.log" 2>&1 &
+  for _ in $(seq 1 100); do [ -S "$BERTH_DATA_DIR/berthd.sock" ] && [ -f "$BERTH_DATA_DIR/admin.token" ] && break; sleep 0.1; done
+  [ -S "$BERTH_DATA_DIR/berthd.sock" ] || { echo "berthd did not start; see $BERTH_DATA_DIR/berthd.log" >&2; tail -20 "$BERTH_DATA_DIR/berthd.log" >&2; exit 1; }
+fi
+
+echo "==> berth info"
+berth info
+echo
+echo "==> berth run busybox -- sh -c '…'   (a container on runc, 64 MiB / half a core, supervised by conmon)"
+berth run --memory 64 --cpus 0.5 --pids 64 busybox -- sh -c 'echo "Hello from Berth!"; echo "kernel: $(uname -r), hostname: $(hostname), user: $(id -u)"; echo "memory limit: $(( $(cat /sys/fs/cgroup/memory/memory.limit_in_bytes 2>/dev/null || cat /sys/fs/cgroup/memory.max) / 1048576 )) MiB"; ls /'
+echo
+cat <<TXT
+==> Done. berthd keeps running in the background (pid $(cat "$BERTH_DATA_DIR/berthd.pid")), log: $BERTH_DATA_DIR/berthd.log
+Next, with the CLI (alias berth="node $(pwd)/dist/src/cli/main.js"):
+  berth run -d --name web busybox -- httpd -f -p 8080      # a long-running workload
+  berth ps -a                                              # list workloads
+  berth logs -f web                                        # follow its output
+  berth stop web && berth rm web
+  berth job create nightly --schedule '0 3 * * *' --tz Europe/Paris busybox -- echo backup
+  berth job run nightly                                    # run it now and see its output
+The API: curl -H "Authorization: Bearer \$(cat $BERTH_DATA_DIR/admin.token)" http://$LISTEN/v1/openapi.json
+Stop berthd (workloads keep running): kill \$(cat $BERTH_DATA_DIR/berthd.pid)
+TXT

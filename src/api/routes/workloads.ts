@@ -1,0 +1,204 @@
+import { createRoute, z, type OpenAPIHono } from '@hono/zod-openapi';
+import { stream } from 'hono/streaming';
+import type { Context } from 'hono';
+import { CreateWorkload, Event, ListQuery, StopRequest, UpdateWorkload, Workload, WorkloadSpec, listOf } from '../schemas.js';
+import { failedPrecondition } from '../../core/errors.js';
+import type { ApiContext } from '../context.js';
+import type { AppEnv } from '../app.js';
+import { ProjectNameParams, ProjectParams, body, errorResponses, getLive, json, useProject, view } from './common.js';
+import { WORKLOAD, initialWorkloadStatus, type StoredWorkloadStatus, type WorkloadResource } from '../../reconcilers/workloads.js';
+import { resolveUser } from '../../images/catalog.js';
+import { readLog } from '../logs.js';
+import { randomBytes } from 'node:crypto';
+
+const tags = ['workloads'];
+const HIDDEN = ['task', 'taskSpecHash'];
+export const workloadView = (w: WorkloadResource) => view(w, HIDDEN);
+
+/** Checks that need the host: the isolation tier exists, the image and user resolve. */
+export async function admitRunSpec(ctx: ApiContext, spec: { isolation: string; image: string; user?: string | undefined }): Promise<void> {
+  const driver = ctx.drivers.get(spec.isolation as 'container');
+  if (!driver) {
+    const have = ctx.drivers.all().map((d) => `"${d.capabilities.isolation}"`).join(', ');
+    throw failedPrecondition(`isolation "${spec.isolation}" is not available on this host yet (available: ${have}); use isolation "container"`);
+  }
+  const img = await ctx.images.resolve(spec.image);
+  if (spec.user) resolveUser(img.rootfs, spec.user);
+}
+
+const LogQuery = z.strictObject({
+  follow: z.enum(['true', 'false', '1', '0']).optional(),
+  tail: z.coerce.number().int().min(0).max(1_000_000).optional(),
+  timestamps: z.enum(['true', 'false', '1', '0']).optional(),
+  format: z.enum(['text', 'ndjson']).optional().openapi({ description: 'ndjson: one {"time","stream","text","partial"} object per line' }),
+});
+
+const TERMINAL = new Set(['exited', 'failed', 'stopped']);
+
+/** Stream the logs of one or more workloads (job attempts are read in order). */
+export function streamLogs(ctx: ApiContext, c: Context, workloadIds: () => string[], q: z.infer<typeof LogQuery>, isFinished?: () => boolean): Response {
+  const follow = q.follow === 'true' || q.follow === '1';
+  const ts = q.timestamps === 'true' || q.timestamps === '1';
+  const ndjson = q.format === 'ndjson';
+  c.header('Content-Type', ndjson ? 'application/x-ndjson; charset=utf-8' : 'text/plain; charset=utf-8');
+  return stream(c, async (s) => {
+    const ac = new AbortController();
+    s.onAbort(() => ac.abort());
+    const seen = new Set<string>();
+    for (;;) {
+      const ids = workloadIds().filter((id) => !seen.has(id));
+      if (ids.length === 0) {
+        if (!follow || !isFinished || isFinished()) break;
+        await new Promise((r) => setTimeout(r, 200));
+        if (ac.signal.aborted) break;
+        continue;
+      }
+      for (const id of ids) {
+        seen.add(id);
+        const finished = () => {
+          const w = ctx.store.getById<WorkloadSpec, StoredWorkloadStatus>(id);
+          return !w || (TERMINAL.has(w.status.phase) && !w.status.task && w.observedGeneration >= w.generation);
+        };
+        const driver = ctx.drivers.all()[0]!;
+        const w = ctx.store.getById<WorkloadSpec, StoredWorkloadStatus>(id);
+        const d = (w && ctx.drivers.get(w.spec.isolation)) ?? driver;
+        for await (const l of readLog(d.logPath(id), { follow, ...(q.tail !== undefined ? { tail: q.tail } : {}), finished, signal: ac.signal })) {
+          const out = ndjson ? JSON.stringify(l) + '\n' : `${ts ? l.time + ' ' : ''}${l.text}${l.partial ? '' : '\n'}`;
+          await s.write(out);
+        }
+      }
+      if (!follow || !isFinished) break;
+    }
+  });
+}
+
+export function registerWorkloadRoutes(app: OpenAPIHono<AppEnv>, ctx: ApiContext): void {
+  const base = '/v1/projects/{project}/workloads';
+
+  app.openapi(
+    createRoute({ method: 'post', path: base, tags, request: { params: ProjectParams, body: body(CreateWorkload) }, responses: { 201: json(Workload, 'Created'), ...errorResponses } }),
+    async (c) => {
+      const { project } = c.req.valid('param');
+      const b = c.req.valid('json');
+      useProject(ctx, c, project);
+      await admitRunSpec(ctx, b.spec);
+      const name = b.name ?? `w-${randomBytes(4).toString('hex')}`;
+      const w = ctx.store.create(WORKLOAD, { project, name, labels: b.labels ?? {}, spec: b.spec, status: initialWorkloadStatus() });
+      ctx.store.addEvent(w.id, 'Created', `workload created (image ${b.spec.image}, isolation ${b.spec.isolation})`);
+      ctx.kick(WORKLOAD, w.id);
+      return c.json(workloadView(w as WorkloadResource) as never, 201);
+    },
+  );
+
+  app.openapi(
+    createRoute({ method: 'get', path: base, tags, request: { params: ProjectParams, query: ListQuery }, responses: { 200: json(listOf(Workload, 'WorkloadList')), ...errorResponses } }),
+    (c) => {
+      const { project } = c.req.valid('param');
+      useProject(ctx, c, project);
+      const res = ctx.store.list<WorkloadSpec, StoredWorkloadStatus>(WORKLOAD, { project, ...c.req.valid('query') });
+      return c.json({ items: res.items.map((w) => workloadView(w)), nextPageToken: res.nextPageToken } as never, 200);
+    },
+  );
+
+  app.openapi(
+    createRoute({ method: 'get', path: `${base}/{name}`, tags, request: { params: ProjectNameParams }, responses: { 200: json(Workload), ...errorResponses } }),
+    (c) => {
+      const { project, name } = c.req.valid('param');
+      useProject(ctx, c, project);
+      return c.json(workloadView(ctx.store.get(WORKLOAD, project, name) as WorkloadResource) as never, 200);
+    },
+  );
+
+  app.openapi(
+    createRoute({ method: 'put', path: `${base}/{name}`, tags, request: { params: ProjectNameParams, body: body(UpdateWorkload) }, responses: { 200: json(Workload), ...errorResponses } }),
+    async (c) => {
+      const { project, name } = c.req.valid('param');
+      const b = c.req.valid('json');
+      useProject(ctx, c, project);
+      const w = getLive<WorkloadSpec, StoredWorkloadStatus>(ctx, WORKLOAD, project, name);
+      if (w.ownerId) throw failedPrecondition(`workload "${name}" is managed by a job run; change the job instead`);
+      await admitRunSpec(ctx, b.spec);
+      const updated = ctx.store.updateSpec(w.id, { spec: b.spec, ...(b.labels ? { labels: b.labels } : {}) }, b.resourceVersion);
+      ctx.kick(WORKLOAD, w.id);
+      return c.json(workloadView(updated as WorkloadResource) as never, 200);
+    },
+  );
+
+  app.openapi(
+    createRoute({ method: 'delete', path: `${base}/{name}`, tags, request: { params: ProjectNameParams }, responses: { 202: json(Workload, 'Deletion started'), ...errorResponses } }),
+    (c) => {
+      const { project, name } = c.req.valid('param');
+      useProject(ctx, c, project);
+      const w = ctx.store.get(WORKLOAD, project, name);
+      const r = ctx.store.markForDeletion(w.id);
+      ctx.kick(WORKLOAD, w.id);
+      return c.json(workloadView(r as WorkloadResource) as never, 202);
+    },
+  );
+
+  const setState = (state: 'running' | 'stopped') => (c: Context) => {
+    const { project, name } = c.req.param() as { project: string; name: string };
+    useProject(ctx, c, project);
+    const w = getLive<WorkloadSpec, StoredWorkloadStatus>(ctx, WORKLOAD, project, name);
+    return { w, apply: (spec: WorkloadSpec) => ctx.store.updateSpec(w.id, { spec }) as WorkloadResource, state };
+  };
+
+  app.openapi(
+    createRoute({
+      method: 'post',
+      path: `${base}/{name}/stop`,
+      tags,
+      request: { params: ProjectNameParams, body: { required: false, content: { 'application/json': { schema: StopRequest } } } },
+      responses: { 200: json(Workload), ...errorResponses },
+    }),
+    async (c) => {
+      c.req.valid('param');
+      const b = (c.req.valid('json') ?? {}) as z.infer<typeof StopRequest>;
+      const { w, apply } = setState('stopped')(c);
+      const spec: WorkloadSpec = { ...w.spec, state: 'stopped', ...(b.timeoutMs !== undefined ? { stopTimeoutMs: b.timeoutMs } : {}), ...(b.signal ? { stopSignal: b.signal } : {}) };
+      const r = w.spec.state === 'stopped' && b.timeoutMs === undefined && !b.signal ? w : apply(spec);
+      ctx.kick(WORKLOAD, w.id);
+      return c.json(workloadView(r) as never, 200);
+    },
+  );
+
+  app.openapi(
+    createRoute({ method: 'post', path: `${base}/{name}/start`, tags, request: { params: ProjectNameParams }, responses: { 200: json(Workload), ...errorResponses } }),
+    (c) => {
+      c.req.valid('param');
+      const { w, apply } = setState('running')(c);
+      if (w.ownerId) throw failedPrecondition(`workload "${w.name}" is a job attempt; trigger a new job run instead`);
+      if (w.status.phase === 'running' && w.spec.state === 'running') return c.json(workloadView(w) as never, 200);
+      const r = apply({ ...w.spec, state: 'running' });
+      ctx.kick(WORKLOAD, w.id);
+      return c.json(workloadView(r) as never, 200);
+    },
+  );
+
+  app.openapi(
+    createRoute({
+      method: 'get',
+      path: `${base}/{name}/logs`,
+      tags,
+      request: { params: ProjectNameParams, query: LogQuery },
+      responses: { 200: { description: 'Log stream (text/plain or application/x-ndjson)', content: { 'text/plain': { schema: z.string() } } }, ...errorResponses },
+    }),
+    (c) => {
+      const { project, name } = c.req.valid('param');
+      useProject(ctx, c, project);
+      const w = ctx.store.get(WORKLOAD, project, name);
+      return streamLogs(ctx, c, () => [w.id], c.req.valid('query')) as never;
+    },
+  );
+
+  app.openapi(
+    createRoute({ method: 'get', path: `${base}/{name}/events`, tags, request: { params: ProjectNameParams }, responses: { 200: json(z.object({ items: z.array(Event) })), ...errorResponses } }),
+    (c) => {
+      const { project, name } = c.req.valid('param');
+      useProject(ctx, c, project);
+      const w = ctx.store.get(WORKLOAD, project, name);
+      return c.json({ items: ctx.store.events(w.id) } as never, 200);
+    },
+  );
+}
+

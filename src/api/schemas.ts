@@ -1,0 +1,232 @@
+// Request and response schemas, defined once: the same zod objects validate requests at the
+// edge and generate the OpenAPI 3.1 document served at /v1/openapi.json. Every object schema is
+// strict: unknown fields are refused.
+import { z } from '@hono/zod-openapi';
+import { Cron } from 'croner';
+
+export const NAME_RE = /^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$/;
+const NAME_HINT = 'lowercase letters, digits and "-", starting and ending with a letter or digit, at most 63 characters';
+
+export const Name = z
+  .string()
+  .regex(NAME_RE, { message: `must be ${NAME_HINT}` })
+  .openapi({ example: 'web' });
+
+const LABEL_KEY_RE = /^([a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?\/)?[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$/;
+const LABEL_VALUE_RE = /^([A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?)?$/;
+
+export const Labels = z
+  .record(
+    z.string().regex(LABEL_KEY_RE, { message: 'label keys are [prefix/]name with letters, digits, ".", "_", "-" (name ≤ 63 characters)' }),
+    z.string().regex(LABEL_VALUE_RE, { message: 'label values are ≤ 63 letters, digits, ".", "_", "-", starting and ending alphanumeric' }),
+  )
+  .refine((r) => Object.keys(r).length <= 64, { message: 'at most 64 labels' })
+  .openapi({ example: { team: 'payments' } });
+
+const EnvKey = z.string().regex(/^[A-Za-z_][A-Za-z0-9_]*$/, { message: 'environment variable names are letters, digits and "_", not starting with a digit' });
+const EnvValue = z.string().max(131072).refine((v) => !v.includes('\0'), { message: 'environment values cannot contain NUL bytes' });
+const AbsPath = z
+  .string()
+  .max(4096)
+  .regex(/^\/[^\0]*$/, { message: 'must be an absolute path starting with "/"' });
+const Arg = z
+  .string()
+  .max(131072)
+  .refine((v) => !v.includes('\0'), { message: 'arguments cannot contain NUL bytes' });
+
+export const Resources = z
+  .strictObject({
+    cpuMillis: z.number().int().min(10).max(1_024_000).optional().openapi({ description: 'CPU limit in millicores (1000 = one core)', example: 500 }),
+    memoryMiB: z.number().int().min(6).max(4_194_304).optional().openapi({ description: 'Memory limit in MiB; the workload is OOM-killed above it', example: 256 }),
+    pids: z.number().int().min(1).max(4_194_304).optional().openapi({ description: 'Maximum number of processes and threads', example: 512 }),
+  })
+  .openapi('Resources');
+
+export const Isolation = z.enum(['container', 'gvisor', 'microvm']).openapi({
+  description: 'container = runc on the host kernel; gvisor = runsc user-space kernel; microvm = own guest kernel',
+});
+
+export const User = z
+  .string()
+  .regex(/^([0-9]{1,10}(:[0-9]{1,10})?|[a-z_][a-z0-9_-]{0,31}(:[a-z_][a-z0-9_-]{0,31})?)$/, {
+    message: 'user must be "uid", "uid:gid", or a user name known to the image (e.g. "1000:1000" or "nobody")',
+  });
+
+/** What to run: shared by workloads and job templates. */
+const RunFields = {
+  image: z.string().min(1).max(255).regex(/^[a-z0-9][a-z0-9._/-]*(:[A-Za-z0-9_][A-Za-z0-9._-]{0,127})?$/, {
+    message: 'image must be a reference such as "busybox" or "busybox:latest"',
+  }),
+  command: z.array(Arg).max(4096).optional().openapi({ description: "Replaces the image's entrypoint" }),
+  args: z.array(Arg).max(4096).optional().openapi({ description: "Replaces the image's default arguments" }),
+  env: z.record(EnvKey, EnvValue).optional(),
+  workingDir: AbsPath.optional(),
+  user: User.optional(),
+  resources: Resources.optional(),
+  isolation: Isolation.default('container'),
+  stopTimeoutMs: z.number().int().min(0).max(3_600_000).default(10_000).openapi({ description: 'Grace period between the stop signal and SIGKILL' }),
+  stopSignal: z.string().regex(/^SIG[A-Z0-9]+$/, { message: 'stopSignal must be a signal name such as "SIGTERM" or "SIGINT"' }).default('SIGTERM'),
+};
+
+export const WorkloadSpec = z
+  .strictObject({
+    ...RunFields,
+    restartPolicy: z.enum(['never', 'on-failure', 'always']).default('never'),
+    state: z.enum(['running', 'stopped']).default('running').openapi({ description: 'Desired state' }),
+  })
+  .openapi('WorkloadSpec');
+export type WorkloadSpec = z.infer<typeof WorkloadSpec>;
+
+export const JobTemplate = z.strictObject(RunFields).openapi('JobTemplate');
+export type JobTemplate = z.infer<typeof JobTemplate>;
+
+function validCron(expr: string): boolean {
+  try {
+    new Cron(expr, { paused: true });
+    return expr.trim().split(/\s+/).length === 5;
+  } catch {
+    return false;
+  }
+}
+function validTimeZone(tz: string): boolean {
+  try {
+    new Intl.DateTimeFormat('en-US', { timeZone: tz });
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+export const JobSpec = z
+  .strictObject({
+    template: JobTemplate,
+    schedule: z
+      .string()
+      .max(200)
+      .refine(validCron, { message: 'schedule must be a 5-field cron expression such as "*/5 * * * *" (minute hour day-of-month month day-of-week)' })
+      .optional(),
+    timeZone: z.string().max(64).refine(validTimeZone, { message: 'timeZone must be an IANA time zone such as "UTC" or "Europe/Paris"' }).default('UTC'),
+    concurrencyPolicy: z.enum(['allow', 'forbid', 'replace']).default('allow'),
+    retries: z.number().int().min(0).max(100).default(0).openapi({ description: 'Extra attempts after a failed one' }),
+    retryBackoffMs: z.number().int().min(0).max(3_600_000).default(1000).openapi({ description: 'First retry delay; doubles on each retry' }),
+    activeDeadlineMs: z.number().int().min(1).max(7 * 86_400_000).optional().openapi({ description: 'A run still going after this long is stopped and failed' }),
+    historyLimit: z.number().int().min(1).max(1000).default(10),
+    suspend: z.boolean().default(false),
+  })
+  .openapi('JobSpec');
+export type JobSpec = z.infer<typeof JobSpec>;
+
+export const ProjectSpec = z.strictObject({ description: z.string().max(1024).default('') }).openapi('ProjectSpec');
+
+// ---- request bodies ----
+export const CreateProject = z.strictObject({ name: Name, labels: Labels.optional(), spec: ProjectSpec.optional() }).openapi('CreateProject');
+export const CreateWorkload = z
+  .strictObject({ name: Name.optional().openapi({ description: 'Generated when omitted' }), labels: Labels.optional(), spec: WorkloadSpec })
+  .openapi('CreateWorkload');
+export const UpdateWorkload = z
+  .strictObject({ labels: Labels.optional(), spec: WorkloadSpec, resourceVersion: z.number().int().min(1).optional() })
+  .openapi('UpdateWorkload');
+export const CreateJob = z.strictObject({ name: Name, labels: Labels.optional(), spec: JobSpec }).openapi('CreateJob');
+export const UpdateJob = z.strictObject({ labels: Labels.optional(), spec: JobSpec, resourceVersion: z.number().int().min(1).optional() }).openapi('UpdateJob');
+export const StopRequest = z
+  .strictObject({ timeoutMs: z.number().int().min(0).max(3_600_000).optional(), signal: z.string().regex(/^SIG[A-Z0-9]+$/).optional() })
+  .openapi('StopRequest');
+export const CreateToken = z
+  .strictObject({ name: Name, project: Name.optional().openapi({ description: 'Restrict the token to one project' }) })
+  .openapi('CreateToken');
+
+// ---- responses ----
+export const ErrorBody = z
+  .object({ error: z.object({ code: z.string(), message: z.string(), details: z.record(z.string(), z.unknown()).optional() }) })
+  .openapi('Error');
+
+const Meta = {
+  id: z.string(),
+  name: z.string(),
+  project: z.string(),
+  labels: z.record(z.string(), z.string()),
+  generation: z.number().int(),
+  observedGeneration: z.number().int(),
+  resourceVersion: z.number().int(),
+  createdAt: z.string(),
+  updatedAt: z.string(),
+  deletionRequestedAt: z.string().nullable(),
+};
+
+export const ExitInfo = z.object({ exitCode: z.number().int(), signal: z.string().optional(), oomKilled: z.boolean(), finishedAt: z.string() });
+
+export const WorkloadStatus = z
+  .object({
+    phase: z.enum(['pending', 'starting', 'running', 'stopping', 'backoff', 'exited', 'failed', 'stopped']),
+    pid: z.number().int().optional(),
+    monitorPid: z.number().int().optional(),
+    startedAt: z.string().optional(),
+    finishedAt: z.string().optional(),
+    exitCode: z.number().int().optional(),
+    signal: z.string().optional(),
+    oomKilled: z.boolean().optional(),
+    restartCount: z.number().int(),
+    nextRestartAt: z.string().optional(),
+    reason: z.string().optional(),
+    message: z.string().optional(),
+  })
+  .openapi('WorkloadStatus');
+export type WorkloadStatusT = z.infer<typeof WorkloadStatus>;
+
+export const Workload = z.object({ ...Meta, spec: WorkloadSpec, status: WorkloadStatus }).openapi('Workload');
+export const Project = z.object({ ...Meta, spec: ProjectSpec, status: z.object({}).passthrough() }).openapi('Project');
+
+export const Attempt = z.object({
+  attempt: z.number().int(),
+  workload: z.string(),
+  exitCode: z.number().int().optional(),
+  oomKilled: z.boolean().optional(),
+  startedAt: z.string().optional(),
+  finishedAt: z.string().optional(),
+});
+export const JobRunStatus = z
+  .object({
+    phase: z.enum(['pending', 'running', 'succeeded', 'failed', 'cancelled']),
+    attempts: z.array(Attempt),
+    startedAt: z.string().optional(),
+    finishedAt: z.string().optional(),
+    exitCode: z.number().int().optional(),
+    nextAttemptAt: z.string().optional(),
+    reason: z.string().optional(),
+  })
+  .openapi('JobRunStatus');
+export type JobRunStatusT = z.infer<typeof JobRunStatus>;
+export const JobRunSpec = z.object({
+  job: z.string(),
+  trigger: z.enum(['manual', 'schedule']),
+  scheduledAt: z.string().optional(),
+  template: JobTemplate,
+  retries: z.number().int(),
+  retryBackoffMs: z.number().int(),
+  activeDeadlineMs: z.number().int().optional(),
+  cancel: z.boolean().optional(),
+});
+export type JobRunSpecT = z.infer<typeof JobRunSpec>;
+export const JobRun = z.object({ ...Meta, spec: JobRunSpec, status: JobRunStatus }).openapi('JobRun');
+export const JobStatus = z
+  .object({
+    lastScheduleTime: z.string().optional(),
+    nextScheduleTime: z.string().optional(),
+    active: z.array(z.string()),
+    lastRun: z.string().optional(),
+    lastRunPhase: z.string().optional(),
+  })
+  .openapi('JobStatus');
+export type JobStatusT = z.infer<typeof JobStatus>;
+export const Job = z.object({ ...Meta, spec: JobSpec, status: JobStatus }).openapi('Job');
+
+export const Event = z.object({ seq: z.number().int(), type: z.string(), reason: z.string(), message: z.string(), at: z.string() }).openapi('Event');
+
+export const listOf = <T extends z.ZodTypeAny>(item: T, name: string) =>
+  z.object({ items: z.array(item), nextPageToken: z.string().nullable() }).openapi(name);
+
+export const ListQuery = z.strictObject({
+  labelSelector: z.string().max(1024).optional().openapi({ description: 'e.g. "team=payments,tier!=dev"' }),
+  limit: z.coerce.number().int().min(1).max(1000).optional(),
+  pageToken: z.string().max(1024).optional(),
+});

@@ -1,0 +1,142 @@
+// The runtime-driver contract: one interface for every isolation tier (runc, gVisor, microVM).
+// Modelled on Nomad's task drivers: start, wait, stop(timeout, signal), destroy, inspect,
+// recover after a daemon restart, fingerprint, and a capabilities object.
+//
+// A driver never keeps a Node.js process (or any in-daemon state that matters) per task:
+// everything needed to adopt a task after `kill -9` of the daemon lives in the TaskHandle
+// (persisted by the caller in the store) and in the task's state directory on disk.
+
+export type Isolation = 'container' | 'gvisor' | 'microvm';
+
+export interface DriverCapabilities {
+  /** Tier this driver provides. */
+  isolation: Isolation;
+  /** Resource limits the driver enforces. */
+  limits: { cpu: boolean; memory: boolean; pids: boolean };
+  /** Reports OOM kills as such (not just exit 137). */
+  oomDetection: boolean;
+  /** Tasks survive a daemon restart and are adopted by recover(). */
+  survivesDaemonRestart: boolean;
+  /** Signals can be delivered to the task's main process. */
+  signals: boolean;
+  /** Whether the task runs on the host kernel. */
+  sharesHostKernel: boolean;
+}
+
+export interface Fingerprint {
+  driver: string;
+  isolation: Isolation;
+  /** Installed and usable on this host. */
+  healthy: boolean;
+  /** Human-readable reason when not healthy, or details of the choice made (e.g. platform). */
+  reason: string;
+  version?: string;
+  attributes: Record<string, string>;
+}
+
+export interface TaskUser {
+  uid: number;
+  gid: number;
+  additionalGids?: number[];
+}
+
+export interface TaskResources {
+  /** CPU limit in millicores (1000 = one core). */
+  cpuMillis?: number;
+  memoryMiB?: number;
+  pids?: number;
+}
+
+/** Everything a driver needs to start a task. Produced from a workload spec by the reconciler. */
+export interface TaskConfig {
+  /** Unique id of the task on this host; becomes the runtime's container id. [a-z0-9-], ≤ 64 chars. */
+  id: string;
+  /** Read-only root filesystem of the image (a directory). */
+  imageRootfs: string;
+  args: string[];
+  env: Record<string, string>;
+  cwd: string;
+  user: TaskUser;
+  resources: TaskResources;
+  hostname?: string;
+  labels?: Record<string, string>;
+}
+
+/** Persisted by the caller; enough to find and adopt the task after a daemon restart. */
+export interface TaskHandle {
+  driver: string;
+  id: string;
+  /** PID of the task's main process on the host. */
+  pid: number;
+  /** PID of the per-task monitor (conmon for runc), if any. */
+  monitorPid?: number;
+  startedAt: string;
+  /** Driver-private data. */
+  state?: Record<string, unknown>;
+}
+
+export interface ExitResult {
+  exitCode: number;
+  /** Signal name when the process died from a signal (exitCode is then 128+n). */
+  signal?: string;
+  oomKilled: boolean;
+  finishedAt: string;
+}
+
+export type TaskState = 'running' | 'exited' | 'missing';
+
+export interface TaskStatus {
+  state: TaskState;
+  pid?: number;
+  monitorPid?: number;
+  exit?: ExitResult;
+}
+
+export interface StopOptions {
+  /** Grace period before SIGKILL. */
+  timeoutMs: number;
+  /** First signal to send; default SIGTERM. */
+  signal?: string;
+}
+
+export interface RuntimeDriver {
+  readonly name: string;
+  readonly capabilities: DriverCapabilities;
+  fingerprint(): Promise<Fingerprint>;
+  /** Prepare and start the task; resolves once the task's process runs. Cleans up after itself on failure. */
+  start(config: TaskConfig): Promise<TaskHandle>;
+  /** Resolves when the task exits (immediately if it already has). */
+  wait(handle: TaskHandle, signal?: AbortSignal): Promise<ExitResult>;
+  /** Send `signal`, wait up to timeoutMs, then SIGKILL. Resolves once the task has exited. */
+  stop(handle: TaskHandle, opts: StopOptions): Promise<ExitResult>;
+  /**
+   * Remove the task's host resources (runtime state, mounts, cgroups, monitor). Idempotent.
+   * keepData keeps the writable layer and the log so the same id can be started again (a restart);
+   * without it everything the task owned on the host is removed.
+   */
+  destroy(id: string, opts?: { force?: boolean; keepData?: boolean }): Promise<void>;
+  inspect(handle: TaskHandle): Promise<TaskStatus>;
+  /** After a daemon restart: re-attach to a task started by a previous daemon. */
+  recover(handle: TaskHandle): Promise<TaskStatus>;
+  /** Path of the task's log file (k8s-file format lines). */
+  logPath(id: string): string;
+  /** Ids of tasks this driver has state for on the host (for garbage collection after a crash). */
+  listTasks(): Promise<string[]>;
+}
+
+export class DriverRegistry {
+  private readonly drivers = new Map<Isolation, RuntimeDriver>();
+  register(d: RuntimeDriver): void {
+    this.drivers.set(d.capabilities.isolation, d);
+  }
+  get(isolation: Isolation): RuntimeDriver | undefined {
+    return this.drivers.get(isolation);
+  }
+  byName(name: string): RuntimeDriver | undefined {
+    for (const d of this.drivers.values()) if (d.name === name) return d;
+    return undefined;
+  }
+  all(): RuntimeDriver[] {
+    return [...this.drivers.values()];
+  }
+}

@@ -1,0 +1,220 @@
+// berthd: wires the store, the drivers, the reconcilers and the API together.
+// Stopping berthd does not stop workloads (they are supervised by their own monitors); a new
+// berthd adopts them.
+import { createAdaptorServer } from '@hono/node-server';
+import { chmodSync, existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import type { Server } from 'node:http';
+import type { AddressInfo } from 'node:net';
+import { join } from 'node:path';
+import pino, { type Logger } from 'pino';
+import { DriverRegistry } from '../core/driver.js';
+import { openDatabase, type DB } from '../store/db.js';
+import { ResourceStore } from '../store/resources.js';
+import { Controller } from '../reconcilers/controller.js';
+import { WORKLOAD, makeWorkloadReconciler, type StoredWorkloadStatus } from '../reconcilers/workloads.js';
+import { JOB, JOBRUN, makeJobReconciler, makeJobRunReconciler } from '../reconcilers/jobs.js';
+import { RuncDriver } from '../drivers/runc/driver.js';
+import { BuiltinImages } from '../images/catalog.js';
+import { createApp } from '../api/app.js';
+import { TokenStore } from './tokens.js';
+import { PROJECT } from '../api/routes/common.js';
+import { pidAlive } from '../lib/exec.js';
+import type { WorkloadSpec } from '../api/schemas.js';
+
+export const VERSION = '0.1.0';
+
+export interface DaemonConfig {
+  dataDir: string;
+  /** host:port for the TCP listener; port 0 picks a free one. */
+  listen: string;
+  /** Unix socket path; default <dataDir>/berthd.sock. */
+  socketPath?: string;
+  cgroupParent?: string;
+  logLevel?: string;
+  resyncMs?: number;
+  /** Tests may shorten restart back-off. */
+  restartBackoff?: { initialMs: number; maxMs: number; resetAfterMs: number };
+  logger?: Logger;
+}
+
+export class Daemon {
+  readonly log: Logger;
+  readonly db: DB;
+  readonly store: ResourceStore;
+  readonly drivers = new DriverRegistry();
+  readonly tokens: TokenStore;
+  readonly runc: RuncDriver;
+  readonly controllers: { workloads: Controller; jobRuns: Controller; jobs: Controller };
+  readonly adminTokenPath: string;
+  readonly socketPath: string;
+  private servers: Server[] = [];
+  private resync: NodeJS.Timeout | undefined;
+  private offExit: (() => void) | undefined;
+  private readonly pidFile: string;
+  address: { host: string; port: number } | undefined;
+
+  constructor(readonly config: DaemonConfig) {
+    this.log = config.logger ?? pino({ level: config.logLevel ?? 'info', base: { svc: 'berthd' } });
+    mkdirSync(config.dataDir, { recursive: true, mode: 0o700 });
+    chmodSync(config.dataDir, 0o700);
+    this.pidFile = join(config.dataDir, 'berthd.pid');
+    this.takeLock();
+    this.db = openDatabase(join(config.dataDir, 'state.db'));
+    this.store = new ResourceStore(this.db);
+    this.tokens = new TokenStore(this.db);
+    this.adminTokenPath = join(config.dataDir, 'admin.token');
+    this.socketPath = config.socketPath ?? join(config.dataDir, 'berthd.sock');
+    this.runc = new RuncDriver({ stateDir: join(config.dataDir, 'runtime', 'runc'), cgroupParent: config.cgroupParent ?? 'berth' });
+    this.drivers.register(this.runc);
+    const images = new BuiltinImages(join(config.dataDir, 'images'));
+    this.images = images;
+    const log = this.log;
+    this.controllers = {
+      workloads: new Controller({
+        name: 'workloads',
+        log,
+        concurrency: 16,
+        reconcile: makeWorkloadReconciler({ store: this.store, drivers: this.drivers, images, log, ...(config.restartBackoff ? { restartBackoff: config.restartBackoff } : {}) }),
+      }),
+      jobRuns: new Controller({ name: 'jobruns', log, reconcile: makeJobRunReconciler({ store: this.store, log }) }),
+      jobs: new Controller({
+        name: 'jobs',
+        log,
+        reconcile: makeJobReconciler({ store: this.store, log, onRunCreated: (id) => this.controllers.jobRuns.enqueue(id) }),
+      }),
+    };
+  }
+  readonly images: BuiltinImages;
+
+  private takeLock(): void {
+    if (existsSync(this.pidFile)) {
+      const pid = Number(readFileSync(this.pidFile, 'utf8').trim());
+      if (pid && pid !== process.pid && pidAlive(pid)) {
+        let cmd = '';
+        try {
+          cmd = readFileSync(`/proc/${pid}/cmdline`, 'utf8');
+        } catch {
+          /* gone */
+        }
+        if (cmd.includes('node') || cmd.includes('berthd')) {
+          throw new Error(`another berthd (pid ${pid}) is using ${this.config.dataDir}; stop it first or use another --data-dir`);
+        }
+      }
+    }
+    writeFileSync(this.pidFile, String(process.pid));
+  }
+
+  kick(kind: string, id: string): void {
+    if (kind === WORKLOAD) this.controllers.workloads.enqueue(id);
+    else if (kind === JOBRUN) this.controllers.jobRuns.enqueue(id);
+    else if (kind === JOB) this.controllers.jobs.enqueue(id);
+  }
+
+  async start(): Promise<void> {
+    this.tokens.ensureAdminToken(this.adminTokenPath);
+    if (!this.store.find(PROJECT, '', 'default')) {
+      this.store.create(PROJECT, { project: '', name: 'default', spec: { description: 'Default project' }, status: {} });
+    }
+    this.store.on('change', (n: { kind: string; id: string; ownerId: string | null }) => {
+      this.kick(n.kind, n.id);
+      // Owners watch their children: a workload change wakes its job run, a run change its job.
+      if (n.ownerId && n.kind === WORKLOAD) this.controllers.jobRuns.enqueue(n.ownerId);
+      if (n.ownerId && n.kind === JOBRUN) this.controllers.jobs.enqueue(n.ownerId);
+    });
+    this.offExit = this.runc.onExit((id) => this.controllers.workloads.enqueue(id));
+    await this.collectOrphans();
+    this.resyncAll();
+    this.resync = setInterval(() => this.resyncAll(), this.config.resyncMs ?? 30_000);
+    this.resync.unref();
+    await this.listen();
+    this.log.info({ address: this.address, socket: this.socketPath, dataDir: this.config.dataDir }, 'berthd ready');
+  }
+
+  /** Level-triggered safety net: every object is looked at again now and then. */
+  private resyncAll(): void {
+    let page: string | null = null;
+    do {
+      const res: { items: { id: string }[]; nextPageToken: string | null } = this.store.list(WORKLOAD, { limit: 1000, ...(page ? { pageToken: page } : {}) });
+      for (const w of res.items) this.controllers.workloads.enqueue(w.id);
+      page = res.nextPageToken;
+    } while (page);
+    for (const r of this.store.list(JOBRUN, { limit: 1000 }).items) this.controllers.jobRuns.enqueue(r.id);
+    for (const j of this.store.list(JOB, { limit: 1000 }).items) this.controllers.jobs.enqueue(j.id);
+  }
+
+  /** Host state with no record (a crash between record removal and cleanup): remove it. */
+  private async collectOrphans(): Promise<void> {
+    for (const id of await this.runc.listTasks()) {
+      const w = this.store.getById<WorkloadSpec, StoredWorkloadStatus>(id);
+      if (!w) {
+        this.log.warn({ task: id }, 'removing orphaned task left by an earlier crash');
+        await this.runc.destroy(id, { force: true });
+      }
+    }
+  }
+
+  private async listen(): Promise<void> {
+    const app = createApp(
+      {
+        version: VERSION,
+        store: this.store,
+        drivers: this.drivers,
+        images: this.images,
+        tokens: this.tokens,
+        adminTokenPath: this.adminTokenPath,
+        kick: (k, id) => this.kick(k, id),
+      },
+      this.log,
+    );
+    const [host, portStr] = splitHostPort(this.config.listen);
+    const tcp = createAdaptorServer({ fetch: app.fetch }) as Server;
+    await new Promise<void>((resolve, reject) => {
+      tcp.once('error', reject);
+      tcp.listen(Number(portStr), host, () => resolve());
+    });
+    const a = tcp.address() as AddressInfo;
+    this.address = { host: a.address, port: a.port };
+    this.servers.push(tcp);
+    rmSync(this.socketPath, { force: true });
+    const unix = createAdaptorServer({ fetch: app.fetch }) as Server;
+    await new Promise<void>((resolve, reject) => {
+      unix.once('error', reject);
+      unix.listen(this.socketPath, () => resolve());
+    });
+    chmodSync(this.socketPath, 0o600);
+    this.servers.push(unix);
+    writeFileSync(join(this.config.dataDir, 'berthd.addr'), `${this.address.host}:${this.address.port}\n`);
+  }
+
+  /** Graceful stop: stop accepting requests, let in-flight reconciles finish. Workloads keep running. */
+  async stop(): Promise<void> {
+    clearInterval(this.resync);
+    this.offExit?.();
+    await Promise.all(
+      this.servers.map(
+        (s) =>
+          new Promise<void>((r) => {
+            s.close(() => r());
+            (s as Server & { closeAllConnections?: () => void }).closeAllConnections?.();
+          }),
+      ),
+    );
+    this.servers = [];
+    await Promise.all(Object.values(this.controllers).map((c) => c.stop()));
+    this.runc.close();
+    rmSync(this.socketPath, { force: true });
+    this.db.close();
+    try {
+      if (readFileSync(this.pidFile, 'utf8').trim() === String(process.pid)) rmSync(this.pidFile, { force: true });
+    } catch {
+      /* already gone */
+    }
+    this.log.info('berthd stopped');
+  }
+}
+
+export function splitHostPort(s: string): [string, string] {
+  const m = /^\[?([^\]]*)\]?:(\d+)$/.exec(s);
+  if (!m) throw new Error(`listen address "${s}" must be host:port, e.g. 127.0.0.1:7878`);
+  return [m[1]!, m[2]!];
+}

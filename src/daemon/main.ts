@@ -1,0 +1,45 @@
+#!/usr/bin/env node
+// berthd entry point.
+import { Command } from 'commander';
+import { Daemon, VERSION } from './berthd.js';
+
+const program = new Command()
+  .name('berthd')
+  .description('Berth daemon: runs workloads with per-workload isolation')
+  .version(VERSION)
+  .option('--data-dir <dir>', 'state directory', process.env.BERTH_DATA_DIR ?? '/var/lib/berth')
+  .option('--listen <host:port>', 'TCP address of the API', process.env.BERTH_LISTEN ?? '127.0.0.1:7878')
+  .option('--socket <path>', 'unix socket of the API (default <data-dir>/berthd.sock)')
+  .option('--cgroup-parent <name>', 'parent cgroup for workloads', 'berth')
+  .option('--log-level <level>', 'trace|debug|info|warn|error', process.env.BERTH_LOG_LEVEL ?? 'info')
+  .parse();
+
+const o = program.opts<{ dataDir: string; listen: string; socket?: string; cgroupParent: string; logLevel: string }>();
+
+async function main() {
+  if (process.getuid?.() !== 0) {
+    console.error('berthd: must run as root (it manages mounts, cgroups and containers)');
+    process.exit(1);
+  }
+  let daemon: Daemon;
+  try {
+    daemon = new Daemon({ dataDir: o.dataDir, listen: o.listen, ...(o.socket ? { socketPath: o.socket } : {}), cgroupParent: o.cgroupParent, logLevel: o.logLevel });
+    await daemon.start();
+  } catch (e) {
+    console.error(`berthd: ${(e as Error).message}`);
+    process.exit(1);
+  }
+  let stopping = false;
+  const shutdown = async (sig: string) => {
+    if (stopping) return;
+    stopping = true;
+    daemon.log.info({ signal: sig }, 'shutting down (workloads keep running)');
+    const t = setTimeout(() => process.exit(1), 15_000);
+    await daemon.stop();
+    clearTimeout(t);
+    process.exit(0);
+  };
+  process.on('SIGTERM', () => void shutdown('SIGTERM'));
+  process.on('SIGINT', () => void shutdown('SIGINT'));
+}
+void main();

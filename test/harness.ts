@@ -1,0 +1,194 @@
+// Test harness: runs a real berthd process on a throw-away data directory, talks to it over
+// HTTP, and checks that nothing Berth created on the host is left behind.
+import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { existsSync, mkdtempSync, readFileSync, readdirSync, rmSync, rmdirSync } from 'node:fs';
+import { join, resolve } from 'node:path';
+import { randomBytes } from 'node:crypto';
+
+export const ROOT = resolve(new URL('../..', import.meta.url).pathname);
+export const BERTHD = join(ROOT, 'dist/src/daemon/main.js');
+
+export interface ApiResponse<T = any> {
+  status: number;
+  body: T;
+}
+
+export class TestDaemon {
+  proc: ChildProcess | undefined;
+  addr = '';
+  token = '';
+  readonly cgroupParent: string;
+  private logs: string[] = [];
+
+  constructor(
+    readonly dataDir: string,
+    cgroupParent?: string,
+  ) {
+    this.cgroupParent = cgroupParent ?? `berth-test-${randomBytes(3).toString('hex')}`;
+  }
+
+  static async start(): Promise<TestDaemon> {
+    const d = new TestDaemon(mkdtempSync('/tmp/berth-test-'));
+    await d.start();
+    return d;
+  }
+
+  async start(): Promise<void> {
+    rmSync(join(this.dataDir, 'berthd.addr'), { force: true });
+    this.proc = spawn(process.execPath, [BERTHD, '--data-dir', this.dataDir, '--listen', '127.0.0.1:0', '--cgroup-parent', this.cgroupParent, '--log-level', process.env.BERTH_TEST_LOG ?? 'warn'], {
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
+    const keep = (d: Buffer) => {
+      this.logs.push(d.toString());
+      if (this.logs.length > 200) this.logs.shift();
+      if (process.env.BERTH_TEST_LOG) process.stderr.write(d);
+    };
+    this.proc.stdout!.on('data', keep);
+    this.proc.stderr!.on('data', keep);
+    const deadline = Date.now() + 20_000;
+    while (!existsSync(join(this.dataDir, 'berthd.addr'))) {
+      if (this.proc.exitCode !== null) throw new Error(`berthd exited ${this.proc.exitCode}: ${this.logs.join('')}`);
+      if (Date.now() > deadline) throw new Error(`berthd did not start: ${this.logs.join('')}`);
+      await new Promise((r) => setTimeout(r, 25));
+    }
+    this.addr = `http://${readFileSync(join(this.dataDir, 'berthd.addr'), 'utf8').trim()}`;
+    this.token = readFileSync(join(this.dataDir, 'admin.token'), 'utf8').trim();
+  }
+
+  get pid(): number {
+    return this.proc!.pid!;
+  }
+
+  recentLogs(): string {
+    return this.logs.join('');
+  }
+
+  /** SIGKILL, no cleanup: what a crash looks like. */
+  async kill9(): Promise<void> {
+    const p = this.proc!;
+    if (p.exitCode !== null || p.signalCode !== null) return;
+    const exited = new Promise((r) => p.once('exit', r));
+    p.kill('SIGKILL');
+    await exited;
+  }
+
+  async stop(): Promise<void> {
+    const p = this.proc;
+    if (!p || p.exitCode !== null || p.signalCode !== null) return;
+    const exited = new Promise((r) => p.once('exit', r));
+    p.kill('SIGTERM');
+    await exited;
+  }
+
+  async api<T = any>(method: string, path: string, body?: unknown, opts: { token?: string; raw?: string; headers?: Record<string, string> } = {}): Promise<ApiResponse<T>> {
+    const headers: Record<string, string> = { ...(opts.headers ?? {}) };
+    const token = opts.token ?? this.token;
+    if (token) headers.authorization = `Bearer ${token}`;
+    let payload: string | undefined;
+    if (opts.raw !== undefined) payload = opts.raw;
+    else if (body !== undefined) payload = JSON.stringify(body);
+    if (payload !== undefined && !headers['content-type']) headers['content-type'] = 'application/json';
+    const res = await fetch(this.addr + path, { method, headers, ...(payload !== undefined ? { body: payload } : {}) });
+    const text = await res.text();
+    let parsed: unknown = text;
+    try {
+      parsed = JSON.parse(text);
+    } catch {
+      /* text */
+    }
+    return { status: res.status, body: parsed as T };
+  }
+
+  /** Poll a workload until `pred` holds. */
+  async waitWorkload(project: string, name: string, pred: (w: any) => boolean, timeoutMs = 20_000): Promise<any> {
+    const deadline = Date.now() + timeoutMs;
+    let last: any;
+    for (;;) {
+      const r = await this.api('GET', `/v1/projects/${project}/workloads/${name}`);
+      last = r.body;
+      if (r.status === 200 && pred(r.body)) return r.body;
+      if (Date.now() > deadline) throw new Error(`timed out waiting for workload ${name}; last: ${JSON.stringify(last)}`);
+      await new Promise((r) => setTimeout(r, 50));
+    }
+  }
+
+  async deleteAllWorkloads(project = 'default'): Promise<void> {
+    const list = await this.api('GET', `/v1/projects/${project}/workloads?limit=1000`);
+    for (const w of list.body.items ?? []) await this.api('DELETE', `/v1/projects/${project}/workloads/${w.name}`);
+    const deadline = Date.now() + 60_000;
+    for (;;) {
+      const l = await this.api('GET', `/v1/projects/${project}/workloads?limit=1000`);
+      if ((l.body.items ?? []).length === 0) return;
+      if (Date.now() > deadline) throw new Error(`workloads not deleted: ${JSON.stringify(l.body.items.map((w: any) => [w.name, w.status.phase]))}`);
+      await new Promise((r) => setTimeout(r, 100));
+    }
+  }
+
+  /** Everything on the host that belongs to this daemon's workloads. Empty = no leaks. */
+  hostResidue(): string[] {
+    const found: string[] = [];
+    const mounts = readFileSync('/proc/self/mountinfo', 'utf8').split('\n');
+    for (const l of mounts) {
+      const mp = l.split(' ')[4];
+      if (mp && mp.startsWith(this.dataDir + '/')) found.push(`mount ${mp}`);
+    }
+    const runtime = join(this.dataDir, 'runtime/runc');
+    for (const sub of ['tasks', 'exits']) {
+      const d = join(runtime, sub);
+      if (existsSync(d)) for (const f of readdirSync(d)) found.push(`file ${join(d, f)}`);
+    }
+    const runcRoot = join(runtime, 'runc');
+    if (existsSync(runcRoot)) for (const f of readdirSync(runcRoot)) found.push(`runc state ${f}`);
+    for (const pid of readdirSync('/proc').filter((p) => /^\d+$/.test(p))) {
+      try {
+        const cmd = readFileSync(`/proc/${pid}/cmdline`, 'utf8');
+        if (cmd.startsWith('conmon') || cmd.includes('/conmon\0')) {
+          if (cmd.includes(this.dataDir)) found.push(`monitor process ${pid}`);
+        }
+      } catch {
+        /* raced */
+      }
+    }
+    for (const dir of cgroupParentDirs(this.cgroupParent)) {
+      if (existsSync(dir)) for (const f of readdirSync(dir, { withFileTypes: true })) if (f.isDirectory()) found.push(`cgroup ${join(dir, f.name)}`);
+    }
+    return found;
+  }
+
+  /** Stop the daemon and remove its data dir and (empty) cgroup parents. */
+  async destroy(): Promise<void> {
+    await this.stop();
+    // A failed test may leave containers and mounts behind: end them (they are ours, found by
+    // this daemon's own runc root) so the next tests start clean. The leak itself is reported
+    // by the test that checks hostResidue().
+    const runcRoot = join(this.dataDir, 'runtime/runc/runc');
+    const ids = spawnSync('runc', ['--root', runcRoot, 'list', '-q']).stdout?.toString().split('\n').filter(Boolean) ?? [];
+    for (const id of ids) {
+      spawnSync('runc', ['--root', runcRoot, 'kill', id, 'KILL']);
+      spawnSync('runc', ['--root', runcRoot, 'delete', '--force', id]);
+    }
+    // Mounts: detach them so the next tests start clean
+    // (the leak itself is reported by the test that checks hostResidue()).
+    for (const l of readFileSync('/proc/self/mountinfo', 'utf8').split('\n')) {
+      const mp = l.split(' ')[4];
+      if (mp && mp.startsWith(this.dataDir + '/')) spawnSync('umount', ['-l', mp]);
+    }
+    for (const dir of cgroupParentDirs(this.cgroupParent)) {
+      try {
+        rmdirSync(dir);
+      } catch {
+        /* absent or not empty (reported by hostResidue) */
+      }
+    }
+    rmSync(this.dataDir, { recursive: true, force: true });
+  }
+}
+
+export function cgroupParentDirs(parent: string): string[] {
+  if (existsSync('/sys/fs/cgroup/cgroup.controllers')) return [`/sys/fs/cgroup/${parent}`];
+  return ['memory', 'cpu', 'cpuacct', 'pids', 'freezer', 'devices', 'blkio', 'cpuset', 'net_cls', 'net_prio', 'perf_event', 'hugetlb', 'systemd', 'rdma', 'misc']
+    .map((c) => `/sys/fs/cgroup/${c}/${parent}`)
+    .filter((d) => existsSync(d));
+}
+
+export const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
