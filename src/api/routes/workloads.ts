@@ -2,7 +2,8 @@ import { createRoute, z, type OpenAPIHono } from '@hono/zod-openapi';
 import { stream } from 'hono/streaming';
 import type { Context } from 'hono';
 import { CreateWorkload, Event, ListQuery, StopRequest, UpdateWorkload, Workload, WorkloadSpec, listOf } from '../schemas.js';
-import { failedPrecondition } from '../../core/errors.js';
+import { BerthError, failedPrecondition } from '../../core/errors.js';
+import type { Resource } from '../../store/resources.js';
 import type { ApiContext } from '../context.js';
 import type { AppEnv } from '../app.js';
 import { ProjectNameParams, ProjectParams, body, errorResponses, getLive, json, useProject, view } from './common.js';
@@ -32,6 +33,35 @@ const LogQuery = z.strictObject({
   timestamps: z.enum(['true', 'false', '1', '0']).optional(),
   format: z.enum(['text', 'ndjson']).optional().openapi({ description: 'ndjson: one {"time","stream","text","partial"} object per line' }),
 });
+
+const WatchQuery = z.strictObject({
+  afterResourceVersion: z.coerce.number().int().min(0).optional().openapi({
+    description: 'Long poll: answer only once the resourceVersion is greater than this (or timeoutMs passes)',
+  }),
+  timeoutMs: z.coerce.number().int().min(0).max(300_000).optional(),
+});
+
+/** Resolves with the resource once its resourceVersion exceeds `after`, or as it is at the timeout. */
+export function waitForChange(ctx: ApiContext, id: string, after: number, timeoutMs: number, signal?: AbortSignal): Promise<Resource> {
+  return new Promise((resolve, reject) => {
+    const finish = () => {
+      clearTimeout(timer);
+      ctx.store.off('change', onChange);
+      signal?.removeEventListener('abort', finish);
+      const cur = ctx.store.getById(id);
+      if (cur) resolve(cur);
+      else reject(new BerthError('not_found', 'the resource was deleted while waiting'));
+    };
+    const onChange = (n: { id: string }) => {
+      if (n.id !== id) return;
+      const cur = ctx.store.getById(id);
+      if (!cur || cur.resourceVersion > after) finish();
+    };
+    const timer = setTimeout(finish, timeoutMs);
+    ctx.store.on('change', onChange);
+    signal?.addEventListener('abort', finish, { once: true });
+  });
+}
 
 const TERMINAL = new Set(['exited', 'failed', 'stopped']);
 
@@ -101,11 +131,16 @@ export function registerWorkloadRoutes(app: OpenAPIHono<AppEnv>, ctx: ApiContext
   );
 
   app.openapi(
-    createRoute({ method: 'get', path: `${base}/{name}`, tags, request: { params: ProjectNameParams }, responses: { 200: json(Workload), ...errorResponses } }),
-    (c) => {
+    createRoute({ method: 'get', path: `${base}/{name}`, tags, request: { params: ProjectNameParams, query: WatchQuery }, responses: { 200: json(Workload), ...errorResponses } }),
+    async (c) => {
       const { project, name } = c.req.valid('param');
+      const q = c.req.valid('query');
       useProject(ctx, c, project);
-      return c.json(workloadView(ctx.store.get(WORKLOAD, project, name) as WorkloadResource) as never, 200);
+      let w = ctx.store.get(WORKLOAD, project, name) as WorkloadResource;
+      if (q.afterResourceVersion !== undefined && w.resourceVersion <= q.afterResourceVersion) {
+        w = (await waitForChange(ctx, w.id, q.afterResourceVersion, q.timeoutMs ?? 30_000, c.req.raw.signal)) as WorkloadResource;
+      }
+      return c.json(workloadView(w) as never, 200);
     },
   );
 

@@ -84,6 +84,13 @@ export interface OciBuildOptions {
    * hard limit above its own without CAP_SYS_RESOURCE: pass hostNofileLimit() on such hosts.
    */
   nofileLimit?: number;
+  /**
+   * Writable layer as an overlay mounted by the runtime itself, inside the container's own mount
+   * namespace: root.path is the read-only image and an overlay (lowerdir = image) is mounted over
+   * "/" before every other mount. Nothing is mounted on the host, so nothing can leak there, and
+   * no `mount` process is spawned per start.
+   */
+  rootOverlay?: { upperDir: string; workDir: string };
 }
 
 export interface OciUser {
@@ -342,7 +349,17 @@ export function buildOciConfig(cfg: TaskConfig, opts: OciBuildOptions): OciConfi
     },
     root: { path: opts.rootfsPath, readonly: opts.readonlyRootfs ?? false },
     hostname,
-    mounts: defaultMounts(),
+    mounts: opts.rootOverlay
+      ? [
+          {
+            destination: '/',
+            type: 'overlay',
+            source: 'overlay',
+            options: [`lowerdir=${opts.rootfsPath}`, `upperdir=${opts.rootOverlay.upperDir}`, `workdir=${opts.rootOverlay.workDir}`],
+          },
+          ...defaultMounts(),
+        ]
+      : defaultMounts(),
     linux: {
       // A network namespace without a path: runc creates it and brings up only loopback.
       namespaces: [{ type: 'pid' }, { type: 'network' }, { type: 'ipc' }, { type: 'uts' }, { type: 'mount' }],

@@ -1,0 +1,158 @@
+// Benchmark: "API create → workload running" through Berth vs a bare `runc run -d` of the same
+// prepared bundle, interleaved in the same run; plus the host memory Berth adds per idle workload.
+// Usage: node dist/bench/start-latency.js [--runs 30] [--idle 20] [--write BENCHMARKS.md]
+import { spawn, spawnSync } from 'node:child_process';
+import { mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
+import { cpus, release, totalmem } from 'node:os';
+import { join } from 'node:path';
+import { parseArgs } from 'node:util';
+import { TestDaemon } from '../test/harness.js';
+import { ensureBusyboxImage } from '../src/images/busybox.js';
+import { buildOciConfig, hostNofileLimit } from '../src/drivers/runc/ocispec.js';
+import { loadDefaultSeccomp } from '../src/drivers/runc/seccomp.js';
+import { DEFAULT_CAPS } from '../src/drivers/runc/driver.js';
+import { updateBenchmarks } from './report.js';
+
+const { values } = parseArgs({ options: { runs: { type: 'string', default: '30' }, idle: { type: 'string', default: '20' }, write: { type: 'string' } } });
+const RUNS = Number(values.runs);
+const IDLE = Number(values.idle);
+
+const median = (xs: number[]) => {
+  const s = [...xs].sort((a, b) => a - b);
+  const m = s.length >> 1;
+  return s.length % 2 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
+};
+const pct = (xs: number[], p: number) => [...xs].sort((a, b) => a - b)[Math.min(xs.length - 1, Math.floor((p / 100) * xs.length))]!;
+
+function sh(cmd: string, args: string[]) {
+  const r = spawnSync(cmd, args, { encoding: 'utf8' });
+  if (r.status !== 0) throw new Error(`${cmd} ${args.join(' ')}: ${r.stderr}`);
+  return r.stdout;
+}
+
+async function bareRuncRun(root: string, bundle: string, id: string): Promise<number> {
+  const t0 = performance.now();
+  await new Promise<void>((resolve, reject) => {
+    const p = spawn('runc', ['--root', root, 'run', '-d', '--bundle', bundle, id], { stdio: 'ignore' });
+    p.on('error', reject);
+    p.on('exit', (code) => (code === 0 ? resolve() : reject(new Error(`runc run exited ${code}`))));
+  });
+  return performance.now() - t0;
+}
+
+async function berthCreate(d: TestDaemon, name: string): Promise<number> {
+  const t0 = performance.now();
+  const r = await d.api('POST', '/v1/projects/default/workloads', { name, spec: { image: 'busybox', command: ['sleep', '1000'] } });
+  if (r.status !== 201) throw new Error(JSON.stringify(r.body));
+  let rv = r.body.resourceVersion as number;
+  for (;;) {
+    const g = await d.api('GET', `/v1/projects/default/workloads/${name}?afterResourceVersion=${rv}&timeoutMs=30000`);
+    if (g.body.status.phase === 'running') break;
+    if (g.body.status.phase === 'failed') throw new Error(JSON.stringify(g.body.status));
+    rv = g.body.resourceVersion;
+  }
+  return performance.now() - t0;
+}
+
+function memOf(pid: number): { rss: number; pss: number; uss: number } {
+  const t = readFileSync(`/proc/${pid}/smaps_rollup`, 'utf8');
+  const kb = (k: string) => Number(new RegExp(`^${k}:\\s+(\\d+)`, 'm').exec(t)?.[1] ?? 0);
+  return { rss: kb('Rss'), pss: kb('Pss'), uss: kb('Private_Clean') + kb('Private_Dirty') };
+}
+
+async function main() {
+  const d = await TestDaemon.start();
+  const work = mkdtempSync('/tmp/berth-bench-');
+  const root = join(work, 'runc');
+  const bundle = join(work, 'bundle');
+  try {
+    // The bare baseline: the same image and the same OCI config Berth generates (read-only image
+    // root with the writable overlay that runc mounts inside the container), run by runc directly.
+    const img = await ensureBusyboxImage(join(d.dataDir, 'images'));
+    for (const x of ['upper', 'work']) mkdirSync(join(work, x), { recursive: true });
+    mkdirSync(bundle, { recursive: true });
+    const cfg = buildOciConfig(
+      { id: 'bench', imageRootfs: img.rootfs, args: ['sleep', '1000'], env: {}, cwd: '/', user: { uid: 0, gid: 0 }, resources: {} },
+      {
+        rootfsPath: img.rootfs,
+        rootOverlay: { upperDir: join(work, 'upper'), workDir: join(work, 'work') },
+        cgroupsPath: `/${d.cgroupParent}-bare/bench`,
+        seccomp: loadDefaultSeccomp({ capabilities: DEFAULT_CAPS }),
+        nofileLimit: hostNofileLimit(),
+      },
+    );
+    writeFileSync(join(bundle, 'config.json'), JSON.stringify(cfg));
+
+    // Warm-up of both paths, then interleaved measured runs.
+    await bareRuncRun(root, bundle, 'warm');
+    sh('runc', ['--root', root, 'delete', '--force', 'warm']);
+    await berthCreate(d, 'warm');
+    await d.api('DELETE', '/v1/projects/default/workloads/warm');
+    await d.deleteAllWorkloads();
+    const bare: number[] = [];
+    const berth: number[] = [];
+    for (let i = 0; i < RUNS; i++) {
+      bare.push(await bareRuncRun(root, bundle, `b${i}`));
+      sh('runc', ['--root', root, 'delete', '--force', `b${i}`]);
+      berth.push(await berthCreate(d, `w${i}`));
+      await d.api('DELETE', `/v1/projects/default/workloads/w${i}`);
+      await d.deleteAllWorkloads();
+    }
+    const ratio = median(berth) / median(bare);
+
+    // Memory: IDLE idle workloads; what Berth adds per workload is its monitor (conmon) plus any
+    // growth of berthd itself. The workload's own processes (sleep) are not counted.
+    const daemonBefore = memOf(d.pid);
+    for (let i = 0; i < IDLE; i++) await berthCreate(d, `idle${i}`);
+    await new Promise((r) => setTimeout(r, 2000));
+    const monitors: Array<{ rss: number; pss: number; uss: number }> = [];
+    for (const pid of readdirSync('/proc').filter((p) => /^\d+$/.test(p))) {
+      try {
+        const cmd = readFileSync(`/proc/${pid}/cmdline`, 'utf8');
+        if (cmd.includes('conmon') && cmd.includes(d.dataDir)) monitors.push(memOf(Number(pid)));
+      } catch {
+        /* raced */
+      }
+    }
+    const daemonAfter = memOf(d.pid);
+    await d.deleteAllWorkloads();
+    const residue = d.hostResidue();
+    if (residue.length) throw new Error(`leaks: ${residue.join(', ')}`);
+    if (monitors.length !== IDLE) throw new Error(`expected ${IDLE} monitors, found ${monitors.length}`);
+    const avg = (k: 'rss' | 'pss' | 'uss') => monitors.reduce((s, m) => s + m[k], 0) / monitors.length / 1024;
+    const daemonGrowth = (daemonAfter.rss - daemonBefore.rss) / IDLE / 1024;
+
+    const f = (x: number) => x.toFixed(1);
+    const lines = [
+      `Host: ${cpus().length} × ${cpus()[0]?.model ?? 'cpu'}, ${(totalmem() / 2 ** 30).toFixed(0)} GiB, kernel ${release()}, runc ${/runc version (\S+)/.exec(sh('runc', ['--version']))?.[1]}, ${new Date().toISOString().slice(0, 10)}.`,
+      '',
+      `| measure (${RUNS} interleaved runs, busybox \`sleep\`) | median | p90 |`,
+      '|---|---|---|',
+      `| bare \`runc run -d\` of a prepared bundle | ${f(median(bare))} ms | ${f(pct(bare, 90))} ms |`,
+      `| Berth: API create → status running (HTTP, SQLite, reconciler, conmon, runc create, start) | ${f(median(berth))} ms | ${f(pct(berth, 90))} ms |`,
+      `| **ratio Berth / bare** (target ≤ 1.2×) | **${ratio.toFixed(2)}×** | |`,
+      '',
+      `| memory Berth adds per idle workload (${IDLE} idle workloads) | per workload |`,
+      '|---|---|',
+      `| conmon monitor, RSS | ${f(avg('rss') * 1024)} KiB |`,
+      `| conmon monitor, PSS (shared libraries split between monitors) | ${f(avg('pss') * 1024)} KiB |`,
+      `| conmon monitor, private (USS) | ${f(avg('uss') * 1024)} KiB |`,
+      `| berthd RSS growth | ${f(daemonGrowth * 1024)} KiB |`,
+      `| **total (PSS + berthd growth)** (target ≤ 2 MiB) | **${((avg('pss') + Math.max(0, daemonGrowth))).toFixed(2)} MiB** |`,
+    ];
+    const text = lines.join('\n');
+    console.log(text);
+    if (values.write) updateBenchmarks(values.write, 'start-latency', 'Workload start latency and per-workload memory (runc)', 'node dist/bench/start-latency.js --runs 30 --idle 20 --write BENCHMARKS.md', text);
+  } finally {
+    for (const id of spawnSync('runc', ['--root', root, 'list', '-q'], { encoding: 'utf8' }).stdout.split('\n').filter(Boolean)) spawnSync('runc', ['--root', root, 'delete', '--force', id]);
+    rmSync(work, { recursive: true, force: true });
+    for (const c of readdirSync('/sys/fs/cgroup')) spawnSync('rmdir', [`/sys/fs/cgroup/${c}/${d.cgroupParent}-bare`]);
+    await d.deleteAllWorkloads().catch(() => undefined);
+    await d.destroy();
+  }
+}
+
+void main().catch((e) => {
+  console.error(e);
+  process.exit(1);
+});
