@@ -128,7 +128,7 @@ async function main() {
       '',
       `| measure (${RUNS} interleaved runs, busybox \`sleep\`) | median | p90 |`,
       '|---|---|---|',
-      `| bare \`runc run -d\` of a prepared bundle | ${f(median(bare))} ms | ${f(pct(bare, 90))} ms |`,
+      `| bare \`runc run -d\` of the same prepared bundle (same config.json) | ${f(median(bare))} ms | ${f(pct(bare, 90))} ms |`,
       `| Berth: API create → status running (HTTP, SQLite, reconciler, conmon, runc create, start) | ${f(median(berth))} ms | ${f(pct(berth, 90))} ms |`,
       `| **ratio Berth / bare** (target ≤ 1.2×) | **${ratio.toFixed(2)}×** | |`,
       '',
