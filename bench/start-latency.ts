@@ -8,8 +8,8 @@ import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { TestDaemon } from '../test/harness.js';
 import { ensureBusyboxImage } from '../src/images/busybox.js';
-import { buildOciConfig, hostNofileLimit } from '../src/drivers/runc/ocispec.js';
-import { loadDefaultSeccomp } from '../src/drivers/runc/seccomp.js';
+import { buildOciConfig, hostNofileLimit } from '../src/drivers/oci/ocispec.js';
+import { loadDefaultSeccomp } from '../src/drivers/oci/seccomp.js';
 import { DEFAULT_CAPS } from '../src/drivers/runc/driver.js';
 import { updateBenchmarks } from './report.js';
 

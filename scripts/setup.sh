@@ -22,6 +22,25 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# gVisor: a current runsc, pinned, built with Go (static: CGO_ENABLED=0) into /usr/local/lib/berth.
+# Debian's runsc (2022) is the fallback when Go is absent; it lacks systrap and, on kernels ≥ 6.11,
+# network sandboxing (gVisor #10704).
+RUNSC_MODULE=gvisor.dev/gvisor/runsc@v0.0.0-20260905035102-160fafc42237
+RUNSC_VERSION=release-20260905-go-160fafc42237
+RUNSC=/usr/local/lib/berth/runsc
+if ! { [ -x "$RUNSC" ] && "$RUNSC" --version 2>/dev/null | grep -q "$RUNSC_VERSION"; }; then
+  if command -v go >/dev/null; then
+    echo "==> building runsc $RUNSC_VERSION (once, about 2 minutes)"
+    tmpbin=$(mktemp -d)
+    CGO_ENABLED=0 GOBIN="$tmpbin" go install -ldflags "-s -w -X gvisor.dev/gvisor/runsc/version.version=$RUNSC_VERSION" "$RUNSC_MODULE"
+    install -D -m 0755 "$tmpbin/runsc" "$RUNSC"
+    rm -rf "$tmpbin"
+  elif ! command -v runsc >/dev/null; then
+    echo "==> apt-get install runsc (no Go toolchain to build a current one)"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends runsc >/dev/null
+  fi
+fi
+
 # npm packages (exact versions from package-lock.json).
 stamp=node_modules/.berth-lock-hash
 want=$(sha256sum package-lock.json | cut -d' ' -f1)

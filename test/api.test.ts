@@ -114,7 +114,13 @@ describe('bad input is refused and changes nothing', () => {
   });
   test('isolation tiers without a driver are refused clearly', async () => {
     await expectError('POST', W, { name: 'vm', spec: { ...okSpec, isolation: 'microvm' } }, 412, 'failed_precondition', {}, /isolation "microvm" is not available/);
-    await expectError('POST', W, { name: 'gv', spec: { ...okSpec, isolation: 'gvisor' } }, 412, 'failed_precondition', {}, /container/);
+    const info = await d.api('GET', '/v1/info');
+    const gvisor = info.body.drivers.find((x: any) => x.isolation === 'gvisor');
+    if (!gvisor?.healthy) await expectError('POST', W, { name: 'gv', spec: { ...okSpec, isolation: 'gvisor' } }, 412, 'failed_precondition', {}, /container/);
+    else {
+      await expectError('POST', W, { name: 'gv', spec: { ...okSpec, isolation: 'gvisor', resources: { pids: 10 } } }, 400, 'invalid_argument', {}, /pids/);
+      await expectError('POST', W, { name: 'gv', spec: { ...okSpec, isolation: 'gvisor', resources: { memoryMiB: 16 } } }, 400, 'invalid_argument', {}, /memoryMiB ≥ 32/);
+    }
     await expectError('POST', W, { name: 'xx', spec: { ...okSpec, isolation: 'kata' } }, 400, 'invalid_argument');
   });
   test('unknown image or user → 400', async () => {

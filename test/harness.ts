@@ -132,13 +132,13 @@ export class TestDaemon {
       const mp = l.split(' ')[4];
       if (mp && mp.startsWith(this.dataDir + '/')) found.push(`mount ${mp}`);
     }
-    const runtime = join(this.dataDir, 'runtime/runc');
-    for (const sub of ['tasks', 'exits']) {
-      const d = join(runtime, sub);
-      if (existsSync(d)) for (const f of readdirSync(d)) found.push(`file ${join(d, f)}`);
+    for (const [driver, root] of [['runc', 'runc'], ['gvisor', 'runsc']]) {
+      const runtime = join(this.dataDir, 'runtime', driver!);
+      for (const sub of ['tasks', 'exits', root!]) {
+        const d = join(runtime, sub);
+        if (existsSync(d)) for (const f of readdirSync(d)) found.push(`${driver} ${sub}/${f}`);
+      }
     }
-    const runcRoot = join(runtime, 'runc');
-    if (existsSync(runcRoot)) for (const f of readdirSync(runcRoot)) found.push(`runc state ${f}`);
     for (const pid of readdirSync('/proc').filter((p) => /^\d+$/.test(p))) {
       try {
         const cmd = readFileSync(`/proc/${pid}/cmdline`, 'utf8');
@@ -161,11 +161,14 @@ export class TestDaemon {
     // A failed test may leave containers and mounts behind: end them (they are ours, found by
     // this daemon's own runc root) so the next tests start clean. The leak itself is reported
     // by the test that checks hostResidue().
-    const runcRoot = join(this.dataDir, 'runtime/runc/runc');
-    const ids = spawnSync('runc', ['--root', runcRoot, 'list', '-q']).stdout?.toString().split('\n').filter(Boolean) ?? [];
-    for (const id of ids) {
-      spawnSync('runc', ['--root', runcRoot, 'kill', id, 'KILL']);
-      spawnSync('runc', ['--root', runcRoot, 'delete', '--force', id]);
+    for (const [bin, root] of [['runc', 'runtime/runc/runc'], [process.env.BERTH_RUNSC ?? '/usr/local/lib/berth/runsc', 'runtime/gvisor/runsc']]) {
+      if (!existsSync(join(this.dataDir, root!))) continue;
+      const args = bin === 'runc' ? ['--root', join(this.dataDir, root!)] : [`--root=${join(this.dataDir, root!)}`, '--network=none', '--overlay2=none'];
+      const ids = spawnSync(bin!, [...args, 'list', '-q']).stdout?.toString().split('\n').filter(Boolean) ?? [];
+      for (const id of ids) {
+        spawnSync(bin!, [...args, 'kill', id, 'KILL']);
+        spawnSync(bin!, [...args, 'delete', '--force', id]);
+      }
     }
     // Mounts: detach them so the next tests start clean
     // (the leak itself is reported by the test that checks hostResidue()).

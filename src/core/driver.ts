@@ -21,6 +21,8 @@ export interface DriverCapabilities {
   signals: boolean;
   /** Whether the task runs on the host kernel. */
   sharesHostKernel: boolean;
+  /** Smallest memory limit the tier can run in (its own kernel or sandbox lives inside it). */
+  minMemoryMiB?: number;
 }
 
 export interface Fingerprint {
@@ -126,8 +128,22 @@ export interface RuntimeDriver {
 
 export class DriverRegistry {
   private readonly drivers = new Map<Isolation, RuntimeDriver>();
+  private readonly fingerprints = new Map<Isolation, Fingerprint>();
   register(d: RuntimeDriver): void {
     this.drivers.set(d.capabilities.isolation, d);
+  }
+  /** Fingerprint every driver (at daemon start); unhealthy drivers refuse new tasks. */
+  async fingerprintAll(): Promise<Fingerprint[]> {
+    const out: Fingerprint[] = [];
+    for (const [iso, d] of this.drivers) {
+      const fp = await d.fingerprint();
+      this.fingerprints.set(iso, fp);
+      out.push(fp);
+    }
+    return out;
+  }
+  fingerprintOf(isolation: Isolation): Fingerprint | undefined {
+    return this.fingerprints.get(isolation);
   }
   get(isolation: Isolation): RuntimeDriver | undefined {
     return this.drivers.get(isolation);

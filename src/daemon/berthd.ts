@@ -14,6 +14,8 @@ import { Controller } from '../reconcilers/controller.js';
 import { WORKLOAD, makeWorkloadReconciler, type StoredWorkloadStatus } from '../reconcilers/workloads.js';
 import { JOB, JOBRUN, makeJobReconciler, makeJobRunReconciler } from '../reconcilers/jobs.js';
 import { RuncDriver } from '../drivers/runc/driver.js';
+import { GvisorDriver } from '../drivers/gvisor/driver.js';
+import type { OciRuntimeDriver } from '../drivers/oci/driver.js';
 import { BuiltinImages } from '../images/catalog.js';
 import { createApp } from '../api/app.js';
 import { TokenStore } from './tokens.js';
@@ -44,6 +46,7 @@ export class Daemon {
   readonly drivers = new DriverRegistry();
   readonly tokens: TokenStore;
   readonly runc: RuncDriver;
+  readonly gvisor: GvisorDriver;
   readonly controllers: { workloads: Controller; jobRuns: Controller; jobs: Controller };
   readonly adminTokenPath: string;
   readonly socketPath: string;
@@ -65,7 +68,9 @@ export class Daemon {
     this.adminTokenPath = join(config.dataDir, 'admin.token');
     this.socketPath = config.socketPath ?? join(config.dataDir, 'berthd.sock');
     this.runc = new RuncDriver({ stateDir: join(config.dataDir, 'runtime', 'runc'), cgroupParent: config.cgroupParent ?? 'berth' });
+    this.gvisor = new GvisorDriver({ stateDir: join(config.dataDir, 'runtime', 'gvisor'), cgroupParent: config.cgroupParent ?? 'berth' });
     this.drivers.register(this.runc);
+    this.drivers.register(this.gvisor);
     const images = new BuiltinImages(join(config.dataDir, 'images'));
     this.images = images;
     const log = this.log;
@@ -121,7 +126,9 @@ export class Daemon {
       if (n.ownerId && n.kind === WORKLOAD) this.controllers.jobRuns.enqueue(n.ownerId);
       if (n.ownerId && n.kind === JOBRUN) this.controllers.jobs.enqueue(n.ownerId);
     });
-    this.offExit = this.runc.onExit((id) => this.controllers.workloads.enqueue(id));
+    for (const fp of await this.drivers.fingerprintAll()) this.log.info({ driver: fp.driver, healthy: fp.healthy, reason: fp.reason }, 'driver fingerprint');
+    const offs = this.ociDrivers().map((d) => d.onExit((id) => this.controllers.workloads.enqueue(id)));
+    this.offExit = () => offs.forEach((f) => f());
     await this.collectOrphans();
     this.resyncAll();
     this.resync = setInterval(() => this.resyncAll(), this.config.resyncMs ?? 30_000);
@@ -144,13 +151,19 @@ export class Daemon {
 
   /** Host state with no record (a crash between record removal and cleanup): remove it. */
   private async collectOrphans(): Promise<void> {
-    for (const id of await this.runc.listTasks()) {
-      const w = this.store.getById<WorkloadSpec, StoredWorkloadStatus>(id);
-      if (!w) {
-        this.log.warn({ task: id }, 'removing orphaned task left by an earlier crash');
-        await this.runc.destroy(id, { force: true });
+    for (const driver of this.ociDrivers()) {
+      for (const id of await driver.listTasks()) {
+        const w = this.store.getById<WorkloadSpec, StoredWorkloadStatus>(id);
+        if (!w || (w.spec.isolation !== driver.capabilities.isolation && w.status.task?.driver !== driver.name)) {
+          this.log.warn({ task: id, driver: driver.name }, 'removing orphaned task left by an earlier crash');
+          await driver.destroy(id, { force: true });
+        }
       }
     }
+  }
+
+  private ociDrivers(): OciRuntimeDriver[] {
+    return [this.runc, this.gvisor];
   }
 
   private async listen(): Promise<void> {
@@ -201,7 +214,7 @@ export class Daemon {
     );
     this.servers = [];
     await Promise.all(Object.values(this.controllers).map((c) => c.stop()));
-    this.runc.close();
+    for (const d of this.ociDrivers()) d.close();
     rmSync(this.socketPath, { force: true });
     this.db.close();
     try {

@@ -88,7 +88,8 @@ export function makeWorkloadReconciler(deps: WorkloadDeps) {
           await taskDriver.stop(st.task, { timeoutMs: w.spec.stopTimeoutMs, signal: w.spec.stopSignal });
         }
       }
-      if (taskDriver) await taskDriver.destroy(id);
+      // Every driver: a change of isolation may have left the old tier's layer and logs behind.
+      for (const d of drivers.all()) await d.destroy(id);
       store.remove(id);
       log.info({ workload: w.name, project: w.project, id }, 'workload deleted');
       return;

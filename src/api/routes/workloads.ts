@@ -2,7 +2,8 @@ import { createRoute, z, type OpenAPIHono } from '@hono/zod-openapi';
 import { stream } from 'hono/streaming';
 import type { Context } from 'hono';
 import { CreateWorkload, Event, ListQuery, StopRequest, UpdateWorkload, Workload, WorkloadSpec, listOf } from '../schemas.js';
-import { BerthError, failedPrecondition } from '../../core/errors.js';
+import { BerthError, failedPrecondition, invalidArgument } from '../../core/errors.js';
+import type { Isolation } from '../../core/driver.js';
 import type { Resource } from '../../store/resources.js';
 import type { ApiContext } from '../context.js';
 import type { AppEnv } from '../app.js';
@@ -16,12 +17,28 @@ const tags = ['workloads'];
 const HIDDEN = ['task', 'taskSpecHash'];
 export const workloadView = (w: WorkloadResource) => view(w, HIDDEN);
 
-/** Checks that need the host: the isolation tier exists, the image and user resolve. */
-export async function admitRunSpec(ctx: ApiContext, spec: { isolation: string; image: string; user?: string | undefined }): Promise<void> {
-  const driver = ctx.drivers.get(spec.isolation as 'container');
-  if (!driver) {
-    const have = ctx.drivers.all().map((d) => `"${d.capabilities.isolation}"`).join(', ');
-    throw failedPrecondition(`isolation "${spec.isolation}" is not available on this host yet (available: ${have}); use isolation "container"`);
+/** Checks that need the host: the isolation tier is usable, the limits fit it, the image and user resolve. */
+export async function admitRunSpec(
+  ctx: ApiContext,
+  spec: { isolation: string; image: string; user?: string | undefined; resources?: { memoryMiB?: number | undefined; pids?: number | undefined } | undefined },
+): Promise<void> {
+  const iso = spec.isolation as Isolation;
+  const driver = ctx.drivers.get(iso);
+  const fp = ctx.drivers.fingerprintOf(iso);
+  if (!driver || (fp && !fp.healthy)) {
+    const have = ctx.drivers
+      .all()
+      .filter((d) => ctx.drivers.fingerprintOf(d.capabilities.isolation)?.healthy !== false)
+      .map((d) => `"${d.capabilities.isolation}"`)
+      .join(', ');
+    throw failedPrecondition(`isolation "${spec.isolation}" is not available on this host${fp ? ` (${fp.reason})` : ' yet'}; available: ${have}`);
+  }
+  const caps = driver.capabilities;
+  if (spec.resources?.pids !== undefined && !caps.limits.pids) {
+    throw invalidArgument(`isolation "${spec.isolation}" cannot enforce a pids limit; remove spec.resources.pids or use isolation "container"`);
+  }
+  if (spec.resources?.memoryMiB !== undefined && caps.minMemoryMiB && spec.resources.memoryMiB < caps.minMemoryMiB) {
+    throw invalidArgument(`isolation "${spec.isolation}" needs spec.resources.memoryMiB ≥ ${caps.minMemoryMiB} (its kernel lives inside the limit)`);
   }
   const img = await ctx.images.resolve(spec.image);
   if (spec.user) resolveUser(img.rootfs, spec.user);

@@ -1,0 +1,142 @@
+// The gVisor driver (isolation "gvisor"): the same OCI bundle as runc, run by runsc, whose
+// user-space kernel (the Sentry) answers the workload's system calls, so the workload never talks
+// to the host kernel directly. Supervision, logs, exit codes and recovery: see ../oci/driver.ts.
+//
+// Differences from runc, all measured on Debian 12 / kernel 6.x (see the issue notes):
+// - runsc ignores an overlay mount on "/" in the OCI config, so the writable layer is a host
+//   overlay mount on bundle/rootfs (lower = image, upper = the task's layer) with runsc's own
+//   overlay turned off (--overlay2=none). The mount is the task's; destroy() removes it.
+// - There is no exec.fifo: a created sandbox is started with `runsc start` (an RPC).
+// - The platform is systrap for a current runsc and ptrace for Debian's 2022 runsc (which has no
+//   systrap); never KVM unless a probe proves it works (the PVM-only /dev/kvm hangs it).
+// - A pids limit in the host cgroup counts the Sentry's own threads and kills the whole sandbox
+//   when reached, so pids is not offered as a limit; memory needs ≥ 32 MiB for the Sentry itself.
+import { existsSync, mkdirSync, readFileSync, readdirSync, rmSync } from 'node:fs';
+import { join } from 'node:path';
+import type { DriverCapabilities, Fingerprint, TaskConfig } from '../../core/driver.js';
+import { invalidArgument } from '../../core/errors.js';
+import { run, runOk } from '../../lib/exec.js';
+import { OciRuntimeDriver, type OciDriverOptions } from '../oci/driver.js';
+import type { OciBuildOptions } from '../oci/ocispec.js';
+
+/** Where scripts/setup.sh installs the pinned, current runsc it builds with Go. */
+export const BERTH_RUNSC = '/usr/local/lib/berth/runsc';
+export const DEBIAN_RUNSC = '/usr/bin/runsc';
+export const GVISOR_MIN_MEMORY_MIB = 32;
+
+export function findRunsc(): string | undefined {
+  return [process.env.BERTH_RUNSC, BERTH_RUNSC, DEBIAN_RUNSC].find((p): p is string => !!p && existsSync(p));
+}
+
+function isMounted(path: string): boolean {
+  try {
+    return readFileSync('/proc/self/mountinfo', 'utf8')
+      .split('\n')
+      .some((l) => l.split(' ')[4] === path);
+  } catch {
+    return false;
+  }
+}
+
+export interface GvisorDriverOptions extends OciDriverOptions {
+  /** systrap | ptrace; default: systrap for a current runsc, ptrace for Debian's. */
+  platform?: string;
+}
+
+export class GvisorDriver extends OciRuntimeDriver {
+  readonly name = 'gvisor';
+  readonly capabilities: DriverCapabilities = {
+    isolation: 'gvisor',
+    limits: { cpu: true, memory: true, pids: false },
+    oomDetection: true,
+    survivesDaemonRestart: true,
+    signals: true,
+    sharesHostKernel: false,
+    minMemoryMiB: GVISOR_MIN_MEMORY_MIB,
+  };
+  readonly platform: string;
+
+  constructor(opts: GvisorDriverOptions) {
+    const path = opts.runtimePath ?? findRunsc() ?? BERTH_RUNSC;
+    super({ ...opts, runtimePath: path }, 'runsc', path);
+    this.platform = opts.platform ?? (path === DEBIAN_RUNSC ? 'ptrace' : 'systrap');
+  }
+
+  protected override globalArgs(): string[] {
+    return [`--root=${this.root}`, `--platform=${this.platform}`, '--network=none', '--overlay2=none'];
+  }
+
+  protected override rootfsOptions(cfg: TaskConfig, dir: string): Pick<OciBuildOptions, 'rootfsPath' | 'rootOverlay' | 'seccomp'> {
+    if (cfg.resources.pids !== undefined) {
+      throw invalidArgument('isolation "gvisor" does not support a pids limit (the sandbox counts its own threads); remove resources.pids');
+    }
+    if (cfg.resources.memoryMiB !== undefined && cfg.resources.memoryMiB < GVISOR_MIN_MEMORY_MIB) {
+      throw invalidArgument(`isolation "gvisor" needs resources.memoryMiB ≥ ${GVISOR_MIN_MEMORY_MIB} (its kernel runs inside the limit)`);
+    }
+    // The Sentry filters the workload's system calls itself; a seccomp profile in the spec is ignored by runsc.
+    return { rootfsPath: join(dir, 'bundle', 'rootfs'), seccomp: null };
+  }
+
+  protected override async prepareRootfs(cfg: TaskConfig, dir: string): Promise<void> {
+    const rootfs = join(dir, 'bundle', 'rootfs');
+    mkdirSync(rootfs, { recursive: true, mode: 0o755 });
+    if (isMounted(rootfs)) return;
+    await runOk('mount', ['-t', 'overlay', 'overlay', '-o', `lowerdir=${cfg.imageRootfs},upperdir=${join(dir, 'upper')},workdir=${join(dir, 'work')}`, rootfs], {
+      timeoutMs: 10_000,
+    });
+  }
+
+  protected override async releaseRootfs(dir: string): Promise<void> {
+    const rootfs = join(dir, 'bundle', 'rootfs');
+    for (let i = 0; i < 20 && isMounted(rootfs); i++) {
+      const r = await run('umount', [rootfs], { timeoutMs: 10_000 });
+      if (r.code !== 0) await run('umount', i === 19 ? ['-l', rootfs] : [rootfs], { timeoutMs: 10_000 });
+    }
+  }
+
+  override async destroy(id: string, opts: { force?: boolean; keepData?: boolean } = {}): Promise<void> {
+    await super.destroy(id, opts);
+    // A current runsc keeps a per-root bind mount (null-netns); drop it with the last sandbox.
+    const nullNetns = join(this.root, 'null-netns');
+    let busy = false;
+    try {
+      busy = readdirSync(this.root).some((f) => f !== 'null-netns');
+    } catch {
+      /* no root */
+    }
+    if (!busy && isMounted(nullNetns)) {
+      await run('umount', [nullNetns], { timeoutMs: 10_000 });
+      rmSync(nullNetns, { force: true });
+    }
+  }
+
+  async fingerprint(): Promise<Fingerprint> {
+    const attributes: Record<string, string> = { runsc: this.runtime, platform: this.platform };
+    if (!existsSync(this.runtime)) {
+      return {
+        driver: this.name,
+        isolation: 'gvisor',
+        healthy: false,
+        reason: `runsc not found (looked for ${BERTH_RUNSC} and ${DEBIAN_RUNSC}); scripts/setup.sh builds a current one, or apt-get install runsc`,
+        attributes,
+      };
+    }
+    const r = await run(this.runtime, ['--version'], { timeoutMs: 10_000 });
+    const version = /runsc version (\S+)/.exec(r.stdout)?.[1];
+    if (r.code !== 0 || !version) {
+      return { driver: this.name, isolation: 'gvisor', healthy: false, reason: `${this.runtime} --version failed: ${(r.stderr || r.stdout).trim().slice(0, 200)}`, attributes };
+    }
+    const debian = this.runtime === DEBIAN_RUNSC;
+    attributes.source = debian ? 'debian' : 'berth-built';
+    return {
+      driver: this.name,
+      isolation: 'gvisor',
+      healthy: true,
+      reason: `runsc ${version}, platform ${this.platform} (KVM not used: it needs vmx/svm and a passing probe)${
+        debian ? "; Debian's 2022 runsc: network sandboxing is unavailable on kernels ≥ 6.11 (gVisor #10704)" : ''
+      }`,
+      version,
+      attributes,
+    };
+  }
+}

@@ -1,0 +1,507 @@
+// Shared machinery for drivers whose tasks are OCI bundles run by an OCI runtime (runc, runsc)
+// under Debian's `conmon`, a small C monitor that double-forks away from berthd, runs
+// `<runtime> create`, becomes the container's sub-reaper, writes stdout/stderr with timestamps to
+// the log file (k8s-file format), and writes the exit code (and an `oom` marker) to files when the
+// container ends. Because of that the container keeps running, and its exit code stays known,
+// while berthd is down; berthd keeps no process per task.
+//
+// On-disk layout under `stateDir` (all owned by the driver, removed by destroy()):
+//   <runtime>/            the runtime's --root (its own state)
+//   exits/<id>            exit code written by conmon
+//   tasks/<id>/bundle/    config.json (and rootfs/ when the rootfs is mounted on the host)
+//   tasks/<id>/upper|work overlay layers (kept across restarts of the same task id)
+//   tasks/<id>/persist/   conmon persist dir (`oom`, `exit`)
+//   tasks/<id>/ctr.pid, conmon.pid, ctr.log
+//
+// Subclasses choose the runtime, its flags, how the writable layer is provided and how a created
+// container is started.
+import { spawn } from 'node:child_process';
+import { constants as fsConstants } from 'node:fs';
+import { existsSync, mkdirSync, readFileSync, readdirSync, rmSync, rmdirSync, statSync, watch, writeFileSync, type FSWatcher } from 'node:fs';
+import { open, readFile, type FileHandle } from 'node:fs/promises';
+import { EventEmitter } from 'node:events';
+import { join } from 'node:path';
+import { constants as osConstants } from 'node:os';
+import type {
+  DriverCapabilities,
+  ExitResult,
+  Fingerprint,
+  RuntimeDriver,
+  StopOptions,
+  TaskConfig,
+  TaskHandle,
+  TaskStatus,
+} from '../../core/driver.js';
+import { BerthError, invalidArgument } from '../../core/errors.js';
+import { pidAlive, run, runOk, sleep } from '../../lib/exec.js';
+import { buildOciConfig, hostNofileLimit, type OciBuildOptions } from './ocispec.js';
+import { loadDefaultSeccomp } from './seccomp.js';
+
+export interface OciDriverOptions {
+  stateDir: string;
+  /** Path of the OCI runtime binary. */
+  runtimePath?: string;
+  conmonPath?: string;
+  /** Parent cgroup (relative) under which every task's cgroup is created. */
+  cgroupParent?: string;
+  /** Max size of one task's log file before conmon truncates it. */
+  logSizeMax?: number;
+}
+
+const SIGNALS = osConstants.signals as Record<string, number>;
+const signalName = (n: number) => Object.keys(SIGNALS).find((k) => SIGNALS[k] === n);
+
+export abstract class OciRuntimeDriver implements RuntimeDriver {
+  abstract readonly name: string;
+  abstract readonly capabilities: DriverCapabilities;
+  protected readonly runtime: string;
+  protected readonly conmon: string;
+  /** The runtime's --root. */
+  protected readonly root: string;
+  private readonly exitsDir: string;
+  private readonly tasksDir: string;
+  protected readonly cgroupParent: string;
+  private readonly exits = new EventEmitter();
+  private watcher: FSWatcher | undefined;
+  private swapSupported: boolean | undefined;
+  private readonly nofile = hostNofileLimit();
+
+  constructor(
+    protected readonly opts: OciDriverOptions,
+    runtimeName: string,
+    defaultRuntimePath: string,
+  ) {
+    this.runtime = opts.runtimePath ?? defaultRuntimePath;
+    this.conmon = opts.conmonPath ?? '/usr/bin/conmon';
+    this.root = join(opts.stateDir, runtimeName);
+    this.exitsDir = join(opts.stateDir, 'exits');
+    this.tasksDir = join(opts.stateDir, 'tasks');
+    this.cgroupParent = opts.cgroupParent ?? 'berth';
+    for (const d of [this.root, this.exitsDir, this.tasksDir]) mkdirSync(d, { recursive: true, mode: 0o700 });
+    this.exits.setMaxListeners(0);
+  }
+
+  /** Subscribe to task exits (any task); returns an unsubscribe function. */
+  onExit(listener: (id: string) => void): () => void {
+    this.ensureWatcher();
+    this.exits.on('exit', listener);
+    return () => this.exits.off('exit', listener);
+  }
+
+  private ensureWatcher(): void {
+    if (this.watcher) return;
+    this.watcher = watch(this.exitsDir, (_ev, file) => {
+      if (file && !file.startsWith('.')) this.exits.emit('exit', String(file));
+    });
+    this.watcher.unref();
+  }
+
+  close(): void {
+    this.watcher?.close();
+    this.watcher = undefined;
+  }
+
+  /**
+   * Global flags of every runtime invocation, each as one `--flag=value` word (conmon passes them
+   * on one argv entry each). runsc, for one, wants the same ones on every call.
+   */
+  protected globalArgs(): string[] {
+    return [`--root=${this.root}`];
+  }
+
+  /** Runs the runtime with its global flags. */
+  protected rt(args: string[], timeoutMs = 30_000) {
+    return run(this.runtime, [...this.globalArgs(), ...args], { timeoutMs });
+  }
+
+  /** How the task's root file system and writable layer appear in the OCI config. */
+  protected rootfsOptions(cfg: TaskConfig, dir: string): Pick<OciBuildOptions, 'rootfsPath' | 'rootOverlay' | 'seccomp'> {
+    return {
+      rootfsPath: cfg.imageRootfs,
+      rootOverlay: { upperDir: join(dir, 'upper'), workDir: join(dir, 'work') },
+      seccomp: loadDefaultSeccomp({ capabilities: DEFAULT_CAPS }),
+    };
+  }
+
+  /** Host-side preparation of the rootfs before create (nothing by default). */
+  protected async prepareRootfs(_cfg: TaskConfig, _dir: string): Promise<void> {}
+
+  /** Undo prepareRootfs (idempotent). */
+  protected async releaseRootfs(_dir: string): Promise<void> {}
+
+  /** Start a created container (`<runtime> start`). */
+  protected async startCreated(id: string, _pid: number): Promise<void> {
+    const r = await this.rt(['start', id]);
+    if (r.code !== 0) throw new Error(cleanRuncError(r.stderr || r.stdout) || `${this.runtime} start failed`);
+  }
+
+  protected taskDir(id: string) {
+    return join(this.tasksDir, id);
+  }
+  logPath(id: string): string {
+    return join(this.taskDir(id), 'ctr.log');
+  }
+
+  abstract fingerprint(): Promise<Fingerprint>;
+
+  private hasSwapAccounting(): boolean {
+    if (this.swapSupported === undefined) {
+      this.swapSupported = existsSync('/sys/fs/cgroup/memory/memory.memsw.limit_in_bytes') || existsSync('/sys/fs/cgroup/cgroup.controllers');
+    }
+    return this.swapSupported;
+  }
+
+  async start(cfg: TaskConfig): Promise<TaskHandle> {
+    if (!existsSync(join(cfg.imageRootfs, 'bin')) && !existsSync(cfg.imageRootfs)) {
+      throw invalidArgument(`image rootfs ${cfg.imageRootfs} does not exist`);
+    }
+    const dir = this.taskDir(cfg.id);
+    const bundle = join(dir, 'bundle');
+    // Pure conversion + validation first; nothing on the host is touched if the spec is bad.
+    const config = buildOciConfig(cfg, {
+      ...this.rootfsOptions(cfg, dir),
+      // Absolute: a relative path would be placed under berthd's own cgroup.
+      cgroupsPath: `/${this.cgroupParent}/${cfg.id}`,
+      swapLimitSupported: this.hasSwapAccounting(),
+      nofileLimit: this.nofile,
+    });
+    if (existsSync(join(this.exitsDir, cfg.id)) || this.hasRuntimeState(cfg.id)) {
+      throw new BerthError('already_exists', `task ${cfg.id} still has runtime state; destroy it before starting it again`);
+    }
+    try {
+      for (const d of ['upper', 'work', 'persist']) mkdirSync(join(dir, d), { recursive: true, mode: 0o700 });
+      mkdirSync(bundle, { recursive: true, mode: 0o700 });
+      await this.prepareRootfs(cfg, dir);
+      writeFileSync(join(bundle, 'config.json'), JSON.stringify(config));
+      const pid = await this.spawnConmon(cfg.id, bundle, dir);
+      await this.startCreated(cfg.id, pid);
+      const monitorPid = Number(readFileSync(join(dir, 'conmon.pid'), 'utf8').trim());
+      this.ensureWatcher();
+      return { driver: this.name, id: cfg.id, pid, monitorPid, startedAt: new Date().toISOString() };
+    } catch (e) {
+      await this.destroy(cfg.id, { keepData: true }).catch(() => undefined);
+      if (e instanceof BerthError) throw e;
+      throw new BerthError('failed_precondition', `could not start the container: ${(e as Error).message}`);
+    }
+  }
+
+  /** Starts conmon, which runs `<runtime> create`; resolves with the container's PID from conmon's sync pipe. */
+  private spawnConmon(id: string, bundle: string, dir: string): Promise<number> {
+    const args = [
+      '--api-version', '1',
+      '-c', id, '-u', id, '-n', id,
+      '-r', this.runtime,
+      '-b', bundle,
+      '-p', join(dir, 'ctr.pid'),
+      '-P', join(dir, 'conmon.pid'),
+      '-l', `k8s-file:${this.logPath(id)}`,
+      '--log-size-max', String(this.opts.logSizeMax ?? 64 * 1024 * 1024),
+      '--exit-dir', this.exitsDir,
+      '--persist-dir', join(dir, 'persist'),
+      '--socket-dir-path', dir,
+      ...this.globalArgs().flatMap((a) => ['--runtime-arg', a]),
+      '--log-level', 'error',
+      '--syslog',
+    ];
+    return new Promise((resolve, reject) => {
+      const child = spawn(this.conmon, args, {
+        stdio: ['ignore', 'ignore', 'pipe', 'pipe'],
+        env: { PATH: process.env.PATH ?? '/usr/sbin:/usr/bin:/sbin:/bin', _OCI_SYNCPIPE: '3' },
+        // conmon writes some marker files (e.g. `oom`) relative to its working directory.
+        cwd: dir,
+        detached: true,
+      });
+      let out = '';
+      let err = '';
+      const sync = child.stdio[3] as NodeJS.ReadableStream;
+      const timer = setTimeout(() => finish(new Error('conmon did not report the container within 30 s')), 30_000);
+      let done = false;
+      const finish = (e: Error | null, pid?: number) => {
+        if (done) return;
+        done = true;
+        clearTimeout(timer);
+        child.unref();
+        (sync as unknown as { destroy(): void }).destroy();
+        child.stderr?.destroy();
+        if (e) reject(e);
+        else resolve(pid!);
+      };
+      child.stderr!.setEncoding('utf8').on('data', (d: string) => (err += d));
+      sync.setEncoding('utf8');
+      sync.on('data', (d: string) => {
+        out += d;
+        const nl = out.indexOf('\n');
+        const line = nl >= 0 ? out.slice(0, nl) : out;
+        let msg: { data?: number; message?: string } | undefined;
+        try {
+          msg = JSON.parse(line);
+        } catch {
+          return; // partial line
+        }
+        if (msg && typeof msg.data === 'number' && msg.data > 0) finish(null, msg.data);
+        else finish(new Error(cleanRuncError(msg?.message ?? err) || `${this.name} create failed`));
+      });
+      sync.on('end', () => finish(new Error(cleanRuncError(err) || 'conmon exited before the container was created')));
+      child.on('error', (e) => finish(e));
+    });
+  }
+
+  /** Whether the runtime still keeps state for this id (runc and runsc: a directory or files named by it under --root). */
+  protected hasRuntimeState(id: string): boolean {
+    try {
+      return readdirSync(this.root).some((f) => f === id || f.startsWith(`${id}_`) || f.includes(`:${id}.`));
+    } catch {
+      return false;
+    }
+  }
+
+  protected async runtimeState(id: string): Promise<{ status: string; pid: number } | undefined> {
+    const r = await this.rt(['state', id], 10_000);
+    if (r.code !== 0) return undefined;
+    try {
+      return JSON.parse(r.stdout);
+    } catch {
+      return undefined;
+    }
+  }
+
+  private readExit(id: string): ExitResult | undefined {
+    const f = join(this.exitsDir, id);
+    let text: string;
+    try {
+      text = readFileSync(f, 'utf8').trim();
+    } catch {
+      return undefined;
+    }
+    if (text === '') return undefined; // being written
+    const code = Number(text);
+    const oomKilled = existsSync(join(this.taskDir(id), 'persist', 'oom'));
+    const res: ExitResult = { exitCode: Number.isFinite(code) ? code : -1, oomKilled, finishedAt: statSync(f).mtime.toISOString() };
+    if (code > 128) {
+      const s = signalName(code - 128);
+      if (s) res.signal = s;
+    }
+    return res;
+  }
+
+  private monitorAlive(h: TaskHandle): boolean {
+    if (!pidAlive(h.monitorPid)) return false;
+    try {
+      // Guard against PID reuse: the process must be conmon for this task.
+      const cmd = readFileSync(`/proc/${h.monitorPid}/cmdline`, 'utf8');
+      return cmd.includes('conmon') && cmd.includes(`\0${h.id}\0`);
+    } catch {
+      return false;
+    }
+  }
+
+  async inspect(h: TaskHandle): Promise<TaskStatus> {
+    const exit = this.readExit(h.id);
+    if (exit) return { state: 'exited', exit };
+    if (this.monitorAlive(h)) return { state: 'running', pid: h.pid, monitorPid: h.monitorPid! };
+    // The monitor is gone without writing an exit file (host reboot, someone killed conmon).
+    const st = await this.runtimeState(h.id);
+    if (st && st.status === 'running' && pidAlive(st.pid)) return { state: 'running', pid: st.pid };
+    // conmon may have written the exit file between our two checks.
+    const late = this.readExit(h.id);
+    if (late) return { state: 'exited', exit: late };
+    return { state: 'missing' };
+  }
+
+  async recover(h: TaskHandle): Promise<TaskStatus> {
+    // Recover a handle that may be partial (crash between start and persisting the handle).
+    let handle = h;
+    if (!h.monitorPid || !h.pid) {
+      const dir = this.taskDir(h.id);
+      const readPid = (f: string) => {
+        try {
+          return Number(readFileSync(join(dir, f), 'utf8').trim()) || undefined;
+        } catch {
+          return undefined;
+        }
+      };
+      handle = { ...h, pid: readPid('ctr.pid') ?? 0, monitorPid: readPid('conmon.pid') ?? 0 };
+    }
+    this.ensureWatcher();
+    const st = await this.inspect(handle);
+    if (st.state === 'running') {
+      // A container that was created but never started (crash between create and start) is not running.
+      const rs = await this.runtimeState(h.id);
+      if (rs && rs.status === 'created') return { state: 'missing' };
+    }
+    return st;
+  }
+
+  async wait(h: TaskHandle, signal?: AbortSignal): Promise<ExitResult> {
+    this.ensureWatcher();
+    for (;;) {
+      const st = await this.inspect(h);
+      if (st.state === 'exited') return st.exit!;
+      if (st.state === 'missing') return { exitCode: -1, oomKilled: false, finishedAt: new Date().toISOString() };
+      await new Promise<void>((resolve, reject) => {
+        const off = () => {
+          clearTimeout(t);
+          this.exits.off('exit', onExit);
+          signal?.removeEventListener('abort', onAbort);
+        };
+        const onExit = (id: string) => {
+          if (id === h.id) {
+            off();
+            resolve();
+          }
+        };
+        const onAbort = () => {
+          off();
+          reject(signal!.reason ?? new Error('aborted'));
+        };
+        // The watcher is the fast path; the timer covers a missed inotify event.
+        const t = setTimeout(() => {
+          off();
+          resolve();
+        }, 1000);
+        this.exits.on('exit', onExit);
+        signal?.addEventListener('abort', onAbort, { once: true });
+        if (signal?.aborted) onAbort();
+      });
+    }
+  }
+
+  async stop(h: TaskHandle, opts: StopOptions): Promise<ExitResult> {
+    const sig = opts.signal ?? 'SIGTERM';
+    if (!(sig in SIGNALS)) throw invalidArgument(`unknown signal ${sig}; use a name such as SIGTERM or SIGINT`);
+    const st = await this.inspect(h);
+    if (st.state === 'exited') return st.exit!;
+    if (st.state === 'missing') return { exitCode: -1, oomKilled: false, finishedAt: new Date().toISOString() };
+    await this.rt(['kill', h.id, sig], 10_000);
+    const ac = new AbortController();
+    const timer = setTimeout(() => ac.abort(new Error('grace period over')), Math.max(0, opts.timeoutMs));
+    try {
+      return await this.wait(h, ac.signal);
+    } catch {
+      // Grace period over: SIGKILL. The task's init is PID 1 of its PID namespace, so killing it ends every process in it.
+      await this.rt(['kill', h.id, 'SIGKILL'], 10_000);
+      const ac2 = new AbortController();
+      const t2 = setTimeout(() => ac2.abort(new Error('container did not die after SIGKILL')), 15_000);
+      try {
+        return await this.wait(h, ac2.signal);
+      } finally {
+        clearTimeout(t2);
+      }
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
+  async destroy(id: string, opts: { force?: boolean; keepData?: boolean } = {}): Promise<void> {
+    const dir = this.taskDir(id);
+    // Nothing of this task on this driver: done, without running the runtime at all.
+    if (!existsSync(dir) && !existsSync(join(this.exitsDir, id)) && !this.hasRuntimeState(id)) return;
+    const conmonPid = (() => {
+      try {
+        return Number(readFileSync(join(dir, 'conmon.pid'), 'utf8').trim()) || undefined;
+      } catch {
+        return undefined;
+      }
+    })();
+    // Kill whatever still runs, then let conmon record the exit and leave.
+    const st = await this.runtimeState(id);
+    if (st) {
+      if (st.status === 'running' || st.status === 'created' || st.status === 'paused') {
+        await this.rt(['kill', id, 'SIGKILL'], 10_000);
+      }
+      await this.rt(['delete', '--force', id]);
+    }
+    if (conmonPid && pidAlive(conmonPid)) {
+      for (let i = 0; i < 100 && pidAlive(conmonPid) && isConmonFor(conmonPid, id); i++) await sleep(20);
+      if (pidAlive(conmonPid) && isConmonFor(conmonPid, id)) process.kill(conmonPid, 'SIGKILL');
+    }
+    await this.releaseRootfs(dir);
+    // A create that failed half-way can leave the task's cgroups without runtime state to find them by.
+    for (const cg of this.cgroupDirs(id)) {
+      try {
+        rmdirSync(cg);
+      } catch {
+        /* absent */
+      }
+    }
+    rmSync(join(this.exitsDir, id), { force: true });
+    if (opts.keepData) {
+      for (const f of ['bundle', 'persist', 'ctr.pid', 'conmon.pid', 'attach', 'ctl', 'winsz']) rmSync(join(dir, f), { recursive: true, force: true });
+      // conmon leaves its attach socket and control fifos in the socket dir, named by the container uuid.
+      rmSync(join(dir, id), { recursive: true, force: true });
+    } else {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  }
+
+  async listTasks(): Promise<string[]> {
+    const ids = new Set<string>();
+    try {
+      for (const d of readdirSync(this.tasksDir)) ids.add(d);
+    } catch {
+      /* none */
+    }
+    const r = await this.rt(['list', '-q'], 10_000);
+    if (r.code === 0) for (const l of r.stdout.split('\n')) if (l.trim()) ids.add(l.trim());
+    return [...ids];
+  }
+
+  /** CPU/memory usage from the task's cgroup (cgroup v1 or v2). */
+  async stats(id: string): Promise<{ cpuUsageNs?: number; memoryBytes?: number; pids?: number }> {
+    const rel = `${this.cgroupParent}/${id}`;
+    const read = async (p: string) => {
+      try {
+        return Number((await readFile(p, 'utf8')).trim().split('\n')[0]!.split(' ').pop());
+      } catch {
+        return undefined;
+      }
+    };
+    if (existsSync('/sys/fs/cgroup/cgroup.controllers')) {
+      const usage = await readFile(`/sys/fs/cgroup/${rel}/cpu.stat`, 'utf8').catch(() => '');
+      const u = /usage_usec (\d+)/.exec(usage)?.[1];
+      const out: { cpuUsageNs?: number; memoryBytes?: number; pids?: number } = {};
+      if (u) out.cpuUsageNs = Number(u) * 1000;
+      const m = await read(`/sys/fs/cgroup/${rel}/memory.current`);
+      if (m !== undefined) out.memoryBytes = m;
+      const p = await read(`/sys/fs/cgroup/${rel}/pids.current`);
+      if (p !== undefined) out.pids = p;
+      return out;
+    }
+    const out: { cpuUsageNs?: number; memoryBytes?: number; pids?: number } = {};
+    const c = await read(`/sys/fs/cgroup/cpuacct/${rel}/cpuacct.usage`);
+    if (c !== undefined) out.cpuUsageNs = c;
+    const m = await read(`/sys/fs/cgroup/memory/${rel}/memory.usage_in_bytes`);
+    if (m !== undefined) out.memoryBytes = m;
+    const p = await read(`/sys/fs/cgroup/pids/${rel}/pids.current`);
+    if (p !== undefined) out.pids = p;
+    return out;
+  }
+
+  /** Absolute cgroup directories of a task (for leak checks). */
+  cgroupDirs(id: string): string[] {
+    const rel = `${this.cgroupParent}/${id}`;
+    if (existsSync('/sys/fs/cgroup/cgroup.controllers')) return [`/sys/fs/cgroup/${rel}`];
+    return ['memory', 'cpu', 'pids', 'cpuacct', 'freezer', 'devices', 'blkio', 'cpuset', 'systemd'].map((c) => `/sys/fs/cgroup/${c}/${rel}`);
+  }
+}
+
+/** Docker's default capability set. */
+export const DEFAULT_CAPS = [
+  'CAP_CHOWN', 'CAP_DAC_OVERRIDE', 'CAP_FSETID', 'CAP_FOWNER', 'CAP_MKNOD', 'CAP_NET_RAW', 'CAP_SETGID',
+  'CAP_SETUID', 'CAP_SETFCAP', 'CAP_SETPCAP', 'CAP_NET_BIND_SERVICE', 'CAP_SYS_CHROOT', 'CAP_KILL', 'CAP_AUDIT_WRITE',
+];
+
+function isConmonFor(pid: number, id: string): boolean {
+  try {
+    const cmd = readFileSync(`/proc/${pid}/cmdline`, 'utf8');
+    return cmd.includes('conmon') && cmd.includes(`\0${id}\0`);
+  } catch {
+    return false;
+  }
+}
+
+export function cleanRuncError(s: string): string {
+  // runc prints logfmt-ish lines: time="..." level=error msg="..."
+  const m = /msg="((?:[^"\\]|\\.)*)"/.exec(s);
+  return (m ? m[1]!.replace(/\\"/g, '"') : s).trim().slice(0, 500);
+}
