@@ -164,8 +164,12 @@ describe('not found, conflicts, preconditions', () => {
     assert.match(stale.body.error.message, /fetch it again/);
     const after = await d.api('GET', `${W}/dup`);
     assert.equal(after.body.spec.env, undefined, 'spec unchanged');
-    const latest = after.body.resourceVersion;
-    const ok = await d.api('PUT', `${W}/dup`, { spec: { ...okSpec, env: { A: '1' } }, resourceVersion: latest });
+    // The reconciler writes status too (every write bumps resourceVersion): retry like a client would.
+    let ok = await d.api('PUT', `${W}/dup`, { spec: { ...okSpec, env: { A: '1' } }, resourceVersion: after.body.resourceVersion });
+    for (let i = 0; ok.status === 409 && i < 10; i++) {
+      const latest = await d.api('GET', `${W}/dup`);
+      ok = await d.api('PUT', `${W}/dup`, { spec: { ...okSpec, env: { A: '1' } }, resourceVersion: latest.body.resourceVersion });
+    }
     assert.equal(ok.status, 200);
     assert.equal(ok.body.spec.env.A, '1');
     assert.equal(ok.body.generation, 2);
