@@ -3,8 +3,10 @@
 // socket or TCP); every command maps to one or a few API calls. Errors print one line on stderr,
 // "berth: <message> (<code>)", and exit 1; usage errors exit 2.
 import { Command, CommanderError, InvalidArgumentError, Option } from 'commander';
+import { spawn } from 'node:child_process';
 import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
 import { constants as osConstants } from 'node:os';
 import { ApiError, BerthClient, ConnectError } from './client.js';
 import { age, formatLabels, printJson, printTable, relative, shortTime, type OutputFormat } from './format.js';
@@ -1033,6 +1035,41 @@ function registerTokens(program: Command): void {
   );
 }
 
+function registerBench(program: Command): void {
+  const bench = program.command('bench').description('run a benchmark on this host (as root; starts its own throw-away berthd)');
+  bench
+    .command('isolation')
+    .description('measure every available isolation tier beside its bare runtime: cold start, memory overhead, density')
+    .option('--runs <n>', 'cold-start runs per tier (default 30)', parseIntFlag(1))
+    .option('--density-max <n>', 'most idle workloads per tier in the density run (default 50 for container, 20 for gvisor)', parseIntFlag(1))
+    .option('--write <file>', 'also write the result into this file (e.g. BENCHMARKS.md)')
+    .action(async (o: { runs?: number; densityMax?: number; write?: string }) => {
+      // dist/src/cli/main.js → dist/bench/isolation.js
+      const script = fileURLToPath(new URL('../../bench/isolation.js', import.meta.url));
+      if (!existsSync(script)) throw new UsageError(`${script} not found; build the tree first (npx tsc -p tsconfig.json)`);
+      const args = [script];
+      if (o.runs !== undefined) args.push('--runs', String(o.runs));
+      if (o.densityMax !== undefined) args.push('--density-max', String(o.densityMax));
+      if (o.write !== undefined) args.push('--write', o.write);
+      const child = spawn(process.execPath, args, { stdio: 'inherit' });
+      // The benchmark cleans up on a signal: let it, and pass on a TERM sent to this process alone.
+      const ignore = () => undefined;
+      const forward = (s: NodeJS.Signals) => () => child.kill(s);
+      const onTerm = forward('SIGTERM');
+      process.on('SIGINT', ignore);
+      process.on('SIGTERM', onTerm);
+      try {
+        exitStatus = await new Promise<number>((resolve, reject) => {
+          child.on('error', reject);
+          child.on('exit', (code, signal) => resolve(code ?? 128 + (signal ? (osConstants.signals as Record<string, number>)[signal] ?? 0 : 0)));
+        });
+      } finally {
+        process.off('SIGINT', ignore);
+        process.off('SIGTERM', onTerm);
+      }
+    });
+}
+
 function version(): string {
   try {
     const pkg = JSON.parse(readFileSync(new URL('../../../package.json', import.meta.url), 'utf8')) as { version?: string };
@@ -1059,6 +1096,7 @@ export function buildProgram(): Command {
   registerWorkloads(program);
   registerJobs(program);
   registerTokens(program);
+  registerBench(program);
   return program;
 }
 

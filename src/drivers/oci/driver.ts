@@ -16,9 +16,8 @@
 // Subclasses choose the runtime, its flags, how the writable layer is provided and how a created
 // container is started.
 import { spawn } from 'node:child_process';
-import { constants as fsConstants } from 'node:fs';
 import { existsSync, mkdirSync, readFileSync, readdirSync, rmSync, rmdirSync, statSync, watch, writeFileSync, type FSWatcher } from 'node:fs';
-import { open, readFile, type FileHandle } from 'node:fs/promises';
+import { readFile } from 'node:fs/promises';
 import { EventEmitter } from 'node:events';
 import { join } from 'node:path';
 import { constants as osConstants } from 'node:os';
@@ -33,7 +32,7 @@ import type {
   TaskStatus,
 } from '../../core/driver.js';
 import { BerthError, invalidArgument } from '../../core/errors.js';
-import { pidAlive, run, runOk, sleep } from '../../lib/exec.js';
+import { pidAlive, run, sleep } from '../../lib/exec.js';
 import { buildOciConfig, hostNofileLimit, type OciBuildOptions } from './ocispec.js';
 import { loadDefaultSeccomp } from './seccomp.js';
 

@@ -3,9 +3,8 @@
 // The task's root is the read-only image rootfs with an overlay (a per-task writable upper layer)
 // that runc mounts over "/" inside the container's own mount namespace, so no mount exists on the
 // host and none can leak. Supervision, logs, exit codes and recovery: see ../oci/driver.ts.
-import { constants as fsConstants, rmSync, statSync } from 'node:fs';
+import { constants as fsConstants, existsSync, rmSync, statSync } from 'node:fs';
 import { open, type FileHandle } from 'node:fs/promises';
-import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import type { DriverCapabilities, Fingerprint } from '../../core/driver.js';
 import { pidAlive, runOk, sleep } from '../../lib/exec.js';
