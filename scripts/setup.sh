@@ -28,7 +28,8 @@ fi
 RUNSC_MODULE=gvisor.dev/gvisor/runsc@v0.0.0-20260905035102-160fafc42237
 RUNSC_VERSION=release-20260905-go-160fafc42237
 RUNSC=/usr/local/lib/berth/runsc
-if ! { [ -x "$RUNSC" ] && "$RUNSC" --version 2>/dev/null | grep -q "$RUNSC_VERSION"; }; then
+have_runsc=$("$RUNSC" --version 2>/dev/null || true)   # (not piped into grep -q: pipefail + SIGPIPE)
+if [[ "$have_runsc" != *"$RUNSC_VERSION"* ]]; then
   if command -v go >/dev/null; then
     echo "==> building runsc $RUNSC_VERSION (once, about 2 minutes)"
     tmpbin=$(mktemp -d)
@@ -51,4 +52,5 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
 fi
 
 echo "==> build"
+rm -rf dist   # no stale output of moved or deleted sources
 npx --no-install tsc -p tsconfig.json

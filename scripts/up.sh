@@ -26,6 +26,10 @@ echo
 echo "==> berth run busybox -- sh -c '…'   (a container on runc, 64 MiB / half a core, supervised by conmon)"
 berth run --memory 64 --cpus 0.5 --pids 64 busybox -- sh -c 'echo "Hello from Berth!"; echo "kernel: $(uname -r), hostname: $(hostname), user: $(id -u)"; echo "memory limit: $(( $(cat /sys/fs/cgroup/memory/memory.limit_in_bytes 2>/dev/null || cat /sys/fs/cgroup/memory.max) / 1048576 )) MiB"; ls /'
 echo
+echo "==> berth run --isolation gvisor busybox -- …   (the same image under gVisor's user-space kernel)"
+berth run --isolation gvisor --memory 64 busybox -- sh -c 'echo "Hello from gVisor! kernel: $(uname -r) (the host runs $(cat /proc/sys/kernel/osrelease 2>/dev/null || echo ?))"' \
+  || echo "(gVisor is not usable on this host: see berth info)"
+echo
 cat <<TXT
 ==> Done. berthd keeps running in the background (pid $(cat "$BERTH_DATA_DIR/berthd.pid")), log: $BERTH_DATA_DIR/berthd.log
 Next, with the CLI (alias berth="node $(pwd)/dist/src/cli/main.js"):
