@@ -349,7 +349,7 @@ async function main(): Promise<void> {
     };
 
     // --- 1. cold start to first output ---------------------------------------------------------
-    const cold = new Map<Tier, { bare: number[]; berth: number[] }>();
+    const cold = new Map<Tier, { bare: number[]; berth: number[]; written: number[] }>();
     for (const t of tiers) {
       checkInterrupted();
       console.error(`cold start: ${t.isolation}, ${RUNS} interleaved runs`);
@@ -357,6 +357,7 @@ async function main(): Promise<void> {
         await bareEcho(t);
         await berthEcho(d, `warm-${t.isolation.slice(0, 1)}-${i}`, t.isolation);
       }
+      writtenAfter.delete(t.isolation);
       const bare: number[] = [];
       const berth: number[] = [];
       for (let i = 0; i < RUNS; i++) {
@@ -370,7 +371,7 @@ async function main(): Promise<void> {
           bare.push(await bareEcho(t));
         }
       }
-      cold.set(t, { bare, berth });
+      cold.set(t, { bare, berth, written: writtenAfter.get(t.isolation) ?? [] });
     }
 
     // --- 2. memory of idle workloads ------------------------------------------------------------
@@ -493,14 +494,14 @@ async function main(): Promise<void> {
         'Berth: `POST /v1/projects/default/workloads` → first line of `GET …/logs?follow=true&format=ndjson`. ' +
         'Bare: spawning the runtime\'s foreground `run` of a bundle with the same config.json (fresh writable layer per run) → first stdout byte.',
       '',
-      '| tier | bare p50 | bare p90 | Berth p50 | Berth p90 | ratio Berth / bare at p50 (target ≤ 1.2×) |',
-      '|---|---|---|---|---|---|',
+      '| tier | bare p50 | bare p90 | Berth p50 | Berth p90 | ratio Berth / bare at p50 (target ≤ 1.2×) | Berth p50, POST → line written (conmon timestamp) |',
+      '|---|---|---|---|---|---|---|',
     );
     for (const t of tiers) {
       const c = cold.get(t)!;
-      lines.push(`| ${t.label} | ${ms(median(c.bare))} | ${ms(pct(c.bare, 90))} | ${ms(median(c.berth))} | ${ms(pct(c.berth, 90))} | **${(median(c.berth) / median(c.bare)).toFixed(2)}×** |`);
+      lines.push(`| ${t.label} | ${ms(median(c.bare))} | ${ms(pct(c.bare, 90))} | ${ms(median(c.berth))} | ${ms(pct(c.berth, 90))} | **${(median(c.berth) / median(c.bare)).toFixed(2)}×** | ${c.written.length ? ms(median(c.written)) : '-'} |`);
     }
-    for (const u of unavailable) lines.push(`| ${u.isolation} | not available: ${u.reason} | | | | |`);
+    for (const u of unavailable) lines.push(`| ${u.isolation} | not available: ${u.reason} | | | | | |`);
 
     lines.push(
       '',
@@ -515,8 +516,8 @@ async function main(): Promise<void> {
       const m = memory.get(t)!;
       const per = (x: number) => x / IDLE;
       if (t.hostOverlay) {
-        lines.push(`| ${t.label} | runtime overhead, bare runsc (sandbox + gofer) | ${per(m.bareRuntime.n).toFixed(1)} | ${kib(per(m.bareRuntime.rss))} | ${kib(per(m.bareRuntime.pss))} |`);
-        lines.push(`| ${t.label} | runtime overhead under Berth (sandbox + gofer) | ${per(m.berthRuntime.n).toFixed(1)} | ${kib(per(m.berthRuntime.rss))} | ${kib(per(m.berthRuntime.pss))} |`);
+        lines.push(`| ${t.label} | runtime overhead, bare runsc (sandbox, gofer, systrap stubs) | ${per(m.bareRuntime.n).toFixed(1)} | ${kib(per(m.bareRuntime.rss))} | ${kib(per(m.bareRuntime.pss))} |`);
+        lines.push(`| ${t.label} | runtime overhead under Berth (sandbox, gofer, systrap stubs) | ${per(m.berthRuntime.n).toFixed(1)} | ${kib(per(m.berthRuntime.rss))} | ${kib(per(m.berthRuntime.pss))} |`);
       } else {
         lines.push(`| ${t.label} | bare runc: processes beyond the workload's own | ${per(m.bareRuntime.n).toFixed(1)} | ${kib(per(m.bareRuntime.rss))} | ${kib(per(m.bareRuntime.pss))} |`);
       }

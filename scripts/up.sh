@@ -27,7 +27,7 @@ echo "==> berth run busybox -- sh -c '…'   (a container on runc, 64 MiB / half
 berth run --memory 64 --cpus 0.5 --pids 64 busybox -- sh -c 'echo "Hello from Berth!"; echo "kernel: $(uname -r), hostname: $(hostname), user: $(id -u)"; echo "memory limit: $(( $(cat /sys/fs/cgroup/memory/memory.limit_in_bytes 2>/dev/null || cat /sys/fs/cgroup/memory.max) / 1048576 )) MiB"; ls /'
 echo
 echo "==> berth run --isolation gvisor busybox -- …   (the same image under gVisor's user-space kernel)"
-berth run --isolation gvisor --memory 64 busybox -- sh -c 'echo "Hello from gVisor! kernel: $(uname -r) (the host runs $(cat /proc/sys/kernel/osrelease 2>/dev/null || echo ?))"' \
+berth run --isolation gvisor --memory 64 -e HOST_KERNEL="$(uname -r)" busybox -- sh -c 'echo "Hello from gVisor! kernel inside: $(uname -r), host kernel: $HOST_KERNEL"' \
   || echo "(gVisor is not usable on this host: see berth info)"
 echo
 cat <<TXT

@@ -3,6 +3,7 @@
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { existsSync, mkdtempSync, readFileSync, readdirSync, rmSync, rmdirSync } from 'node:fs';
 import { join, resolve } from 'node:path';
+import { cgroupHierarchies } from '../src/drivers/oci/driver.js';
 import { randomBytes } from 'node:crypto';
 
 export const ROOT = resolve(new URL('../..', import.meta.url).pathname);
@@ -188,9 +189,8 @@ export class TestDaemon {
 }
 
 export function cgroupParentDirs(parent: string): string[] {
-  if (existsSync('/sys/fs/cgroup/cgroup.controllers')) return [`/sys/fs/cgroup/${parent}`];
-  return ['memory', 'cpu', 'cpuacct', 'pids', 'freezer', 'devices', 'blkio', 'cpuset', 'net_cls', 'net_prio', 'perf_event', 'hugetlb', 'systemd', 'rdma', 'misc']
-    .map((c) => `/sys/fs/cgroup/${c}/${parent}`)
+  return cgroupHierarchies()
+    .map((h) => join(h, parent))
     .filter((d) => existsSync(d));
 }
 

@@ -214,7 +214,10 @@ export class Daemon {
     );
     this.servers = [];
     await Promise.all(Object.values(this.controllers).map((c) => c.stop()));
-    for (const d of this.ociDrivers()) d.close();
+    for (const d of this.ociDrivers()) {
+      d.close();
+      d.removeCgroupParent();
+    }
     rmSync(this.socketPath, { force: true });
     this.db.close();
     try {

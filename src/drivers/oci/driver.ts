@@ -476,11 +476,20 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
     return out;
   }
 
-  /** Absolute cgroup directories of a task (for leak checks). */
+  /** Absolute cgroup directories of a task in every hierarchy (v1 controllers, hybrid "unified", or v2). */
   cgroupDirs(id: string): string[] {
-    const rel = `${this.cgroupParent}/${id}`;
-    if (existsSync('/sys/fs/cgroup/cgroup.controllers')) return [`/sys/fs/cgroup/${rel}`];
-    return ['memory', 'cpu', 'pids', 'cpuacct', 'freezer', 'devices', 'blkio', 'cpuset', 'systemd'].map((c) => `/sys/fs/cgroup/${c}/${rel}`);
+    return cgroupHierarchies().map((h) => join(h, this.cgroupParent, id));
+  }
+
+  /** Remove the (empty) parent cgroups; called when berthd stops. Non-empty ones stay. */
+  removeCgroupParent(): void {
+    for (const h of cgroupHierarchies()) {
+      try {
+        rmdirSync(join(h, this.cgroupParent));
+      } catch {
+        /* absent, or tasks still run in it */
+      }
+    }
   }
 }
 
@@ -489,6 +498,18 @@ export const DEFAULT_CAPS = [
   'CAP_CHOWN', 'CAP_DAC_OVERRIDE', 'CAP_FSETID', 'CAP_FOWNER', 'CAP_MKNOD', 'CAP_NET_RAW', 'CAP_SETGID',
   'CAP_SETUID', 'CAP_SETFCAP', 'CAP_SETPCAP', 'CAP_NET_BIND_SERVICE', 'CAP_SYS_CHROOT', 'CAP_KILL', 'CAP_AUDIT_WRITE',
 ];
+
+export function cgroupHierarchies(): string[] {
+  const root = '/sys/fs/cgroup';
+  if (existsSync(join(root, 'cgroup.controllers'))) return [root];
+  try {
+    return readdirSync(root, { withFileTypes: true })
+      .filter((e) => e.isDirectory())
+      .map((e) => join(root, e.name));
+  } catch {
+    return [];
+  }
+}
 
 function isConmonFor(pid: number, id: string): boolean {
   try {
