@@ -89,6 +89,26 @@ async function runDetached(bin: string, args: string[]): Promise<void> {
   });
 }
 
+/** Median of five MemAvailable readings 200 ms apart (it jitters with the rest of the host). */
+async function steadyMemAvailable(): Promise<number> {
+  const xs: number[] = [];
+  for (let i = 0; i < 5; i++) {
+    if (i) await sleep(200);
+    xs.push(memAvailable());
+  }
+  return median(xs);
+}
+
+/** Bytes charged to a cgroup (v1: memory.usage_in_bytes, hierarchical; v2: memory.current); undefined if absent. */
+function cgroupMemory(parent: string): number | undefined {
+  const p = existsSync('/sys/fs/cgroup/cgroup.controllers') ? `/sys/fs/cgroup/${parent}/memory.current` : `/sys/fs/cgroup/memory/${parent}/memory.usage_in_bytes`;
+  try {
+    return Number(readFileSync(p, 'utf8').trim());
+  } catch {
+    return undefined;
+  }
+}
+
 function memAvailable(): number {
   return Number(/^MemAvailable:\s+(\d+)/m.exec(readFileSync('/proc/meminfo', 'utf8'))?.[1] ?? 0) * 1024;
 }
@@ -273,8 +293,8 @@ async function main(): Promise<void> {
     for (const t of tiers) bareIds.set(t, new Set());
 
     // Resolve the image through Berth first (it builds it), then use the same rootfs for the bare runs.
-    const warm = await berthEcho(d, 'warm-image', 'container');
-    void warm;
+    if (tiers.length === 0) throw new Error(`no isolation tier is available: ${unavailable.map((u) => `${u.isolation}: ${u.reason}`).join('; ')}`);
+    await berthEcho(d, 'warm-image', tiers[0]!.isolation);
     const img = await ensureBusyboxImage(join(d.dataDir, 'images'));
 
     // --- bare runtime helpers -----------------------------------------------------------------
@@ -430,6 +450,8 @@ async function main(): Promise<void> {
       ran: number;
       stoppedBy: string;
       perWorkloadBytes: number;
+      cgroupPerWorkloadBytes: number | undefined;
+      pssPerWorkloadKb: number;
       totalMs: number;
       slowestMs: number;
     }
@@ -439,7 +461,8 @@ async function main(): Promise<void> {
       const bound = DENSITY_OVERRIDE ?? DENSITY_DEFAULT[t.isolation] ?? 20;
       console.error(`density: ${t.isolation}, up to ${bound}`);
       await sleep(1000);
-      const availBefore = memAvailable();
+      const availBefore = await steadyMemAvailable();
+      const cgBefore = cgroupMemory(d.cgroupParent) ?? 0;
       let stoppedBy = `--density-max ${bound}`;
       let ran = 0;
       let slowest = 0;
@@ -468,8 +491,23 @@ async function main(): Promise<void> {
         const list = await d.api('GET', `${W}?limit=1000`);
         const running = (list.body.items ?? []).filter((w: any) => w.status.phase === 'running').length;
         if (running !== ran) throw new Error(`density ${t.isolation}: ${ran} starts succeeded but ${running} workloads are running`);
-        const availAfter = memAvailable();
-        density.set(t, { bound, ran, stoppedBy, perWorkloadBytes: ran ? (availBefore - availAfter) / ran : 0, totalMs, slowestMs: slowest });
+        const availAfter = await steadyMemAvailable();
+        const cgAfter = cgroupMemory(d.cgroupParent);
+        // The workloads' host processes: each conmon of this driver and everything under it.
+        const all = processes();
+        const stateDir = join(d.dataDir, 'runtime', t.driver);
+        const conmonPids = new Set(all.filter((p) => isConmon(p) && p.argv.some((a) => a.includes(`${stateDir}/`))).map((p) => p.pid));
+        const host = sumMem([...all.filter((p) => conmonPids.has(p.pid)), ...withDescendants(all, (p) => conmonPids.has(p.ppid))]);
+        density.set(t, {
+          bound,
+          ran,
+          stoppedBy,
+          perWorkloadBytes: ran ? (availBefore - availAfter) / ran : 0,
+          cgroupPerWorkloadBytes: ran && cgAfter !== undefined ? (cgAfter - cgBefore) / ran : undefined,
+          pssPerWorkloadKb: ran ? host.pss / ran : 0,
+          totalMs,
+          slowestMs: slowest,
+        });
       } finally {
         await d.deleteAllWorkloads();
       }
@@ -530,16 +568,22 @@ async function main(): Promise<void> {
     lines.push(
       '',
       '**Density (bounded)** — idle `sleep 1000` workloads started one by one through Berth (each waited for until running) until ' +
-        `the bound (--density-max), MemAvailable < 2 GiB, a start taking > ${START_BOUND_MS / 1000} s, or a failed start; then all deleted and the host checked for residue (none).`,
+        `the bound (--density-max), MemAvailable < 2 GiB, a start taking > ${START_BOUND_MS / 1000} s, or a failed start; then all deleted and the host checked for residue (none). ` +
+        'MemAvailable is host-wide and moves with everything else on the host (it can even grow during the run); the two columns after it are per workload: ' +
+        "the growth of the memory charged to Berth's parent cgroup (the workloads' own processes, kernel memory and page cache they caused; conmon runs outside it), " +
+        'and the PSS of the host processes of each workload (conmon and everything under it).',
       '',
-      '| tier | ran at once | stopped by | host memory / workload (MemAvailable Δ / N) | time to start all | slowest start |',
-      '|---|---|---|---|---|---|',
+      "| tier | ran at once | stopped by | host memory / workload (MemAvailable Δ / N) | cgroup memory / workload | host processes' PSS / workload | time to start all | slowest start |",
+      '|---|---|---|---|---|---|---|---|',
     );
     for (const t of tiers) {
       const x = density.get(t)!;
-      lines.push(`| ${t.label} | ${x.ran} | ${x.stoppedBy} | ${(x.perWorkloadBytes / 2 ** 20).toFixed(2)} MiB | ${(x.totalMs / 1000).toFixed(1)} s | ${ms(x.slowestMs)} |`);
+      const cg = x.cgroupPerWorkloadBytes === undefined ? '-' : `${(x.cgroupPerWorkloadBytes / 2 ** 20).toFixed(2)} MiB`;
+      lines.push(
+        `| ${t.label} | ${x.ran} | ${x.stoppedBy} | ${(x.perWorkloadBytes / 2 ** 20).toFixed(2)} MiB | ${cg} | ${mib(x.pssPerWorkloadKb)} | ${(x.totalMs / 1000).toFixed(1)} s | ${ms(x.slowestMs)} |`,
+      );
     }
-    for (const u of unavailable) lines.push(`| ${u.isolation} | not available: ${u.reason} | | | | |`);
+    for (const u of unavailable) lines.push(`| ${u.isolation} | not available: ${u.reason} | | | | | | |`);
 
     const text = lines.join('\n');
     console.log(text);
