@@ -1,7 +1,9 @@
 // Reading workload logs. conmon writes the Kubernetes "k8s-file" format:
 //   <RFC3339Nano timestamp> <stdout|stderr> <F|P> <content>
 // where P marks a partial line (no newline yet) and F a full one.
+import { watch, type FSWatcher } from 'node:fs';
 import { open, stat } from 'node:fs/promises';
+import { dirname } from 'node:path';
 
 export interface LogLine {
   time: string;
@@ -26,10 +28,36 @@ export interface FollowOptions {
   follow: boolean;
   /** Only the last N lines (before following). */
   tail?: number;
-  /** Polled while following: true when no more output can come. */
+  /** Checked while following: true when no more output can come. */
   finished: () => boolean;
   signal: AbortSignal;
+  /** Longest wait between two looks at the file; a change seen by inotify wakes the reader at once. */
   pollMs?: number;
+}
+
+/** Resolves on the next change of `path` (or its folder, while the file does not exist yet) or after `ms`. */
+function changeOrTimeout(path: string, ms: number, signal: AbortSignal): Promise<void> {
+  return new Promise((resolve) => {
+    let w: FSWatcher | undefined;
+    const done = () => {
+      clearTimeout(t);
+      w?.close();
+      signal.removeEventListener('abort', done);
+      resolve();
+    };
+    const t = setTimeout(done, ms);
+    signal.addEventListener('abort', done, { once: true });
+    try {
+      w = watch(path, done);
+    } catch {
+      try {
+        w = watch(dirname(path), done);
+      } catch {
+        /* neither exists yet: the timeout covers it */
+      }
+    }
+    w?.on('error', done);
+  });
 }
 
 /**
@@ -74,6 +102,7 @@ export async function* readLog(path: string, opts: FollowOptions): AsyncGenerato
     }
     first = false;
     if (!opts.follow || (done && size === pos)) return;
-    await new Promise((r) => setTimeout(r, pollMs));
+    // The writer may finish without touching the file again: look at `finished` often enough.
+    await changeOrTimeout(path, size < 0 ? 20 : pollMs, opts.signal);
   }
 }
