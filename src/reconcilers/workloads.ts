@@ -44,6 +44,20 @@ export function exitReason(e: ExitResult): string {
   return e.signal ? `exited ${e.exitCode} (${e.signal})` : `exited ${e.exitCode}`;
 }
 
+/** Status fields after the task has ended and its runtime resources are gone. */
+function exitedStatus(exit: ExitResult, reason: string): Partial<StoredWorkloadStatus> {
+  return {
+    task: null,
+    pid: undefined,
+    monitorPid: undefined,
+    exitCode: exit.exitCode,
+    signal: exit.signal,
+    oomKilled: exit.oomKilled,
+    finishedAt: exit.finishedAt,
+    reason,
+  };
+}
+
 export function makeWorkloadReconciler(deps: WorkloadDeps) {
   const { store, drivers, images, log } = deps;
   const backoff = deps.restartBackoff ?? { initialMs: 1000, maxMs: 300_000, resetAfterMs: 600_000 };
@@ -114,20 +128,7 @@ export function makeWorkloadReconciler(deps: WorkloadDeps) {
         const exit = await taskDriver.stop(st.task!, { timeoutMs: w.spec.stopTimeoutMs, signal: w.spec.stopSignal });
         store.addEvent(id, 'Stopped', `${w.spec.state === 'stopped' ? 'stopped on request' : 'stopped to apply a spec change'}: ${exitReason(exit)}`);
         await taskDriver.destroy(id, { keepData: true });
-        save(
-          {
-            phase: w.spec.state === 'stopped' ? 'stopped' : 'pending',
-            task: null,
-            pid: undefined,
-            monitorPid: undefined,
-            exitCode: exit.exitCode,
-            signal: exit.signal,
-            oomKilled: exit.oomKilled,
-            finishedAt: exit.finishedAt,
-            reason: w.spec.state === 'stopped' ? 'Stopped' : 'SpecChanged',
-          },
-          w.generation,
-        );
+        save({ ...exitedStatus(exit, w.spec.state === 'stopped' ? 'Stopped' : 'SpecChanged'), phase: w.spec.state === 'stopped' ? 'stopped' : 'pending' }, w.generation);
         return { requeueAfterMs: 0 };
       }
       // Exited (or vanished): record it once, free the runtime resources, then apply the restart policy.
@@ -137,16 +138,7 @@ export function makeWorkloadReconciler(deps: WorkloadDeps) {
       }
       await taskDriver.destroy(id, { keepData: true });
       const ranMs = st.startedAt ? Date.parse(exit.finishedAt) - Date.parse(st.startedAt) : 0;
-      const base = {
-        task: null,
-        pid: undefined,
-        monitorPid: undefined,
-        exitCode: exit.exitCode,
-        signal: exit.signal,
-        oomKilled: exit.oomKilled,
-        finishedAt: exit.finishedAt,
-        reason: exit.oomKilled ? 'OOMKilled' : exit.exitCode < 0 ? 'Lost' : st.phase === 'stopping' ? 'Stopped' : 'Exited',
-      } satisfies Partial<StoredWorkloadStatus>;
+      const base = exitedStatus(exit, exit.oomKilled ? 'OOMKilled' : exit.exitCode < 0 ? 'Lost' : st.phase === 'stopping' ? 'Stopped' : 'Exited');
       if (w.spec.state === 'stopped' || st.phase === 'stopping') {
         save({ ...base, phase: 'stopped' }, w.generation);
         return;

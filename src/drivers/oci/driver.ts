@@ -109,7 +109,8 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
   }
 
   /** Runs the runtime with its global flags. */
-  protected rt(args: string[], timeoutMs = 30_000) {
+  protected async rt(args: string[], timeoutMs = 30_000) {
+    if (!existsSync(this.runtime)) return { code: 127, stdout: '', stderr: `${this.runtime} is not installed` };
     return run(this.runtime, [...this.globalArgs(), ...args], { timeoutMs });
   }
 
