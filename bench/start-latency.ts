@@ -42,7 +42,7 @@ async function bareRuncRun(root: string, bundle: string, id: string): Promise<nu
 
 async function berthCreate(d: TestDaemon, name: string): Promise<number> {
   const t0 = performance.now();
-  const r = await d.api('POST', '/v1/projects/default/workloads', { name, spec: { image: 'busybox', command: ['sleep', '1000'] } });
+  const r = await d.api('POST', '/v1/projects/default/workloads', { name, spec: { image: 'busybox', command: ['sleep', '1000'], stopSignal: 'SIGKILL' } });
   if (r.status !== 201) throw new Error(JSON.stringify(r.body));
   let rv = r.body.resourceVersion as number;
   for (;;) {

@@ -3,8 +3,8 @@
 // The task's root is the read-only image rootfs with an overlay (a per-task writable upper layer)
 // that runc mounts over "/" inside the container's own mount namespace, so no mount exists on the
 // host and none can leak. Supervision, logs, exit codes and recovery: see ../oci/driver.ts.
-import { constants as fsConstants, existsSync, rmSync, statSync } from 'node:fs';
-import { open, type FileHandle } from 'node:fs/promises';
+import { constants as fsConstants, existsSync, openSync, rmSync, statSync } from 'node:fs';
+import { Socket } from 'node:net';
 import { join } from 'node:path';
 import type { DriverCapabilities, Fingerprint } from '../../core/driver.js';
 import { pidAlive, runOk, sleep } from '../../lib/exec.js';
@@ -66,32 +66,56 @@ export class RuncDriver extends OciRuntimeDriver {
    */
   protected override async startCreated(id: string, pid: number): Promise<void> {
     const fifo = join(this.root, id, 'exec.fifo');
-    let fh: FileHandle | undefined;
     try {
       if (!statSync(fifo).isFIFO()) throw new Error('not a fifo');
-      // O_NONBLOCK: never park a libuv thread if init is not (or no longer) there to write.
-      fh = await open(fifo, fsConstants.O_RDONLY | fsConstants.O_NONBLOCK);
     } catch {
       await super.startCreated(id, pid);
       return;
     }
-    try {
-      const buf = Buffer.alloc(1);
-      for (let i = 0; i < 3000; i++) {
-        const { bytesRead } = await fh.read(buf, 0, 1, null).catch((e: NodeJS.ErrnoException) => {
-          if (e.code === 'EAGAIN') return { bytesRead: -1 };
-          throw e;
-        });
-        if (bytesRead === 1) break;
-        // 0 = EOF: init has not reopened its end yet (or died); EAGAIN: it has, data is coming.
-        if (bytesRead === 0 && !pidAlive(pid)) throw new Error('container init exited before it was started');
-        if (i === 2999) throw new Error('container init did not take the start signal within 3 s');
-        await sleep(1);
-      }
-    } finally {
-      await fh.close();
+    const deadline = Date.now() + 3000;
+    for (;;) {
+      // EOF means init has not opened its end yet (it does so right after `create` returns).
+      if ((await readFifoByte(fifo)) === 'data') break;
+      if (!pidAlive(pid)) throw new Error('container init exited before it was started');
+      if (Date.now() > deadline) throw new Error('container init did not take the start signal within 3 s');
+      await sleep(1);
     }
     rmSync(fifo, { force: true });
   }
 
+
+}
+
+/**
+ * Opens the fifo non-blocking and waits, event-driven (epoll through a libuv pipe), for one byte
+ * or for EOF (no writer). Never parks a thread-pool thread.
+ */
+function readFifoByte(path: string): Promise<'data' | 'eof'> {
+  return new Promise((resolve, reject) => {
+    let fd: number;
+    try {
+      fd = openSync(path, fsConstants.O_RDONLY | fsConstants.O_NONBLOCK);
+    } catch (e) {
+      reject(e);
+      return;
+    }
+    const sock = new Socket({ fd, readable: true, writable: false });
+    let settled = false;
+    const settle = (r: 'data' | 'eof') => {
+      if (settled) return;
+      settled = true;
+      sock.destroy();
+      resolve(r);
+    };
+    sock.once('data', () => settle('data'));
+    sock.once('end', () => settle('eof'));
+    sock.once('close', () => settle('eof'));
+    sock.once('error', (e) => {
+      if (!settled) {
+        settled = true;
+        sock.destroy();
+        reject(e);
+      }
+    });
+  });
 }

@@ -1,0 +1,117 @@
+// Command berth-agent is Berth's guest agent: it runs workloads, relays their
+// output and exit status, and serves files, over the framed protocol described
+// in PROTOCOL.md.
+package main
+
+import (
+	"flag"
+	"fmt"
+	"io"
+	"log"
+	"net"
+	"os"
+	"os/signal"
+	"strings"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+const defaultVport = "/dev/virtio-ports/agent"
+
+func main() {
+	listen := flag.String("listen", "", "unix:/path | stdio | vport:/dev/vport0p1 (default: vport:"+defaultVport+" if it exists, else stdio)")
+	rootDir := flag.String("root", "/", "directory that file paths resolve in and that processes are chrooted to (when not /)")
+	poweroff := flag.Bool("poweroff", false, "let shutdown{poweroff:true} power the machine off even when not PID 1")
+	reaper := flag.Bool("reaper", false, "become a child subreaper and reap orphans (always on as PID 1)")
+	version := flag.Bool("version", false, "print the version and exit")
+	flag.Parse()
+	log.SetPrefix("berth-agent: ")
+	if *version {
+		fmt.Println("berth-agent/" + Version)
+		return
+	}
+	if *listen == "" {
+		*listen = "stdio"
+		if _, err := os.Stat(defaultVport); err == nil {
+			*listen = "vport:" + defaultVport
+		}
+	}
+	pid1 := os.Getpid() == 1
+	if pid1 {
+		// Signals with the default action would make the Go runtime exit, and
+		// PID 1 exiting panics the kernel. Catch them (caught, not ignored, so
+		// children still get default dispositions).
+		ch := make(chan os.Signal, 4)
+		signal.Notify(ch, unix.SIGTERM, unix.SIGINT, unix.SIGHUP, unix.SIGPIPE)
+		go func() {
+			for s := range ch {
+				log.Printf("ignoring %v", s)
+			}
+		}()
+	} else if *reaper {
+		if err := unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0); err != nil {
+			log.Fatalf("PR_SET_CHILD_SUBREAPER: %v", err)
+		}
+	}
+	root, err := OpenRoot(*rootDir)
+	if err != nil {
+		log.Fatalf("--root: %v", err)
+	}
+	a := NewAgent(root, pid1 || *reaper, *poweroff)
+	if err := a.Listen(*listen); err != nil {
+		log.Fatal(err)
+	}
+}
+
+type stdio struct {
+	io.Reader
+	io.Writer
+}
+
+func (stdio) Close() error { return os.Stdin.Close() }
+
+// Listen serves the given endpoint until it fails (or, for stdio, until EOF).
+func (a *Agent) Listen(spec string) error {
+	switch {
+	case spec == "stdio":
+		a.Serve(stdio{os.Stdin, os.Stdout})
+		return nil
+	case strings.HasPrefix(spec, "unix:"):
+		path := strings.TrimPrefix(spec, "unix:")
+		os.Remove(path)
+		l, err := net.Listen("unix", path)
+		if err != nil {
+			return err
+		}
+		os.Chmod(path, 0o600)
+		return a.ServeListener(l)
+	case strings.HasPrefix(spec, "vport:"):
+		return a.serveVport(strings.TrimPrefix(spec, "vport:"))
+	}
+	return fmt.Errorf("--listen %q: want unix:/path, stdio or vport:/dev/...", spec)
+}
+
+// ServeListener serves each accepted connection concurrently.
+func (a *Agent) ServeListener(l net.Listener) error {
+	for {
+		c, err := l.Accept()
+		if err != nil {
+			return err
+		}
+		go a.Serve(c)
+	}
+}
+
+// serveVport serves a virtio-serial port, one connection at a time: when the
+// host side closes, reads return EOF and the port is reopened for the next one.
+func (a *Agent) serveVport(path string) error {
+	for {
+		f, err := os.OpenFile(path, os.O_RDWR, 0)
+		if err != nil {
+			return err
+		}
+		a.Serve(f)
+		time.Sleep(200 * time.Millisecond) // don't spin while the host is disconnected
+	}
+}

@@ -1,0 +1,140 @@
+package main
+
+import (
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"sync"
+	"sync/atomic"
+)
+
+// ProtocolVersion is the wire protocol version announced by hello.
+const ProtocolVersion = 1
+
+// MaxFrame is the largest JSON payload (excluding the 4-byte length) either side may send.
+const MaxFrame = 1 << 20
+
+// Error codes carried by "error" frames.
+const (
+	CodeInvalidArgument    = "invalid_argument"
+	CodeNotFound           = "not_found"
+	CodePermissionDenied   = "permission_denied"
+	CodeFailedPrecondition = "failed_precondition"
+	CodeInternal           = "internal"
+)
+
+// Request is the union of every request's fields; each type reads the fields it needs.
+type Request struct {
+	ID   string `json:"id"`
+	Type string `json:"type"`
+
+	// run
+	Args  []string          `json:"args"`
+	Env   map[string]string `json:"env"`
+	Cwd   string            `json:"cwd"`
+	UID   *uint32           `json:"uid"`
+	GID   *uint32           `json:"gid"`
+	Stdin bool              `json:"stdin"`
+	TTY   bool              `json:"tty"`
+
+	// stdin, signal
+	Proc  string `json:"proc"`
+	Data  []byte `json:"data"`
+	EOF   bool   `json:"eof"`
+	Sig   string `json:"sig"`
+	Group bool   `json:"group"`
+
+	// file.*
+	Path      string  `json:"path"`
+	To        string  `json:"to"`
+	Offset    int64   `json:"offset"`
+	Length    int64   `json:"length"`
+	Append    bool    `json:"append"`
+	Mode      *uint32 `json:"mode"`
+	Parents   bool    `json:"parents"`
+	Recursive bool    `json:"recursive"`
+
+	// shutdown
+	Poweroff bool `json:"poweroff"`
+}
+
+// M is an outgoing frame.
+type M map[string]any
+
+// Error is a protocol error with a code.
+type Error struct {
+	Code    string
+	Message string
+}
+
+func (e *Error) Error() string { return e.Code + ": " + e.Message }
+
+func errf(code, format string, a ...any) *Error {
+	return &Error{Code: code, Message: fmt.Sprintf(format, a...)}
+}
+
+var errFrameTooLarge = errors.New("frame too large")
+
+// readFrame reads one frame's payload. It returns errFrameTooLarge without
+// consuming the payload when the announced length exceeds MaxFrame.
+func readFrame(r io.Reader) ([]byte, error) {
+	var hdr [4]byte
+	if _, err := io.ReadFull(r, hdr[:]); err != nil {
+		return nil, err
+	}
+	n := binary.BigEndian.Uint32(hdr[:])
+	if n > MaxFrame {
+		return nil, errFrameTooLarge
+	}
+	buf := make([]byte, n)
+	if _, err := io.ReadFull(r, buf); err != nil {
+		if err == io.EOF {
+			err = io.ErrUnexpectedEOF
+		}
+		return nil, err
+	}
+	return buf, nil
+}
+
+// conn is one client connection; send is safe for concurrent use.
+type conn struct {
+	rw     io.ReadWriteCloser
+	mu     sync.Mutex // serialises writes so frames never interleave
+	closed atomic.Bool
+}
+
+func (c *conn) send(m M) error {
+	b, err := json.Marshal(m)
+	if err != nil {
+		return err
+	}
+	if len(b) > MaxFrame {
+		return fmt.Errorf("outgoing frame of %d bytes exceeds the limit", len(b))
+	}
+	buf := make([]byte, 4+len(b))
+	binary.BigEndian.PutUint32(buf, uint32(len(b)))
+	copy(buf[4:], b)
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed.Load() {
+		return io.ErrClosedPipe
+	}
+	_, err = c.rw.Write(buf)
+	return err
+}
+
+func (c *conn) sendError(id string, err error) {
+	var e *Error
+	if !errors.As(err, &e) {
+		e = errnoError(err)
+	}
+	c.send(M{"id": id, "type": "error", "code": e.Code, "message": e.Message})
+}
+
+func (c *conn) close() {
+	if c.closed.CompareAndSwap(false, true) {
+		c.rw.Close() // also unblocks a send stuck in Write
+	}
+}

@@ -1,0 +1,137 @@
+package main
+
+import (
+	"encoding/json"
+	"errors"
+	"io"
+	"log"
+	"os"
+	"os/signal"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// Version is the agent's own version, announced by hello.
+const Version = "0.1.0"
+
+// Agent serves the protocol on connections; processes outlive connections.
+type Agent struct {
+	root     *Root
+	reaper   *Reaper // nil unless PID 1 or --reaper
+	poweroff bool    // --poweroff: shutdown{poweroff:true} powers off even when not PID 1
+	procs    procTable
+	exit     func(code int) // os.Exit; replaced in tests
+}
+
+func NewAgent(root *Root, reap, poweroff bool) *Agent {
+	a := &Agent{root: root, poweroff: poweroff, exit: os.Exit}
+	a.procs.byID = map[string]*proc{}
+	if reap {
+		a.reaper = NewReaper()
+	}
+	return a
+}
+
+func notifySIGCHLD(ch chan os.Signal) { signal.Notify(ch, unix.SIGCHLD) }
+
+func (a *Agent) capabilities() []string {
+	caps := []string{"run", "stdin", "signal", "list", "file.read", "file.write", "file.stat",
+		"file.list", "file.mkdir", "file.remove", "file.rename", "ping", "shutdown"}
+	if a.reaper != nil {
+		caps = append(caps, "reaper")
+	}
+	if a.root.Path != "/" {
+		caps = append(caps, "chroot")
+	}
+	return caps
+}
+
+// Serve handles one connection until it closes or breaks the framing rules.
+func (a *Agent) Serve(rw io.ReadWriteCloser) {
+	c := &conn{rw: rw}
+	defer c.close()
+	for {
+		payload, err := readFrame(rw)
+		if err == errFrameTooLarge {
+			c.send(M{"id": "", "type": "error", "code": CodeInvalidArgument,
+				"message": "frame exceeds the 1 MiB limit; closing the connection"})
+			return
+		}
+		if err != nil {
+			if err != io.EOF && !errors.Is(err, os.ErrClosed) {
+				log.Printf("connection: %v", err)
+			}
+			return
+		}
+		req := &Request{}
+		if err := json.Unmarshal(payload, req); err != nil {
+			var idOnly struct {
+				ID string `json:"id"`
+			}
+			json.Unmarshal(payload, &idOnly)
+			c.sendError(idOnly.ID, errf(CodeInvalidArgument, "malformed frame: %v", err))
+			continue
+		}
+		a.dispatch(c, req)
+	}
+}
+
+// dispatch handles stdin, signal and shutdown in order, on the reading
+// goroutine; everything else runs on its own goroutine.
+func (a *Agent) dispatch(c *conn, req *Request) {
+	reply := func(m M, err error) {
+		if err != nil {
+			c.sendError(req.ID, err)
+			return
+		}
+		if m != nil {
+			m["id"], m["type"] = req.ID, "ok"
+			c.send(m)
+		}
+	}
+	switch req.Type {
+	case "stdin":
+		pr := a.procs.get(req.Proc)
+		if pr == nil {
+			reply(nil, errf(CodeNotFound, "no running process with id %q", req.Proc))
+			return
+		}
+		if err := pr.queueStdin(stdinReq{c: c, id: req.ID, buf: req.Data, eof: req.EOF}); err != nil {
+			reply(nil, err)
+		}
+	case "signal":
+		reply(M{}, a.signal(req))
+	case "shutdown":
+		a.shutdown(c, req)
+	case "run":
+		reply(nil, a.run(c, req))
+	case "hello":
+		var u unix.Utsname
+		unix.Uname(&u)
+		reply(M{"version": ProtocolVersion, "agent": "berth-agent/" + Version,
+			"kernel": unix.ByteSliceToString(u.Release[:]), "pid": os.Getpid(),
+			"capabilities": a.capabilities()}, nil)
+	case "ping":
+		reply(M{}, nil)
+	case "list":
+		reply(M{"processes": a.procs.list()}, nil)
+	case "file.read", "file.write", "file.stat", "file.list", "file.mkdir", "file.remove", "file.rename":
+		go func() { reply(a.fileOp(c, req)) }()
+	default:
+		reply(nil, errf(CodeInvalidArgument, "unknown request type %q", req.Type))
+	}
+}
+
+func (a *Agent) shutdown(c *conn, req *Request) {
+	c.send(M{"id": req.ID, "type": "ok"})
+	unix.Sync()
+	if req.Poweroff && (os.Getpid() == 1 || a.poweroff) {
+		time.Sleep(100 * time.Millisecond) // let the acknowledgement leave the port
+		err := unix.Reboot(unix.LINUX_REBOOT_CMD_POWER_OFF)
+		log.Printf("poweroff failed: %v", err)
+		a.exit(1)
+		return
+	}
+	a.exit(0)
+}
