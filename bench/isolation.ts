@@ -20,6 +20,7 @@ import { buildOciConfig, hostNofileLimit } from '../src/drivers/oci/ocispec.js';
 import { loadDefaultSeccomp } from '../src/drivers/oci/seccomp.js';
 import { DEFAULT_CAPS } from '../src/drivers/oci/driver.js';
 import { updateBenchmarks } from './report.js';
+import type { Fingerprint } from '../src/core/driver.js';
 
 const { values } = parseArgs({
   options: { runs: { type: 'string', default: '30' }, 'density-max': { type: 'string' }, write: { type: 'string' } },
@@ -224,14 +225,8 @@ function rmCgroupTree(dir: string): void {
 // ---------------------------------------------------------------------------------------------
 // Tiers
 
-interface DriverInfo {
-  driver: string;
-  isolation: string;
-  healthy: boolean;
-  reason: string;
-  version?: string;
-  attributes: Record<string, string>;
-}
+/** GET /v1/info's view of a driver. */
+type DriverInfo = Fingerprint;
 
 interface Tier {
   isolation: string;
