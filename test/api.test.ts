@@ -229,3 +229,16 @@ test('the unix socket serves the same API', async () => {
   });
   assert.ok(JSON.parse(body).items.some((p: any) => p.name === 'default'));
 });
+
+test('long poll: GET ?untilPhase answers once the phase is reached; a bad phase list is a 400', async () => {
+  const r = await d.api('POST', W, { name: 'waiter', spec: { image: 'busybox', command: ['sh', '-c', 'sleep 0.5; exit 4'] } });
+  assert.equal(r.status, 201);
+  const t0 = Date.now();
+  const g = await d.api('GET', `${W}/waiter?untilPhase=exited,failed&timeoutMs=20000`);
+  assert.equal(g.status, 200);
+  assert.equal(g.body.status.phase, 'failed');
+  assert.equal(g.body.status.exitCode, 4);
+  assert.ok(Date.now() - t0 >= 400, 'it waited for the exit');
+  await expectError('GET', `${W}/waiter?untilPhase=done`, undefined, 400, 'invalid_argument', {}, /untilPhase/);
+  assert.equal((await d.api('DELETE', `${W}/waiter`)).status, 202);
+});

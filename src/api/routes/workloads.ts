@@ -55,6 +55,13 @@ const WatchQuery = z.strictObject({
   afterResourceVersion: z.coerce.number().int().min(0).optional().openapi({
     description: 'Long poll: answer only once the resourceVersion is greater than this (or timeoutMs passes)',
   }),
+  untilPhase: z
+    .string()
+    .regex(/^(pending|starting|running|stopping|backoff|exited|failed|stopped)(,(pending|starting|running|stopping|backoff|exited|failed|stopped))*$/, {
+      message: 'untilPhase is a comma-separated list of phases, e.g. "running,failed,exited"',
+    })
+    .optional()
+    .openapi({ description: 'Long poll: answer once status.phase is one of these (or timeoutMs passes), like `kubectl wait`' }),
   timeoutMs: z.coerce.number().int().min(0).max(300_000).optional(),
 });
 
@@ -156,6 +163,13 @@ export function registerWorkloadRoutes(app: OpenAPIHono<AppEnv>, ctx: ApiContext
       let w = ctx.store.get(WORKLOAD, project, name) as WorkloadResource;
       if (q.afterResourceVersion !== undefined && w.resourceVersion <= q.afterResourceVersion) {
         w = (await waitForChange(ctx, w.id, q.afterResourceVersion, q.timeoutMs ?? 30_000, c.req.raw.signal)) as WorkloadResource;
+      }
+      if (q.untilPhase) {
+        const want = new Set(q.untilPhase.split(','));
+        const deadline = Date.now() + (q.timeoutMs ?? 30_000);
+        while (!want.has(w.status.phase) && Date.now() < deadline && !c.req.raw.signal.aborted) {
+          w = (await waitForChange(ctx, w.id, w.resourceVersion, deadline - Date.now(), c.req.raw.signal)) as WorkloadResource;
+        }
       }
       return c.json(workloadView(w) as never, 200);
     },
