@@ -548,13 +548,15 @@ async function main(): Promise<void> {
     for (const t of tiers) {
       const m = memory.get(t)!;
       const per = (x: number) => x / IDLE;
+      const row = (what: string, g: { n: number; rss: number; pss: number }) =>
+        lines.push(`| ${t.label} | ${what} | ${per(g.n).toFixed(1)} | ${kib(per(g.rss))} | ${kib(per(g.pss))} |`);
       if (t.hostOverlay) {
-        lines.push(`| ${t.label} | runtime overhead, bare runsc (sandbox, gofer, systrap stubs) | ${per(m.bareRuntime.n).toFixed(1)} | ${kib(per(m.bareRuntime.rss))} | ${kib(per(m.bareRuntime.pss))} |`);
-        lines.push(`| ${t.label} | runtime overhead under Berth (sandbox, gofer, systrap stubs) | ${per(m.berthRuntime.n).toFixed(1)} | ${kib(per(m.berthRuntime.rss))} | ${kib(per(m.berthRuntime.pss))} |`);
+        row('runtime overhead, bare runsc (sandbox, gofer, systrap stubs)', m.bareRuntime);
+        row('runtime overhead under Berth (sandbox, gofer, systrap stubs)', m.berthRuntime);
       } else {
-        lines.push(`| ${t.label} | bare runc: processes beyond the workload's own | ${per(m.bareRuntime.n).toFixed(1)} | ${kib(per(m.bareRuntime.rss))} | ${kib(per(m.bareRuntime.pss))} |`);
+        row("bare runc: processes beyond the workload's own", m.bareRuntime);
       }
-      lines.push(`| ${t.label} | Berth overhead: conmon monitor | ${per(m.conmon.n).toFixed(1)} | ${kib(per(m.conmon.rss))} | ${kib(per(m.conmon.pss))} |`);
+      row('Berth overhead: conmon monitor', m.conmon);
       lines.push(`| ${t.label} | Berth overhead: berthd RSS growth / ${IDLE} | | ${kib(per(m.daemonGrowthKb))} | |`);
       lines.push(`| ${t.label} | **Berth adds per workload** (conmon PSS + berthd growth; target ≤ 2 MiB) | | | **${mib(per(m.conmon.pss) + Math.max(0, per(m.daemonGrowthKb)))}** |`);
     }

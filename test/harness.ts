@@ -3,7 +3,7 @@
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { existsSync, mkdtempSync, readFileSync, readdirSync, rmSync, rmdirSync } from 'node:fs';
 import { join, resolve } from 'node:path';
-import { cgroupHierarchies } from '../src/drivers/oci/driver.js';
+import { cgroupHierarchies, mountPointsUnder } from '../src/lib/host.js';
 import { randomBytes } from 'node:crypto';
 
 export const ROOT = resolve(new URL('../..', import.meta.url).pathname);
@@ -128,11 +128,7 @@ export class TestDaemon {
   /** Everything on the host that belongs to this daemon's workloads. Empty = no leaks. */
   hostResidue(): string[] {
     const found: string[] = [];
-    const mounts = readFileSync('/proc/self/mountinfo', 'utf8').split('\n');
-    for (const l of mounts) {
-      const mp = l.split(' ')[4];
-      if (mp && mp.startsWith(this.dataDir + '/')) found.push(`mount ${mp}`);
-    }
+    for (const mp of mountPointsUnder(this.dataDir)) found.push(`mount ${mp}`);
     for (const [driver, root] of [['runc', 'runc'], ['gvisor', 'runsc']]) {
       const runtime = join(this.dataDir, 'runtime', driver!);
       for (const sub of ['tasks', 'exits', root!]) {
@@ -173,10 +169,7 @@ export class TestDaemon {
     }
     // Mounts: detach them so the next tests start clean
     // (the leak itself is reported by the test that checks hostResidue()).
-    for (const l of readFileSync('/proc/self/mountinfo', 'utf8').split('\n')) {
-      const mp = l.split(' ')[4];
-      if (mp && mp.startsWith(this.dataDir + '/')) spawnSync('umount', ['-l', mp]);
-    }
+    for (const mp of mountPointsUnder(this.dataDir)) spawnSync('umount', ['-l', mp]);
     for (const dir of cgroupParentDirs(this.cgroupParent)) {
       try {
         rmdirSync(dir);

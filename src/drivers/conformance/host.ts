@@ -8,9 +8,9 @@ import { join } from 'node:path';
 import { spawnSync } from 'node:child_process';
 import { ensureBusyboxImage } from '../../images/busybox.js';
 import { runConformanceSuite } from './suite.js';
+import { cgroupHierarchies, mountPointsUnder } from '../../lib/host.js';
 import type { RuntimeDriver } from '../../core/driver.js';
 
-const CGROUP_ROOT = '/sys/fs/cgroup';
 
 function unusableReason(name: string, required: string[]): string | undefined {
   if (process.platform !== 'linux') return `${name} needs Linux`;
@@ -19,24 +19,10 @@ function unusableReason(name: string, required: string[]): string | undefined {
   return undefined;
 }
 
-/** Mount points at or below `dir`, deepest first. */
-function mountsUnder(dir: string): string[] {
-  const out: string[] = [];
-  for (const l of readFileSync('/proc/self/mountinfo', 'utf8').split('\n')) {
-    const mp = l.split(' ')[4]?.replace(/\\(\d{3})/g, (_, o: string) => String.fromCharCode(parseInt(o, 8)));
-    if (mp && (mp === dir || mp.startsWith(`${dir}/`))) out.push(mp);
-  }
-  return out.sort((a, b) => b.length - a.length);
-}
-
-/** Per-hierarchy directories of the cgroup parent (v1 controllers, the v2 root when unified). */
 function cgroupParentDirs(parent: string): string[] {
-  const dirs: string[] = [];
-  if (existsSync(join(CGROUP_ROOT, 'cgroup.controllers'))) dirs.push(join(CGROUP_ROOT, parent));
-  else {
-    for (const h of readdirSync(CGROUP_ROOT)) dirs.push(join(CGROUP_ROOT, h, parent));
-  }
-  return dirs.filter((d) => existsSync(d));
+  return cgroupHierarchies()
+    .map((h) => join(h, parent))
+    .filter((d) => existsSync(d));
 }
 
 function listDir(d: string): string[] {
@@ -81,7 +67,7 @@ export function conformanceOnHost(name: string, required: string[], runtimeDir: 
 
     const residue = (): string[] => {
       const left: string[] = [];
-      for (const mp of mountsUnder(stateDir)) left.push(`mount ${mp}`);
+      for (const mp of mountPointsUnder(stateDir)) left.push(`mount ${mp}`);
       for (const sub of ['tasks', 'exits', runtimeDir]) for (const e of listDir(join(stateDir, sub))) left.push(`${sub}/${e}`);
       for (const p of listDir('/proc')) {
         if (!/^\d+$/.test(p) || Number(p) === process.pid) continue;
@@ -118,8 +104,8 @@ export function conformanceOnHost(name: string, required: string[], runtimeDir: 
             /* still busy: reported by residue() */
           }
         }
-        for (const mp of mountsUnder(base)) spawnSync('umount', ['-l', mp], { timeout: 10_000 });
-        if (mountsUnder(base).length === 0) rmSync(base, { recursive: true, force: true });
+        for (const mp of mountPointsUnder(base)) spawnSync('umount', ['-l', mp], { timeout: 10_000 });
+        if (mountPointsUnder(base).length === 0) rmSync(base, { recursive: true, force: true });
       }
     };
 

@@ -11,11 +11,12 @@
 //   systrap); never KVM unless a probe proves it works (the PVM-only /dev/kvm hangs it).
 // - A pids limit in the host cgroup counts the Sentry's own threads and kills the whole sandbox
 //   when reached, so pids is not offered as a limit; memory needs ≥ 32 MiB for the Sentry itself.
-import { existsSync, mkdirSync, readFileSync, readdirSync, rmSync } from 'node:fs';
+import { existsSync, mkdirSync, readdirSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import type { DriverCapabilities, Fingerprint, TaskConfig } from '../../core/driver.js';
 import { invalidArgument } from '../../core/errors.js';
 import { run, runOk } from '../../lib/exec.js';
+import { isMountPoint } from '../../lib/host.js';
 import { OciRuntimeDriver, type OciDriverOptions } from '../oci/driver.js';
 import type { OciBuildOptions } from '../oci/ocispec.js';
 
@@ -26,16 +27,6 @@ export const GVISOR_MIN_MEMORY_MIB = 32;
 
 export function findRunsc(): string | undefined {
   return [process.env.BERTH_RUNSC, BERTH_RUNSC, DEBIAN_RUNSC].find((p): p is string => !!p && existsSync(p));
-}
-
-function isMounted(path: string): boolean {
-  try {
-    return readFileSync('/proc/self/mountinfo', 'utf8')
-      .split('\n')
-      .some((l) => l.split(' ')[4] === path);
-  } catch {
-    return false;
-  }
 }
 
 export interface GvisorDriverOptions extends OciDriverOptions {
@@ -80,7 +71,7 @@ export class GvisorDriver extends OciRuntimeDriver {
   protected override async prepareRootfs(cfg: TaskConfig, dir: string): Promise<void> {
     const rootfs = join(dir, 'bundle', 'rootfs');
     mkdirSync(rootfs, { recursive: true, mode: 0o755 });
-    if (isMounted(rootfs)) return;
+    if (isMountPoint(rootfs)) return;
     await runOk('mount', ['-t', 'overlay', 'overlay', '-o', `lowerdir=${cfg.imageRootfs},upperdir=${join(dir, 'upper')},workdir=${join(dir, 'work')}`, rootfs], {
       timeoutMs: 10_000,
     });
@@ -88,7 +79,7 @@ export class GvisorDriver extends OciRuntimeDriver {
 
   protected override async releaseRootfs(dir: string): Promise<void> {
     const rootfs = join(dir, 'bundle', 'rootfs');
-    for (let i = 0; i < 20 && isMounted(rootfs); i++) {
+    for (let i = 0; i < 20 && isMountPoint(rootfs); i++) {
       const r = await run('umount', [rootfs], { timeoutMs: 10_000 });
       if (r.code !== 0) await run('umount', i === 19 ? ['-l', rootfs] : [rootfs], { timeoutMs: 10_000 });
     }
@@ -104,7 +95,7 @@ export class GvisorDriver extends OciRuntimeDriver {
     } catch {
       /* no root */
     }
-    if (!busy && isMounted(nullNetns)) {
+    if (!busy && isMountPoint(nullNetns)) {
       await run('umount', [nullNetns], { timeoutMs: 10_000 });
       rmSync(nullNetns, { force: true });
     }

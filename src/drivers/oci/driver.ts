@@ -33,6 +33,7 @@ import type {
 } from '../../core/driver.js';
 import { BerthError, invalidArgument } from '../../core/errors.js';
 import { pidAlive, run, sleep } from '../../lib/exec.js';
+import { cgroupHierarchies } from '../../lib/host.js';
 import { buildOciConfig, hostNofileLimit, type OciBuildOptions } from './ocispec.js';
 import { loadDefaultSeccomp } from './seccomp.js';
 
@@ -499,18 +500,6 @@ export const DEFAULT_CAPS = [
   'CAP_CHOWN', 'CAP_DAC_OVERRIDE', 'CAP_FSETID', 'CAP_FOWNER', 'CAP_MKNOD', 'CAP_NET_RAW', 'CAP_SETGID',
   'CAP_SETUID', 'CAP_SETFCAP', 'CAP_SETPCAP', 'CAP_NET_BIND_SERVICE', 'CAP_SYS_CHROOT', 'CAP_KILL', 'CAP_AUDIT_WRITE',
 ];
-
-export function cgroupHierarchies(): string[] {
-  const root = '/sys/fs/cgroup';
-  if (existsSync(join(root, 'cgroup.controllers'))) return [root];
-  try {
-    return readdirSync(root, { withFileTypes: true })
-      .filter((e) => e.isDirectory())
-      .map((e) => join(root, e.name));
-  } catch {
-    return [];
-  }
-}
 
 function isConmonFor(pid: number, id: string): boolean {
   try {
