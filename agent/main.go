@@ -20,6 +20,10 @@ import (
 const defaultVport = "/dev/virtio-ports/agent"
 
 func main() {
+	if isVMInit() {
+		vmMain()
+		return
+	}
 	listen := flag.String("listen", "", "unix:/path | stdio | vport:/dev/vport0p1 (default: vport:"+defaultVport+" if it exists, else stdio)")
 	rootDir := flag.String("root", "/", "directory that file paths resolve in and that processes are chrooted to (when not /)")
 	poweroff := flag.Bool("poweroff", false, "let shutdown{poweroff:true} power the machine off even when not PID 1")
@@ -112,6 +116,6 @@ func (a *Agent) serveVport(path string) error {
 			return err
 		}
 		a.Serve(f)
-		time.Sleep(200 * time.Millisecond) // don't spin while the host is disconnected
+		time.Sleep(a.reconnect) // don't spin while the host is disconnected
 	}
 }

@@ -22,10 +22,14 @@ type Agent struct {
 	poweroff bool    // --poweroff: shutdown{poweroff:true} powers off even when not PID 1
 	procs    procTable
 	exit     func(code int) // os.Exit; replaced in tests
+	main     *mainState     // VM mode: the workload the VM exists for
+	// reconnect is how long serveVport waits before reopening a port whose
+	// host side is not connected (reads return EOF at once then).
+	reconnect time.Duration
 }
 
 func NewAgent(root *Root, reap, poweroff bool) *Agent {
-	a := &Agent{root: root, poweroff: poweroff, exit: os.Exit}
+	a := &Agent{root: root, poweroff: poweroff, exit: os.Exit, reconnect: 200 * time.Millisecond}
 	a.procs.byID = map[string]*proc{}
 	if reap {
 		a.reaper = NewReaper()
@@ -109,9 +113,13 @@ func (a *Agent) dispatch(c *conn, req *Request) {
 	case "hello":
 		var u unix.Utsname
 		unix.Uname(&u)
-		reply(M{"version": ProtocolVersion, "agent": "berth-agent/" + Version,
+		m := M{"version": ProtocolVersion, "agent": "berth-agent/" + Version,
 			"kernel": unix.ByteSliceToString(u.Release[:]), "pid": os.Getpid(),
-			"capabilities": a.capabilities()}, nil)
+			"capabilities": a.capabilities()}
+		if a.main != nil {
+			m["main"] = a.main.snapshot()
+		}
+		reply(m, nil)
 	case "ping":
 		reply(M{}, nil)
 	case "list":

@@ -119,8 +119,10 @@ describe('bad input is refused and changes nothing', () => {
     await expectError('POST', W, big, 400, 'invalid_argument', {}, /1 MiB/);
   });
   test('isolation tiers without a driver are refused clearly', async () => {
-    await expectError('POST', W, { name: 'vm', spec: { ...okSpec, isolation: 'microvm' } }, 412, 'failed_precondition', {}, /isolation "microvm" is not available/);
     const info = await d.api('GET', '/v1/info');
+    const microvm = info.body.drivers.find((x: any) => x.isolation === 'microvm');
+    if (!microvm?.healthy) await expectError('POST', W, { name: 'vm', spec: { ...okSpec, isolation: 'microvm' } }, 412, 'failed_precondition', {}, /isolation "microvm" is not available/);
+    else await expectError('POST', W, { name: 'vm', spec: { ...okSpec, isolation: 'microvm', resources: { memoryMiB: 8 } } }, 400, 'invalid_argument', {}, /memoryMiB ≥ 16/);
     const gvisor = info.body.drivers.find((x: any) => x.isolation === 'gvisor');
     if (!gvisor?.healthy) await expectError('POST', W, { name: 'gv', spec: { ...okSpec, isolation: 'gvisor' } }, 412, 'failed_precondition', {}, /container/);
     else {

@@ -129,7 +129,7 @@ export class TestDaemon {
   hostResidue(): string[] {
     const found: string[] = [];
     for (const mp of mountPointsUnder(this.dataDir)) found.push(`mount ${mp}`);
-    for (const [driver, root] of [['runc', 'runc'], ['gvisor', 'runsc']]) {
+    for (const [driver, root] of [['runc', 'runc'], ['gvisor', 'runsc'], ['microvm', 'probe']]) {
       const runtime = join(this.dataDir, 'runtime', driver!);
       for (const sub of ['tasks', 'exits', root!]) {
         const d = join(runtime, sub);
@@ -142,6 +142,7 @@ export class TestDaemon {
         if (cmd.startsWith('conmon') || cmd.includes('/conmon\0')) {
           if (cmd.includes(this.dataDir)) found.push(`monitor process ${pid}`);
         }
+        if (cmd.includes('qemu-system') && cmd.includes(this.dataDir)) found.push(`microVM process ${pid}`);
       } catch {
         /* raced */
       }
@@ -165,6 +166,15 @@ export class TestDaemon {
       for (const id of ids) {
         spawnSync(bin!, [...args, 'kill', id, 'KILL']);
         spawnSync(bin!, [...args, 'delete', '--force', id]);
+      }
+    }
+    // MicroVMs this daemon started (found by their state under its data dir): end them by pid.
+    for (const pid of readdirSync('/proc').filter((p) => /^\d+$/.test(p))) {
+      try {
+        const cmd = readFileSync(`/proc/${pid}/cmdline`, 'utf8');
+        if (cmd.includes('qemu-system') && cmd.includes(join(this.dataDir, 'runtime', 'microvm'))) process.kill(Number(pid), 'SIGKILL');
+      } catch {
+        /* raced */
       }
     }
     // Mounts: detach them so the next tests start clean

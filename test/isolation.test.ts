@@ -2,6 +2,7 @@
 // limits, crash recovery) stays the same.
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
+import { readFileSync } from 'node:fs';
 import { release } from 'node:os';
 import { TestDaemon, sleep } from './harness.js';
 
@@ -31,6 +32,12 @@ test('berth info fingerprints every tier: installed or not, version, reason', as
     assert.match(byIso.gvisor.reason, /platform (systrap|ptrace)/);
     assert.ok(byIso.gvisor.version);
   }
+  assert.ok(byIso.microvm, 'microvm driver is fingerprinted');
+  if (byIso.microvm.healthy) {
+    assert.ok(byIso.microvm.version);
+    assert.match(byIso.microvm.attributes.accel, /^(kvm|tcg)$/);
+    assert.match(byIso.microvm.reason, /(KVM|TCG).*: /, 'the reason says why KVM is or is not used');
+  } else assert.match(byIso.microvm.reason, /qemu|kernel|agent/i);
 });
 
 test('changing only `isolation` moves the same workload between tiers', { timeout: 120_000 }, async (t) => {
@@ -54,6 +61,20 @@ test('changing only `isolation` moves the same workload between tiers', { timeou
   assert.match(logs2, /err\n/);
   const mem = Number(/MemTotal:\s+(\d+)/.exec(logs2)?.[1]);
   assert.ok(mem > 0 && mem <= 64 * 1024 + 1024, `the sandbox sees its memory limit: ${mem} kB`);
+
+  if (tiers.includes('microvm')) {
+    const cur2 = await d.api('GET', `${W}/mover`);
+    const u2 = await d.api('PUT', `${W}/mover`, { spec: { ...cur2.body.spec, isolation: 'microvm' }, resourceVersion: cur2.body.resourceVersion });
+    assert.equal(u2.status, 200, JSON.stringify(u2.body));
+    const w3 = await d.waitWorkload('default', 'mover', (w) => w.status.phase === 'failed' && w.observedGeneration === 3, 90_000);
+    assert.equal(w3.status.exitCode, 3, 'same exit code in the microVM');
+    const logs3 = (await d.api('GET', `${W}/mover/logs`)).body as string;
+    const vmKernel = [...logs3.matchAll(/kernel=(\S+)/g)].pop()?.[1];
+    assert.ok(vmKernel && vmKernel !== release() && vmKernel !== kernel, `the microVM runs its own kernel (${vmKernel})`);
+    const vmMem = Number([...logs3.matchAll(/MemTotal:\s+(\d+)/g)].pop()?.[1]);
+    const hostMem = Number(/MemTotal:\s+(\d+)/.exec(readFileSync('/proc/meminfo', 'utf8'))?.[1]);
+    assert.ok(vmMem > 64 * 1024 && vmMem < hostMem / 4, `the microVM has its own memory size: ${vmMem} kB (host ${hostMem} kB)`);
+  } else t.diagnostic('microvm tier not installed: checked container and gvisor only');
   await d.deleteAllWorkloads();
   assert.deepEqual(d.hostResidue(), []);
 });
@@ -75,6 +96,30 @@ test('gVisor workloads survive kill -9 of berthd and are adopted', { timeout: 12
   assert.equal(again.status.pid, g1.status.pid, 'same sandbox process');
   const ev = await d.api('GET', `${W}/g1/events`);
   assert.equal(ev.body.items.filter((e: any) => e.reason === 'Started').length, 1);
+  await d.deleteAllWorkloads();
+  assert.deepEqual(d.hostResidue(), []);
+});
+
+test('microVM workloads survive kill -9 of berthd and are adopted', { timeout: 180_000 }, async (t) => {
+  if (!tiers.includes('microvm')) return t.skip('the microVM tier is not installed on this host');
+  for (const n of ['m1', 'm2']) {
+    const r = await d.api('POST', W, { name: n, spec: { image: 'busybox', isolation: 'microvm', command: ['sh', '-c', n === 'm2' ? 'sleep 3; exit 5' : 'exec sleep 1000'] } });
+    assert.equal(r.status, 201);
+  }
+  const m1 = await d.waitWorkload('default', 'm1', (w) => w.status.phase === 'running', 60_000);
+  await d.waitWorkload('default', 'm2', (w) => w.status.phase === 'running', 60_000);
+  await d.kill9();
+  await sleep(4000);
+  await d.start();
+  const m2 = await d.waitWorkload('default', 'm2', (w) => w.status.phase === 'failed', 30_000);
+  assert.equal(m2.status.exitCode, 5);
+  const again = await d.waitWorkload('default', 'm1', (w) => w.status.phase === 'running');
+  assert.equal(again.status.pid, m1.status.pid, 'same VM process');
+  const ev = await d.api('GET', `${W}/m1/events`);
+  assert.equal(ev.body.items.filter((e: any) => e.reason === 'Started').length, 1);
+  const stop = await d.api('POST', `${W}/m1/stop`);
+  assert.ok(stop.status < 300, JSON.stringify(stop.body));
+  await d.waitWorkload('default', 'm1', (w) => w.status.phase === 'stopped', 30_000);
   await d.deleteAllWorkloads();
   assert.deepEqual(d.hostResidue(), []);
 });

@@ -55,6 +55,8 @@ export interface TaskConfig {
   id: string;
   /** Read-only root filesystem of the image (a directory). */
   imageRootfs: string;
+  /** Content digest of the image, when known: drivers may cache per-image artefacts by it. */
+  imageDigest?: string;
   args: string[];
   env: Record<string, string>;
   cwd: string;
@@ -124,6 +126,12 @@ export interface RuntimeDriver {
   logPath(id: string): string;
   /** Ids of tasks this driver has state for on the host (for garbage collection after a crash). */
   listTasks(): Promise<string[]>;
+  /** Calls `listener(id)` when a task started or recovered by this instance exits; returns an unsubscribe. */
+  onExit(listener: (id: string) => void): () => void;
+  /** Stops watching (tasks keep running). */
+  close(): void;
+  /** Removes the driver's (empty) parent cgroups; called when berthd stops. */
+  removeCgroupParent(): void;
 }
 
 export class DriverRegistry {

@@ -15,7 +15,7 @@ import { WORKLOAD, makeWorkloadReconciler, type StoredWorkloadStatus } from '../
 import { JOB, JOBRUN, makeJobReconciler, makeJobRunReconciler } from '../reconcilers/jobs.js';
 import { RuncDriver } from '../drivers/runc/driver.js';
 import { GvisorDriver } from '../drivers/gvisor/driver.js';
-import type { OciRuntimeDriver } from '../drivers/oci/driver.js';
+import { MicroVmDriver } from '../drivers/microvm/driver.js';
 import { BuiltinImages } from '../images/catalog.js';
 import { createApp } from '../api/app.js';
 import { TokenStore } from './tokens.js';
@@ -47,6 +47,7 @@ export class Daemon {
   readonly tokens: TokenStore;
   readonly runc: RuncDriver;
   readonly gvisor: GvisorDriver;
+  readonly microvm: MicroVmDriver;
   readonly controllers: { workloads: Controller; jobRuns: Controller; jobs: Controller };
   readonly adminTokenPath: string;
   readonly socketPath: string;
@@ -69,8 +70,10 @@ export class Daemon {
     this.socketPath = config.socketPath ?? join(config.dataDir, 'berthd.sock');
     this.runc = new RuncDriver({ stateDir: join(config.dataDir, 'runtime', 'runc'), cgroupParent: config.cgroupParent ?? 'berth' });
     this.gvisor = new GvisorDriver({ stateDir: join(config.dataDir, 'runtime', 'gvisor'), cgroupParent: config.cgroupParent ?? 'berth' });
+    this.microvm = new MicroVmDriver({ stateDir: join(config.dataDir, 'runtime', 'microvm'), cgroupParent: config.cgroupParent ?? 'berth' });
     this.drivers.register(this.runc);
     this.drivers.register(this.gvisor);
+    this.drivers.register(this.microvm);
     const images = new BuiltinImages(join(config.dataDir, 'images'));
     this.images = images;
     const log = this.log;
@@ -127,7 +130,7 @@ export class Daemon {
       if (n.ownerId && n.kind === JOBRUN) this.controllers.jobs.enqueue(n.ownerId);
     });
     for (const fp of await this.drivers.fingerprintAll()) this.log.info({ driver: fp.driver, healthy: fp.healthy, reason: fp.reason }, 'driver fingerprint');
-    const offs = this.ociDrivers().map((d) => d.onExit((id) => this.controllers.workloads.enqueue(id)));
+    const offs = this.drivers.all().map((d) => d.onExit((id) => this.controllers.workloads.enqueue(id)));
     this.offExit = () => offs.forEach((f) => f());
     await this.collectOrphans();
     this.resyncAll();
@@ -151,7 +154,7 @@ export class Daemon {
 
   /** Host state with no record (a crash between record removal and cleanup): remove it. */
   private async collectOrphans(): Promise<void> {
-    for (const driver of this.ociDrivers()) {
+    for (const driver of this.drivers.all()) {
       for (const id of await driver.listTasks()) {
         const w = this.store.getById<WorkloadSpec, StoredWorkloadStatus>(id);
         if (!w || (w.spec.isolation !== driver.capabilities.isolation && w.status.task?.driver !== driver.name)) {
@@ -160,10 +163,6 @@ export class Daemon {
         }
       }
     }
-  }
-
-  private ociDrivers(): OciRuntimeDriver[] {
-    return [this.runc, this.gvisor];
   }
 
   private async listen(): Promise<void> {
@@ -214,7 +213,7 @@ export class Daemon {
     );
     this.servers = [];
     await Promise.all(Object.values(this.controllers).map((c) => c.stop()));
-    for (const d of this.ociDrivers()) {
+    for (const d of this.drivers.all()) {
       d.close();
       d.removeCgroupParent();
     }

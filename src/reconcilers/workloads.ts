@@ -71,6 +71,7 @@ export function makeWorkloadReconciler(deps: WorkloadDeps) {
     return {
       id: w.id,
       imageRootfs: img.rootfs,
+      imageDigest: img.digest,
       args,
       env: { ...img.config.env, ...(w.spec.env ?? {}) },
       cwd: w.spec.workingDir ?? img.config.workingDir ?? '/',

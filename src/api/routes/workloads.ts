@@ -38,7 +38,7 @@ export async function admitRunSpec(
     throw invalidArgument(`isolation "${spec.isolation}" cannot enforce a pids limit; remove spec.resources.pids or use isolation "container"`);
   }
   if (spec.resources?.memoryMiB !== undefined && caps.minMemoryMiB && spec.resources.memoryMiB < caps.minMemoryMiB) {
-    throw invalidArgument(`isolation "${spec.isolation}" needs spec.resources.memoryMiB ≥ ${caps.minMemoryMiB} (its kernel lives inside the limit)`);
+    throw invalidArgument(`isolation "${spec.isolation}" needs spec.resources.memoryMiB ≥ ${caps.minMemoryMiB} (the smallest limit this tier can run a workload in)`);
   }
   const img = await ctx.images.resolve(spec.image);
   if (spec.user) resolveUser(img.rootfs, spec.user);

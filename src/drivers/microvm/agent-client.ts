@@ -1,0 +1,130 @@
+// Host side of the guest agent protocol (agent/PROTOCOL.md): 4-byte big-endian length + one JSON
+// object per frame, requests matched to replies by id. One short-lived connection per use: QEMU's
+// socket chardev serves one client at a time, and nothing in berthd has to outlive a request.
+import { connect, type Socket } from 'node:net';
+
+export const MAX_FRAME = 1 << 20;
+
+export interface AgentFrame {
+  id: string;
+  type: string;
+  [k: string]: unknown;
+}
+
+export class AgentError extends Error {
+  constructor(
+    readonly code: string,
+    message: string,
+  ) {
+    super(message);
+    this.name = 'AgentError';
+  }
+}
+
+export class AgentConnection {
+  private buf: Buffer = Buffer.alloc(0);
+  private seq = 0;
+  private readonly waiters = new Map<string, { resolve: (f: AgentFrame) => void; reject: (e: Error) => void }>();
+  private closedError: Error | undefined;
+
+  private constructor(private readonly sock: Socket) {
+    sock.on('data', (d: Buffer) => this.onData(d));
+    const fail = (e: Error) => {
+      this.closedError ??= e;
+      for (const w of this.waiters.values()) w.reject(this.closedError);
+      this.waiters.clear();
+    };
+    sock.on('error', fail);
+    sock.on('close', () => fail(new Error('agent connection closed')));
+  }
+
+  /** Connects to a unix socket, retrying while it does not exist yet or refuses, until timeoutMs. */
+  static async open(path: string, timeoutMs: number, signal?: AbortSignal): Promise<AgentConnection> {
+    const deadline = Date.now() + timeoutMs;
+    for (;;) {
+      try {
+        const sock = await new Promise<Socket>((resolve, reject) => {
+          const s = connect(path);
+          s.once('connect', () => {
+            s.removeListener('error', reject);
+            resolve(s);
+          });
+          s.once('error', reject);
+        });
+        return new AgentConnection(sock);
+      } catch (e) {
+        const code = (e as NodeJS.ErrnoException).code;
+        if ((code !== 'ENOENT' && code !== 'ECONNREFUSED' && code !== 'EAGAIN') || Date.now() > deadline || signal?.aborted) throw e;
+        await new Promise((r) => setTimeout(r, 10));
+      }
+    }
+  }
+
+  private onData(d: Buffer): void {
+    this.buf = this.buf.length ? Buffer.concat([this.buf, d]) : d;
+    while (this.buf.length >= 4) {
+      const n = this.buf.readUInt32BE(0);
+      if (n > MAX_FRAME) {
+        this.sock.destroy(new Error(`agent sent a frame of ${n} bytes (limit ${MAX_FRAME})`));
+        return;
+      }
+      if (this.buf.length < 4 + n) return;
+      const payload = this.buf.subarray(4, 4 + n);
+      this.buf = this.buf.subarray(4 + n);
+      let f: AgentFrame;
+      try {
+        f = JSON.parse(payload.toString('utf8')) as AgentFrame;
+      } catch {
+        continue;
+      }
+      const w = this.waiters.get(f.id);
+      if (!w) continue; // an event of a request this connection does not wait for
+      if (f.type === 'error') {
+        this.waiters.delete(f.id);
+        w.reject(new AgentError(String(f.code ?? 'internal'), String(f.message ?? 'agent error')));
+      } else if (f.type === 'ok' || f.type === 'exit' || f.type === 'eof') {
+        this.waiters.delete(f.id);
+        w.resolve(f);
+      }
+    }
+  }
+
+  /** Sends one request and resolves with its terminal frame; rejects on error frames and timeouts. */
+  request(req: Record<string, unknown>, timeoutMs: number, signal?: AbortSignal): Promise<AgentFrame> {
+    if (this.closedError) return Promise.reject(this.closedError);
+    const id = `h${++this.seq}`;
+    const body = Buffer.from(JSON.stringify({ ...req, id }), 'utf8');
+    if (body.length > MAX_FRAME) return Promise.reject(new AgentError('invalid_argument', `request of ${body.length} bytes exceeds the 1 MiB frame limit`));
+    const head = Buffer.alloc(4);
+    head.writeUInt32BE(body.length);
+    return new Promise<AgentFrame>((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this.waiters.delete(id);
+        reject(new Error(`agent did not answer ${String(req.type)} within ${timeoutMs} ms`));
+      }, timeoutMs);
+      const onAbort = () => {
+        clearTimeout(timer);
+        this.waiters.delete(id);
+        reject(signal!.reason instanceof Error ? signal!.reason : new Error('aborted'));
+      };
+      signal?.addEventListener('abort', onAbort, { once: true });
+      this.waiters.set(id, {
+        resolve: (f) => {
+          clearTimeout(timer);
+          signal?.removeEventListener('abort', onAbort);
+          resolve(f);
+        },
+        reject: (e) => {
+          clearTimeout(timer);
+          signal?.removeEventListener('abort', onAbort);
+          reject(e);
+        },
+      });
+      this.sock.write(Buffer.concat([head, body]));
+    });
+  }
+
+  close(): void {
+    this.sock.destroy();
+  }
+}

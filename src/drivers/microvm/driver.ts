@@ -1,0 +1,620 @@
+// The microVM driver (isolation "microvm"): each task is its own QEMU `microvm` machine with its own
+// guest kernel (Debian's cloud kernel), booted straight into the Berth guest agent (agent/, as the
+// initramfs's /init), which mounts the image, runs the workload and powers the VM off when it ends.
+//
+// Per task (folder tasks/<id>):
+//   rootfs  the image as a read-only ext4 block device, shared by every task of the image (cache/)
+//   rw.ext4 the task's writable layer (sparse ext4; overlay upper inside the guest)
+//   cfg.img the workload's config as raw NUL-padded JSON on a tiny read-only block device
+//   ctr.log k8s-file log lines, written by QEMU itself from the guest's "berth.log" port
+//   exit.json the exit record, written by QEMU from the guest's "berth.exit" port
+//   agent.sock the control channel (QEMU listens; the guest agent answers over virtio-serial)
+//   qemu.pid, console.log (guest kernel console, for failures)
+// QEMU is daemonized and writes logs and the exit record itself, so berthd keeps nothing per task
+// and can be killed at any time: a restarted berthd adopts the VM by its pid file (recover()).
+//
+// Acceleration: KVM only where it really works (see assets.detectAccel); otherwise TCG. Limits:
+// the VM gets vCPUs = ceil(cpu) and RAM = memory + guest overhead; inside, the workload sits in a
+// guest cgroup with the exact cpu/memory/pids limits (OOM and fork bombs are reported like the
+// other tiers); outside, the QEMU process sits in a host cgroup capped at its size.
+import { spawn } from 'node:child_process';
+import { EventEmitter } from 'node:events';
+import { existsSync, mkdirSync, readFileSync, readdirSync, rmSync, rmdirSync, statSync, watch, writeFileSync, type FSWatcher } from 'node:fs';
+import { constants as osConstants, cpus } from 'node:os';
+import { join } from 'node:path';
+import type { DriverCapabilities, ExitResult, Fingerprint, RuntimeDriver, StopOptions, TaskConfig, TaskHandle, TaskStatus } from '../../core/driver.js';
+import { invalidArgument } from '../../core/errors.js';
+import { pidAlive, sleep } from '../../lib/exec.js';
+import { cgroupHierarchies } from '../../lib/host.js';
+import { AgentConnection, type AgentFrame } from './agent-client.js';
+import {
+  detectAccel,
+  ensureInitramfs,
+  ensureRootImage,
+  findAgent,
+  findKernel,
+  hostTscKhz,
+  makeWritableDisk,
+  qemuVersion,
+  type Accel,
+  type GuestKernel,
+} from './assets.js';
+
+const SIGNALS = osConstants.signals as Record<string, number>;
+const signalName = (n: number) => Object.keys(SIGNALS).find((k) => SIGNALS[k] === n);
+
+export const QEMU = '/usr/bin/qemu-system-x86_64';
+/** Smallest workload memory limit: the guest's own kernel and agent live beside it, not inside. */
+export const MICROVM_MIN_MEMORY_MIB = 16;
+/** Guest RAM added to the workload's limit for the guest kernel, agent and page cache. */
+export const GUEST_OVERHEAD_MIB = 128;
+/** Guest RAM when the workload has no memory limit (only pages the guest touches cost host memory). */
+export const DEFAULT_GUEST_MIB = 512;
+/** Host memory allowed to the QEMU process beyond the guest RAM (TCG code cache, devices). */
+const QEMU_OVERHEAD_MIB = 256;
+
+export interface MicroVmDriverOptions {
+  stateDir: string;
+  cgroupParent?: string;
+  qemuPath?: string;
+  /** Size of each task's sparse writable layer. */
+  diskMiB?: number;
+  /** How long a boot may take to reach the guest agent. */
+  bootTimeoutMs?: number;
+}
+
+/** The QEMU command line of one task (pure; the driver adds nothing else). */
+export function buildQemuArgs(o: {
+  dir: string;
+  accel: Accel;
+  kernel: string;
+  initramfs: string;
+  rootImage: string;
+  vcpus: number;
+  memoryMiB: number;
+  tscKhz?: number;
+  epochMs: number;
+}): string[] {
+  const append = ['console=ttyS0', 'quiet', 'panic=-1', 'cryptomgr.notests', `berth.epoch_ms=${o.epochMs}`];
+  if (o.accel === 'tcg' && o.tscKhz) append.push(`tsc_early_khz=${o.tscKhz}`);
+  const f = (name: string) => join(o.dir, name);
+  return [
+    '-M', 'microvm,x-option-roms=off,isa-serial=on,rtc=on',
+    '-accel', o.accel === 'tcg' ? 'tcg,tb-size=32' : 'kvm',
+    ...(o.accel === 'kvm' ? ['-cpu', 'host'] : []),
+    '-smp', String(o.vcpus),
+    '-m', `${o.memoryMiB}M`,
+    '-nodefaults', '-no-user-config', '-display', 'none', '-no-reboot',
+    '-kernel', o.kernel,
+    '-initrd', o.initramfs,
+    '-append', append.join(' '),
+    '-serial', `file:${f('console.log')}`,
+    '-drive', `id=root,file=${o.rootImage},format=raw,if=none,readonly=on`,
+    '-device', 'virtio-blk-device,drive=root,serial=berth-root',
+    '-drive', `id=rw,file=${f('rw.ext4')},format=raw,if=none`,
+    '-device', 'virtio-blk-device,drive=rw,serial=berth-rw',
+    '-drive', `id=cfg,file=${f('cfg.img')},format=raw,if=none,readonly=on`,
+    '-device', 'virtio-blk-device,drive=cfg,serial=berth-cfg',
+    '-device', 'virtio-serial-device',
+    '-chardev', `socket,id=agent,path=${f('agent.sock')},server=on,wait=off`,
+    '-device', 'virtserialport,chardev=agent,name=berth.agent',
+    '-chardev', `file,id=log,path=${f('ctr.log')},append=on`,
+    '-device', 'virtserialport,chardev=log,name=berth.log',
+    '-chardev', `file,id=exit,path=${f('exit.json')}`,
+    '-device', 'virtserialport,chardev=exit,name=berth.exit',
+    '-qmp', `unix:${f('qmp.sock')},server=on,wait=off`,
+    '-pidfile', f('qemu.pid'),
+    '-daemonize',
+  ];
+}
+
+/** Guest RAM and vCPUs for a task's limits. */
+export function vmSize(resources: TaskConfig['resources'], hostCpus: number): { memoryMiB: number; vcpus: number } {
+  const memoryMiB = resources.memoryMiB !== undefined ? resources.memoryMiB + GUEST_OVERHEAD_MIB : DEFAULT_GUEST_MIB;
+  const vcpus = resources.cpuMillis !== undefined ? Math.min(Math.max(1, Math.ceil(resources.cpuMillis / 1000)), hostCpus) : 1;
+  return { memoryMiB, vcpus };
+}
+
+export class MicroVmDriver implements RuntimeDriver {
+  readonly name = 'microvm';
+  readonly capabilities: DriverCapabilities = {
+    isolation: 'microvm',
+    limits: { cpu: true, memory: true, pids: true },
+    oomDetection: true,
+    survivesDaemonRestart: true,
+    signals: true,
+    sharesHostKernel: false,
+    minMemoryMiB: MICROVM_MIN_MEMORY_MIB,
+  };
+  readonly stateDir: string;
+  readonly qemu: string;
+  private readonly cgroupParent: string;
+  private readonly diskMiB: number;
+  private readonly bootTimeoutMs: number;
+  private accel: Promise<{ accel: Accel; reason: string }> | undefined;
+  private readonly exits = new EventEmitter();
+  private readonly tracking = new Map<string, AbortController>();
+  /** One agent connection at a time per task (QEMU's socket serves one client). */
+  private readonly agentLocks = new Map<string, Promise<unknown>>();
+  private closed = false;
+
+  constructor(opts: MicroVmDriverOptions) {
+    this.stateDir = opts.stateDir;
+    this.qemu = opts.qemuPath ?? process.env.BERTH_QEMU ?? QEMU;
+    this.cgroupParent = opts.cgroupParent ?? 'berth';
+    this.diskMiB = opts.diskMiB ?? 1024;
+    this.bootTimeoutMs = opts.bootTimeoutMs ?? 60_000;
+    this.exits.setMaxListeners(0);
+  }
+
+  private taskDir(id: string): string {
+    return join(this.stateDir, 'tasks', id);
+  }
+  private get cacheDir(): string {
+    return join(this.stateDir, 'cache');
+  }
+  logPath(id: string): string {
+    return join(this.taskDir(id), 'ctr.log');
+  }
+
+  onExit(listener: (id: string) => void): () => void {
+    this.exits.on('exit', listener);
+    return () => this.exits.off('exit', listener);
+  }
+
+  close(): void {
+    this.closed = true;
+    for (const c of this.tracking.values()) c.abort();
+    this.tracking.clear();
+  }
+
+  private assets(): { kernel: GuestKernel; agent: string } {
+    const kernel = findKernel();
+    if (!kernel) throw invalidArgument('isolation "microvm" needs a guest kernel: apt-get install linux-image-cloud-amd64 (scripts/setup.sh does)');
+    const agent = findAgent();
+    if (!agent) throw invalidArgument('isolation "microvm" needs the guest agent: run scripts/setup.sh to build it (needs Go)');
+    return { kernel, agent };
+  }
+
+  private getAccel(): Promise<{ accel: Accel; reason: string }> {
+    this.accel ??= detectAccel(() => this.probeKvm());
+    return this.accel;
+  }
+
+  /** Boots the guest under KVM with berth.probe: the agent powers off right after loading its modules. */
+  private async probeKvm(): Promise<boolean> {
+    let kernel: GuestKernel, agent: string;
+    try {
+      ({ kernel, agent } = this.assets());
+    } catch {
+      return false;
+    }
+    const initramfs = await ensureInitramfs(this.cacheDir, kernel, agent);
+    const dir = join(this.stateDir, `probe-${process.pid}`);
+    mkdirSync(dir, { recursive: true });
+    try {
+      const args = ['-M', 'microvm', '-accel', 'kvm', '-cpu', 'host', '-m', '256M', '-nodefaults', '-no-user-config', '-display', 'none', '-no-reboot',
+        '-kernel', kernel.path, '-initrd', initramfs, '-append', 'console=ttyS0 panic=-1 berth.probe=1', '-serial', `file:${join(dir, 'console.log')}`];
+      const ok = await new Promise<boolean>((resolve) => {
+        const p = spawn(this.qemu, args, { stdio: 'ignore' });
+        const timer = setTimeout(() => {
+          p.kill('SIGKILL');
+          resolve(false);
+        }, 15_000);
+        p.on('error', () => resolve(false));
+        p.on('exit', () => {
+          clearTimeout(timer);
+          resolve(true);
+        });
+      });
+      return ok && /berth probe ok/.test(readFileSync(join(dir, 'console.log'), 'utf8'));
+    } catch {
+      return false;
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  }
+
+  async fingerprint(): Promise<Fingerprint> {
+    const attributes: Record<string, string> = { qemu: this.qemu };
+    const unhealthy = (reason: string): Fingerprint => ({ driver: this.name, isolation: 'microvm', healthy: false, reason, attributes });
+    const version = existsSync(this.qemu) ? await qemuVersion(this.qemu) : undefined;
+    if (!version) return unhealthy(`${this.qemu} not found or not runnable; apt-get install qemu-system-x86 (scripts/setup.sh does)`);
+    let kernel: GuestKernel, agent: string;
+    try {
+      ({ kernel, agent } = this.assets());
+    } catch (e) {
+      return { ...unhealthy((e as Error).message), version };
+    }
+    const { accel, reason } = await this.getAccel();
+    Object.assign(attributes, { accel, kernel: kernel.version, agent, machine: 'microvm' });
+    return { driver: this.name, isolation: 'microvm', healthy: true, reason: `QEMU ${version} microvm, guest kernel ${kernel.version}; ${reason}`, version, attributes };
+  }
+
+  async start(cfg: TaskConfig): Promise<TaskHandle> {
+    const mem = cfg.resources.memoryMiB;
+    if (mem !== undefined && mem < MICROVM_MIN_MEMORY_MIB) throw invalidArgument(`isolation "microvm" needs resources.memoryMiB ≥ ${MICROVM_MIN_MEMORY_MIB}`);
+    if (this.isRunning(cfg.id)) throw invalidArgument(`task ${cfg.id} is already running`);
+    const { kernel, agent } = this.assets();
+    const dir = this.taskDir(cfg.id);
+    const restart = existsSync(join(dir, 'rw.ext4'));
+    mkdirSync(dir, { recursive: true, mode: 0o700 });
+    for (const f of ['exit.json', 'qemu.pid', 'agent.sock', 'qmp.sock', 'killed', 'console.log', 'cfg.img']) rmSync(join(dir, f), { force: true });
+    let pid: number | undefined;
+    try {
+      const [{ accel }, initramfs, rootImage, tscKhz] = await Promise.all([
+        this.getAccel(),
+        ensureInitramfs(this.cacheDir, kernel, agent),
+        ensureRootImage(this.cacheDir, cfg.imageRootfs, cfg.imageDigest),
+        hostTscKhz(),
+        restart ? Promise.resolve() : makeWritableDisk(join(dir, 'rw.ext4'), this.diskMiB),
+      ]);
+      const size = vmSize(cfg.resources, cpus().length);
+      this.writeConfig(dir, cfg);
+      const args = buildQemuArgs({ dir, accel, kernel: kernel.path, initramfs, rootImage, vcpus: size.vcpus, memoryMiB: size.memoryMiB, tscKhz, epochMs: Date.now() });
+      const cgroups = this.makeCgroups(cfg.id, size);
+      pid = await this.launch(dir, args, cgroups);
+      await this.awaitAgent(cfg.id, dir, pid);
+      const handle: TaskHandle = { driver: this.name, id: cfg.id, pid, monitorPid: pid, startedAt: new Date().toISOString() };
+      this.track(handle);
+      return handle;
+    } catch (e) {
+      if (pid && this.isRunning(cfg.id)) await this.killVm(cfg.id, pid);
+      await this.destroy(cfg.id, { force: true, keepData: restart });
+      throw e;
+    }
+  }
+
+  private writeConfig(dir: string, cfg: TaskConfig): void {
+    const json = Buffer.from(
+      JSON.stringify({
+        args: cfg.args,
+        env: cfg.env,
+        cwd: cfg.cwd,
+        uid: cfg.user.uid,
+        gid: cfg.user.gid,
+        hostname: cfg.hostname ?? cfg.id.slice(0, 63),
+        memoryBytes: cfg.resources.memoryMiB !== undefined ? cfg.resources.memoryMiB * 2 ** 20 : 0,
+        pids: cfg.resources.pids ?? 0,
+        cpuMillis: cfg.resources.cpuMillis ?? 0,
+      }),
+    );
+    const size = Math.max(4096, Math.ceil(json.length / 4096) * 4096); // a block device is whole sectors
+    const buf = Buffer.alloc(size);
+    json.copy(buf);
+    writeFileSync(join(dir, 'cfg.img'), buf, { mode: 0o600 });
+  }
+
+  /** The task's host cgroups, one per controller used: memory (guest RAM + QEMU) and cpu (vCPUs). */
+  private cgroupPlan(id: string): { dir: string; files: (size: { memoryMiB: number; vcpus: number }) => [string, string][] }[] {
+    const out: { dir: string; files: (size: { memoryMiB: number; vcpus: number }) => [string, string][] }[] = [];
+    const mem = (s: { memoryMiB: number }) => (s.memoryMiB + QEMU_OVERHEAD_MIB) * 2 ** 20;
+    for (const h of cgroupHierarchies()) {
+      const dir = join(h, this.cgroupParent, id);
+      if (h === '/sys/fs/cgroup') {
+        out.push({ dir, files: (s) => [['memory.max', String(mem(s))], ['cpu.max', `${s.vcpus * 100000} 100000`]] });
+        continue;
+      }
+      const ctrls = h.split('/').pop()!.split(',');
+      if (ctrls.includes('memory')) out.push({ dir, files: (s) => [['memory.limit_in_bytes', String(mem(s))]] });
+      else if (ctrls.includes('cpu')) out.push({ dir, files: (s) => [['cpu.cfs_period_us', '100000'], ['cpu.cfs_quota_us', String(s.vcpus * 100000)]] });
+    }
+    return out;
+  }
+
+  private makeCgroups(id: string, size: { memoryMiB: number; vcpus: number }): string[] {
+    const dirs: string[] = [];
+    for (const cg of this.cgroupPlan(id)) {
+      if (cg.dir.startsWith('/sys/fs/cgroup/') && existsSync('/sys/fs/cgroup/cgroup.controllers')) {
+        // cgroup v2: controllers must be enabled on every ancestor.
+        const parent = join('/sys/fs/cgroup', this.cgroupParent);
+        mkdirSync(parent, { recursive: true });
+        for (const d of ['/sys/fs/cgroup', parent]) {
+          try {
+            writeFileSync(join(d, 'cgroup.subtree_control'), '+memory +cpu');
+          } catch {
+            /* already enabled, or not delegable: the limit write below reports it */
+          }
+        }
+      }
+      mkdirSync(cg.dir, { recursive: true });
+      for (const [f, v] of cg.files(size)) writeFileSync(join(cg.dir, f), v);
+      dirs.push(cg.dir);
+    }
+    return dirs;
+  }
+
+  private joinCgroups(dirs: string[], pid: number): void {
+    for (const d of dirs) writeFileSync(join(d, 'cgroup.procs'), String(pid));
+  }
+
+  /** Starts QEMU daemonized; returns the VM's pid once QEMU has set up (sockets listening). */
+  private async launch(dir: string, args: string[], cgroups: string[]): Promise<number> {
+    const child = spawn(this.qemu, args, { stdio: ['ignore', 'ignore', 'pipe'], cwd: dir });
+    // The launcher joins the cgroups before it forks the daemon (QEMU takes tens of ms to set up),
+    // so the VM process starts inside them; it is moved again below in case it was faster.
+    if (child.pid) {
+      try {
+        this.joinCgroups(cgroups, child.pid);
+      } catch {
+        /* exited already: the exit code below says why */
+      }
+    }
+    let stderr = '';
+    child.stderr!.setEncoding('utf8').on('data', (d: string) => (stderr += d));
+    const code = await new Promise<number>((resolve, reject) => {
+      child.on('error', reject);
+      child.on('close', (c) => resolve(c ?? 1));
+    });
+    if (code !== 0) throw new Error(`qemu failed to start: ${stderr.trim().slice(0, 1000) || `exit ${code}`}`);
+    const pid = Number(readFileSync(join(dir, 'qemu.pid'), 'utf8').trim());
+    if (!Number.isInteger(pid) || pid <= 0) throw new Error('qemu wrote no pid file');
+    this.joinCgroups(cgroups, pid);
+    return pid;
+  }
+
+  /** Waits until the guest agent answers hello with the workload started (or the VM is gone). */
+  private async awaitAgent(id: string, dir: string, pid: number): Promise<void> {
+    const deadline = Date.now() + this.bootTimeoutMs;
+    const gone = new AbortController();
+    const watchdog = (async () => {
+      while (!gone.signal.aborted) {
+        if (!this.vmAlive(id, pid)) return 'gone' as const;
+        await sleep(50);
+      }
+      return 'aborted' as const;
+    })();
+    let conn: AgentConnection | undefined;
+    try {
+      const hello = (async (): Promise<AgentFrame> => {
+        conn = await AgentConnection.open(join(dir, 'agent.sock'), 5000, gone.signal);
+        return conn.request({ type: 'hello' }, Math.max(1000, deadline - Date.now()), gone.signal);
+      })();
+      // A connection reset by a VM that powered off is the VM's end, not the reason: wait for it.
+      const helloOrGone = hello.catch(async (e: unknown) => ((await this.waitGone(id, pid, 3000)) ? ('gone' as const) : Promise.reject(e)));
+      const first = await Promise.race([helloOrGone, watchdog]);
+      if (first === 'gone') {
+        // The VM ended before the agent answered: a workload that ran and exited at once is fine;
+        // a boot or exec failure is the start's failure.
+        const rec = this.readExitRecord(id);
+        if (rec?.error !== undefined || !rec) throw new Error(this.bootError(dir, rec?.error));
+        return;
+      }
+      if (first === 'aborted') throw new Error('aborted');
+    } finally {
+      gone.abort();
+      (conn as AgentConnection | undefined)?.close();
+      await watchdog;
+    }
+  }
+
+  private bootError(dir: string, agentError: string | undefined): string {
+    if (agentError) return agentError;
+    let tail = '';
+    try {
+      tail = readFileSync(join(dir, 'console.log'), 'utf8').trim().split('\n').slice(-8).join('\n');
+    } catch {
+      /* no console output */
+    }
+    return `the microVM stopped before its agent was ready${tail ? `; guest console:\n${tail}` : ''}`;
+  }
+
+  /** Runs `fn` with an agent connection, one at a time per task. */
+  private async withAgent<T>(id: string, timeoutMs: number, fn: (c: AgentConnection) => Promise<T>): Promise<T> {
+    const prev = this.agentLocks.get(id) ?? Promise.resolve();
+    const next = prev.catch(() => undefined).then(async () => {
+      const c = await AgentConnection.open(join(this.taskDir(id), 'agent.sock'), timeoutMs);
+      try {
+        return await fn(c);
+      } finally {
+        c.close();
+      }
+    });
+    this.agentLocks.set(id, next);
+    try {
+      return await next;
+    } finally {
+      if (this.agentLocks.get(id) === next) this.agentLocks.delete(id);
+    }
+  }
+
+  private readPid(id: string): number | undefined {
+    try {
+      const pid = Number(readFileSync(join(this.taskDir(id), 'qemu.pid'), 'utf8').trim());
+      return Number.isInteger(pid) && pid > 0 ? pid : undefined;
+    } catch {
+      return undefined;
+    }
+  }
+
+  /** The pid is this task's QEMU (not a reused pid) and not a zombie. */
+  private vmAlive(id: string, pid: number | undefined): boolean {
+    if (!pid || !pidAlive(pid)) return false;
+    try {
+      const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+      if (stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3) === 'Z') return false;
+      return readFileSync(`/proc/${pid}/cmdline`, 'utf8').includes(`${this.taskDir(id)}/qemu.pid`);
+    } catch {
+      return false;
+    }
+  }
+
+  private isRunning(id: string): boolean {
+    return this.vmAlive(id, this.readPid(id));
+  }
+
+  private readExitRecord(id: string): { exitCode: number; signal?: string; oomKilled?: boolean; finishedAt?: string; error?: string } | undefined {
+    try {
+      const lines = readFileSync(join(this.taskDir(id), 'exit.json'), 'utf8').trim().split('\n');
+      return JSON.parse(lines[lines.length - 1]!) as { exitCode: number };
+    } catch {
+      return undefined;
+    }
+  }
+
+  /** The exit of a VM that is gone: the agent's record, else a kill by Berth, else an unexplained end. */
+  private exitResult(id: string): ExitResult {
+    const rec = this.readExitRecord(id);
+    if (rec && typeof rec.exitCode === 'number') {
+      // Like the other tiers (conmon reports 128+n): a status above 128 names the signal, also when
+      // a shell passed its child's death on as its own exit status.
+      const signal = rec.signal ?? (rec.exitCode > 128 ? signalName(rec.exitCode - 128) : undefined);
+      return {
+        exitCode: rec.exitCode,
+        ...(signal ? { signal } : {}),
+        oomKilled: rec.oomKilled === true,
+        finishedAt: rec.finishedAt ?? new Date().toISOString(),
+      };
+    }
+    let finishedAt = new Date().toISOString();
+    try {
+      finishedAt = statSync(join(this.taskDir(id), 'console.log')).mtime.toISOString();
+    } catch {
+      /* keep now */
+    }
+    if (existsSync(join(this.taskDir(id), 'killed'))) return { exitCode: 137, signal: 'SIGKILL', oomKilled: false, finishedAt };
+    return { exitCode: 255, oomKilled: false, finishedAt };
+  }
+
+  async wait(handle: TaskHandle, signal?: AbortSignal): Promise<ExitResult> {
+    const dir = this.taskDir(handle.id);
+    if (!existsSync(dir)) throw new Error(`task ${handle.id} does not exist`);
+    let w: FSWatcher | undefined;
+    try {
+      let wake: () => void = () => undefined;
+      try {
+        w = watch(dir, () => wake());
+      } catch {
+        /* polling only */
+      }
+      while (this.vmAlive(handle.id, handle.pid)) {
+        if (signal?.aborted) throw signal.reason instanceof Error ? signal.reason : new Error('aborted');
+        await new Promise<void>((r) => {
+          const t = setTimeout(r, 100);
+          wake = () => {
+            clearTimeout(t);
+            r();
+          };
+        });
+      }
+    } finally {
+      w?.close();
+    }
+    return this.exitResult(handle.id);
+  }
+
+  /** Emits 'exit' for the task once its VM is gone (for the reconciler), until close(). */
+  private track(handle: TaskHandle): void {
+    if (this.closed || this.tracking.has(handle.id)) return;
+    const ac = new AbortController();
+    this.tracking.set(handle.id, ac);
+    this.wait(handle, ac.signal).then(
+      () => {
+        if (this.tracking.get(handle.id) === ac) this.tracking.delete(handle.id);
+        this.exits.emit('exit', handle.id);
+      },
+      () => {
+        if (this.tracking.get(handle.id) === ac) this.tracking.delete(handle.id);
+      },
+    );
+  }
+
+  private async signalMain(id: string, sig: string): Promise<boolean> {
+    try {
+      await this.withAgent(id, 2000, (c) => c.request({ type: 'signal', proc: 'main', sig }, 3000));
+      return true;
+    } catch {
+      return false;
+    }
+  }
+
+  private async waitGone(id: string, pid: number, ms: number): Promise<boolean> {
+    const deadline = Date.now() + ms;
+    while (this.vmAlive(id, pid)) {
+      if (Date.now() > deadline) return false;
+      await sleep(20);
+    }
+    return true;
+  }
+
+  private async killVm(id: string, pid: number): Promise<void> {
+    writeFileSync(join(this.taskDir(id), 'killed'), '');
+    try {
+      process.kill(pid, 'SIGKILL');
+    } catch {
+      /* already gone */
+    }
+    await this.waitGone(id, pid, 10_000);
+  }
+
+  async stop(handle: TaskHandle, opts: StopOptions): Promise<ExitResult> {
+    const sig = opts.signal ?? 'SIGTERM';
+    if (!(sig in SIGNALS)) throw invalidArgument(`unknown signal ${sig}; use a name such as SIGTERM or SIGINT`);
+    const pid = handle.pid;
+    if (this.vmAlive(handle.id, pid)) {
+      // The signal goes to the workload through the agent; the VM powers off when it has exited.
+      const delivered = await this.signalMain(handle.id, sig);
+      if (!delivered || !(await this.waitGone(handle.id, pid, opts.timeoutMs))) {
+        const killed = (await this.signalMain(handle.id, 'SIGKILL')) && (await this.waitGone(handle.id, pid, 5000));
+        if (!killed) await this.killVm(handle.id, pid);
+      }
+    }
+    return this.exitResult(handle.id);
+  }
+
+  async destroy(id: string, opts: { force?: boolean; keepData?: boolean } = {}): Promise<void> {
+    this.tracking.get(id)?.abort();
+    this.tracking.delete(id);
+    const dir = this.taskDir(id);
+    const pid = this.readPid(id);
+    if (pid && this.vmAlive(id, pid)) await this.killVm(id, pid);
+    for (const cg of this.cgroupPlan(id)) {
+      for (let i = 0; i < 50 && existsSync(cg.dir); i++) {
+        try {
+          rmdirSync(cg.dir);
+        } catch {
+          await sleep(20); // the killed QEMU leaves its cgroup a moment after it is reaped
+        }
+      }
+    }
+    if (!existsSync(dir)) return;
+    if (opts.keepData) {
+      for (const f of readdirSync(dir)) if (f !== 'rw.ext4' && f !== 'ctr.log') rmSync(join(dir, f), { recursive: true, force: true });
+    } else {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  }
+
+  async inspect(handle: TaskHandle): Promise<TaskStatus> {
+    if (this.vmAlive(handle.id, handle.pid)) return { state: 'running', pid: handle.pid, monitorPid: handle.pid };
+    if (!existsSync(join(this.taskDir(handle.id), 'cfg.img'))) return { state: 'missing' };
+    return { state: 'exited', exit: this.exitResult(handle.id) };
+  }
+
+  async recover(handle: TaskHandle): Promise<TaskStatus> {
+    const pid = handle.pid || this.readPid(handle.id);
+    const h = { ...handle, pid: pid ?? 0 };
+    const st = await this.inspect(h);
+    if (st.state === 'running') this.track(h);
+    return st;
+  }
+
+  async listTasks(): Promise<string[]> {
+    try {
+      return readdirSync(join(this.stateDir, 'tasks'));
+    } catch {
+      return [];
+    }
+  }
+
+  /** Remove the (empty) parent cgroups; called when berthd stops. */
+  removeCgroupParent(): void {
+    for (const h of cgroupHierarchies()) {
+      try {
+        rmdirSync(join(h, this.cgroupParent));
+      } catch {
+        /* busy or absent */
+      }
+    }
+  }
+}
