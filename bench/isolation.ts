@@ -20,6 +20,7 @@ import { buildOciConfig, hostNofileLimit } from '../src/drivers/oci/ocispec.js';
 import { loadDefaultSeccomp } from '../src/drivers/oci/seccomp.js';
 import { DEFAULT_CAPS } from '../src/drivers/oci/driver.js';
 import { updateBenchmarks } from './report.js';
+import { BareMicroVm, type BareVm } from './microvm-bare.js';
 import type { Fingerprint } from '../src/core/driver.js';
 
 const { values } = parseArgs({
@@ -29,10 +30,12 @@ const RUNS = Number(values.runs);
 if (!Number.isInteger(RUNS) || RUNS < 1) throw new Error('--runs must be a whole number ≥ 1');
 const DENSITY_OVERRIDE = values['density-max'] === undefined ? undefined : Number(values['density-max']);
 if (DENSITY_OVERRIDE !== undefined && (!Number.isInteger(DENSITY_OVERRIDE) || DENSITY_OVERRIDE < 1)) throw new Error('--density-max must be a whole number ≥ 1');
-const DENSITY_DEFAULT: Record<string, number> = { container: 50, gvisor: 20 };
+const DENSITY_DEFAULT: Record<string, number> = { container: 50, gvisor: 20, microvm: 20 };
 const IDLE = 5;
 const MIN_AVAILABLE = 2 * 2 ** 30;
 const START_BOUND_MS = 10_000;
+/** A microVM boots a kernel under TCG: seconds, not milliseconds. */
+const START_BOUND_MS_VM = 30_000;
 const W = '/v1/projects/default/workloads';
 
 // ---------------------------------------------------------------------------------------------
@@ -239,6 +242,8 @@ interface Tier {
   /** How the runtime runs a container detached. */
   detachFlag: string;
   hostOverlay: boolean;
+  /** oci: runc/runsc with a bundle; microvm: QEMU with the driver's own command line. */
+  kind: 'oci' | 'microvm';
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -254,6 +259,7 @@ async function main(): Promise<void> {
   try {
     const info = (await d.api('GET', '/v1/info')).body as { version: string; drivers: DriverInfo[]; isolations: string[] };
     const unavailable: Array<{ isolation: string; reason: string }> = [];
+    let microvmFp: DriverInfo | undefined;
     for (const iso of info.isolations) {
       const drv = info.drivers.find((x) => x.isolation === iso);
       if (!drv) {
@@ -267,7 +273,7 @@ async function main(): Promise<void> {
       const root = join(work, `${drv.driver}-root`);
       mkdirSync(root, { recursive: true, mode: 0o700 });
       if (iso === 'container') {
-        tiers.push({ isolation: iso, driver: drv.driver, label: `container (runc ${drv.version ?? '?'})`, bin: 'runc', global: ['--root', root], root, detachFlag: '-d', hostOverlay: false });
+        tiers.push({ isolation: iso, driver: drv.driver, label: `container (runc ${drv.version ?? '?'})`, bin: 'runc', global: ['--root', root], root, detachFlag: '-d', hostOverlay: false, kind: 'oci' });
       } else if (iso === 'gvisor') {
         const bin = drv.attributes.runsc ?? '/usr/local/lib/berth/runsc';
         const platform = drv.attributes.platform ?? 'systrap';
@@ -280,7 +286,22 @@ async function main(): Promise<void> {
           root,
           detachFlag: '--detach',
           hostOverlay: true,
+          kind: 'oci',
         });
+      } else if (iso === 'microvm') {
+        const a = drv.attributes;
+        tiers.push({
+          isolation: iso,
+          driver: drv.driver,
+          label: `microvm (QEMU ${drv.version ?? '?'} microvm, ${(a.accel ?? '?').toUpperCase()}, guest kernel ${a.kernel ?? '?'})`,
+          bin: a.qemu ?? '/usr/bin/qemu-system-x86_64',
+          global: [],
+          root,
+          detachFlag: '',
+          hostOverlay: false,
+          kind: 'microvm',
+        });
+        microvmFp = drv;
       } else {
         unavailable.push({ isolation: iso, reason: `healthy driver ${drv.driver}, but this benchmark has no bare baseline for it yet` });
       }
@@ -291,6 +312,7 @@ async function main(): Promise<void> {
     if (tiers.length === 0) throw new Error(`no isolation tier is available: ${unavailable.map((u) => `${u.isolation}: ${u.reason}`).join('; ')}`);
     await berthEcho(d, 'warm-image', tiers[0]!.isolation);
     const img = await ensureBusyboxImage(join(d.dataDir, 'images'));
+    const bareVm = microvmFp ? new BareMicroVm(work, join(d.dataDir, 'runtime', 'microvm', 'cache'), microvmFp, img.rootfs, img.digest) : undefined;
 
     // --- bare runtime helpers -----------------------------------------------------------------
     let seq = 0;
@@ -363,13 +385,15 @@ async function main(): Promise<void> {
       }
     };
 
+    const bareOf = (t: Tier): Promise<number> => (t.kind === 'microvm' ? bareVm!.echo(t.bin) : bareEcho(t));
+
     // --- 1. cold start to first output ---------------------------------------------------------
     const cold = new Map<Tier, { bare: number[]; berth: number[]; written: number[] }>();
     for (const t of tiers) {
       checkInterrupted();
       console.error(`cold start: ${t.isolation}, ${RUNS} interleaved runs`);
       for (let i = 0; i < 2; i++) {
-        await bareEcho(t);
+        await bareOf(t);
         await berthEcho(d, `warm-${t.isolation.slice(0, 1)}-${i}`, t.isolation);
       }
       writtenAfter.delete(t.isolation);
@@ -379,11 +403,11 @@ async function main(): Promise<void> {
         checkInterrupted();
         // Alternate which goes first so neither always runs right after the other's clean-up.
         if (i % 2 === 0) {
-          bare.push(await bareEcho(t));
+          bare.push(await bareOf(t));
           berth.push(await berthEcho(d, `cs-${t.isolation.slice(0, 1)}-${i}`, t.isolation));
         } else {
           berth.push(await berthEcho(d, `cs-${t.isolation.slice(0, 1)}-${i}`, t.isolation));
-          bare.push(await bareEcho(t));
+          bare.push(await bareOf(t));
         }
       }
       cold.set(t, { bare, berth, written: writtenAfter.get(t.isolation) ?? [] });
@@ -400,6 +424,10 @@ async function main(): Promise<void> {
     for (const t of tiers) {
       checkInterrupted();
       console.error(`memory: ${t.isolation}, ${IDLE} idle workloads (bare, then Berth)`);
+      if (t.kind === 'microvm') {
+        memory.set(t, await microvmMemory(d, t, bareVm!));
+        continue;
+      }
       // Bare: IDLE detached containers.
       const started: Array<{ id: string; dir: string }> = [];
       let bareRuntime: Mem & { n: number };
@@ -469,11 +497,12 @@ async function main(): Promise<void> {
             stoppedBy = 'MemAvailable < 2 GiB';
             break;
           }
-          const r = await berthStart(d, `dense-${t.isolation.slice(0, 1)}-${i}`, t.isolation, START_BOUND_MS);
+            const startBound = t.kind === 'microvm' ? START_BOUND_MS_VM : START_BOUND_MS;
+          const r = await berthStart(d, `dense-${t.isolation.slice(0, 1)}-${i}`, t.isolation, startBound);
           slowest = Math.max(slowest, r.ms);
           if (r.outcome === 'running') ran++;
           if (r.outcome === 'timeout') {
-            stoppedBy = `a start took > ${START_BOUND_MS / 1000} s`;
+            stoppedBy = `a start took > ${startBound / 1000} s`;
             break;
           }
           if (r.outcome !== 'running') {
@@ -492,7 +521,10 @@ async function main(): Promise<void> {
         const all = processes();
         const stateDir = join(d.dataDir, 'runtime', t.driver);
         const conmonPids = new Set(all.filter((p) => isConmon(p) && p.argv.some((a) => a.includes(`${stateDir}/`))).map((p) => p.pid));
-        const host = sumMem([...all.filter((p) => conmonPids.has(p.pid)), ...withDescendants(all, (p) => conmonPids.has(p.ppid))]);
+        const host =
+          t.kind === 'microvm'
+            ? sumMem(all.filter((p) => p.argv.some((a) => a.includes(`${stateDir}/`)))) // the QEMU processes
+            : sumMem([...all.filter((p) => conmonPids.has(p.pid)), ...withDescendants(all, (p) => conmonPids.has(p.ppid))]);
         density.set(t, {
           bound,
           ran,
@@ -521,11 +553,10 @@ async function main(): Promise<void> {
         (runscTier ? `runsc ${runscVersion} (${runscTier.bin}, platform ${runscPlatform}), ` : 'runsc not available, ') +
         `${new Date().toISOString().slice(0, 10)}.`,
       '',
-      'microVM: not implemented yet (no driver), so it has no measurements; its rows say why.',
-      '',
       `**Cold start to first output** — busybox \`echo ready\`, ${RUNS} runs per tier, bare and Berth interleaved. ` +
         'Berth: `POST /v1/projects/default/workloads` → first line of `GET …/logs?follow=true&format=ndjson`. ' +
-        'Bare: spawning the runtime\'s foreground `run` of a bundle with the same config.json (fresh writable layer per run) → first stdout byte.',
+        'Bare: spawning the runtime\'s foreground `run` of a bundle with the same config.json (fresh writable layer per run) → first stdout byte; ' +
+        'for the microVM, spawning QEMU in the foreground with the command line the driver builds (same kernel, initramfs with the agent, image disk; writable disk made beforehand) → first log line (boot to agent ready plus the echo).',
       '',
       '| tier | bare p50 | bare p90 | Berth p50 | Berth p90 | ratio Berth / bare at p50 (target ≤ 1.2×) | Berth p50, POST → line written (conmon timestamp) |',
       '|---|---|---|---|---|---|---|',
@@ -550,6 +581,15 @@ async function main(): Promise<void> {
       const per = (x: number) => x / IDLE;
       const row = (what: string, g: { n: number; rss: number; pss: number }) =>
         lines.push(`| ${t.label} | ${what} | ${per(g.n).toFixed(1)} | ${kib(per(g.rss))} | ${kib(per(g.pss))} |`);
+      if (t.kind === 'microvm') {
+        row('bare QEMU process per VM (guest RAM it touched, TCG code cache, devices)', m.bareRuntime);
+        row('QEMU process per VM under Berth', m.berthRuntime);
+        lines.push(`| ${t.label} | Berth overhead: berthd RSS growth / ${IDLE} (no per-VM monitor: QEMU itself writes log and exit files) | | ${kib(per(m.daemonGrowthKb))} | |`);
+        lines.push(
+          `| ${t.label} | **Berth adds per workload** (berthd growth + QEMU PSS under Berth beyond bare, if any; target ≤ 2 MiB) | | | **${mib(Math.max(0, per(m.daemonGrowthKb)) + Math.max(0, per(m.berthRuntime.pss - m.bareRuntime.pss)))}** |`,
+        );
+        continue;
+      }
       if (t.hostOverlay) {
         row('runtime overhead, bare runsc (sandbox, gofer, systrap stubs)', m.bareRuntime);
         row('runtime overhead under Berth (sandbox, gofer, systrap stubs)', m.berthRuntime);
@@ -602,6 +642,7 @@ async function main(): Promise<void> {
 async function cleanup(d: TestDaemon, work: string, tiers: Tier[], bareIds: Map<Tier, Set<string>>, mounts: Set<string>, bareCgroupParent: string): Promise<void> {
   const problems: string[] = [];
   for (const t of tiers) {
+    if (t.kind !== 'oci') continue; // bare microVMs are processes under `work`: killed below
     const listed = sh(t.bin, [...t.global, 'list', '-q'], { allowFail: true }).split('\n').filter(Boolean);
     for (const id of new Set([...listed, ...(bareIds.get(t) ?? [])])) {
       sh(t.bin, [...t.global, 'kill', id, 'KILL'], { allowFail: true });
@@ -651,6 +692,32 @@ async function cleanup(d: TestDaemon, work: string, tiers: Tier[], bareIds: Map<
   await d.destroy();
   if (residue.length) problems.push(...residue.map((r) => `berth ${r}`));
   if (problems.length) console.error(`isolation bench clean-up: ${problems.join('; ')}`);
+}
+
+/** Idle microVMs, bare then through Berth: the QEMU processes' RSS/PSS, and berthd's growth. */
+async function microvmMemory(d: TestDaemon, t: Tier, bare: BareMicroVm): Promise<{ bareRuntime: Mem & { n: number }; berthRuntime: Mem & { n: number }; conmon: Mem & { n: number }; daemonGrowthKb: number }> {
+  const vms: BareVm[] = [];
+  let bareRuntime: Mem & { n: number };
+  try {
+    for (let i = 0; i < IDLE; i++) vms.push(await bare.idle(t.bin));
+    await sleep(2000);
+    bareRuntime = sumMem(vms.map((v) => ({ pid: v.child.pid!, ppid: 0, argv: [] })));
+  } finally {
+    for (const v of vms) await bare.kill(v);
+  }
+  const before = memOf(d.pid)!;
+  for (let i = 0; i < IDLE; i++) {
+    const r = await berthStart(d, `idle-m-${i}`, t.isolation, START_BOUND_MS_VM);
+    if (r.outcome !== 'running') throw new Error(`idle workload ${i} (microvm) did not run: ${r.outcome} ${r.detail ?? ''}`);
+  }
+  await sleep(2000);
+  const after = memOf(d.pid)!;
+  const stateDir = join(d.dataDir, 'runtime', t.driver);
+  const qemus = processes().filter((p) => p.argv.some((a) => a.includes(`${stateDir}/`)));
+  const berthRuntime = sumMem(qemus);
+  await d.deleteAllWorkloads();
+  if (berthRuntime.n !== IDLE) throw new Error(`expected ${IDLE} QEMU processes under Berth, found ${berthRuntime.n}`);
+  return { bareRuntime, berthRuntime, conmon: { rss: 0, pss: 0, n: 0 }, daemonGrowthKb: after.rss - before.rss };
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -10,8 +10,10 @@ if ! command -v node >/dev/null || ! node -e 'process.exit(Number(process.versio
 fi
 
 # Host packages: container runtime + monitor, the busybox image source, Docker's default
-# seccomp profile (containers-common), and a toolchain for native npm modules.
-APT_PACKAGES=(runc conmon busybox-static golang-github-containers-common iproute2 build-essential python3)
+# seccomp profile (containers-common), a toolchain for native npm modules, and for the microVM
+# tier QEMU, the guest kernel (Debian's cloud kernel) and cpio (the guest's initramfs).
+APT_PACKAGES=(runc conmon busybox-static golang-github-containers-common iproute2 build-essential python3
+  qemu-system-x86 linux-image-cloud-amd64 cpio e2fsprogs)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -40,6 +42,21 @@ if [[ "$have_runsc" != *"$RUNSC_VERSION"* ]]; then
     echo "==> apt-get install runsc (no Go toolchain to build a current one)"
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends runsc >/dev/null
   fi
+fi
+
+# The guest agent (agent/, Go): a static binary that is /init of every microVM. Rebuilt when its
+# sources change.
+AGENT=/usr/local/lib/berth/berth-agent
+if command -v go >/dev/null; then
+  want_agent=$(cat agent/go.mod agent/go.sum agent/*.go | sha256sum | cut -d' ' -f1)
+  if [ ! -x "$AGENT" ] || [ "$(cat "$AGENT.src-hash" 2>/dev/null)" != "$want_agent" ]; then
+    echo "==> building the guest agent"
+    (cd agent && CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o "$AGENT.tmp" .)
+    mv "$AGENT.tmp" "$AGENT"
+    echo "$want_agent" > "$AGENT.src-hash"
+  fi
+else
+  echo "berth: no Go toolchain: the microVM tier stays unavailable (its guest agent is built with Go)" >&2
 fi
 
 # npm packages (exact versions from package-lock.json).

@@ -115,6 +115,26 @@ export function vmSize(resources: TaskConfig['resources'], hostCpus: number): { 
   return { memoryMiB, vcpus };
 }
 
+/** The guest agent's config disk (agent/vm.go vmConfig): JSON, NUL-padded to whole 4 KiB blocks. */
+export function encodeVmConfig(cfg: TaskConfig): Buffer {
+  const json = Buffer.from(
+    JSON.stringify({
+      args: cfg.args,
+      env: cfg.env,
+      cwd: cfg.cwd,
+      uid: cfg.user.uid,
+      gid: cfg.user.gid,
+      hostname: cfg.hostname ?? cfg.id.slice(0, 63),
+      memoryBytes: cfg.resources.memoryMiB !== undefined ? cfg.resources.memoryMiB * 2 ** 20 : 0,
+      pids: cfg.resources.pids ?? 0,
+      cpuMillis: cfg.resources.cpuMillis ?? 0,
+    }),
+  );
+  const buf = Buffer.alloc(Math.max(4096, Math.ceil(json.length / 4096) * 4096));
+  json.copy(buf);
+  return buf;
+}
+
 export class MicroVmDriver implements RuntimeDriver {
   readonly name = 'microvm';
   readonly capabilities: DriverCapabilities = {
@@ -266,23 +286,7 @@ export class MicroVmDriver implements RuntimeDriver {
   }
 
   private writeConfig(dir: string, cfg: TaskConfig): void {
-    const json = Buffer.from(
-      JSON.stringify({
-        args: cfg.args,
-        env: cfg.env,
-        cwd: cfg.cwd,
-        uid: cfg.user.uid,
-        gid: cfg.user.gid,
-        hostname: cfg.hostname ?? cfg.id.slice(0, 63),
-        memoryBytes: cfg.resources.memoryMiB !== undefined ? cfg.resources.memoryMiB * 2 ** 20 : 0,
-        pids: cfg.resources.pids ?? 0,
-        cpuMillis: cfg.resources.cpuMillis ?? 0,
-      }),
-    );
-    const size = Math.max(4096, Math.ceil(json.length / 4096) * 4096); // a block device is whole sectors
-    const buf = Buffer.alloc(size);
-    json.copy(buf);
-    writeFileSync(join(dir, 'cfg.img'), buf, { mode: 0o600 });
+    writeFileSync(join(dir, 'cfg.img'), encodeVmConfig(cfg), { mode: 0o600 });
   }
 
   /** The task's host cgroups, one per controller used: memory (guest RAM + QEMU) and cpu (vCPUs). */
