@@ -8,17 +8,23 @@ export BERTH_DATA_DIR=${BERTH_DATA_DIR:-/var/lib/berth}
 LISTEN=${BERTH_LISTEN:-127.0.0.1:7878}
 berth() { node dist/src/cli/main.js "$@"; }
 
-running=""
+# A berthd that already runs is restarted gracefully so that it runs the code just built: its
+# workloads keep running and the new berthd adopts them.
 if [ -f "$BERTH_DATA_DIR/berthd.pid" ] && kill -0 "$(cat "$BERTH_DATA_DIR/berthd.pid")" 2>/dev/null && [ -S "$BERTH_DATA_DIR/berthd.sock" ]; then
-  running=$(cat "$BERTH_DATA_DIR/berthd.pid")
-  echo "==> berthd already running (pid $running)"
-else
-  mkdir -p "$BERTH_DATA_DIR"
-  echo "==> starting berthd (data in $BERTH_DATA_DIR, API on http://$LISTEN and unix:$BERTH_DATA_DIR/berthd.sock)"
-  nohup node dist/src/daemon/main.js --data-dir "$BERTH_DATA_DIR" --listen "$LISTEN" >>"$BERTH_DATA_DIR/berthd.log" 2>&1 &
-  for _ in $(seq 1 100); do [ -S "$BERTH_DATA_DIR/berthd.sock" ] && [ -f "$BERTH_DATA_DIR/admin.token" ] && break; sleep 0.1; done
-  [ -S "$BERTH_DATA_DIR/berthd.sock" ] || { echo "berthd did not start; see $BERTH_DATA_DIR/berthd.log" >&2; tail -20 "$BERTH_DATA_DIR/berthd.log" >&2; exit 1; }
+  old=$(cat "$BERTH_DATA_DIR/berthd.pid")
+  if tr '\0' ' ' < "/proc/$old/cmdline" | grep -q 'daemon/main.js'; then
+    echo "==> restarting berthd (pid $old) on the fresh build; its workloads keep running"
+    kill -TERM "$old"
+    for _ in $(seq 1 300); do kill -0 "$old" 2>/dev/null || break; sleep 0.1; done
+    if kill -0 "$old" 2>/dev/null; then echo "berthd (pid $old) did not stop within 30 s; stop it and run this again" >&2; exit 1; fi
+  fi
 fi
+mkdir -p "$BERTH_DATA_DIR"
+rm -f "$BERTH_DATA_DIR/berthd.sock"   # a crashed berthd's stale socket must not look like the new one
+echo "==> starting berthd (data in $BERTH_DATA_DIR, API on http://$LISTEN and unix:$BERTH_DATA_DIR/berthd.sock)"
+nohup node dist/src/daemon/main.js --data-dir "$BERTH_DATA_DIR" --listen "$LISTEN" >>"$BERTH_DATA_DIR/berthd.log" 2>&1 &
+for _ in $(seq 1 100); do [ -S "$BERTH_DATA_DIR/berthd.sock" ] && [ -f "$BERTH_DATA_DIR/admin.token" ] && break; sleep 0.1; done
+[ -S "$BERTH_DATA_DIR/berthd.sock" ] || { echo "berthd did not start; see $BERTH_DATA_DIR/berthd.log" >&2; tail -20 "$BERTH_DATA_DIR/berthd.log" >&2; exit 1; }
 
 echo "==> berth info"
 berth info
@@ -29,6 +35,10 @@ echo
 echo "==> berth run --isolation gvisor busybox -- …   (the same image under gVisor's user-space kernel)"
 berth run --isolation gvisor --memory 64 -e HOST_KERNEL="$(uname -r)" busybox -- sh -c 'echo "Hello from gVisor! kernel inside: $(uname -r), host kernel: $HOST_KERNEL"' \
   || echo "(gVisor is not usable on this host: see berth info)"
+echo
+echo "==> berth run --isolation microvm busybox -- …   (the same image in its own VM: own kernel, own memory size)"
+berth run --isolation microvm --memory 64 -e HOST_KERNEL="$(uname -r)" busybox -- sh -c 'echo "Hello from a microVM! kernel inside: $(uname -r), host kernel: $HOST_KERNEL, $(head -1 /proc/meminfo | tr -s " ")"' \
+  || echo "(the microVM tier is not usable on this host: see berth info)"
 echo
 cat <<TXT
 ==> Done. berthd keeps running in the background (pid $(cat "$BERTH_DATA_DIR/berthd.pid")), log: $BERTH_DATA_DIR/berthd.log
