@@ -528,6 +528,23 @@ export function runConformanceSuite(name: string, makeDriver: () => Promise<Conf
       });
     });
 
+    test('11c. memory size: a tier with its own kernel has its own memory size', { timeout: 30_000 }, async (t) => {
+      const id = newId();
+      const hostKb = Number(/^MemTotal:\s+(\d+)/m.exec(readFileSync('/proc/meminfo', 'utf8'))?.[1]);
+      await withTask(cfg(id, sh('head -1 /proc/meminfo'), { resources: { memoryMiB: 64 } }), async (h) => {
+        const r = await within(10_000, 'wait()', () => driver.wait(h));
+        assert.equal(r.exitCode, 0);
+        const lines = await waitForLog(driver, id, (ls) => stdoutOf(ls).length >= 1);
+        const insideKb = Number(/MemTotal:\s+(\d+)/.exec(stdoutOf(lines)[0] ?? '')?.[1]);
+        t.diagnostic(`MemTotal inside: ${insideKb} kB; host: ${hostKb} kB; limit 64 MiB`);
+        assert.ok(insideKb > 0, `no MemTotal in ${JSON.stringify(lines)}`);
+        // A container reads the host kernel's /proc/meminfo; gVisor reports its limit; a microVM its RAM
+        // (limit + the guest's own overhead).
+        if (driver.capabilities.sharesHostKernel) assert.equal(insideKb, hostKb);
+        else assert.ok(insideKb <= 512 * 1024 && insideKb < hostKb, `MemTotal ${insideKb} kB is not the tier's own size`);
+      });
+    });
+
     test('10. nothing is left on the host after every task is destroyed', { timeout: 30_000 }, async () => {
       for (const id of await driver.listTasks()) if (id.startsWith('conf-')) await driver.destroy(id, { force: true });
       // Give monitors a moment to leave after destroy.
