@@ -224,6 +224,9 @@ func (a *Agent) run(c *conn, req *Request) error {
 	if a.root.Path != "/" {
 		sys.Chroot = a.root.Path
 	}
+	if a.cgroupFD >= 0 {
+		sys.UseCgroupFD, sys.CgroupFD = true, a.cgroupFD
+	}
 	if req.UID != nil || req.GID != nil {
 		cred := &syscall.Credential{Uid: uint32(os.Getuid()), Gid: uint32(os.Getgid()), NoSetGroups: os.Getuid() != 0}
 		if req.UID != nil {

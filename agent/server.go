@@ -26,10 +26,12 @@ type Agent struct {
 	// reconnect is how long serveVport waits before reopening a port whose
 	// host side is not connected (reads return EOF at once then).
 	reconnect time.Duration
+	cgroupFD  int      // >= 0: processes started by "run" go into this cgroup (VM sandbox mode)
+	exitPort  *os.File // VM sandbox mode: a shutdown writes the exit record here
 }
 
 func NewAgent(root *Root, reap, poweroff bool) *Agent {
-	a := &Agent{root: root, poweroff: poweroff, exit: os.Exit, reconnect: 200 * time.Millisecond}
+	a := &Agent{root: root, poweroff: poweroff, exit: os.Exit, reconnect: 200 * time.Millisecond, cgroupFD: -1}
 	a.procs.byID = map[string]*proc{}
 	if reap {
 		a.reaper = NewReaper()
@@ -133,6 +135,9 @@ func (a *Agent) dispatch(c *conn, req *Request) {
 
 func (a *Agent) shutdown(c *conn, req *Request) {
 	c.send(M{"id": req.ID, "type": "ok"})
+	if a.exitPort != nil {
+		writeExit(a.exitPort, &vmExit{ExitCode: 0, FinishedAt: time.Now().UTC().Format(time.RFC3339Nano)})
+	}
 	unix.Sync()
 	if req.Poweroff && (os.Getpid() == 1 || a.poweroff) {
 		time.Sleep(100 * time.Millisecond) // let the acknowledgement leave the port

@@ -45,6 +45,9 @@ type vmConfig struct {
 	MemoryBytes int64             `json:"memoryBytes"`
 	Pids        int64             `json:"pids"`
 	CPUMillis   int64             `json:"cpuMillis"`
+	// Sandbox: no workload of its own; the VM runs until the host asks for a
+	// shutdown, and commands started with "run" go into the limited cgroup.
+	Sandbox bool `json:"sandbox"`
 }
 
 // vmExit is the record written to the berth.exit port.
@@ -171,8 +174,13 @@ func vmBoot() (*os.File, error) {
 		return exitPort, err
 	}
 	a := NewAgent(root, true, true)
-	a.main = &mainState{state: "starting"}
 	a.reconnect = 20 * time.Millisecond
+	if cfg.Sandbox {
+		a.cgroupFD = cgfd
+		a.exitPort = exitPort
+		return exitPort, a.serveVport(devs["berth.agent"])
+	}
+	a.main = &mainState{state: "starting"}
 	lw := &logWriter{f: logPort}
 	pr, reaped, err := a.startMain(cfg, cgfd, lw)
 	if err != nil {
@@ -316,7 +324,7 @@ func readConfig(dev string) (*vmConfig, error) {
 	if err := json.Unmarshal(b, cfg); err != nil {
 		return nil, fmt.Errorf("config disk: %w", err)
 	}
-	if len(cfg.Args) == 0 {
+	if len(cfg.Args) == 0 && !cfg.Sandbox {
 		return nil, errors.New("config disk: empty args")
 	}
 	return cfg, nil

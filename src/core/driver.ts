@@ -64,6 +64,11 @@ export interface TaskConfig {
   resources: TaskResources;
   hostname?: string;
   labels?: Record<string, string>;
+  /**
+   * A sandbox: instead of `args`, the task runs Berth's guest agent, which the host drives through
+   * RuntimeDriver.agent() (commands, files); it runs until stopped.
+   */
+  sandbox?: boolean;
 }
 
 /** Persisted by the caller; enough to find and adopt the task after a daemon restart. */
@@ -103,6 +108,19 @@ export interface StopOptions {
   signal?: string;
 }
 
+/** A frame of the guest agent protocol (agent/PROTOCOL.md). */
+export interface AgentFrame {
+  id: string;
+  type: string;
+  [k: string]: unknown;
+}
+
+/** A connection to a task's guest agent: requests with ids, streamed events, one terminal frame each. */
+export interface AgentChannel {
+  readonly closed: boolean;
+  request(req: Record<string, unknown>, timeoutMs: number, signal?: AbortSignal, onEvent?: (f: AgentFrame) => void | Promise<void>): Promise<AgentFrame>;
+}
+
 export interface RuntimeDriver {
   readonly name: string;
   readonly capabilities: DriverCapabilities;
@@ -132,6 +150,11 @@ export interface RuntimeDriver {
   close(): void;
   /** Removes the driver's (empty) parent cgroups; called when berthd stops. */
   removeCgroupParent(): void;
+  /**
+   * Sandbox tasks (TaskConfig.sandbox): the shared connection to the task's guest agent, which
+   * runs commands and serves files inside it. Undefined for drivers that cannot run sandboxes.
+   */
+  agent?(id: string, timeoutMs?: number): Promise<AgentChannel>;
 }
 
 export class DriverRegistry {

@@ -54,7 +54,9 @@ export class GvisorDriver extends OciRuntimeDriver {
   }
 
   protected override globalArgs(): string[] {
-    return [`--root=${this.root}`, `--platform=${this.platform}`, '--network=none', '--overlay2=none'];
+    // --host-uds=create: a sandbox's agent listens on a unix socket in a bind-mounted host folder
+    // (task/run), which the host must be able to connect to.
+    return [`--root=${this.root}`, `--platform=${this.platform}`, '--network=none', '--overlay2=none', '--host-uds=create'];
   }
 
   protected override rootfsOptions(cfg: TaskConfig, dir: string): Pick<OciBuildOptions, 'rootfsPath' | 'rootOverlay' | 'seccomp'> {

@@ -8,8 +8,7 @@ import { existsSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, renameSy
 import { join } from 'node:path';
 import { run, runOk } from '../../lib/exec.js';
 
-/** Where scripts/setup.sh installs the static guest agent it builds from agent/. */
-export const BERTH_AGENT = '/usr/local/lib/berth/berth-agent';
+export { BERTH_AGENT, findAgent } from '../agent/binary.js';
 
 /** Modules the guest needs from the Debian cloud kernel, in load order (dependencies first). */
 export const GUEST_MODULES = [
@@ -28,10 +27,6 @@ export interface GuestKernel {
   path: string;
   version: string;
   modulesDir: string;
-}
-
-export function findAgent(): string | undefined {
-  return [process.env.BERTH_AGENT, BERTH_AGENT].find((p): p is string => !!p && existsSync(p));
 }
 
 /** The newest Debian cloud kernel in /boot (or BERTH_GUEST_KERNEL=/path/to/vmlinuz-<version>). */

@@ -26,7 +26,8 @@ import type { DriverCapabilities, ExitResult, Fingerprint, RuntimeDriver, StopOp
 import { invalidArgument } from '../../core/errors.js';
 import { pidAlive, sleep } from '../../lib/exec.js';
 import { cgroupHierarchies } from '../../lib/host.js';
-import { AgentConnection, type AgentFrame } from './agent-client.js';
+import { AgentConnection, type AgentFrame } from '../agent/client.js';
+import { AgentPool } from '../agent/pool.js';
 import {
   detectAccel,
   ensureInitramfs,
@@ -128,6 +129,7 @@ export function encodeVmConfig(cfg: TaskConfig): Buffer {
       memoryBytes: cfg.resources.memoryMiB !== undefined ? cfg.resources.memoryMiB * 2 ** 20 : 0,
       pids: cfg.resources.pids ?? 0,
       cpuMillis: cfg.resources.cpuMillis ?? 0,
+      sandbox: cfg.sandbox === true,
     }),
   );
   const buf = Buffer.alloc(Math.max(4096, Math.ceil(json.length / 4096) * 4096));
@@ -154,8 +156,8 @@ export class MicroVmDriver implements RuntimeDriver {
   private accel: Promise<{ accel: Accel; reason: string }> | undefined;
   private readonly exits = new EventEmitter();
   private readonly tracking = new Map<string, AbortController>();
-  /** One agent connection at a time per task (QEMU's socket serves one client). */
-  private readonly agentLocks = new Map<string, Promise<unknown>>();
+  /** One shared agent connection per task (QEMU's socket serves one client at a time). */
+  private readonly agents = new AgentPool();
   private closed = false;
 
   constructor(opts: MicroVmDriverOptions) {
@@ -184,6 +186,7 @@ export class MicroVmDriver implements RuntimeDriver {
 
   close(): void {
     this.closed = true;
+    this.agents.closeAll();
     for (const c of this.tracking.values()) c.abort();
     this.tracking.clear();
   }
@@ -274,8 +277,15 @@ export class MicroVmDriver implements RuntimeDriver {
       const args = buildQemuArgs({ dir, accel, kernel: kernel.path, initramfs, rootImage, vcpus: size.vcpus, memoryMiB: size.memoryMiB, tscKhz, epochMs: Date.now() });
       const cgroups = this.makeCgroups(cfg.id, size);
       pid = await this.launch(dir, args, cgroups);
-      await this.awaitAgent(cfg.id, dir, pid);
-      const handle: TaskHandle = { driver: this.name, id: cfg.id, pid, monitorPid: pid, startedAt: new Date().toISOString() };
+      await this.awaitAgent(cfg.id, dir, pid, cfg.sandbox === true);
+      const handle: TaskHandle = {
+        driver: this.name,
+        id: cfg.id,
+        pid,
+        monitorPid: pid,
+        startedAt: new Date().toISOString(),
+        ...(cfg.sandbox ? { state: { sandbox: true } } : {}),
+      };
       this.track(handle);
       return handle;
     } catch (e) {
@@ -358,7 +368,7 @@ export class MicroVmDriver implements RuntimeDriver {
   }
 
   /** Waits until the guest agent answers hello with the workload started (or the VM is gone). */
-  private async awaitAgent(id: string, dir: string, pid: number): Promise<void> {
+  private async awaitAgent(id: string, dir: string, pid: number, keep: boolean): Promise<void> {
     const deadline = Date.now() + this.bootTimeoutMs;
     const gone = new AbortController();
     const watchdog = (async () => {
@@ -368,10 +378,10 @@ export class MicroVmDriver implements RuntimeDriver {
       }
       return 'aborted' as const;
     })();
-    let conn: AgentConnection | undefined;
+    let ok = false;
     try {
       const hello = (async (): Promise<AgentFrame> => {
-        conn = await AgentConnection.open(join(dir, 'agent.sock'), 5000, gone.signal);
+        const conn = await this.agents.get(id, join(dir, 'agent.sock'), 5000);
         return conn.request({ type: 'hello' }, Math.max(1000, deadline - Date.now()), gone.signal);
       })();
       // A connection reset by a VM that powered off is the VM's end, not the reason: wait for it.
@@ -385,9 +395,10 @@ export class MicroVmDriver implements RuntimeDriver {
         return;
       }
       if (first === 'aborted') throw new Error('aborted');
+      ok = true;
     } finally {
       gone.abort();
-      (conn as AgentConnection | undefined)?.close();
+      if (!ok || !keep) this.agents.drop(id); // workloads need no standing connection; sandboxes keep it
       await watchdog;
     }
   }
@@ -403,23 +414,9 @@ export class MicroVmDriver implements RuntimeDriver {
     return `the microVM stopped before its agent was ready${tail ? `; guest console:\n${tail}` : ''}`;
   }
 
-  /** Runs `fn` with an agent connection, one at a time per task. */
-  private async withAgent<T>(id: string, timeoutMs: number, fn: (c: AgentConnection) => Promise<T>): Promise<T> {
-    const prev = this.agentLocks.get(id) ?? Promise.resolve();
-    const next = prev.catch(() => undefined).then(async () => {
-      const c = await AgentConnection.open(join(this.taskDir(id), 'agent.sock'), timeoutMs);
-      try {
-        return await fn(c);
-      } finally {
-        c.close();
-      }
-    });
-    this.agentLocks.set(id, next);
-    try {
-      return await next;
-    } finally {
-      if (this.agentLocks.get(id) === next) this.agentLocks.delete(id);
-    }
+  /** The task's guest agent (sandbox VMs; also how a workload is signalled). */
+  agent(id: string, timeoutMs = 5000): Promise<AgentConnection> {
+    return this.agents.get(id, join(this.taskDir(id), 'agent.sock'), timeoutMs);
   }
 
   private readPid(id: string): number | undefined {
@@ -525,7 +522,7 @@ export class MicroVmDriver implements RuntimeDriver {
 
   private async signalMain(id: string, sig: string): Promise<boolean> {
     try {
-      await this.withAgent(id, 2000, (c) => c.request({ type: 'signal', proc: 'main', sig }, 3000));
+      await (await this.agent(id, 2000)).request({ type: 'signal', proc: 'main', sig }, 3000);
       return true;
     } catch {
       return false;
@@ -555,7 +552,13 @@ export class MicroVmDriver implements RuntimeDriver {
     const sig = opts.signal ?? 'SIGTERM';
     if (!(sig in SIGNALS)) throw invalidArgument(`unknown signal ${sig}; use a name such as SIGTERM or SIGINT`);
     const pid = handle.pid;
-    if (this.vmAlive(handle.id, pid)) {
+    if (handle.state?.sandbox === true && this.vmAlive(handle.id, pid)) {
+      // A sandbox has no main process: ask the agent to power the VM off, else pull the plug.
+      const asked = await this.agent(handle.id, 2000)
+        .then((c) => c.request({ type: 'shutdown', poweroff: true }, 3000))
+        .then(() => true, () => false);
+      if (!asked || !(await this.waitGone(handle.id, pid, Math.max(opts.timeoutMs, 1000)))) await this.killVm(handle.id, pid);
+    } else if (this.vmAlive(handle.id, pid)) {
       // The signal goes to the workload through the agent; the VM powers off when it has exited.
       const delivered = await this.signalMain(handle.id, sig);
       if (!delivered || !(await this.waitGone(handle.id, pid, opts.timeoutMs))) {
@@ -567,6 +570,7 @@ export class MicroVmDriver implements RuntimeDriver {
   }
 
   async destroy(id: string, opts: { force?: boolean; keepData?: boolean } = {}): Promise<void> {
+    this.agents.drop(id);
     this.tracking.get(id)?.abort();
     this.tracking.delete(id);
     const dir = this.taskDir(id);

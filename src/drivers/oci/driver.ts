@@ -16,7 +16,7 @@
 // Subclasses choose the runtime, its flags, how the writable layer is provided and how a created
 // container is started.
 import { spawn } from 'node:child_process';
-import { existsSync, mkdirSync, readFileSync, readdirSync, rmSync, rmdirSync, statSync, watch, writeFileSync, type FSWatcher } from 'node:fs';
+import { chmodSync, chownSync, existsSync, mkdirSync, readFileSync, readdirSync, rmSync, rmdirSync, statSync, watch, writeFileSync, type FSWatcher } from 'node:fs';
 import { readFile } from 'node:fs/promises';
 import { EventEmitter } from 'node:events';
 import { join } from 'node:path';
@@ -34,7 +34,10 @@ import type {
 import { BerthError, invalidArgument } from '../../core/errors.js';
 import { pidAlive, run, sleep } from '../../lib/exec.js';
 import { cgroupHierarchies } from '../../lib/host.js';
-import { buildOciConfig, hostNofileLimit, type OciBuildOptions } from './ocispec.js';
+import { buildOciConfig, hostNofileLimit, type OciBuildOptions, type OciMount } from './ocispec.js';
+import type { AgentConnection } from '../agent/client.js';
+import { AgentPool } from '../agent/pool.js';
+import { findAgent } from '../agent/binary.js';
 import { loadDefaultSeccomp } from './seccomp.js';
 
 export interface OciDriverOptions {
@@ -62,6 +65,7 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
   private readonly tasksDir: string;
   protected readonly cgroupParent: string;
   private readonly exits = new EventEmitter();
+  private readonly agents = new AgentPool();
   private watcher: FSWatcher | undefined;
   private swapSupported: boolean | undefined;
   private readonly nofile = hostNofileLimit();
@@ -97,6 +101,7 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
   }
 
   close(): void {
+    this.agents.closeAll();
     this.watcher?.close();
     this.watcher = undefined;
   }
@@ -158,9 +163,11 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
     }
     const dir = this.taskDir(cfg.id);
     const bundle = join(dir, 'bundle');
+    const sandbox = cfg.sandbox ? this.sandboxTask(cfg, dir) : undefined;
     // Pure conversion + validation first; nothing on the host is touched if the spec is bad.
-    const config = buildOciConfig(cfg, {
+    const config = buildOciConfig(sandbox?.cfg ?? cfg, {
       ...this.rootfsOptions(cfg, dir),
+      ...(sandbox ? { extraMounts: sandbox.mounts } : {}),
       // Absolute: a relative path would be placed under berthd's own cgroup.
       cgroupsPath: `/${this.cgroupParent}/${cfg.id}`,
       swapLimitSupported: this.hasSwapAccounting(),
@@ -170,7 +177,12 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
       throw new BerthError('already_exists', `task ${cfg.id} still has runtime state; destroy it before starting it again`);
     }
     try {
-      for (const d of ['upper', 'work', 'persist']) mkdirSync(join(dir, d), { recursive: true, mode: 0o700 });
+      for (const d of ['upper', 'work', 'persist', ...(sandbox ? ['run'] : [])]) mkdirSync(join(dir, d), { recursive: true, mode: 0o700 });
+      // The overlay's root directory takes the upper layer's owner and mode: give it the image's
+      // (a 0700 root would keep non-root processes from reaching anything).
+      const rootSt = statSync(cfg.imageRootfs);
+      chmodSync(join(dir, 'upper'), rootSt.mode & 0o7777);
+      chownSync(join(dir, 'upper'), rootSt.uid, rootSt.gid);
       mkdirSync(bundle, { recursive: true, mode: 0o700 });
       await this.prepareRootfs(cfg, dir);
       writeFileSync(join(bundle, 'config.json'), JSON.stringify(config));
@@ -178,12 +190,35 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
       await this.startCreated(cfg.id, pid);
       const monitorPid = Number(readFileSync(join(dir, 'conmon.pid'), 'utf8').trim());
       this.ensureWatcher();
-      return { driver: this.name, id: cfg.id, pid, monitorPid, startedAt: new Date().toISOString() };
+      if (sandbox) await (await this.agent(cfg.id, 10_000)).request({ type: 'hello' }, 10_000);
+      return { driver: this.name, id: cfg.id, pid, monitorPid, startedAt: new Date().toISOString(), ...(sandbox ? { state: { sandbox: true } } : {}) };
     } catch (e) {
       await this.destroy(cfg.id, { keepData: true }).catch(() => undefined);
       if (e instanceof BerthError) throw e;
       throw new BerthError('failed_precondition', `could not start the container: ${(e as Error).message}`);
     }
+  }
+
+  /**
+   * A sandbox container runs the guest agent as PID 1 (read-only bind mount of the static binary),
+   * listening on a unix socket in a folder bind-mounted from the task's state folder; berthd drives
+   * it from there (commands, files). Root inside, so that commands can run as any user.
+   */
+  private sandboxTask(cfg: TaskConfig, dir: string): { cfg: TaskConfig; mounts: OciMount[] } {
+    const agent = findAgent();
+    if (!agent) throw invalidArgument('sandboxes need the guest agent binary: run scripts/setup.sh (it builds agent/ with Go)');
+    return {
+      cfg: { ...cfg, args: ['/.berth/agent', '--listen', 'unix:/.berth/run/agent.sock'], user: { uid: 0, gid: 0 }, cwd: '/' },
+      mounts: [
+        { destination: '/.berth/agent', type: 'bind', source: agent, options: ['bind', 'ro', 'nosuid', 'nodev'] },
+        { destination: '/.berth/run', type: 'bind', source: join(dir, 'run'), options: ['bind', 'rw', 'nosuid', 'nodev', 'noexec'] },
+      ],
+    };
+  }
+
+  /** A sandbox task's guest agent (shared connection). */
+  agent(id: string, timeoutMs = 5000): Promise<AgentConnection> {
+    return this.agents.get(id, join(this.taskDir(id), 'run', 'agent.sock'), timeoutMs);
   }
 
   /** Starts conmon, which runs `<runtime> create`; resolves with the container's PID from conmon's sync pipe. */
@@ -394,6 +429,7 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
   }
 
   async destroy(id: string, opts: { force?: boolean; keepData?: boolean } = {}): Promise<void> {
+    this.agents.drop(id);
     const dir = this.taskDir(id);
     // Nothing of this task on this driver: done, without running the runtime at all.
     if (!existsSync(dir) && !existsSync(join(this.exitsDir, id)) && !this.hasRuntimeState(id)) return;

@@ -91,6 +91,8 @@ export interface OciBuildOptions {
    * no `mount` process is spawned per start.
    */
   rootOverlay?: { upperDir: string; workDir: string };
+  /** Mounts after the default ones (e.g. a sandbox's agent binary and socket folder). */
+  extraMounts?: OciMount[];
 }
 
 export interface OciUser {
@@ -358,8 +360,9 @@ export function buildOciConfig(cfg: TaskConfig, opts: OciBuildOptions): OciConfi
             options: [`lowerdir=${opts.rootfsPath}`, `upperdir=${opts.rootOverlay.upperDir}`, `workdir=${opts.rootOverlay.workDir}`],
           },
           ...defaultMounts(),
+          ...(opts.extraMounts ?? []),
         ]
-      : defaultMounts(),
+      : [...defaultMounts(), ...(opts.extraMounts ?? [])],
     linux: {
       // A network namespace without a path: runc creates it and brings up only loopback.
       namespaces: [{ type: 'pid' }, { type: 'network' }, { type: 'ipc' }, { type: 'uts' }, { type: 'mount' }],

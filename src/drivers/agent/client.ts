@@ -1,6 +1,8 @@
 // Host side of the guest agent protocol (agent/PROTOCOL.md): 4-byte big-endian length + one JSON
-// object per frame, requests matched to replies by id. One short-lived connection per use: QEMU's
-// socket chardev serves one client at a time, and nothing in berthd has to outlive a request.
+// object per frame, requests matched to replies by id, many requests in flight on one connection
+// (QEMU's socket chardev serves one client at a time, so a task has one shared connection).
+// Non-terminal frames (started, stdout, stderr, data, entries) go to the request's onEvent; when
+// onEvent returns a promise, reading pauses until it settles (backpressure for streamed files).
 import { connect, type Socket } from 'node:net';
 
 export const MAX_FRAME = 1 << 20;
@@ -24,7 +26,8 @@ export class AgentError extends Error {
 export class AgentConnection {
   private buf: Buffer = Buffer.alloc(0);
   private seq = 0;
-  private readonly waiters = new Map<string, { resolve: (f: AgentFrame) => void; reject: (e: Error) => void }>();
+  private readonly waiters = new Map<string, { resolve: (f: AgentFrame) => void; reject: (e: Error) => void; onEvent?: (f: AgentFrame) => void | Promise<void> }>();
+  private paused: Promise<void> | undefined;
   private closedError: Error | undefined;
 
   private constructor(private readonly sock: Socket) {
@@ -36,6 +39,14 @@ export class AgentConnection {
     };
     sock.on('error', fail);
     sock.on('close', () => fail(new Error('agent connection closed')));
+  }
+
+  get closed(): boolean {
+    return this.closedError !== undefined;
+  }
+
+  onClose(fn: () => void): void {
+    this.sock.once('close', fn);
   }
 
   /** Connects to a unix socket, retrying while it does not exist yet or refuses, until timeoutMs. */
@@ -62,6 +73,10 @@ export class AgentConnection {
 
   private onData(d: Buffer): void {
     this.buf = this.buf.length ? Buffer.concat([this.buf, d]) : d;
+    if (!this.paused) this.process();
+  }
+
+  private process(): void {
     while (this.buf.length >= 4) {
       const n = this.buf.readUInt32BE(0);
       if (n > MAX_FRAME) {
@@ -79,10 +94,30 @@ export class AgentConnection {
       }
       const w = this.waiters.get(f.id);
       if (!w) continue; // an event of a request this connection does not wait for
+      if (f.type !== 'error' && f.type !== 'ok' && f.type !== 'exit' && f.type !== 'eof') {
+        let r: void | Promise<void> = undefined;
+        try {
+          r = w.onEvent?.(f);
+        } catch {
+          /* a throwing listener must not break the connection */
+        }
+        if (r && typeof (r as Promise<void>).then === 'function') {
+          // Backpressure: stop reading (and parsing what is buffered) until the consumer took it.
+          this.sock.pause();
+          const p: Promise<void> = (r as Promise<void>).catch(() => undefined).then(() => {
+            this.paused = undefined;
+            this.process();
+            if (!this.paused) this.sock.resume();
+          });
+          this.paused = p;
+          return;
+        }
+        continue;
+      }
       if (f.type === 'error') {
         this.waiters.delete(f.id);
         w.reject(new AgentError(String(f.code ?? 'internal'), String(f.message ?? 'agent error')));
-      } else if (f.type === 'ok' || f.type === 'exit' || f.type === 'eof') {
+      } else {
         this.waiters.delete(f.id);
         w.resolve(f);
       }
@@ -90,7 +125,7 @@ export class AgentConnection {
   }
 
   /** Sends one request and resolves with its terminal frame; rejects on error frames and timeouts. */
-  request(req: Record<string, unknown>, timeoutMs: number, signal?: AbortSignal): Promise<AgentFrame> {
+  request(req: Record<string, unknown>, timeoutMs: number, signal?: AbortSignal, onEvent?: (f: AgentFrame) => void | Promise<void>): Promise<AgentFrame> {
     if (this.closedError) return Promise.reject(this.closedError);
     const id = `h${++this.seq}`;
     const body = Buffer.from(JSON.stringify({ ...req, id }), 'utf8');
@@ -109,6 +144,7 @@ export class AgentConnection {
       };
       signal?.addEventListener('abort', onAbort, { once: true });
       this.waiters.set(id, {
+        ...(onEvent ? { onEvent } : {}),
         resolve: (f) => {
           clearTimeout(timer);
           signal?.removeEventListener('abort', onAbort);

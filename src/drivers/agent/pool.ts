@@ -1,0 +1,43 @@
+// One shared connection per task to its guest agent (berth-agent), opened on first use and again
+// after it breaks. Used by every tier that runs the agent: inside a microVM (virtio-serial, whose
+// QEMU socket serves one client at a time) and as PID 1 of a sandbox container (a unix socket).
+import { AgentConnection } from './client.js';
+
+export class AgentPool {
+  private readonly conns = new Map<string, Promise<AgentConnection>>();
+
+  get(id: string, socketPath: string, timeoutMs: number): Promise<AgentConnection> {
+    const cur = this.conns.get(id);
+    if (cur) {
+      return cur.then(
+        (c) => (c.closed ? this.open(id, socketPath, timeoutMs) : c),
+        () => this.open(id, socketPath, timeoutMs),
+      );
+    }
+    return this.open(id, socketPath, timeoutMs);
+  }
+
+  private open(id: string, socketPath: string, timeoutMs: number): Promise<AgentConnection> {
+    const p = AgentConnection.open(socketPath, timeoutMs);
+    this.conns.set(id, p);
+    p.then(
+      (c) => c.onClose(() => {
+        if (this.conns.get(id) === p) this.conns.delete(id);
+      }),
+      () => {
+        if (this.conns.get(id) === p) this.conns.delete(id);
+      },
+    );
+    return p;
+  }
+
+  drop(id: string): void {
+    const p = this.conns.get(id);
+    this.conns.delete(id);
+    p?.then((c) => c.close(), () => undefined);
+  }
+
+  closeAll(): void {
+    for (const id of [...this.conns.keys()]) this.drop(id);
+  }
+}
