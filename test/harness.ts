@@ -113,6 +113,16 @@ export class TestDaemon {
     }
   }
 
+  async deleteAllSandboxes(project = 'default'): Promise<void> {
+    const list = await this.api('GET', `/v1/projects/${project}/sandboxes?limit=1000`);
+    for (const s of list.body.items ?? []) await this.api('DELETE', `/v1/projects/${project}/sandboxes/${s.name}`);
+    const deadline = Date.now() + 60_000;
+    while (((await this.api('GET', `/v1/projects/${project}/sandboxes?limit=1000`)).body.items ?? []).length > 0) {
+      if (Date.now() > deadline) throw new Error('sandboxes not deleted within 60 s');
+      await new Promise((r) => setTimeout(r, 100));
+    }
+  }
+
   async deleteAllWorkloads(project = 'default'): Promise<void> {
     const list = await this.api('GET', `/v1/projects/${project}/workloads?limit=1000`);
     for (const w of list.body.items ?? []) await this.api('DELETE', `/v1/projects/${project}/workloads/${w.name}`);

@@ -11,6 +11,7 @@ import type { ApiContext, AuthInfo } from './context.js';
 import { registerProjectRoutes } from './routes/projects.js';
 import { registerWorkloadRoutes } from './routes/workloads.js';
 import { registerJobRoutes } from './routes/jobs.js';
+import { registerSandboxRoutes } from './routes/sandboxes.js';
 import { registerSystemRoutes } from './routes/system.js';
 
 export const MAX_BODY_BYTES = 1024 * 1024;
@@ -53,17 +54,17 @@ export function createApp(ctx: ApiContext, log: Logger): OpenAPIHono<AppEnv> {
     await next();
     log.debug({ method: c.req.method, path: c.req.path, status: c.res.status, ms: +(performance.now() - t0).toFixed(1) }, 'request');
   });
-  app.use(
-    '*',
-    bodyLimit({
-      maxSize: MAX_BODY_BYTES,
-      onError: (c) => {
-        // The rest of the body is not read: the connection cannot be reused.
-        c.header('Connection', 'close');
-        return c.json(invalidArgument(`request body is larger than ${MAX_BODY_BYTES} bytes (1 MiB); send a smaller body`).toJSON(), 400);
-      },
-    }),
-  );
+  const limit = bodyLimit({
+    maxSize: MAX_BODY_BYTES,
+    onError: (c) => {
+      // The rest of the body is not read: the connection cannot be reused.
+      c.header('Connection', 'close');
+      return c.json(invalidArgument(`request body is larger than ${MAX_BODY_BYTES} bytes (1 MiB); send a smaller body`).toJSON(), 400);
+    },
+  });
+  // JSON bodies are capped; file uploads into a sandbox are streamed through in chunks instead.
+  const STREAMED_UPLOAD = /^\/v1\/projects\/[^/]+\/sandboxes\/[^/]+\/files$/;
+  app.use('*', (c, next) => (c.req.method === 'PUT' && STREAMED_UPLOAD.test(c.req.path) ? next() : limit(c, next)));
   app.use('*', async (c, next) => {
     const header = c.req.header('authorization') ?? '';
     const m = /^Bearer\s+(\S+)$/i.exec(header);
@@ -80,6 +81,7 @@ export function createApp(ctx: ApiContext, log: Logger): OpenAPIHono<AppEnv> {
   registerProjectRoutes(app, ctx);
   registerWorkloadRoutes(app, ctx);
   registerJobRoutes(app, ctx);
+  registerSandboxRoutes(app, ctx);
 
   app.doc31('/v1/openapi.json', {
     openapi: '3.1.0',

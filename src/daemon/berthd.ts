@@ -16,6 +16,7 @@ import { JOB, JOBRUN, makeJobReconciler, makeJobRunReconciler } from '../reconci
 import { RuncDriver } from '../drivers/runc/driver.js';
 import { GvisorDriver } from '../drivers/gvisor/driver.js';
 import { MicroVmDriver } from '../drivers/microvm/driver.js';
+import { SANDBOX, makeSandboxReconciler } from '../reconcilers/sandboxes.js';
 import { BuiltinImages } from '../images/catalog.js';
 import { createApp } from '../api/app.js';
 import { TokenStore } from './tokens.js';
@@ -48,7 +49,7 @@ export class Daemon {
   readonly runc: RuncDriver;
   readonly gvisor: GvisorDriver;
   readonly microvm: MicroVmDriver;
-  readonly controllers: { workloads: Controller; jobRuns: Controller; jobs: Controller };
+  readonly controllers: { workloads: Controller; jobRuns: Controller; jobs: Controller; sandboxes: Controller };
   readonly adminTokenPath: string;
   readonly socketPath: string;
   private servers: Server[] = [];
@@ -84,6 +85,7 @@ export class Daemon {
         concurrency: 16,
         reconcile: makeWorkloadReconciler({ store: this.store, drivers: this.drivers, images, log, ...(config.restartBackoff ? { restartBackoff: config.restartBackoff } : {}) }),
       }),
+      sandboxes: new Controller({ name: 'sandboxes', log, concurrency: 16, reconcile: makeSandboxReconciler({ store: this.store, drivers: this.drivers, images, log }) }),
       jobRuns: new Controller({ name: 'jobruns', log, reconcile: makeJobRunReconciler({ store: this.store, log }) }),
       jobs: new Controller({
         name: 'jobs',
@@ -116,6 +118,7 @@ export class Daemon {
     if (kind === WORKLOAD) this.controllers.workloads.enqueue(id);
     else if (kind === JOBRUN) this.controllers.jobRuns.enqueue(id);
     else if (kind === JOB) this.controllers.jobs.enqueue(id);
+    else if (kind === SANDBOX) this.controllers.sandboxes.enqueue(id);
   }
 
   async start(): Promise<void> {
@@ -130,7 +133,13 @@ export class Daemon {
       if (n.ownerId && n.kind === JOBRUN) this.controllers.jobs.enqueue(n.ownerId);
     });
     for (const fp of await this.drivers.fingerprintAll()) this.log.info({ driver: fp.driver, healthy: fp.healthy, reason: fp.reason }, 'driver fingerprint');
-    const offs = this.drivers.all().map((d) => d.onExit((id) => this.controllers.workloads.enqueue(id)));
+    const offs = this.drivers.all().map((d) =>
+      d.onExit((id) => {
+        // Task ids are resource ids: wake whichever controller owns it.
+        if (this.store.getById(id)?.kind === SANDBOX) this.controllers.sandboxes.enqueue(id);
+        else this.controllers.workloads.enqueue(id);
+      }),
+    );
     this.offExit = () => offs.forEach((f) => f());
     await this.collectOrphans();
     this.resyncAll();
@@ -150,6 +159,7 @@ export class Daemon {
     } while (page);
     for (const r of this.store.list(JOBRUN, { limit: 1000 }).items) this.controllers.jobRuns.enqueue(r.id);
     for (const j of this.store.list(JOB, { limit: 1000 }).items) this.controllers.jobs.enqueue(j.id);
+    for (const s of this.store.list(SANDBOX, { limit: 1000 }).items) this.controllers.sandboxes.enqueue(s.id);
   }
 
   /** Host state with no record (a crash between record removal and cleanup): remove it. */

@@ -127,7 +127,7 @@ export class AgentConnection {
   /** Sends one request and resolves with its terminal frame; rejects on error frames and timeouts. */
   request(req: Record<string, unknown>, timeoutMs: number, signal?: AbortSignal, onEvent?: (f: AgentFrame) => void | Promise<void>): Promise<AgentFrame> {
     if (this.closedError) return Promise.reject(this.closedError);
-    const id = `h${++this.seq}`;
+    const id = typeof req.id === 'string' && req.id ? req.id : `h${++this.seq}`;
     const body = Buffer.from(JSON.stringify({ ...req, id }), 'utf8');
     if (body.length > MAX_FRAME) return Promise.reject(new AgentError('invalid_argument', `request of ${body.length} bytes exceeds the 1 MiB frame limit`));
     const head = Buffer.alloc(4);

@@ -1,0 +1,428 @@
+// Sandboxes: short-lived, strongly isolated tasks driven remotely — run commands (output streamed as
+// NDJSON), move files (streamed both ways), list and signal processes. Every call goes to the guest
+// agent inside the sandbox (agent/PROTOCOL.md), which resolves paths inside the sandbox's root, so
+// no path, symlink or archive can reach outside it. Same API on every isolation tier.
+import { createRoute, z, type OpenAPIHono } from '@hono/zod-openapi';
+import { stream } from 'hono/streaming';
+import { randomBytes } from 'node:crypto';
+import { StringDecoder } from 'node:string_decoder';
+import type { AgentChannel, AgentFrame } from '../../core/driver.js';
+import { BerthError, failedPrecondition, type ErrorCode } from '../../core/errors.js';
+import { SANDBOX, initialSandboxStatus, type SandboxResource, type SandboxSpecT, type SandboxStatusT } from '../../reconcilers/sandboxes.js';
+import type { AppEnv } from '../app.js';
+import type { ApiContext } from '../context.js';
+import { Isolation, Labels, ListQuery, Name, Resources, listOf } from '../schemas.js';
+import { ProjectNameParams, ProjectParams, body, errorResponses, getLive, json, useProject, view } from './common.js';
+import { admitRunSpec, waitForChange } from './workloads.js';
+
+const tags = ['sandboxes'];
+const HIDDEN = ['task'];
+const sandboxView = (s: SandboxResource) => view(s, HIDDEN);
+
+const EnvMap = z.record(z.string().regex(/^[A-Za-z_][A-Za-z0-9_]*$/, { message: 'environment variable names are letters, digits and "_"' }), z.string().max(131072));
+const Path = z.string().min(1).max(4096).refine((p) => !p.includes('\0'), { message: 'paths cannot contain NUL bytes' });
+
+export const SandboxSpec = z
+  .strictObject({
+    image: z.string().min(1).max(255).default('busybox'),
+    isolation: Isolation.default('gvisor').openapi({ description: 'gvisor (default) | microvm | container' }),
+    resources: Resources.optional(),
+    env: EnvMap.optional(),
+    timeoutMs: z.number().int().min(1000).max(86_400_000).default(300_000).openapi({ description: 'The sandbox is killed this long after it started (extend with POST …/timeout)' }),
+  })
+  .openapi('SandboxSpec');
+
+const CreateSandbox = z
+  .strictObject({ name: Name.optional(), labels: Labels.optional().openapi({ description: 'Metadata; filter lists with labelSelector' }), spec: SandboxSpec.default({ image: 'busybox', isolation: 'gvisor', timeoutMs: 300_000 }) })
+  .openapi('CreateSandbox');
+
+const Sandbox = z
+  .object({
+    id: z.string(),
+    name: z.string(),
+    project: z.string(),
+    labels: z.record(z.string(), z.string()),
+    spec: SandboxSpec,
+    status: z.object({ phase: z.enum(['pending', 'starting', 'running', 'stopping', 'stopped', 'failed']) }).passthrough(),
+  })
+  .passthrough()
+  .openapi('Sandbox');
+
+const CreateQuery = z.strictObject({ wait: z.enum(['true', 'false']).default('true').openapi({ description: 'Answer once the sandbox runs (or failed to start)' }) });
+const TimeoutBody = z.strictObject({ timeoutMs: z.number().int().min(1000).max(86_400_000).openapi({ description: 'New life time, counted from now' }) }).openapi('SandboxTimeout');
+
+const CommandBody = z
+  .strictObject({
+    cmd: z.union([z.string().min(1).max(131072), z.array(z.string().max(131072)).min(1).max(4096)]).openapi({ description: 'A shell command line (run with sh -c) or an argv array' }),
+    env: EnvMap.optional(),
+    cwd: z.string().max(4096).regex(/^\//, { message: 'cwd must be an absolute path' }).optional(),
+    user: z.string().regex(/^\d{1,10}(:\d{1,10})?$/, { message: 'user must be "uid" or "uid:gid"' }).optional(),
+    stdin: z.string().max(1 << 20).optional().openapi({ description: 'Text written to the command’s stdin, then closed' }),
+    timeoutMs: z.number().int().min(1).max(86_400_000).optional().openapi({ description: 'The command is killed (SIGKILL) after this long' }),
+    background: z.boolean().default(false).openapi({ description: 'Answer at once with the process id; the output is discarded' }),
+  })
+  .openapi('SandboxCommand');
+const SignalBody = z.strictObject({ signal: z.string().regex(/^SIG[A-Z0-9]+$/, { message: 'signal must be a name such as "SIGTERM"' }).default('SIGTERM') });
+const PathQuery = z.strictObject({ path: Path });
+const WriteQuery = z.strictObject({ path: Path, mode: z.string().regex(/^[0-7]{3,4}$/, { message: 'mode is octal, e.g. 644' }).optional() });
+const MkdirBody = z.strictObject({ path: Path, parents: z.boolean().default(false), mode: z.number().int().min(0).max(0o7777).optional() });
+const RemoveBody = z.strictObject({ path: Path, recursive: z.boolean().default(false) });
+const RenameBody = z.strictObject({ path: Path, to: Path });
+const ProcParams = ProjectNameParams.extend({ proc: z.string().regex(/^[a-z0-9-]{1,64}$/).openapi({ param: { name: 'proc', in: 'path' } }) });
+
+const AGENT_TIMEOUT_MS = 30_000;
+const WRITE_CHUNK = 512 * 1024; // raw bytes per file.write frame (base64 keeps it under the 1 MiB frame limit)
+
+/** Errors from the agent, as API errors (the same closed set). */
+function agentError(e: unknown): BerthError {
+  if (e instanceof BerthError) return e;
+  const code = (e as { code?: string }).code;
+  const msg = (e as Error).message;
+  const known: Record<string, ErrorCode> = { invalid_argument: 'invalid_argument', not_found: 'not_found', permission_denied: 'permission_denied', failed_precondition: 'failed_precondition' };
+  if (code && known[code]) return new BerthError(known[code], msg);
+  return new BerthError('unavailable', `the sandbox's agent did not answer: ${msg}`);
+}
+
+export function registerSandboxRoutes(app: OpenAPIHono<AppEnv>, ctx: ApiContext): void {
+  const base = '/v1/projects/{project}/sandboxes';
+
+  /** A running sandbox and its agent connection. */
+  const agentOf = async (project: string, name: string): Promise<{ s: SandboxResource; agent: AgentChannel }> => {
+    const s = getLive<SandboxSpecT, SandboxStatusT>(ctx, SANDBOX, project, name) as SandboxResource;
+    if (s.status.phase !== 'running' || !s.status.task) {
+      throw failedPrecondition(`sandbox "${name}" is ${s.status.phase}${s.status.reason ? ` (${s.status.reason})` : ''}; only a running sandbox takes commands and file calls`);
+    }
+    const driver = ctx.drivers.byName(s.status.task.driver);
+    if (!driver?.agent) throw failedPrecondition(`the ${s.status.task.driver} driver cannot reach a sandbox agent`);
+    try {
+      return { s, agent: await driver.agent(s.id, 5000) };
+    } catch (e) {
+      throw agentError(e);
+    }
+  };
+  const call = async (agent: AgentChannel, req: Record<string, unknown>, signal?: AbortSignal, onEvent?: (f: AgentFrame) => void | Promise<void>) => {
+    try {
+      return await agent.request(req, AGENT_TIMEOUT_MS, signal, onEvent);
+    } catch (e) {
+      throw agentError(e);
+    }
+  };
+
+  app.openapi(
+    createRoute({ method: 'post', path: base, tags, request: { params: ProjectParams, query: CreateQuery, body: body(CreateSandbox) }, responses: { 201: json(Sandbox, 'Created'), ...errorResponses } }),
+    async (c) => {
+      const { project } = c.req.valid('param');
+      const b = c.req.valid('json');
+      useProject(ctx, c, project);
+      await admitRunSpec(ctx, { isolation: b.spec.isolation, image: b.spec.image, resources: b.spec.resources });
+      const name = b.name ?? `sbx-${randomBytes(5).toString('hex')}`;
+      let s = ctx.store.create(SANDBOX, { project, name, labels: b.labels ?? {}, spec: b.spec, status: initialSandboxStatus() }) as SandboxResource;
+      ctx.store.addEvent(s.id, 'Created', `sandbox created (image ${b.spec.image}, isolation ${b.spec.isolation})`);
+      ctx.kick(SANDBOX, s.id);
+      if (c.req.valid('query').wait === 'true') {
+        const deadline = Date.now() + 120_000;
+        while (!['running', 'failed', 'stopped'].includes(s.status.phase) && Date.now() < deadline && !c.req.raw.signal.aborted) {
+          s = (await waitForChange(ctx, s.id, s.resourceVersion, deadline - Date.now(), c.req.raw.signal)) as SandboxResource;
+        }
+      }
+      return c.json(sandboxView(s) as never, 201);
+    },
+  );
+
+  app.openapi(
+    createRoute({ method: 'get', path: base, tags, request: { params: ProjectParams, query: ListQuery }, responses: { 200: json(listOf(Sandbox, 'SandboxList')), ...errorResponses } }),
+    (c) => {
+      const { project } = c.req.valid('param');
+      useProject(ctx, c, project);
+      const res = ctx.store.list<SandboxSpecT, SandboxStatusT>(SANDBOX, { project, ...c.req.valid('query') });
+      return c.json({ items: res.items.map((s) => sandboxView(s as SandboxResource)), nextPageToken: res.nextPageToken } as never, 200);
+    },
+  );
+
+  app.openapi(
+    createRoute({ method: 'get', path: `${base}/{name}`, tags, request: { params: ProjectNameParams }, responses: { 200: json(Sandbox), ...errorResponses } }),
+    (c) => {
+      const { project, name } = c.req.valid('param');
+      useProject(ctx, c, project);
+      return c.json(sandboxView(ctx.store.get(SANDBOX, project, name) as SandboxResource) as never, 200);
+    },
+  );
+
+  app.openapi(
+    createRoute({ method: 'delete', path: `${base}/{name}`, tags, request: { params: ProjectNameParams }, responses: { 202: json(Sandbox, 'Kill started'), ...errorResponses } }),
+    (c) => {
+      const { project, name } = c.req.valid('param');
+      useProject(ctx, c, project);
+      const s = ctx.store.get(SANDBOX, project, name);
+      const r = ctx.store.markForDeletion(s.id);
+      ctx.kick(SANDBOX, s.id);
+      return c.json(sandboxView(r as SandboxResource) as never, 202);
+    },
+  );
+
+  app.openapi(
+    createRoute({ method: 'post', path: `${base}/{name}/timeout`, tags, request: { params: ProjectNameParams, body: body(TimeoutBody) }, responses: { 200: json(Sandbox), ...errorResponses } }),
+    (c) => {
+      const { project, name } = c.req.valid('param');
+      useProject(ctx, c, project);
+      const s = getLive<SandboxSpecT, SandboxStatusT>(ctx, SANDBOX, project, name) as SandboxResource;
+      if (s.status.phase !== 'running' || !s.status.startedAt) throw failedPrecondition(`sandbox "${name}" is ${s.status.phase}; only a running sandbox's timeout can change`);
+      const timeoutMs = Date.now() - Date.parse(s.status.startedAt) + c.req.valid('json').timeoutMs;
+      const r = ctx.store.updateSpec(s.id, { spec: { ...s.spec, timeoutMs } });
+      ctx.kick(SANDBOX, s.id);
+      return c.json(sandboxView(r as SandboxResource) as never, 200);
+    },
+  );
+
+  // --- commands and processes -----------------------------------------------------------------
+
+  app.openapi(
+    createRoute({
+      method: 'post',
+      path: `${base}/{name}/commands`,
+      tags,
+      request: { params: ProjectNameParams, body: body(CommandBody) },
+      responses: { 200: { description: 'NDJSON events: started {id, pid}, stdout {data}, stderr {data}, exit {exitCode, signal?, timedOut?}; or, for background, one JSON object {id, pid}', content: { 'application/x-ndjson': { schema: z.string() } } }, ...errorResponses },
+    }),
+    async (c) => {
+      const { project, name } = c.req.valid('param');
+      useProject(ctx, c, project);
+      const b = c.req.valid('json');
+      const { s, agent } = await agentOf(project, name);
+      const args = typeof b.cmd === 'string' ? ['/bin/sh', '-c', b.cmd] : b.cmd;
+      const [uid, gid] = b.user ? b.user.split(':').map(Number) : [undefined, undefined];
+      const procId = `p-${randomBytes(6).toString('hex')}`;
+      const runReq: Record<string, unknown> = {
+        id: procId,
+        type: 'run',
+        args,
+        env: { ...(s.spec.env ?? {}), ...(b.env ?? {}) },
+        cwd: b.cwd ?? '/',
+        stdin: b.stdin !== undefined,
+        ...(uid !== undefined ? { uid, gid: gid ?? uid } : {}),
+      };
+      const queue: string[] = [];
+      let wake: (() => void) | undefined;
+      let started: ((pid: number) => void) | undefined;
+      const startedP = new Promise<number>((r) => (started = r));
+      const decoders = { stdout: new StringDecoder('utf8'), stderr: new StringDecoder('utf8') };
+      const push = (o: unknown) => {
+        queue.push(JSON.stringify(o) + '\n');
+        wake?.();
+      };
+      const onEvent = (f: AgentFrame) => {
+        if (f.type === 'started') {
+          started?.(Number(f.pid));
+          push({ type: 'started', id: procId, pid: f.pid });
+        } else if (f.type === 'stdout' || f.type === 'stderr') {
+          push({ type: f.type, data: decoders[f.type].write(Buffer.from(String(f.data ?? ''), 'base64')) });
+        }
+      };
+      const longTimeout = 86_400_000 + 60_000; // the command's own timeout is enforced below
+      const done = agent.request(runReq, longTimeout, undefined, onEvent);
+      const first = await Promise.race([startedP, done.then(() => -1, (e: unknown) => Promise.reject(agentError(e)))]);
+      if (first < 0) throw new BerthError('internal', 'the command ended before it started');
+      if (b.stdin !== undefined) {
+        await call(agent, { type: 'stdin', proc: procId, data: Buffer.from(b.stdin).toString('base64'), eof: true }).catch(() => undefined);
+      }
+      let timedOut = false;
+      const timer = b.timeoutMs
+        ? setTimeout(() => {
+            timedOut = true;
+            void agent.request({ type: 'signal', proc: procId, sig: 'SIGKILL', group: true }, 5000).catch(() => undefined);
+          }, b.timeoutMs)
+        : undefined;
+      const kill = () => void agent.request({ type: 'signal', proc: procId, sig: 'SIGKILL', group: true }, 5000).catch(() => undefined);
+      if (b.background) {
+        if (timer) timer.unref();
+        done.catch(() => undefined).finally(() => clearTimeout(timer));
+        return c.json({ id: procId, pid: first } as never, 200) as never;
+      }
+      let ended = false;
+      done.then(
+        (f) => {
+          clearTimeout(timer);
+          for (const k of ['stdout', 'stderr'] as const) {
+            const rest = decoders[k].end();
+            if (rest) push({ type: k, data: rest });
+          }
+          push({ type: 'exit', exitCode: f.code, ...(f.signal ? { signal: f.signal } : {}), ...(timedOut ? { timedOut: true } : {}) });
+          ended = true;
+          wake?.();
+        },
+        (e: unknown) => {
+          clearTimeout(timer);
+          push({ type: 'error', message: (e as Error).message });
+          ended = true;
+          wake?.();
+        },
+      );
+      c.header('content-type', 'application/x-ndjson');
+      return stream(c, async (out) => {
+        out.onAbort(() => {
+          if (!ended) kill(); // the caller went away: so does its command
+          wake?.();
+        });
+        for (;;) {
+          while (queue.length) await out.write(queue.shift()!);
+          if (ended || out.aborted) break;
+          await new Promise<void>((r) => (wake = r));
+          wake = undefined;
+        }
+      }) as never;
+    },
+  );
+
+  app.openapi(
+    createRoute({ method: 'get', path: `${base}/{name}/processes`, tags, request: { params: ProjectNameParams }, responses: { 200: json(z.object({ items: z.array(z.object({ id: z.string(), pid: z.number(), args: z.array(z.string()), startedAt: z.string() })) })), ...errorResponses } }),
+    async (c) => {
+      const { project, name } = c.req.valid('param');
+      useProject(ctx, c, project);
+      const { agent } = await agentOf(project, name);
+      const r = await call(agent, { type: 'list' });
+      return c.json({ items: (r.processes as unknown[]) ?? [] } as never, 200);
+    },
+  );
+
+  app.openapi(
+    createRoute({ method: 'post', path: `${base}/{name}/processes/{proc}/signal`, tags, request: { params: ProcParams, body: body(SignalBody) }, responses: { 200: json(z.object({})), ...errorResponses } }),
+    async (c) => {
+      const { project, name, proc } = c.req.valid('param');
+      useProject(ctx, c, project);
+      const { agent } = await agentOf(project, name);
+      await call(agent, { type: 'signal', proc, sig: c.req.valid('json').signal, group: true });
+      return c.json({} as never, 200);
+    },
+  );
+
+  // --- files ------------------------------------------------------------------------------------
+
+  app.openapi(
+    createRoute({
+      method: 'get',
+      path: `${base}/{name}/files`,
+      tags,
+      request: { params: ProjectNameParams, query: PathQuery },
+      responses: { 200: { description: 'The file’s bytes, streamed', content: { 'application/octet-stream': { schema: z.string() } } }, ...errorResponses },
+    }),
+    async (c) => {
+      const { project, name } = c.req.valid('param');
+      useProject(ctx, c, project);
+      const { path } = c.req.valid('query');
+      const { agent } = await agentOf(project, name);
+      // The status line waits for the agent's first answer, so that a missing file, a directory or
+      // a path outside the sandbox is a clean 4xx rather than a broken stream. Symlinks are
+      // followed, confined to the sandbox's root (the agent resolves them with RESOLVE_IN_ROOT).
+      const ac = new AbortController();
+      const chunks: Buffer[] = [];
+      let push: ((b: Buffer | null) => Promise<void>) | undefined;
+      let firstFrame: () => void = () => undefined;
+      const first = new Promise<void>((r) => (firstFrame = r));
+      const reading = agent.request({ type: 'file.read', path }, 3_600_000, ac.signal, async (f) => {
+        if (f.type !== 'data') return;
+        const b = Buffer.from(String(f.data ?? ''), 'base64');
+        if (push) await push(b);
+        else chunks.push(b);
+        firstFrame();
+      });
+      await Promise.race([first, reading.then(() => undefined, (e: unknown) => Promise.reject(agentError(e)))]);
+      c.header('content-type', 'application/octet-stream');
+      return stream(c, async (out) => {
+        out.onAbort(() => ac.abort());
+        // Each data frame is written before the next is read (backpressure down to the agent).
+        for (const b of chunks.splice(0)) await out.write(b);
+        push = async (b) => {
+          if (b) await out.write(b);
+        };
+        await reading.catch(() => out.abort());
+      }) as never;
+    },
+  );
+
+  app.openapi(
+    createRoute({
+      method: 'put',
+      path: `${base}/{name}/files`,
+      tags,
+      request: { params: ProjectNameParams, query: WriteQuery, body: { required: false, content: { 'application/octet-stream': { schema: z.string() } } } },
+      responses: { 200: json(z.object({ path: z.string(), written: z.number() })), ...errorResponses },
+    }),
+    async (c) => {
+      const { project, name } = c.req.valid('param');
+      useProject(ctx, c, project);
+      const { path, mode } = c.req.valid('query');
+      const { agent } = await agentOf(project, name);
+      // Streamed in chunks: the upload is never held in memory as a whole.
+      let written = 0;
+      let first = true;
+      const send = async (buf: Buffer) => {
+        await call(agent, { type: 'file.write', path, data: buf.toString('base64'), append: !first, ...(first && mode ? { mode: parseInt(mode, 8) } : {}) });
+        first = false;
+        written += buf.length;
+      };
+      const reader = c.req.raw.body?.getReader();
+      let pending: Buffer[] = [];
+      let pendingLen = 0;
+      if (reader) {
+        for (;;) {
+          const { value, done } = await reader.read();
+          if (value) {
+            pending.push(Buffer.from(value));
+            pendingLen += value.length;
+            while (pendingLen >= WRITE_CHUNK) {
+              const all = Buffer.concat(pending);
+              await send(all.subarray(0, WRITE_CHUNK));
+              pending = [all.subarray(WRITE_CHUNK)];
+              pendingLen = all.length - WRITE_CHUNK;
+            }
+          }
+          if (done) break;
+        }
+      }
+      if (pendingLen > 0 || first) await send(Buffer.concat(pending));
+      return c.json({ path, written } as never, 200);
+    },
+  );
+
+  app.openapi(
+    createRoute({ method: 'get', path: `${base}/{name}/files/list`, tags, request: { params: ProjectNameParams, query: PathQuery }, responses: { 200: json(z.object({ items: z.array(z.record(z.string(), z.unknown())) })), ...errorResponses } }),
+    async (c) => {
+      const { project, name } = c.req.valid('param');
+      useProject(ctx, c, project);
+      const { agent } = await agentOf(project, name);
+      const items: unknown[] = [];
+      await call(agent, { type: 'file.list', path: c.req.valid('query').path }, undefined, (f) => {
+        if (f.type === 'entries') items.push(...((f.entries as unknown[]) ?? []));
+      });
+      return c.json({ items } as never, 200);
+    },
+  );
+
+  app.openapi(
+    createRoute({ method: 'get', path: `${base}/{name}/files/stat`, tags, request: { params: ProjectNameParams, query: PathQuery }, responses: { 200: json(z.record(z.string(), z.unknown())), ...errorResponses } }),
+    async (c) => {
+      const { project, name } = c.req.valid('param');
+      useProject(ctx, c, project);
+      const { agent } = await agentOf(project, name);
+      const r = await call(agent, { type: 'file.stat', path: c.req.valid('query').path });
+      return c.json(r.stat as never, 200);
+    },
+  );
+
+  for (const [op, schema] of [
+    ['mkdir', MkdirBody],
+    ['remove', RemoveBody],
+    ['rename', RenameBody],
+  ] as const) {
+    app.openapi(
+      createRoute({ method: 'post', path: `${base}/{name}/files/${op}`, tags, request: { params: ProjectNameParams, body: body(schema) }, responses: { 200: json(z.object({})), ...errorResponses } }),
+      async (c) => {
+        const { project, name } = c.req.valid('param');
+        useProject(ctx, c, project);
+        const { agent } = await agentOf(project, name);
+        await call(agent, { type: `file.${op}`, ...(c.req.valid('json') as Record<string, unknown>) });
+        return c.json({} as never, 200);
+      },
+    );
+  }
+}

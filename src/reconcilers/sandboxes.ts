@@ -1,0 +1,126 @@
+// Sandbox reconciler: a sandbox is a task whose main process is Berth's guest agent (commands and
+// files are served by it: see api/routes/sandboxes.ts). Level-triggered and keyed by id, like the
+// workload reconciler: it starts the task, adopts it after a daemon restart, ends it when its
+// timeout passes (freeing every host resource) and removes everything on deletion.
+import type { Logger } from 'pino';
+import type { DriverRegistry, TaskHandle } from '../core/driver.js';
+import { isBerthError } from '../core/errors.js';
+import type { ImageCatalog } from '../images/catalog.js';
+import type { Resource, ResourceStore } from '../store/resources.js';
+import type { ReconcileResult } from './controller.js';
+import { exitReason } from './workloads.js';
+
+export const SANDBOX = 'sandbox';
+
+export interface SandboxSpecT {
+  image: string;
+  isolation: 'container' | 'gvisor' | 'microvm';
+  resources?: { cpuMillis?: number | undefined; memoryMiB?: number | undefined; pids?: number | undefined } | undefined;
+  env?: Record<string, string> | undefined;
+  /** Life time from start; the sandbox is killed when it passes. */
+  timeoutMs: number;
+}
+
+export interface SandboxStatusT {
+  phase: 'pending' | 'starting' | 'running' | 'stopping' | 'stopped' | 'failed';
+  startedAt?: string;
+  expiresAt?: string;
+  finishedAt?: string;
+  reason?: string;
+  message?: string;
+  pid?: number;
+  task?: TaskHandle | null;
+}
+
+export type SandboxResource = Resource<SandboxSpecT, SandboxStatusT>;
+
+export const initialSandboxStatus = (): SandboxStatusT => ({ phase: 'pending' });
+
+export function makeSandboxReconciler(deps: { store: ResourceStore; drivers: DriverRegistry; images: ImageCatalog; log: Logger }) {
+  const { store, drivers, images, log } = deps;
+
+  return async function reconcileSandbox(id: string): Promise<ReconcileResult | void> {
+    const s = store.getById<SandboxSpecT, SandboxStatusT>(id);
+    if (!s || s.kind !== SANDBOX) return;
+    let st: SandboxStatusT = { ...s.status };
+    const save = (patch: Partial<SandboxStatusT>, observedGeneration?: number) => {
+      st = { ...st, ...patch };
+      for (const k of Object.keys(st) as (keyof SandboxStatusT)[]) if (st[k] === undefined) delete st[k];
+      store.updateStatus(id, st, observedGeneration);
+    };
+    const driver = drivers.get(s.spec.isolation);
+    const taskDriver = st.task ? drivers.byName(st.task.driver) ?? driver : driver;
+    /** Stop (SIGKILL: a sandbox has nothing to shut down gracefully) and free every host resource. */
+    const end = async (phase: 'stopped' | 'failed', reason: string, message: string) => {
+      if (st.task && taskDriver) {
+        if (st.phase !== 'stopping') save({ phase: 'stopping' });
+        await taskDriver.stop(st.task, { timeoutMs: 2000, signal: 'SIGKILL' }).catch(() => undefined);
+      }
+      if (taskDriver) await taskDriver.destroy(id, { force: true });
+      save({ phase, task: null, pid: undefined, reason, message, finishedAt: new Date().toISOString() }, s.generation);
+      store.addEvent(id, reason, message, phase === 'failed' ? 'Warning' : 'Normal');
+    };
+
+    if (s.deletionRequestedAt) {
+      if (st.task && taskDriver && (await taskDriver.inspect(st.task)).state === 'running') {
+        await taskDriver.stop(st.task, { timeoutMs: 2000, signal: 'SIGKILL' }).catch(() => undefined);
+      }
+      for (const d of drivers.all()) await d.destroy(id, { force: true });
+      store.remove(id);
+      log.info({ sandbox: s.name, project: s.project, id }, 'sandbox deleted');
+      return;
+    }
+    if (st.phase === 'stopped' || st.phase === 'failed') return;
+
+    if (st.task || st.phase === 'starting' || st.phase === 'stopping') {
+      if (!taskDriver) return end('failed', 'IsolationUnavailable', `no driver for isolation "${s.spec.isolation}"`);
+      const handle: TaskHandle = st.task ?? { driver: taskDriver.name, id, pid: 0, startedAt: new Date().toISOString(), state: { sandbox: true } };
+      const obs = st.task && st.phase !== 'starting' ? await taskDriver.inspect(handle) : await taskDriver.recover(handle);
+      if (obs.state !== 'running') {
+        const why = obs.exit ? exitReason(obs.exit) : 'the sandbox is gone';
+        return end('failed', obs.exit?.oomKilled ? 'OOMKilled' : 'Died', `the sandbox's agent ended: ${why}`);
+      }
+      if (!st.task || st.phase === 'starting') {
+        save({ phase: 'running', task: handle, pid: obs.pid ?? handle.pid, startedAt: st.startedAt ?? handle.startedAt });
+        store.addEvent(id, 'Adopted', 'running sandbox adopted after a daemon restart');
+      }
+      const exp = Date.parse(st.startedAt!) + s.spec.timeoutMs;
+      const expIso = new Date(exp).toISOString();
+      if (st.expiresAt !== expIso || s.observedGeneration < s.generation) save({ expiresAt: expIso }, s.generation);
+      if (Date.now() >= exp) return end('stopped', 'Timeout', `killed after its timeout of ${s.spec.timeoutMs} ms`);
+      return { requeueAfterMs: exp - Date.now() };
+    }
+
+    // No task yet: start one.
+    if (!driver) return end('failed', 'IsolationUnavailable', `no driver for isolation "${s.spec.isolation}" on this host`);
+    save({ phase: 'starting' }, s.generation);
+    let handle: TaskHandle;
+    try {
+      const img = await images.resolve(s.spec.image);
+      handle = await driver.start({
+        id,
+        imageRootfs: img.rootfs,
+        imageDigest: img.digest,
+        args: [],
+        env: { ...img.config.env, ...(s.spec.env ?? {}) },
+        cwd: '/',
+        user: { uid: 0, gid: 0 },
+        resources: s.spec.resources ?? {},
+        hostname: s.name,
+        labels: s.labels,
+        sandbox: true,
+      });
+    } catch (e) {
+      const msg = isBerthError(e) ? e.message : (e as Error).message;
+      log.warn({ sandbox: s.name, project: s.project, err: msg }, 'sandbox failed to start');
+      await driver.destroy(id, { force: true }).catch(() => undefined);
+      save({ phase: 'failed', task: null, reason: 'FailedStart', message: msg, finishedAt: new Date().toISOString() }, s.generation);
+      store.addEvent(id, 'FailedStart', msg, 'Warning');
+      return;
+    }
+    const exp = Date.parse(handle.startedAt) + s.spec.timeoutMs;
+    save({ phase: 'running', task: handle, pid: handle.pid, startedAt: handle.startedAt, expiresAt: new Date(exp).toISOString() }, s.generation);
+    store.addEvent(id, 'Started', `sandbox started (isolation ${s.spec.isolation}, pid ${handle.pid})`);
+    return { requeueAfterMs: Math.max(0, exp - Date.now()) };
+  };
+}

@@ -1,0 +1,209 @@
+// Sandboxes end to end, the same checks on every installed isolation tier: commands (streamed
+// output, exit codes, env/cwd/user, stdin, timeouts, background processes, signals), files
+// (streamed up and down, list/stat/mkdir/rename/remove), confinement of file paths, the sandbox
+// timeout freeing every host resource, and project-scoped tokens.
+import { after, before, describe, test } from 'node:test';
+import assert from 'node:assert/strict';
+import { createHash, randomBytes } from 'node:crypto';
+import { rmSync, writeFileSync } from 'node:fs';
+import { TestDaemon, sleep } from './harness.js';
+
+let d: TestDaemon;
+let tiers: string[] = [];
+before(async () => {
+  d = await TestDaemon.start();
+  const info = await d.api('GET', '/v1/info');
+  tiers = info.body.drivers.filter((x: any) => x.healthy).map((x: any) => x.isolation);
+});
+after(async () => {
+  await d.deleteAllSandboxes().catch(() => undefined);
+  await d.destroy();
+});
+
+const S = '/v1/projects/default/sandboxes';
+
+interface Ev {
+  type: string;
+  data?: string;
+  exitCode?: number;
+  signal?: string;
+  timedOut?: boolean;
+  id?: string;
+  pid?: number;
+}
+
+async function run(name: string, body: Record<string, unknown>): Promise<{ events: Ev[]; out: string; err: string; exit?: Ev }> {
+  const res = await fetch(`${d.addr}${S}/${name}/commands`, { method: 'POST', headers: { authorization: `Bearer ${d.token}`, 'content-type': 'application/json' }, body: JSON.stringify(body) });
+  const text = await res.text();
+  if (res.status !== 200) throw new Error(`commands: ${res.status} ${text}`);
+  const events = text.split('\n').filter(Boolean).map((l) => JSON.parse(l) as Ev);
+  return {
+    events,
+    out: events.filter((e) => e.type === 'stdout').map((e) => e.data).join(''),
+    err: events.filter((e) => e.type === 'stderr').map((e) => e.data).join(''),
+    exit: events.find((e) => e.type === 'exit'),
+  };
+}
+
+for (const isolation of ['gvisor', 'microvm', 'container']) {
+  describe(`sandbox on ${isolation}`, () => {
+    const name = `sb-${isolation.slice(0, 2)}-${randomBytes(3).toString('hex')}`;
+    let skip: string | undefined;
+    before(async () => {
+      if (!tiers.includes(isolation)) skip = `${isolation} is not installed on this host`;
+      else {
+        const t0 = Date.now();
+        const r = await d.api('POST', S, { name, labels: { suite: 'sdk', tier: isolation }, spec: { isolation, resources: { memoryMiB: 128 }, timeoutMs: 600_000 } });
+        assert.equal(r.status, 201, JSON.stringify(r.body));
+        assert.equal(r.body.status.phase, 'running', JSON.stringify(r.body.status));
+        console.log(`# ${isolation} sandbox created in ${Date.now() - t0} ms`);
+      }
+    });
+    after(async () => {
+      if (skip) return;
+      assert.equal((await d.api('DELETE', `${S}/${name}`)).status, 202);
+      await d.deleteAllSandboxes();
+      assert.deepEqual(d.hostResidue(), [], `nothing of the ${isolation} sandbox is left after it was killed`);
+    });
+
+    test('commands: streamed output, exit code, env, cwd, user, stdin', { timeout: 60_000 }, async (t) => {
+      if (skip) return t.skip(skip);
+      const a = await run(name, { cmd: 'echo out; echo err >&2; exit 3' });
+      assert.equal(a.events[0]?.type, 'started');
+      assert.equal(a.out, 'out\n');
+      assert.equal(a.err, 'err\n');
+      assert.equal(a.exit?.exitCode, 3);
+      const b = await run(name, { cmd: ['sh', '-c', 'echo $FOO; pwd; id -u; id -g'], env: { FOO: 'bar' }, cwd: '/tmp', user: '1000:1000' });
+      assert.equal(b.out, 'bar\n/tmp\n1000\n1000\n');
+      const c = await run(name, { cmd: 'tr a-z A-Z', stdin: 'hello sandbox' });
+      assert.equal(c.out, 'HELLO SANDBOX');
+      const missing = await fetch(`${d.addr}${S}/${name}/commands`, { method: 'POST', headers: { authorization: `Bearer ${d.token}`, 'content-type': 'application/json' }, body: JSON.stringify({ cmd: ['/no/such/program'] }) });
+      assert.ok(missing.status === 404 || missing.status === 400, `missing program → ${missing.status}`);
+    });
+
+    test('commands: timeout kills; background processes can be listed and signalled', { timeout: 60_000 }, async (t) => {
+      if (skip) return t.skip(skip);
+      const t0 = Date.now();
+      const a = await run(name, { cmd: 'echo start; sleep 30', timeoutMs: 500 });
+      assert.ok(Date.now() - t0 < 10_000, 'the command timeout ended it');
+      assert.equal(a.exit?.timedOut, true);
+      assert.equal(a.exit?.signal, 'SIGKILL');
+      const bg = await d.api('POST', `${S}/${name}/commands`, { cmd: 'sleep 300', background: true });
+      assert.equal(bg.status, 200, JSON.stringify(bg.body));
+      const list = await d.api('GET', `${S}/${name}/processes`);
+      assert.ok(list.body.items.some((p: any) => p.id === bg.body.id), JSON.stringify(list.body));
+      const sig = await d.api('POST', `${S}/${name}/processes/${bg.body.id}/signal`, { signal: 'SIGKILL' });
+      assert.equal(sig.status, 200, JSON.stringify(sig.body));
+      for (let i = 0; i < 50; i++) {
+        const l = await d.api('GET', `${S}/${name}/processes`);
+        if (!l.body.items.some((p: any) => p.id === bg.body.id)) return;
+        await sleep(100);
+      }
+      assert.fail('the signalled process is still listed');
+    });
+
+    test('files: streamed upload and download, list, stat, mkdir, rename, remove', { timeout: 120_000 }, async (t) => {
+      if (skip) return t.skip(skip);
+      const big = randomBytes(5 * 1024 * 1024 + 123);
+      const up = await fetch(`${d.addr}${S}/${name}/files?path=/tmp/big.bin&mode=600`, { method: 'PUT', headers: { authorization: `Bearer ${d.token}`, 'content-type': 'application/octet-stream' }, body: big });
+      assert.equal(up.status, 200, await up.clone().text());
+      assert.equal((await up.json()).written, big.length);
+      const down = await fetch(`${d.addr}${S}/${name}/files?path=/tmp/big.bin`, { headers: { authorization: `Bearer ${d.token}` } });
+      assert.equal(down.status, 200);
+      const got = Buffer.from(await down.arrayBuffer());
+      assert.equal(createHash('sha256').update(got).digest('hex'), createHash('sha256').update(big).digest('hex'));
+      const sum = await run(name, { cmd: 'wc -c < /tmp/big.bin; stat -c %a /tmp/big.bin' });
+      assert.equal(sum.out, `${big.length}\n600\n`);
+      assert.equal((await d.api('POST', `${S}/${name}/files/mkdir`, { path: '/work/a/b', parents: true })).status, 200);
+      const put = await fetch(`${d.addr}${S}/${name}/files?path=/work/a/b/x.txt`, { method: 'PUT', headers: { authorization: `Bearer ${d.token}` }, body: 'hello' });
+      assert.equal(put.status, 200);
+      assert.equal((await d.api('POST', `${S}/${name}/files/rename`, { path: '/work/a/b/x.txt', to: '/work/y.txt' })).status, 200);
+      const list = await d.api('GET', `${S}/${name}/files/list?path=/work`);
+      assert.deepEqual(list.body.items.map((e: any) => `${e.name}:${e.type}`).sort(), ['a:dir', 'y.txt:file']);
+      const st = await d.api('GET', `${S}/${name}/files/stat?path=/work/y.txt`);
+      assert.equal(st.body.size, 5);
+      assert.equal((await d.api('POST', `${S}/${name}/files/remove`, { path: '/work', recursive: true })).status, 200);
+      assert.equal((await d.api('GET', `${S}/${name}/files/stat?path=/work`)).status, 404);
+    });
+
+    test('files: paths, symlinks and .. cannot leave the sandbox', { timeout: 60_000 }, async (t) => {
+      if (skip) return t.skip(skip);
+      const secret = `/tmp/berth-host-secret-${randomBytes(4).toString('hex')}`;
+      writeFileSync(secret, 'host secret');
+      try {
+        const dotdot = await d.api('GET', `${S}/${name}/files/stat?path=${encodeURIComponent('/../../../' + secret)}`);
+        assert.equal(dotdot.status, 403, JSON.stringify(dotdot.body));
+        await run(name, { cmd: `ln -s ${secret} /tmp/link; ln -s / /tmp/rootlink; ln -s ../../../../../.. /tmp/up` });
+        for (const p of ['/tmp/link', `/tmp/rootlink${secret}`, `/tmp/up${secret}`]) {
+          const r = await fetch(`${d.addr}${S}/${name}/files?path=${encodeURIComponent(p)}`, { headers: { authorization: `Bearer ${d.token}` } });
+          const body = await r.text();
+          assert.equal(r.status, 404, `${p}: ${r.status} ${body}`);
+          assert.ok(!body.includes('host secret'));
+        }
+        // Writing through a planted symlink lands inside the sandbox, never on the host.
+        const w = await fetch(`${d.addr}${S}/${name}/files?path=${encodeURIComponent('/tmp/link')}`, { method: 'PUT', headers: { authorization: `Bearer ${d.token}` }, body: 'overwritten' });
+        assert.ok(w.status === 200 || w.status === 404, `write through symlink: ${w.status}`);
+        const { readFileSync } = await import('node:fs');
+        assert.equal(readFileSync(secret, 'utf8'), 'host secret');
+      } finally {
+        rmSync(secret, { force: true });
+      }
+    });
+  });
+}
+
+test('a sandbox past its timeout is killed and its host resources freed', { timeout: 120_000 }, async (t) => {
+  const tier = ['gvisor', 'container', 'microvm'].find((x) => tiers.includes(x));
+  if (!tier) return t.skip('no isolation tier');
+  const r = await d.api('POST', S, { name: 'short', spec: { isolation: tier, timeoutMs: 2000 } });
+  assert.equal(r.body.status.phase, 'running', JSON.stringify(r.body));
+  const deadline = Date.now() + 30_000;
+  let s: any;
+  for (;;) {
+    s = (await d.api('GET', `${S}/short`)).body;
+    if (s.status.phase === 'stopped' || Date.now() > deadline) break;
+    await sleep(100);
+  }
+  assert.equal(s.status.phase, 'stopped', JSON.stringify(s.status));
+  assert.equal(s.status.reason, 'Timeout');
+  assert.deepEqual(d.hostResidue().filter((x) => x.includes(r.body.id)), [], 'nothing of the timed-out sandbox is left on the host');
+  assert.equal((await d.api('POST', `${S}/short/commands`, { cmd: 'true' })).status, 412);
+  assert.equal((await d.api('DELETE', `${S}/short`)).status, 202);
+});
+
+test('a token scoped to one project cannot see or touch another project’s sandboxes', { timeout: 60_000 }, async (t) => {
+  const tier = ['gvisor', 'container', 'microvm'].find((x) => tiers.includes(x));
+  if (!tier) return t.skip('no isolation tier');
+  assert.equal((await d.api('POST', '/v1/projects', { name: 'other' })).status, 201);
+  const tok = (await d.api('POST', '/v1/tokens', { name: 'other-token', project: 'other' })).body.token as string;
+  const mine = await d.api('POST', S, { name: 'mine', spec: { isolation: tier } });
+  assert.equal(mine.status, 201);
+  for (const [m, p, b] of [
+    ['GET', `${S}`, undefined],
+    ['GET', `${S}/mine`, undefined],
+    ['POST', `${S}/mine/commands`, { cmd: 'id' }],
+    ['GET', `${S}/mine/files?path=/etc/hostname`, undefined],
+    ['DELETE', `${S}/mine`, undefined],
+  ] as const) {
+    const r = await d.api(m, p, b, { token: tok });
+    assert.equal(r.status, 403, `${m} ${p} with another project's token → ${r.status}`);
+  }
+  assert.equal((await d.api('GET', '/v1/projects/other/sandboxes', undefined, { token: tok })).body.items.length, 0);
+  assert.equal((await d.api('GET', `${S}/mine`)).body.status.phase, 'running');
+});
+
+test('bad input is refused clearly and creates nothing', async () => {
+  const before = (await d.api('GET', S)).body.items.length;
+  for (const [body, re] of [
+    [{ spec: { isolation: 'kata' } }, /isolation/],
+    [{ spec: { timeoutMs: 5 } }, /timeoutMs/],
+    [{ spec: { unknownField: 1 } }, /unknownField|unrecognized/i],
+    [{ name: 'Bad Name' }, /name/],
+  ] as const) {
+    const r = await d.api('POST', S, body);
+    assert.equal(r.status, 400, JSON.stringify(r.body));
+    assert.equal(r.body.error.code, 'invalid_argument');
+    assert.match(r.body.error.message, re);
+  }
+  assert.equal((await d.api('GET', S)).body.items.length, before);
+});
