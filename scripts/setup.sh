@@ -69,5 +69,6 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
 fi
 
 echo "==> build"
-rm -rf dist   # no stale output of moved or deleted sources
+rm -rf dist sdk/dist   # no stale output of moved or deleted sources
 npx --no-install tsc -p tsconfig.json
+npx --no-install tsc -p sdk/tsconfig.json   # the SDK package's own dist/ (npm install ./sdk)

@@ -1,0 +1,156 @@
+// The SDK test suite (sdk/): the same tests against every installed isolation tier, through the
+// public TypeScript SDK only — what a user of @berth/sdk gets.
+import { after, before, describe, test } from 'node:test';
+import assert from 'node:assert/strict';
+import { createHash, randomBytes } from 'node:crypto';
+import { Sandbox, FailedPreconditionError, InvalidArgumentError, NotFoundError, PermissionDeniedError, TimeoutError } from '../sdk/src/index.js';
+import { TestDaemon } from './harness.js';
+
+let d: TestDaemon;
+let tiers: string[] = [];
+let conn: { apiUrl: string; apiKey: string };
+before(async () => {
+  d = await TestDaemon.start();
+  conn = { apiUrl: d.addr, apiKey: d.token };
+  tiers = (await d.api('GET', '/v1/info')).body.drivers.filter((x: any) => x.healthy).map((x: any) => x.isolation);
+});
+after(async () => {
+  await d.deleteAllSandboxes().catch(() => undefined);
+  await d.destroy();
+});
+
+for (const isolation of ['gvisor', 'microvm', 'container'] as const) {
+  describe(`SDK on ${isolation}`, () => {
+    let sbx: Sandbox;
+    let skip: string | undefined;
+    const tag = randomBytes(3).toString('hex');
+    before(async () => {
+      if (!tiers.includes(isolation)) {
+        skip = `${isolation} is not installed on this host`;
+        return;
+      }
+      sbx = await Sandbox.create({ ...conn, isolation, timeoutMs: 600_000, memoryMiB: 256, metadata: { suite: 'sdk', run: tag } });
+    });
+    after(async () => {
+      if (skip) return;
+      await sbx.kill();
+      await d.deleteAllSandboxes();
+      assert.deepEqual(d.hostResidue(), []);
+    });
+
+    test('create, info, list by metadata, connect', async (t) => {
+      if (skip) return t.skip(skip);
+      const info = await sbx.getInfo();
+      assert.equal(info.state, 'running');
+      assert.equal(info.isolation, isolation);
+      assert.ok(info.endAt && Date.parse(info.endAt) > Date.now());
+      const listed = await Sandbox.list({ ...conn, metadata: { run: tag } });
+      assert.deepEqual(listed.map((s) => s.sandboxId), [sbx.sandboxId]);
+      const again = await Sandbox.connect(sbx.sandboxId, conn);
+      assert.equal((await again.commands.run('echo connected')).stdout, 'connected\n');
+    });
+
+    test('commands.run streams output to callbacks; exit code, env, cwd, user', async (t) => {
+      if (skip) return t.skip(skip);
+      const seen: string[] = [];
+      const r = await sbx.commands.run('for i in 1 2 3; do echo line$i; sleep 0.05; done; echo oops >&2; exit 7', {
+        onStdout: (s) => seen.push(`out:${s}`),
+        onStderr: (s) => seen.push(`err:${s}`),
+      });
+      assert.equal(r.exitCode, 7);
+      assert.equal(r.stdout, 'line1\nline2\nline3\n');
+      assert.equal(r.stderr, 'oops\n');
+      assert.equal(seen.filter((s) => s.startsWith('out:')).join('').replace(/out:/g, ''), r.stdout);
+      const e = await sbx.commands.run(['sh', '-c', 'echo $GREETING $(pwd) $(id -u)'], { envs: { GREETING: 'hi' }, cwd: '/tmp', user: '1000' });
+      assert.equal(e.stdout, 'hi /tmp 1000\n');
+    });
+
+    test('background commands: list and kill; command timeouts', async (t) => {
+      if (skip) return t.skip(skip);
+      const p = await sbx.commands.start('sleep 600');
+      assert.ok((await sbx.commands.list()).some((x) => x.id === p.id));
+      await sbx.commands.kill(p.id);
+      const deadline = Date.now() + 5000;
+      while ((await sbx.commands.list()).some((x) => x.id === p.id)) {
+        assert.ok(Date.now() < deadline, 'killed process still listed');
+        await new Promise((r) => setTimeout(r, 100));
+      }
+      const r = await sbx.commands.run('sleep 60', { timeoutMs: 300 });
+      assert.equal(r.timedOut, true);
+      assert.equal(r.exitCode, 137);
+    });
+
+    test('files: text, bytes, a 20 MiB stream both ways, list, exists, mkdir, rename, remove', { timeout: 120_000 }, async (t) => {
+      if (skip) return t.skip(skip);
+      await sbx.files.write('/tmp/hello.txt', 'hello files');
+      assert.equal(await sbx.files.read('/tmp/hello.txt'), 'hello files');
+      const bytes = randomBytes(70_000);
+      await sbx.files.write('/tmp/b.bin', bytes, { mode: 0o600 });
+      assert.deepEqual(Buffer.from(await sbx.files.read('/tmp/b.bin', { format: 'bytes' })), bytes);
+      assert.equal((await sbx.files.getInfo('/tmp/b.bin')).mode, 0o600);
+      // 20 MiB generated on the fly: neither side holds it whole.
+      const total = 20 * 1024 * 1024;
+      const h = createHash('sha256');
+      let sent = 0;
+      const src = new ReadableStream<Uint8Array>({
+        pull(ctl) {
+          if (sent >= total) return ctl.close();
+          const chunk = randomBytes(Math.min(256 * 1024, total - sent));
+          h.update(chunk);
+          sent += chunk.length;
+          ctl.enqueue(chunk);
+        },
+      });
+      const w = await sbx.files.write('/tmp/big', src);
+      assert.equal(w.written, total);
+      const want = h.digest('hex');
+      const back = createHash('sha256');
+      let got = 0;
+      const stream = await sbx.files.read('/tmp/big', { format: 'stream' });
+      for await (const chunk of stream as unknown as AsyncIterable<Uint8Array>) {
+        back.update(chunk);
+        got += chunk.length;
+      }
+      assert.equal(got, total);
+      assert.equal(back.digest('hex'), want);
+      await sbx.files.makeDir('/data/x/y');
+      await sbx.files.write('/data/hello.txt', 'hi');
+      await sbx.files.rename('/data/hello.txt', '/data/x/y/h.txt');
+      assert.equal(await sbx.files.exists('/data/hello.txt'), false);
+      assert.deepEqual((await sbx.files.list('/data/x/y')).map((e) => e.name), ['h.txt']);
+      await sbx.files.remove('/data');
+      assert.equal(await sbx.files.exists('/data'), false);
+    });
+
+    test('typed errors; every call takes a timeout and an AbortSignal', async (t) => {
+      if (skip) return t.skip(skip);
+      await assert.rejects(sbx.files.read('/no/such/file'), NotFoundError);
+      await assert.rejects(sbx.files.read('/../../etc/passwd'), PermissionDeniedError);
+      await assert.rejects(Sandbox.create({ ...conn, isolation, timeoutMs: 5 }), InvalidArgumentError);
+      await assert.rejects(sbx.commands.run('sleep 5', { requestTimeoutMs: 200 }), TimeoutError);
+      const ac = new AbortController();
+      setTimeout(() => ac.abort(new Error('stop')), 100);
+      await assert.rejects(sbx.commands.run('sleep 5', { signal: ac.signal }), /stop/);
+      await assert.rejects(Sandbox.connect('no-such-sandbox', conn), NotFoundError);
+    });
+
+    test('isolation: no route to the daemon API, host loopback services or other sandboxes', { timeout: 60_000 }, async (t) => {
+      if (skip) return t.skip(skip);
+      const port = new URL(d.addr).port;
+      const r = await sbx.commands.run(`wget -q -T 2 -O - http://127.0.0.1:${port}/v1/info; echo rc=$?; ip -o addr 2>/dev/null | grep -v ' lo ' | wc -l`, { timeoutMs: 20_000 });
+      assert.match(r.stdout, /rc=[1-9]/, `reached the daemon: ${r.stdout} ${r.stderr}`);
+      assert.doesNotMatch(r.stdout, /"drivers"/);
+    });
+
+    test('setTimeout extends the life time; a killed sandbox refuses calls', async (t) => {
+      if (skip) return t.skip(skip);
+      const before = Date.parse((await sbx.getInfo()).endAt!);
+      await sbx.setTimeout(900_000);
+      const afterSet = Date.parse((await sbx.getInfo()).endAt!);
+      assert.ok(afterSet > before, `endAt moved from ${before} to ${afterSet}`);
+      const other = await Sandbox.create({ ...conn, isolation, timeoutMs: 60_000 });
+      await other.kill();
+      await assert.rejects(other.commands.run('true'), (e: unknown) => e instanceof NotFoundError || e instanceof FailedPreconditionError);
+    });
+  });
+}
