@@ -142,6 +142,32 @@ for (const isolation of ['gvisor', 'microvm', 'container'] as const) {
       assert.doesNotMatch(r.stdout, /"drivers"/);
     });
 
+    test('pause then resume: processes freeze and continue where they stopped (timed)', { timeout: 60_000 }, async (t) => {
+      if (skip) return t.skip(skip);
+      await sbx.commands.start('i=0; while :; do i=$((i+1)); echo $i > /tmp/counter; sleep 0.1; done');
+      const read = async () => Number((await sbx.files.read('/tmp/counter')).trim() || 0);
+      await new Promise((r) => setTimeout(r, 700));
+      const c1 = await read();
+      assert.ok(c1 > 0, 'the counter runs');
+      let t0 = performance.now();
+      await sbx.pause();
+      const pauseMs = performance.now() - t0;
+      assert.equal((await sbx.getInfo()).state, 'paused');
+      await assert.rejects(sbx.commands.run('true'), FailedPreconditionError);
+      await new Promise((r) => setTimeout(r, 1500));
+      t0 = performance.now();
+      const again = await Sandbox.resume(sbx.sandboxId, conn);
+      const resumeMs = performance.now() - t0;
+      assert.equal(again.sandboxId, sbx.sandboxId);
+      const c2 = await read();
+      // Frozen for 1.5 s: a running counter would have gone up by ~15.
+      assert.ok(c2 >= c1 && c2 - c1 < 10, `counter ${c1} → ${c2} across the pause`);
+      await new Promise((r) => setTimeout(r, 700));
+      const c3 = await read();
+      assert.ok(c3 > c2, `the counter continues after resume (${c2} → ${c3})`);
+      t.diagnostic(`${isolation}: pause ${pauseMs.toFixed(1)} ms, resume ${resumeMs.toFixed(1)} ms (API round trip included); counter ${c1} → ${c2} → ${c3}`);
+    });
+
     test('setTimeout extends the life time; a killed sandbox refuses calls', async (t) => {
       if (skip) return t.skip(skip);
       const before = Date.parse((await sbx.getInfo()).endAt!);

@@ -426,6 +426,21 @@ export class Sandbox {
     await Sandbox.kill(this.sandboxId, { ...o, ...this.connection() });
   }
 
+  /** Freezes every process (memory kept, no CPU used, life time stopped); resolves with the sandbox id. */
+  async pause(o: CallOptions = {}): Promise<string> {
+    const r = await this.api.json<SandboxResource>(`/sandboxes/${this.sandboxId}/pause`, { method: 'POST' }, o);
+    if (r.status.phase !== 'paused') throw new FailedPreconditionError(`sandbox ${this.sandboxId} did not pause: ${r.status.phase} ${r.status.message ?? ''}`.trim(), 'failed_precondition');
+    return this.sandboxId;
+  }
+
+  /** Continues a paused sandbox where it stopped. */
+  static async resume(sandboxId: string, o: ConnectionOptions & CallOptions = {}): Promise<Sandbox> {
+    const api = new Api(o);
+    const r = await api.json<SandboxResource>(`/sandboxes/${encodeURIComponent(sandboxId)}/resume`, { method: 'POST' }, o);
+    if (r.status.phase !== 'running') throw new FailedPreconditionError(`sandbox ${sandboxId} did not resume: ${r.status.phase}`, 'failed_precondition');
+    return new Sandbox(api, r.name, r.spec.isolation);
+  }
+
   private connection(): ConnectionOptions {
     return { apiUrl: this.api.url, project: this.api.project, apiKey: (this.api as unknown as { key: string }).key };
   }

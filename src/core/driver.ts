@@ -155,6 +155,12 @@ export interface RuntimeDriver {
    * runs commands and serves files inside it. Undefined for drivers that cannot run sandboxes.
    */
   agent?(id: string, timeoutMs?: number): Promise<AgentChannel>;
+  /**
+   * Freeze every process of the task, keeping its memory: it uses no CPU until resume(), which
+   * continues exactly where it stopped. Undefined for drivers that cannot.
+   */
+  pause?(handle: TaskHandle): Promise<void>;
+  resume?(handle: TaskHandle): Promise<void>;
 }
 
 export class DriverRegistry {

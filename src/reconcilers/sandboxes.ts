@@ -17,12 +17,17 @@ export interface SandboxSpecT {
   isolation: 'container' | 'gvisor' | 'microvm';
   resources?: { cpuMillis?: number | undefined; memoryMiB?: number | undefined; pids?: number | undefined } | undefined;
   env?: Record<string, string> | undefined;
-  /** Life time from start; the sandbox is killed when it passes. */
+  /** Life time from start (time spent paused does not count); the sandbox is killed when it passes. */
   timeoutMs: number;
+  /** Desired state: paused = every process frozen, memory kept, no CPU used. */
+  state?: 'running' | 'paused';
 }
 
 export interface SandboxStatusT {
-  phase: 'pending' | 'starting' | 'running' | 'stopping' | 'stopped' | 'failed';
+  phase: 'pending' | 'starting' | 'running' | 'paused' | 'stopping' | 'stopped' | 'failed';
+  pausedAt?: string;
+  /** Time spent paused so far (added to the life time). */
+  pausedTotalMs?: number;
   startedAt?: string;
   expiresAt?: string;
   finishedAt?: string;
@@ -52,6 +57,7 @@ export function makeSandboxReconciler(deps: { store: ResourceStore; drivers: Dri
     const taskDriver = st.task ? drivers.byName(st.task.driver) ?? driver : driver;
     /** Stop (SIGKILL: a sandbox has nothing to shut down gracefully) and free every host resource. */
     const end = async (phase: 'stopped' | 'failed', reason: string, message: string) => {
+      if (st.phase === 'paused' && st.task) await taskDriver?.resume?.(st.task).catch(() => undefined); // a frozen task cannot die
       if (st.task && taskDriver) {
         if (st.phase !== 'stopping') save({ phase: 'stopping' });
         await taskDriver.stop(st.task, { timeoutMs: 2000, signal: 'SIGKILL' }).catch(() => undefined);
@@ -63,6 +69,7 @@ export function makeSandboxReconciler(deps: { store: ResourceStore; drivers: Dri
 
     if (s.deletionRequestedAt) {
       if (st.task && taskDriver && (await taskDriver.inspect(st.task)).state === 'running') {
+        if (st.phase === 'paused') await taskDriver.resume?.(st.task).catch(() => undefined);
         await taskDriver.stop(st.task, { timeoutMs: 2000, signal: 'SIGKILL' }).catch(() => undefined);
       }
       for (const d of drivers.all()) await d.destroy(id, { force: true });
@@ -71,6 +78,7 @@ export function makeSandboxReconciler(deps: { store: ResourceStore; drivers: Dri
       return;
     }
     if (st.phase === 'stopped' || st.phase === 'failed') return;
+
 
     if (st.task || st.phase === 'starting' || st.phase === 'stopping') {
       if (!taskDriver) return end('failed', 'IsolationUnavailable', `no driver for isolation "${s.spec.isolation}"`);
@@ -84,7 +92,27 @@ export function makeSandboxReconciler(deps: { store: ResourceStore; drivers: Dri
         save({ phase: 'running', task: handle, pid: obs.pid ?? handle.pid, startedAt: st.startedAt ?? handle.startedAt });
         store.addEvent(id, 'Adopted', 'running sandbox adopted after a daemon restart');
       }
-      const exp = Date.parse(st.startedAt!) + s.spec.timeoutMs;
+      const want = s.spec.state ?? 'running';
+      if (want === 'paused' && st.phase !== 'paused') {
+        if (!taskDriver.pause) return void save({ message: `isolation "${s.spec.isolation}" cannot pause` }, s.generation);
+        const t0 = performance.now();
+        await taskDriver.pause(st.task!);
+        save({ phase: 'paused', pausedAt: new Date().toISOString(), expiresAt: undefined }, s.generation);
+        store.addEvent(id, 'Paused', `processes frozen in ${(performance.now() - t0).toFixed(1)} ms`);
+        return;
+      }
+      if (want === 'running' && st.phase === 'paused') {
+        const t0 = performance.now();
+        await taskDriver.resume!(st.task!);
+        const pausedMs = st.pausedAt ? Date.now() - Date.parse(st.pausedAt) : 0;
+        save({ phase: 'running', pausedAt: undefined, pausedTotalMs: (st.pausedTotalMs ?? 0) + pausedMs });
+        store.addEvent(id, 'Resumed', `resumed in ${(performance.now() - t0).toFixed(1)} ms after ${pausedMs} ms paused`);
+      }
+      if (st.phase === 'paused') {
+        if (s.observedGeneration < s.generation) save({}, s.generation);
+        return; // the clock stops while paused
+      }
+      const exp = Date.parse(st.startedAt!) + s.spec.timeoutMs + (st.pausedTotalMs ?? 0);
       const expIso = new Date(exp).toISOString();
       if (st.expiresAt !== expIso || s.observedGeneration < s.generation) save({ expiresAt: expIso }, s.generation);
       if (Date.now() >= exp) return end('stopped', 'Timeout', `killed after its timeout of ${s.spec.timeoutMs} ms`);

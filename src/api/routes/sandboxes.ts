@@ -28,12 +28,13 @@ export const SandboxSpec = z
     isolation: Isolation.default('gvisor').openapi({ description: 'gvisor (default) | microvm | container' }),
     resources: Resources.optional(),
     env: EnvMap.optional(),
-    timeoutMs: z.number().int().min(1000).max(86_400_000).default(300_000).openapi({ description: 'The sandbox is killed this long after it started (extend with POST …/timeout)' }),
+    timeoutMs: z.number().int().min(1000).max(86_400_000).default(300_000).openapi({ description: 'The sandbox is killed this long after it started (extend with POST …/timeout); time paused does not count' }),
+    state: z.enum(['running', 'paused']).default('running').openapi({ description: 'Desired state; change it with POST …/pause and …/resume' }),
   })
   .openapi('SandboxSpec');
 
 const CreateSandbox = z
-  .strictObject({ name: Name.optional(), labels: Labels.optional().openapi({ description: 'Metadata; filter lists with labelSelector' }), spec: SandboxSpec.default({ image: 'busybox', isolation: 'gvisor', timeoutMs: 300_000 }) })
+  .strictObject({ name: Name.optional(), labels: Labels.optional().openapi({ description: 'Metadata; filter lists with labelSelector' }), spec: SandboxSpec.default({ image: 'busybox', isolation: 'gvisor', timeoutMs: 300_000, state: 'running' }) })
   .openapi('CreateSandbox');
 
 const Sandbox = z
@@ -43,7 +44,7 @@ const Sandbox = z
     project: z.string(),
     labels: z.record(z.string(), z.string()),
     spec: SandboxSpec,
-    status: z.object({ phase: z.enum(['pending', 'starting', 'running', 'stopping', 'stopped', 'failed']) }).passthrough(),
+    status: z.object({ phase: z.enum(['pending', 'starting', 'running', 'paused', 'stopping', 'stopped', 'failed']) }).passthrough(),
   })
   .passthrough()
   .openapi('Sandbox');
@@ -167,12 +168,44 @@ export function registerSandboxRoutes(app: OpenAPIHono<AppEnv>, ctx: ApiContext)
       useProject(ctx, c, project);
       const s = getLive<SandboxSpecT, SandboxStatusT>(ctx, SANDBOX, project, name) as SandboxResource;
       if (s.status.phase !== 'running' || !s.status.startedAt) throw failedPrecondition(`sandbox "${name}" is ${s.status.phase}; only a running sandbox's timeout can change`);
-      const timeoutMs = Date.now() - Date.parse(s.status.startedAt) + c.req.valid('json').timeoutMs;
+      const timeoutMs = Date.now() - Date.parse(s.status.startedAt) - (s.status.pausedTotalMs ?? 0) + c.req.valid('json').timeoutMs;
       const r = ctx.store.updateSpec(s.id, { spec: { ...s.spec, timeoutMs } });
       ctx.kick(SANDBOX, s.id);
       return c.json(sandboxView(r as SandboxResource) as never, 200);
     },
   );
+
+  for (const [op, want, from] of [
+    ['pause', 'paused', 'running'],
+    ['resume', 'running', 'paused'],
+  ] as const) {
+    app.openapi(
+      createRoute({
+        method: 'post',
+        path: `${base}/{name}/${op}`,
+        tags,
+        request: { params: ProjectNameParams },
+        responses: { 200: json(Sandbox, op === 'pause' ? 'Paused: processes frozen, memory kept, no CPU used, life time stopped' : 'Running again where it stopped'), ...errorResponses },
+      }),
+      async (c) => {
+        const { project, name } = c.req.valid('param');
+        useProject(ctx, c, project);
+        let s = getLive<SandboxSpecT, SandboxStatusT>(ctx, SANDBOX, project, name) as SandboxResource;
+        if (s.status.phase !== from && s.status.phase !== want) throw failedPrecondition(`sandbox "${name}" is ${s.status.phase}; only a ${from} sandbox can ${op}`);
+        const driver = s.status.task ? ctx.drivers.byName(s.status.task.driver) : undefined;
+        if (!driver?.pause) throw failedPrecondition(`isolation "${s.spec.isolation}" cannot pause sandboxes on this host`);
+        if (s.status.phase !== want) {
+          s = ctx.store.updateSpec(s.id, { spec: { ...s.spec, state: want } }) as SandboxResource;
+          ctx.kick(SANDBOX, s.id);
+          const deadline = Date.now() + 60_000;
+          while (s.status.phase !== want && ['running', 'paused'].includes(s.status.phase) && Date.now() < deadline && !c.req.raw.signal.aborted) {
+            s = (await waitForChange(ctx, s.id, s.resourceVersion, deadline - Date.now(), c.req.raw.signal)) as SandboxResource;
+          }
+        }
+        return c.json(sandboxView(s) as never, 200);
+      },
+    );
+  }
 
   // --- commands and processes -----------------------------------------------------------------
 

@@ -23,7 +23,8 @@ import { existsSync, mkdirSync, readFileSync, readdirSync, rmSync, rmdirSync, st
 import { constants as osConstants, cpus } from 'node:os';
 import { join } from 'node:path';
 import type { DriverCapabilities, ExitResult, Fingerprint, RuntimeDriver, StopOptions, TaskConfig, TaskHandle, TaskStatus } from '../../core/driver.js';
-import { invalidArgument } from '../../core/errors.js';
+import { BerthError, invalidArgument } from '../../core/errors.js';
+import { qmp } from './qmp.js';
 import { pidAlive, sleep } from '../../lib/exec.js';
 import { cgroupHierarchies } from '../../lib/host.js';
 import { AgentConnection, type AgentFrame } from '../agent/client.js';
@@ -552,6 +553,7 @@ export class MicroVmDriver implements RuntimeDriver {
     const sig = opts.signal ?? 'SIGTERM';
     if (!(sig in SIGNALS)) throw invalidArgument(`unknown signal ${sig}; use a name such as SIGTERM or SIGINT`);
     const pid = handle.pid;
+    if (this.vmAlive(handle.id, pid)) await qmp(join(this.taskDir(handle.id), 'qmp.sock'), 'cont', undefined, 3000).catch(() => undefined); // a paused VM cannot act
     if (handle.state?.sandbox === true && this.vmAlive(handle.id, pid)) {
       // A sandbox has no main process: ask the agent to power the VM off, else pull the plug.
       const asked = await this.agent(handle.id, 2000)
@@ -591,6 +593,17 @@ export class MicroVmDriver implements RuntimeDriver {
     } else {
       rmSync(dir, { recursive: true, force: true });
     }
+  }
+
+  /** Stops the VM's vCPUs (QMP stop): guest memory stays, no CPU is used until resume. */
+  async pause(handle: TaskHandle): Promise<void> {
+    if (!this.vmAlive(handle.id, handle.pid)) throw new BerthError('failed_precondition', `microVM ${handle.id} is not running`);
+    await qmp(join(this.taskDir(handle.id), 'qmp.sock'), 'stop');
+  }
+
+  async resume(handle: TaskHandle): Promise<void> {
+    if (!this.vmAlive(handle.id, handle.pid)) throw new BerthError('failed_precondition', `microVM ${handle.id} is not running`);
+    await qmp(join(this.taskDir(handle.id), 'qmp.sock'), 'cont');
   }
 
   async inspect(handle: TaskHandle): Promise<TaskStatus> {

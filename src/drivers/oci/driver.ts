@@ -331,13 +331,24 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
     }
   }
 
+  /** Freezes the container (the runtime's cgroup freezer; runsc stops the sandbox's tasks). */
+  async pause(h: TaskHandle): Promise<void> {
+    const r = await this.rt(['pause', h.id]);
+    if (r.code !== 0) throw new BerthError('failed_precondition', `could not pause ${h.id}: ${cleanRuncError(r.stderr || r.stdout)}`);
+  }
+
+  async resume(h: TaskHandle): Promise<void> {
+    const r = await this.rt(['resume', h.id]);
+    if (r.code !== 0) throw new BerthError('failed_precondition', `could not resume ${h.id}: ${cleanRuncError(r.stderr || r.stdout)}`);
+  }
+
   async inspect(h: TaskHandle): Promise<TaskStatus> {
     const exit = this.readExit(h.id);
     if (exit) return { state: 'exited', exit };
     if (this.monitorAlive(h)) return { state: 'running', pid: h.pid, monitorPid: h.monitorPid! };
     // The monitor is gone without writing an exit file (host reboot, someone killed conmon).
     const st = await this.runtimeState(h.id);
-    if (st && st.status === 'running' && pidAlive(st.pid)) return { state: 'running', pid: st.pid };
+    if (st && (st.status === 'running' || st.status === 'paused') && pidAlive(st.pid)) return { state: 'running', pid: st.pid };
     // conmon may have written the exit file between our two checks.
     const late = this.readExit(h.id);
     if (late) return { state: 'exited', exit: late };
