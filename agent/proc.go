@@ -4,6 +4,7 @@ import (
 	"errors"
 	"os"
 	"sort"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -255,6 +256,7 @@ func (a *Agent) run(c *conn, req *Request) error {
 		return err
 	}
 	attr := &os.ProcAttr{Dir: cwd, Env: env, Files: []*os.File{stdinR, outW, errW}, Sys: sys}
+	ooms0 := a.oomKillCount()
 	var p *os.Process
 	var reaped chan syscall.WaitStatus
 	if a.reaper != nil {
@@ -301,6 +303,8 @@ func (a *Agent) run(c *conn, req *Request) error {
 		if ws.Signaled() {
 			ev["code"] = 128 + int(ws.Signal())
 			ev["signal"] = unix.SignalName(ws.Signal())
+			// Killed while the memory cgroup it runs in recorded a new OOM kill: the OOM killer.
+			ev["oomKilled"] = ws.Signal() == unix.SIGKILL && ooms0 >= 0 && a.oomKillCount() > ooms0
 		}
 		a.procs.remove(req.ID)
 		c.send(ev)
@@ -424,4 +428,29 @@ func (a *Agent) signal(req *Request) error {
 		return errf(CodeFailedPrecondition, "process %s has already exited", req.Proc)
 	}
 	return err
+}
+
+// oomKillCount is the number of OOM kills recorded by the memory cgroup the
+// agent's processes run in (-1 when unknown): the VM's workload cgroup, else the
+// agent's own cgroup as seen from inside a container (cgroup v2 or v1).
+func (a *Agent) oomKillCount() int {
+	files := []string{"/sys/fs/cgroup/memory.events", "/sys/fs/cgroup/memory/memory.oom_control"}
+	if a.cgroupFD >= 0 {
+		files = []string{vmCgroup + "/memory.events"}
+	}
+	for _, f := range files {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			continue
+		}
+		for _, line := range strings.Split(string(b), "\n") {
+			if v, ok := strings.CutPrefix(line, "oom_kill "); ok {
+				n, err := strconv.Atoi(strings.TrimSpace(v))
+				if err == nil {
+					return n
+				}
+			}
+		}
+	}
+	return -1
 }

@@ -168,6 +168,46 @@ for (const isolation of ['gvisor', 'microvm', 'container'] as const) {
       t.diagnostic(`${isolation}: pause ${pauseMs.toFixed(1)} ms, resume ${resumeMs.toFixed(1)} ms (API round trip included); counter ${c1} → ${c2} → ${c3}`);
     });
 
+    test('limits: a fork bomb, a memory hog and a disk filler stay inside the sandbox, which reports why', { timeout: 180_000 }, async (t) => {
+      if (skip) return t.skip(skip);
+      const { spawnSync } = await import('node:child_process');
+      const limitedSandbox = () => Sandbox.create({ ...conn, isolation, timeoutMs: 120_000, memoryMiB: 96, diskMiB: 64, ...(isolation === 'gvisor' ? {} : { pids: 64 }) });
+      const alive = async (s: Sandbox) => (await s.commands.run('echo alive', { requestTimeoutMs: 30_000 })).stdout === 'alive\n';
+      /** Runs a hazard; afterwards the sandbox either still answers or is gone with a reason. */
+      const hazard = async (what: string, cmd: string, check: (r: { exitCode: number; stdout: string; stderr: string; oomKilled?: boolean }) => void) => {
+        const s = await limitedSandbox();
+        try {
+          const r = await s.commands.run(cmd, { timeoutMs: 60_000 }).catch((e: Error) => ({ exitCode: -1, stdout: '', stderr: e.message, oomKilled: false }));
+          assert.equal(spawnSync('true').status, 0, `the host can still fork after the ${what}`);
+          let info = await s.getInfo();
+          // A sandbox whose agent died is being cleaned up: wait for its final state and reason.
+          for (let i = 0; i < 100 && (r.exitCode < 0 || info.state !== 'running') && !['stopped', 'failed'].includes(info.state); i++) {
+            await new Promise((res) => setTimeout(res, 100));
+            info = await s.getInfo();
+          }
+          t.diagnostic(`${what}: exit ${r.exitCode}${r.oomKilled ? ' (OOM-killed)' : ''}; sandbox ${info.state}${info.reason ? ` (${info.reason})` : ''}`);
+          if (info.state === 'running') {
+            check(r);
+            assert.ok(await alive(s), `the sandbox answers after the ${what}`);
+          } else {
+            assert.ok(info.reason, `a sandbox that died says why: ${JSON.stringify(info)}`);
+          }
+        } finally {
+          await s.kill();
+        }
+      };
+      await hazard('memory hog', 'x=aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa; while :; do x=$x$x; done', (r) => {
+        assert.equal(r.exitCode, 137);
+        // Inside gVisor the Sentry's own OOM handling kills the task; it keeps no OOM counter the agent can read.
+        if (isolation !== 'gvisor') assert.equal(r.oomKilled, true, 'the command result says the OOM killer ended it');
+      });
+      await hazard('disk filler', 'mkdir -p /data && dd if=/dev/zero of=/data/fill bs=1M count=200; echo rc=$?', (r) => {
+        assert.match(r.stderr, /No space left|ENOSPC/i);
+        assert.match(r.stdout, /rc=[1-9]/);
+      });
+      await hazard('fork bomb', 'b() { b | b & }; b; sleep 3; kill -9 -1 2>/dev/null; true', () => undefined);
+    });
+
     test('setTimeout extends the life time; a killed sandbox refuses calls', async (t) => {
       if (skip) return t.skip(skip);
       const before = Date.parse((await sbx.getInfo()).endAt!);

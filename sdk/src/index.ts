@@ -38,6 +38,8 @@ export interface CreateOptions extends ConnectionOptions, CallOptions {
   cpuMillis?: number;
   memoryMiB?: number;
   pids?: number;
+  /** Size limit of the sandbox's writable file system. */
+  diskMiB?: number;
   /** Name of the sandbox (its id); generated when absent. */
   name?: string;
 }
@@ -202,6 +204,8 @@ export interface CommandResult {
   signal?: string;
   /** The command was killed by its timeoutMs. */
   timedOut?: boolean;
+  /** The command was killed by the out-of-memory killer (the sandbox's memory limit). */
+  oomKilled?: boolean;
 }
 
 export interface ProcessInfo {
@@ -233,7 +237,7 @@ export class Commands {
       if (value) buf += dec.decode(value, { stream: true });
       let nl: number;
       while ((nl = buf.indexOf('\n')) >= 0) {
-        const ev = JSON.parse(buf.slice(0, nl)) as { type: string; data?: string; exitCode?: number; signal?: string; timedOut?: boolean; message?: string };
+        const ev = JSON.parse(buf.slice(0, nl)) as { type: string; data?: string; exitCode?: number; signal?: string; timedOut?: boolean; oomKilled?: boolean; message?: string };
         buf = buf.slice(nl + 1);
         if (ev.type === 'stdout') {
           result.stdout += ev.data ?? '';
@@ -245,6 +249,7 @@ export class Commands {
           result.exitCode = ev.exitCode ?? -1;
           if (ev.signal) result.signal = ev.signal;
           if (ev.timedOut) result.timedOut = true;
+          if (ev.oomKilled) result.oomKilled = true;
         } else if (ev.type === 'error') {
           throw new UnavailableError(ev.message ?? 'the command stream broke', 'unavailable');
         }
@@ -380,7 +385,7 @@ export class Sandbox {
       ...(o.timeoutMs !== undefined ? { timeoutMs: o.timeoutMs } : {}),
       ...(o.envs ? { env: o.envs } : {}),
     };
-    const resources = { ...(o.cpuMillis ? { cpuMillis: o.cpuMillis } : {}), ...(o.memoryMiB ? { memoryMiB: o.memoryMiB } : {}), ...(o.pids ? { pids: o.pids } : {}) };
+    const resources = { ...(o.cpuMillis ? { cpuMillis: o.cpuMillis } : {}), ...(o.memoryMiB ? { memoryMiB: o.memoryMiB } : {}), ...(o.pids ? { pids: o.pids } : {}), ...(o.diskMiB ? { diskMiB: o.diskMiB } : {}) };
     if (Object.keys(resources).length) spec.resources = resources;
     const r = await api.json<SandboxResource>('/sandboxes', { method: 'POST', json: { ...(o.name ? { name: o.name } : {}), ...(o.metadata ? { labels: o.metadata } : {}), spec } }, { requestTimeoutMs: o.requestTimeoutMs ?? 180_000, ...(o.signal ? { signal: o.signal } : {}) });
     if (r.status.phase !== 'running') throw new FailedPreconditionError(`sandbox ${r.name} did not start: ${r.status.reason ?? r.status.phase} ${r.status.message ?? ''}`.trim(), 'failed_precondition');

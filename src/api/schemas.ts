@@ -39,6 +39,7 @@ export const Resources = z
     cpuMillis: z.number().int().min(10).max(1_024_000).optional().openapi({ description: 'CPU limit in millicores (1000 = one core)', example: 500 }),
     memoryMiB: z.number().int().min(6).max(4_194_304).optional().openapi({ description: 'Memory limit in MiB; the workload is OOM-killed above it', example: 256 }),
     pids: z.number().int().min(1).max(4_194_304).optional().openapi({ description: 'Maximum number of processes and threads', example: 512 }),
+    diskMiB: z.number().int().min(16).max(1_048_576).optional().openapi({ description: 'Size limit of the writable layer in MiB (its own file system; writes beyond it fail with ENOSPC)', example: 1024 }),
   })
   .openapi('Resources');
 

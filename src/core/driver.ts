@@ -47,6 +47,8 @@ export interface TaskResources {
   cpuMillis?: number;
   memoryMiB?: number;
   pids?: number;
+  /** Size limit of the writable layer in MiB (its own file system: a full disk fails writes with ENOSPC). */
+  diskMiB?: number;
 }
 
 /** Everything a driver needs to start a task. Produced from a workload spec by the reconciler. */

@@ -215,7 +215,7 @@ export function registerSandboxRoutes(app: OpenAPIHono<AppEnv>, ctx: ApiContext)
       path: `${base}/{name}/commands`,
       tags,
       request: { params: ProjectNameParams, body: body(CommandBody) },
-      responses: { 200: { description: 'NDJSON events: started {id, pid}, stdout {data}, stderr {data}, exit {exitCode, signal?, timedOut?}; or, for background, one JSON object {id, pid}', content: { 'application/x-ndjson': { schema: z.string() } } }, ...errorResponses },
+      responses: { 200: { description: 'NDJSON events: started {id, pid}, stdout {data}, stderr {data}, exit {exitCode, signal?, oomKilled?, timedOut?}; or, for background, one JSON object {id, pid}', content: { 'application/x-ndjson': { schema: z.string() } } }, ...errorResponses },
     }),
     async (c) => {
       const { project, name } = c.req.valid('param');
@@ -279,7 +279,7 @@ export function registerSandboxRoutes(app: OpenAPIHono<AppEnv>, ctx: ApiContext)
             const rest = decoders[k].end();
             if (rest) push({ type: k, data: rest });
           }
-          push({ type: 'exit', exitCode: f.code, ...(f.signal ? { signal: f.signal } : {}), ...(timedOut ? { timedOut: true } : {}) });
+          push({ type: 'exit', exitCode: f.code, ...(f.signal ? { signal: f.signal } : {}), ...(f.oomKilled === true ? { oomKilled: true } : {}), ...(timedOut ? { timedOut: true } : {}) });
           ended = true;
           wake?.();
         },

@@ -545,6 +545,20 @@ export function runConformanceSuite(name: string, makeDriver: () => Promise<Conf
       });
     });
 
+    test('12. disk limit: the writable layer fills up at its size, the image and host stay untouched', { timeout: 60_000 }, async (t) => {
+      const id = newId();
+      await withTask(cfg(id, sh('dd if=/dev/zero of=/big bs=1M count=100 2>&1; echo rc=$?'), { resources: { diskMiB: 32 } }), async (h) => {
+        const r = await within(30_000, 'wait()', () => driver.wait(h));
+        assert.equal(r.exitCode, 0);
+        const lines = await waitForLog(driver, id, (ls) => stdoutOf(ls).some((l) => l.startsWith('rc=')));
+        const out = stdoutOf(lines).join('\n');
+        t.diagnostic(out.split('\n').slice(-3).join(' | '));
+        assert.match(out, /No space left/);
+        assert.match(out, /rc=[1-9]/);
+        assert.equal(existsSync(join(env.imageRootfs, 'big')), false);
+      });
+    });
+
     test('10. nothing is left on the host after every task is destroyed', { timeout: 30_000 }, async () => {
       for (const id of await driver.listTasks()) if (id.startsWith('conf-')) await driver.destroy(id, { force: true });
       // Give monitors a moment to leave after destroy.

@@ -74,7 +74,7 @@ export class GvisorDriver extends OciRuntimeDriver {
     const rootfs = join(dir, 'bundle', 'rootfs');
     mkdirSync(rootfs, { recursive: true, mode: 0o755 });
     if (isMountPoint(rootfs)) return;
-    await runOk('mount', ['-t', 'overlay', 'overlay', '-o', `lowerdir=${cfg.imageRootfs},upperdir=${join(dir, 'upper')},workdir=${join(dir, 'work')}`, rootfs], {
+    await runOk('mount', ['-t', 'overlay', 'overlay', '-o', `lowerdir=${cfg.imageRootfs},upperdir=${join(this.layerDir(cfg, dir), 'upper')},workdir=${join(this.layerDir(cfg, dir), 'work')}`, rootfs], {
       timeoutMs: 10_000,
     });
   }

@@ -140,10 +140,7 @@ export function ensureRootImage(cacheDir: string, rootfs: string, key?: string):
   });
 }
 
-/** A sparse, empty ext4 file system for a task's writable layer. */
-export async function makeWritableDisk(path: string, sizeMiB: number): Promise<void> {
-  await runOk('mkfs.ext4', ['-q', '-F', '-L', 'berth-rw', '-m', '0', '-E', 'lazy_itable_init=1,lazy_journal_init=1,nodiscard', path, `${sizeMiB}M`], { timeoutMs: 60_000 });
-}
+export { makeWritableDisk } from '../../lib/disk.js';
 
 export type Accel = 'kvm' | 'tcg';
 

@@ -271,7 +271,7 @@ export class MicroVmDriver implements RuntimeDriver {
         ensureInitramfs(this.cacheDir, kernel, agent),
         ensureRootImage(this.cacheDir, cfg.imageRootfs, cfg.imageDigest),
         hostTscKhz(),
-        restart ? Promise.resolve() : makeWritableDisk(join(dir, 'rw.ext4'), this.diskMiB),
+        restart ? Promise.resolve() : makeWritableDisk(join(dir, 'rw.ext4'), cfg.resources.diskMiB ?? this.diskMiB),
       ]);
       const size = vmSize(cfg.resources, cpus().length);
       this.writeConfig(dir, cfg);

@@ -34,6 +34,7 @@ import type {
 import { BerthError, invalidArgument } from '../../core/errors.js';
 import { pidAlive, run, sleep } from '../../lib/exec.js';
 import { cgroupHierarchies } from '../../lib/host.js';
+import { makeWritableDisk, mountDisk, unmountDisk } from '../../lib/disk.js';
 import { buildOciConfig, hostNofileLimit, type OciBuildOptions, type OciMount } from './ocispec.js';
 import type { AgentConnection } from '../agent/client.js';
 import { AgentPool } from '../agent/pool.js';
@@ -124,9 +125,14 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
   protected rootfsOptions(cfg: TaskConfig, dir: string): Pick<OciBuildOptions, 'rootfsPath' | 'rootOverlay' | 'seccomp'> {
     return {
       rootfsPath: cfg.imageRootfs,
-      rootOverlay: { upperDir: join(dir, 'upper'), workDir: join(dir, 'work') },
+      rootOverlay: { upperDir: join(this.layerDir(cfg, dir), 'upper'), workDir: join(this.layerDir(cfg, dir), 'work') },
       seccomp: loadDefaultSeccomp({ capabilities: DEFAULT_CAPS }),
     };
+  }
+
+  /** Where the writable layer's upper and work folders live: on the task's own disk when it has a disk limit. */
+  protected layerDir(cfg: TaskConfig, dir: string): string {
+    return cfg.resources.diskMiB !== undefined ? join(dir, 'disk') : dir;
   }
 
   /** Host-side preparation of the rootfs before create (nothing by default). */
@@ -177,12 +183,20 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
       throw new BerthError('already_exists', `task ${cfg.id} still has runtime state; destroy it before starting it again`);
     }
     try {
-      for (const d of ['upper', 'work', 'persist', ...(sandbox ? ['run'] : [])]) mkdirSync(join(dir, d), { recursive: true, mode: 0o700 });
+      for (const d of ['persist', ...(sandbox ? ['run'] : [])]) mkdirSync(join(dir, d), { recursive: true, mode: 0o700 });
+      const layer = this.layerDir(cfg, dir);
+      if (cfg.resources.diskMiB !== undefined) {
+        // The writable layer on its own size-limited file system: a full disk stays the task's problem.
+        if (!existsSync(join(dir, 'disk.ext4'))) await makeWritableDisk(join(dir, 'disk.ext4'), cfg.resources.diskMiB);
+        mkdirSync(layer, { recursive: true, mode: 0o700 });
+        await mountDisk(join(dir, 'disk.ext4'), layer);
+      }
+      for (const d of ['upper', 'work']) mkdirSync(join(layer, d), { recursive: true, mode: 0o700 });
       // The overlay's root directory takes the upper layer's owner and mode: give it the image's
       // (a 0700 root would keep non-root processes from reaching anything).
       const rootSt = statSync(cfg.imageRootfs);
-      chmodSync(join(dir, 'upper'), rootSt.mode & 0o7777);
-      chownSync(join(dir, 'upper'), rootSt.uid, rootSt.gid);
+      chmodSync(join(layer, 'upper'), rootSt.mode & 0o7777);
+      chownSync(join(layer, 'upper'), rootSt.uid, rootSt.gid);
       mkdirSync(bundle, { recursive: true, mode: 0o700 });
       await this.prepareRootfs(cfg, dir);
       writeFileSync(join(bundle, 'config.json'), JSON.stringify(config));
@@ -464,6 +478,7 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
       if (pidAlive(conmonPid) && isConmonFor(conmonPid, id)) process.kill(conmonPid, 'SIGKILL');
     }
     await this.releaseRootfs(dir);
+    await unmountDisk(join(dir, 'disk'));
     // A create that failed half-way can leave the task's cgroups without runtime state to find them by.
     for (const cg of this.cgroupDirs(id)) {
       try {
