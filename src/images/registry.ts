@@ -125,6 +125,7 @@ function isRetryable(e: unknown): boolean {
 }
 
 class RetryableStatus extends Error {
+  attempts = 1;
   constructor(readonly status: number, readonly detail: string) {
     super(`HTTP ${status}${detail ? `: ${detail}` : ''}`);
   }
@@ -303,12 +304,13 @@ export class RegistryClient {
     for (let attempt = 0; ; attempt++) {
       try {
         const res = await fetch(url, (makeBody ? { ...init, body: makeBody(), duplex: 'half' } : init) as globalThis.RequestInit);
-        if (retry && (res.status >= 500 || res.status === 429) && attempt < this.opts.retries) {
-          throw new RetryableStatus(res.status, await errorDetail(res));
-        }
+        if (retry && (res.status >= 500 || res.status === 429)) throw new RetryableStatus(res.status, await errorDetail(res));
         return res;
       } catch (e) {
-        if (!retry || attempt >= this.opts.retries || !isRetryable(e) || signal?.aborted) throw e;
+        if (!retry || attempt >= this.opts.retries || !isRetryable(e) || signal?.aborted) {
+          if (e instanceof RetryableStatus) e.attempts = attempt + 1;
+          throw e;
+        }
         const delay = this.opts.retryBaseMs * 2 ** attempt * (0.75 + Math.random() * 0.5);
         await sleep(delay, signal);
       }
@@ -340,14 +342,13 @@ export class RegistryClient {
         if ((e as Error)?.name === 'TimeoutError' || (e as Error)?.name === 'AbortError') {
           throw unavailable(`registry ${registry} did not answer ${what} within ${this.opts.requestTimeoutMs} ms; check that it is reachable`);
         }
-        if (e instanceof RetryableStatus) throw unavailable(`registry ${registry} answered ${what} with ${e.message} after ${this.opts.retries + 1} attempts; try again later`);
+        if (e instanceof RetryableStatus) throw unavailable(`registry ${registry} answered ${what} with ${e.message} after ${e.attempts} attempt(s); try again later`);
         throw unavailable(`cannot reach registry ${registry} (${netCode(e) ?? (e as Error).message}) after ${this.opts.retries + 1} attempts; check the address and that it is running`);
       }
       if (res.status === 401 && round === 0) {
         const ch = parseChallenge(res.headers.get('www-authenticate'));
         await res.body?.cancel().catch(() => undefined);
         if (!ch) throw unauthenticated(`registry ${registry} refused ${what} (HTTP 401) without saying how to authenticate`);
-        const before = this.challenges.get(registry);
         this.challenges.set(registry, ch);
         if (ch.scheme === 'bearer') {
           // The challenge may carry the scope the registry wants; ask for ours and that one.
@@ -356,7 +357,8 @@ export class RegistryClient {
           this.tokens.delete(`${registry} ${[...init.scopes].sort().join(' ')}`);
         } else if (!this.opts.credentials?.(registry)) {
           throw unauthenticated(`registry ${registry} needs a user name and password (HTTP Basic, realm "${ch.params.realm ?? ''}"); give credentials for it`);
-        } else if (before?.scheme === 'basic') {
+        } else if (auth) {
+          // Credentials were sent (not merely a request made before the challenge was known).
           throw unauthenticated(`registry ${registry} refused the credentials configured for it; check the user name and password`);
         }
         continue;

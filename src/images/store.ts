@@ -132,12 +132,15 @@ export class ImageStore {
         // That attempt failed (e.g. a connection reset); try ourselves.
       }
     }
-    if (await this.hasBlob(digest)) {
-      const size = await this.blobSize(digest);
-      opts.onBytes?.(size);
-      return size;
-    }
-    const p = this.write(digest, open, opts);
+    // Registered before the first await, so concurrent callers find it.
+    const p = (async () => {
+      if (await this.hasBlob(digest)) {
+        const size = await this.blobSize(digest);
+        opts.onBytes?.(size);
+        return size;
+      }
+      return this.write(digest, open, opts);
+    })();
     this.inflight.set(digest, p);
     try {
       return await p;
