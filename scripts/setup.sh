@@ -10,8 +10,9 @@ if ! command -v node >/dev/null || ! node -e 'process.exit(Number(process.versio
 fi
 
 # Host packages: container runtime + monitor, the busybox image source, Docker's default
-# seccomp profile (containers-common), and a toolchain for native npm modules.
-APT_PACKAGES=(runc conmon busybox-static golang-github-containers-common iproute2 build-essential python3)
+# seccomp profile (containers-common), a toolchain for native npm modules, setfattr (layer
+# xattrs), and for the image tests a registry (docker-registry) and htpasswd (apache2-utils).
+APT_PACKAGES=(runc conmon busybox-static golang-github-containers-common iproute2 build-essential python3 attr docker-registry apache2-utils)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -20,6 +21,11 @@ if [ ${#missing[@]} -gt 0 ]; then
   echo "==> apt-get install ${missing[*]}"
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # Berth's tests start docker-registry themselves (own config, 127.0.0.1); the packaged
+  # service (port 5000, htpasswd) is not wanted.
+  if [[ " ${missing[*]} " == *" docker-registry "* ]] && command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
+    systemctl disable --now docker-registry >/dev/null 2>&1 || true
+  fi
 fi
 
 # gVisor: a current runsc, pinned, built with Go (static: CGO_ENABLED=0) into /usr/local/lib/berth.

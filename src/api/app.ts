@@ -12,6 +12,7 @@ import { registerProjectRoutes } from './routes/projects.js';
 import { registerWorkloadRoutes } from './routes/workloads.js';
 import { registerJobRoutes } from './routes/jobs.js';
 import { registerSystemRoutes } from './routes/system.js';
+import { registerImageRoutes } from './routes/images.js';
 
 export const MAX_BODY_BYTES = 1024 * 1024;
 
@@ -80,6 +81,7 @@ export function createApp(ctx: ApiContext, log: Logger): OpenAPIHono<AppEnv> {
   registerProjectRoutes(app, ctx);
   registerWorkloadRoutes(app, ctx);
   registerJobRoutes(app, ctx);
+  registerImageRoutes(app, ctx);
 
   app.doc31('/v1/openapi.json', {
     openapi: '3.1.0',

@@ -16,7 +16,7 @@ import { JOB, JOBRUN, makeJobReconciler, makeJobRunReconciler } from '../reconci
 import { RuncDriver } from '../drivers/runc/driver.js';
 import { GvisorDriver } from '../drivers/gvisor/driver.js';
 import type { OciRuntimeDriver } from '../drivers/oci/driver.js';
-import { BuiltinImages } from '../images/catalog.js';
+import { ImageService } from '../images/catalog.js';
 import { createApp } from '../api/app.js';
 import { TokenStore } from './tokens.js';
 import { PROJECT } from '../api/routes/common.js';
@@ -71,7 +71,7 @@ export class Daemon {
     this.gvisor = new GvisorDriver({ stateDir: join(config.dataDir, 'runtime', 'gvisor'), cgroupParent: config.cgroupParent ?? 'berth' });
     this.drivers.register(this.runc);
     this.drivers.register(this.gvisor);
-    const images = new BuiltinImages(join(config.dataDir, 'images'));
+    const images = new ImageService(join(config.dataDir, 'images'));
     this.images = images;
     const log = this.log;
     this.controllers = {
@@ -89,7 +89,7 @@ export class Daemon {
       }),
     };
   }
-  readonly images: BuiltinImages;
+  readonly images: ImageService;
 
   private takeLock(): void {
     if (existsSync(this.pidFile)) {
@@ -219,6 +219,7 @@ export class Daemon {
       d.removeCgroupParent();
     }
     rmSync(this.socketPath, { force: true });
+    this.images.close();
     this.db.close();
     try {
       if (readFileSync(this.pidFile, 'utf8').trim() === String(process.pid)) rmSync(this.pidFile, { force: true });

@@ -3,7 +3,7 @@
 // tag or digest to a shared read-only rootfs (src/images/unpack.ts) and its process config.
 import { lstatSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { failedPrecondition, invalidArgument, notFound } from '../core/errors.js';
+import { BerthError, failedPrecondition, invalidArgument, notFound } from '../core/errors.js';
 import { ensureBusyboxImage } from './busybox.js';
 import type { ImageConfigDoc } from './oci.js';
 import { familiarRef, formatRef, parseRef, repoName, type ImageRef } from './ref.js';
@@ -228,7 +228,14 @@ export class ImageService implements ImageCatalog {
       ...this.registryOpts,
       ...(creds ? { credentials: (r: string) => (r === ref.registry ? creds : this.registryOpts.credentials?.(r)) } : {}),
     });
-    const res = await client.pull(this.store, ref, { ...(req.onProgress ? { onProgress: req.onProgress } : {}), ...(req.signal ? { signal: req.signal } : {}) });
+    let res;
+    try {
+      res = await client.pull(this.store, ref, { ...(req.onProgress ? { onProgress: req.onProgress } : {}), ...(req.signal ? { signal: req.signal } : {}) });
+    } catch (e) {
+      // The registry refused us: not the caller's Berth token, so not a 401/403 of Berth's API.
+      if (e instanceof BerthError && (e.code === 'unauthenticated' || e.code === 'permission_denied')) throw failedPrecondition(e.message);
+      throw e;
+    }
     await this.rootfs.ensure(res.digest);
     return this.inspect(res.digest === ref.digest ? `${repoName(ref)}@${res.digest}` : formatRef(ref));
   }
