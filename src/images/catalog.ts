@@ -5,7 +5,7 @@ import { lstatSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { BerthError, failedPrecondition, invalidArgument, notFound } from '../core/errors.js';
 import { ensureBusyboxImage } from './busybox.js';
-import type { ImageConfigDoc } from './oci.js';
+import { hostPlatform, parseManifest, type ImageConfigDoc } from './oci.js';
 import { familiarRef, formatRef, parseRef, repoName, type ImageRef } from './ref.js';
 import { RegistryClient, type LayerProgress, type RegistryClientOptions, type RegistryCredentials } from './registry.js';
 import { ImageStore } from './store.js';
@@ -149,11 +149,27 @@ export class ImageService implements ImageCatalog {
     return this.store.getTag(`${repoName(ref)}:${ref.tag ?? 'latest'}`)?.digest;
   }
 
+  /**
+   * The image manifest a reference names in the store: the tagged or pinned manifest, or, for a
+   * digest that names an image index, its entry for this host's platform (the one a pull fetched).
+   */
+  private async manifestFor(ref: ImageRef): Promise<string | undefined> {
+    const digest = this.lookup(ref);
+    if (!digest || !(await this.store.hasBlob(digest))) return undefined;
+    const parsed = parseManifest(await this.store.readBlob(digest), undefined, `manifest ${digest}`);
+    if (parsed.kind === 'manifest') return digest;
+    const want = hostPlatform();
+    for (const m of parsed.doc.manifests) {
+      if (m.platform?.os === want.os && m.platform?.architecture === want.architecture && (await this.store.hasBlob(m.digest))) return m.digest;
+    }
+    return undefined;
+  }
+
   async resolve(input: string): Promise<ResolvedImage> {
     if (BUILTIN_REFS.has(input)) return this.builtin.resolve(input);
     const ref = parseRef(input);
-    const digest = this.lookup(ref);
-    if (!digest || !(await this.store.hasBlob(digest))) {
+    const digest = await this.manifestFor(ref);
+    if (!digest) {
       throw invalidArgument(`image "${input}" is not on this host; pull it first (\`berth image pull ${input}\` or POST /v1/images/pull), or use the built-in "busybox"`);
     }
     const img = await this.rootfs.ensure(digest);
@@ -165,8 +181,13 @@ export class ImageService implements ImageCatalog {
   }
 
   async summaries(): Promise<ImageSummary[]> {
-    const bb = await this.builtin.resolve('busybox');
-    const out: ImageSummary[] = [{ ref: bb.ref, digest: bb.digest, size: 0, layers: 0, builtin: true }];
+    const out: ImageSummary[] = [];
+    try {
+      const bb = await this.builtin.resolve('busybox');
+      out.push({ ref: bb.ref, digest: bb.digest, size: 0, layers: 0, builtin: true });
+    } catch {
+      /* no busybox-static on this host: the store's images are still listed */
+    }
     for (const t of this.store.listTags()) {
       try {
         const { manifest, config } = await this.rootfs.load(t.digest);
@@ -191,8 +212,8 @@ export class ImageService implements ImageCatalog {
       return { ref: bb.ref, digest: bb.digest, size: 0, layers: 0, builtin: true, mediaType: 'berth/builtin', config: bb.config, layerDescriptors: [], unpacked: true, labels: {} };
     }
     const ref = parseRef(input);
-    const digest = this.lookup(ref);
-    if (!digest || !(await this.store.hasBlob(digest))) throw notFound(`image "${input}" is not on this host; pull it first with \`berth image pull ${input}\``);
+    const digest = await this.manifestFor(ref);
+    if (!digest) throw notFound(`image "${input}" is not on this host; pull it first with \`berth image pull ${input}\``);
     const { manifest, config } = await this.rootfs.load(digest);
     const bytes = await this.store.readBlob(digest);
     const mediaType = (JSON.parse(bytes.toString('utf8')) as { mediaType?: string }).mediaType ?? 'application/vnd.oci.image.manifest.v1+json';
@@ -237,7 +258,7 @@ export class ImageService implements ImageCatalog {
       throw e;
     }
     await this.rootfs.ensure(res.digest);
-    return this.inspect(res.digest === ref.digest ? `${repoName(ref)}@${res.digest}` : formatRef(ref));
+    return this.inspect(formatRef(ref));
   }
 
   /**
