@@ -154,6 +154,44 @@ describe('registry client against docker-registry (anonymous)', { skip }, () => 
     assert.equal(again.existing.length, 3, 'blobs already there are not uploaded again');
   });
 
+  test('a blob cut off mid-transfer is downloaded again; a mount the source cannot serve falls back to an upload', async () => {
+    const img = await sampleImage('cutoff');
+    const client = new RegistryClient(fast);
+    const pushed = await pushImage(client, img, `${reg.host}/cut/app:1`, 'no/such-repo');
+    assert.deepEqual(pushed.mounted, []);
+    assert.equal(pushed.uploaded.length, 3, 'mount refused (202) → POST/PUT upload');
+    const big = img.layers[1]!;
+    let cuts = 0;
+    const proxy = await startProxy(reg.host, (req, res) => {
+      if (req.url?.includes(`/blobs/${big.digest}`) && cuts < 1) {
+        cuts++;
+        res.writeHead(200, { 'content-length': String(big.blob.length) });
+        res.write(big.blob.subarray(0, Math.floor(big.blob.length / 2)));
+        setTimeout(() => res.socket?.destroy(), 20);
+        return true;
+      }
+      if (req.url?.includes('/manifests/') && req.headers['x-big'] === undefined && cuts === 1 && proxyMode.big) {
+        res.writeHead(200, { 'content-type': MT.ociManifest, 'content-length': String(5 * 1024 * 1024) });
+        res.end();
+        return true;
+      }
+      return false;
+    });
+    const proxyMode = { big: false };
+    const store = await tmpStore();
+    try {
+      const res = await client.pull(store, parseRef(`${proxy.host}/cut/app:1`));
+      assert.equal(res.digest, img.manifestDigest);
+      assert.equal(cuts, 1);
+      assert.ok(await store.hasBlob(big.digest));
+      proxyMode.big = true;
+      await assert.rejects(client.pull(store, parseRef(`${proxy.host}/cut/app:1`)), /is 5242880 bytes, over the 4 MiB limit/);
+    } finally {
+      await store.cleanup();
+      await proxy.stop();
+    }
+  });
+
   test('missing images: not_found naming the image', async () => {
     const client = new RegistryClient(fast);
     const store = await tmpStore();
