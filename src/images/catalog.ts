@@ -176,8 +176,11 @@ export class ImageService implements ImageCatalog {
     return { ref: formatRef(ref), digest, rootfs: img.rootfs, config: processConfig(img.config) };
   }
 
+  /** Every image resolved (unpacking those not unpacked yet); the API lists with summaries(). */
   async list(): Promise<ResolvedImage[]> {
-    return [await this.builtin.resolve('busybox')];
+    const out = [await this.builtin.resolve('busybox')];
+    for (const t of this.store.listTags()) out.push(await this.resolve(t.ref));
+    return out;
   }
 
   async summaries(): Promise<ImageSummary[]> {
