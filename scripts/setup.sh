@@ -10,9 +10,10 @@ if ! command -v node >/dev/null || ! node -e 'process.exit(Number(process.versio
 fi
 
 # Host packages: container runtime + monitor, the busybox image source, Docker's default
-# seccomp profile (containers-common), a toolchain for native npm modules, and for the microVM
-# tier QEMU, the guest kernel (Debian's cloud kernel) and cpio (the guest's initramfs).
-APT_PACKAGES=(runc conmon busybox-static golang-github-containers-common iproute2 build-essential python3
+# seccomp profile (containers-common), a toolchain for native npm modules, setfattr (layer
+# xattrs), for the image tests a registry (docker-registry) and htpasswd (apache2-utils), and for
+# the microVM tier QEMU, the guest kernel (Debian's cloud kernel) and cpio (the guest's initramfs).
+APT_PACKAGES=(runc conmon busybox-static golang-github-containers-common iproute2 build-essential python3 attr docker-registry apache2-utils
   qemu-system-x86 linux-image-cloud-amd64 cpio e2fsprogs)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
@@ -22,6 +23,11 @@ if [ ${#missing[@]} -gt 0 ]; then
   echo "==> apt-get install ${missing[*]}"
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # Berth's tests start docker-registry themselves (own config, 127.0.0.1); the packaged
+  # service (port 5000, htpasswd) is not wanted.
+  if [[ " ${missing[*]} " == *" docker-registry "* ]] && command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
+    systemctl disable --now docker-registry >/dev/null 2>&1 || true
+  fi
 fi
 
 # gVisor: a current runsc, pinned, built with Go (static: CGO_ENABLED=0) into /usr/local/lib/berth.

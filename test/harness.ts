@@ -47,12 +47,14 @@ export class TestDaemon {
     this.proc.stdout!.on('data', keep);
     this.proc.stderr!.on('data', keep);
     const deadline = Date.now() + 20_000;
-    while (!existsSync(join(this.dataDir, 'berthd.addr'))) {
+    // berthd writes the file non-atomically: wait for the whole line, not only for the file.
+    const addrLine = () => (existsSync(join(this.dataDir, 'berthd.addr')) ? readFileSync(join(this.dataDir, 'berthd.addr'), 'utf8') : '');
+    while (!addrLine().endsWith('\n')) {
       if (this.proc.exitCode !== null) throw new Error(`berthd exited ${this.proc.exitCode}: ${this.logs.join('')}`);
       if (Date.now() > deadline) throw new Error(`berthd did not start: ${this.logs.join('')}`);
       await new Promise((r) => setTimeout(r, 25));
     }
-    this.addr = `http://${readFileSync(join(this.dataDir, 'berthd.addr'), 'utf8').trim()}`;
+    this.addr = `http://${addrLine().trim()}`;
     this.token = readFileSync(join(this.dataDir, 'admin.token'), 'utf8').trim();
   }
 

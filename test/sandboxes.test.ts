@@ -207,3 +207,55 @@ test('bad input is refused clearly and creates nothing', async () => {
   }
   assert.equal((await d.api('GET', S)).body.items.length, before);
 });
+
+test('warm pool: a matching create claims a started sandbox at once; the pool refills; deleting it kills the unclaimed', { timeout: 180_000 }, async (t) => {
+  const tier = ['gvisor', 'container', 'microvm'].find((x) => tiers.includes(x));
+  if (!tier) return t.skip('no isolation tier');
+  const P = '/v1/projects/default/sandbox-pools';
+  const existing = new Set<string>((await d.api('GET', S)).body.items.map((x: any) => x.name));
+  const put = await d.api('PUT', `${P}/warm`, { spec: { isolation: tier, size: 2, resources: { memoryMiB: 128 } } });
+  assert.equal(put.status, 200, JSON.stringify(put.body));
+  const waitReady = async (n: number) => {
+    const deadline = Date.now() + 90_000;
+    for (;;) {
+      const p = (await d.api('GET', `${P}/warm`)).body;
+      if (p.status.ready >= n) return p;
+      assert.ok(Date.now() < deadline, `pool never had ${n} ready: ${JSON.stringify(p.status)}`);
+      await sleep(100);
+    }
+  };
+  await waitReady(2);
+  const times: number[] = [];
+  const names: string[] = [];
+  for (let i = 0; i < 2; i++) {
+    const t0 = performance.now();
+    const r: { status: number; body: any } = await d.api('POST', S, { labels: { owner: `u${i}` }, spec: { isolation: tier, resources: { memoryMiB: 128 }, timeoutMs: 60_000, env: { WHO: `u${i}` } } });
+    times.push(performance.now() - t0);
+    assert.equal(r.status, 201);
+    assert.equal(r.body.status.phase, 'running');
+    assert.deepEqual(r.body.labels, { owner: `u${i}` }, 'the claimed sandbox carries the caller’s labels only');
+    names.push(r.body.name);
+    const out = await run(r.body.name, { cmd: 'echo $WHO' });
+    assert.equal(out.out, `u${i}\n`, 'the caller’s env applies to its commands');
+    const exp = Date.parse(r.body.status.expiresAt ?? (await d.api('GET', `${S}/${r.body.name}`)).body.status.expiresAt);
+    assert.ok(exp - Date.now() <= 61_000, 'the life time is the caller’s, counted from the claim');
+  }
+  t.diagnostic(`claims from the warm pool: ${times.map((x) => x.toFixed(1)).join(', ')} ms`);
+  assert.ok(Math.min(...times) < 100, `a claim should answer at once: ${times.join(', ')} ms`);
+  // A create that matches no pool (other limits) starts cold.
+  const cold = await d.api('POST', S, { spec: { isolation: tier, resources: { memoryMiB: 64 } } });
+  assert.equal(cold.status, 201);
+  assert.ok(!names.includes(cold.body.name));
+  const refilled = await waitReady(2);
+  assert.equal(refilled.status.claimed, 2);
+  assert.equal((await d.api('DELETE', `${P}/warm`)).status, 202);
+  const deadline = Date.now() + 60_000;
+  while ((await d.api('GET', `${P}/warm`)).status !== 404) {
+    assert.ok(Date.now() < deadline, 'pool not deleted');
+    await sleep(100);
+  }
+  const left = (await d.api('GET', S)).body.items.map((s: any) => s.name).filter((n: string) => !existing.has(n)).sort();
+  assert.deepEqual(left, [...names, cold.body.name].sort(), 'the pool’s unclaimed members are gone, the claimed ones stay');
+  await d.deleteAllSandboxes();
+  assert.deepEqual(d.hostResidue(), []);
+});

@@ -12,7 +12,9 @@ import { registerProjectRoutes } from './routes/projects.js';
 import { registerWorkloadRoutes } from './routes/workloads.js';
 import { registerJobRoutes } from './routes/jobs.js';
 import { registerSandboxRoutes } from './routes/sandboxes.js';
+import { registerSandboxPoolRoutes } from './routes/sandboxpools.js';
 import { registerSystemRoutes } from './routes/system.js';
+import { registerImageRoutes } from './routes/images.js';
 
 export const MAX_BODY_BYTES = 1024 * 1024;
 
@@ -82,6 +84,8 @@ export function createApp(ctx: ApiContext, log: Logger): OpenAPIHono<AppEnv> {
   registerWorkloadRoutes(app, ctx);
   registerJobRoutes(app, ctx);
   registerSandboxRoutes(app, ctx);
+  registerSandboxPoolRoutes(app, ctx);
+  registerImageRoutes(app, ctx);
 
   app.doc31('/v1/openapi.json', {
     openapi: '3.1.0',

@@ -1,7 +1,7 @@
 // What the API handlers need from the daemon. Kept as an interface so the API has no
 // knowledge of how the daemon wires things together.
 import type { DriverRegistry } from '../core/driver.js';
-import type { ImageCatalog } from '../images/catalog.js';
+import type { ImageService } from '../images/catalog.js';
 import type { ResourceStore } from '../store/resources.js';
 import type { TokenStore } from '../daemon/tokens.js';
 
@@ -16,7 +16,7 @@ export interface ApiContext {
   version: string;
   store: ResourceStore;
   drivers: DriverRegistry;
-  images: ImageCatalog;
+  images: ImageService;
   tokens: TokenStore;
   adminTokenPath: string;
   /** Nudge a controller after an API write (the store's change feed also does this). */

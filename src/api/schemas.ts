@@ -3,6 +3,16 @@
 // strict: unknown fields are refused.
 import { z } from '@hono/zod-openapi';
 import { Cron } from 'croner';
+import { parseRef } from '../images/ref.js';
+
+function validImageRef(ref: string): boolean {
+  try {
+    parseRef(ref);
+    return true;
+  } catch {
+    return false;
+  }
+}
 
 export const NAME_RE = /^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$/;
 const NAME_HINT = 'lowercase letters, digits and "-", starting and ending with a letter or digit, at most 63 characters';
@@ -55,8 +65,8 @@ export const User = z
 
 /** What to run: shared by workloads and job templates. */
 const RunFields = {
-  image: z.string().min(1).max(255).regex(/^[a-z0-9][a-z0-9._/-]*(:[A-Za-z0-9_][A-Za-z0-9._-]{0,127})?$/, {
-    message: 'image must be a reference such as "busybox" or "busybox:latest"',
+  image: z.string().min(1).max(400).refine(validImageRef, {
+    message: 'image must be a reference such as "busybox", "busybox:latest" or "127.0.0.1:5000/team/app:v1" ([registry[:port]/]repository[:tag][@sha256:<64 hex>])',
   }),
   command: z.array(Arg).max(4096).optional().openapi({ description: "Replaces the image's entrypoint" }),
   args: z.array(Arg).max(4096).optional().openapi({ description: "Replaces the image's default arguments" }),

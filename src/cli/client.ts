@@ -190,10 +190,11 @@ export class BerthClient {
   }
 
   /**
-   * GET a streaming endpoint and call onLine for every line (without its newline). Resolves when
-   * the server ends the stream, or when `signal` aborts (then it resolves quietly).
+   * GET (or POST `opts.body` to) a streaming endpoint and call onLine for every line (without its
+   * newline). Resolves when the server ends the stream, or when `signal` aborts (then quietly).
    */
-  stream(path: string, onLine: (line: string) => void, signal?: AbortSignal): Promise<void> {
+  stream(path: string, onLine: (line: string) => void, signal?: AbortSignal, opts: { method?: string; body?: unknown } = {}): Promise<void> {
+    const data = opts.body === undefined ? undefined : Buffer.from(JSON.stringify(opts.body), 'utf8');
     return new Promise<void>((resolve, reject) => {
       let settled = false;
       const done = (e?: unknown) => {
@@ -202,7 +203,8 @@ export class BerthClient {
         if (e === undefined || signal?.aborted) resolve();
         else reject(e instanceof ApiError ? e : this.wrapError(e));
       };
-      const req = this.send(this.requestOptions('GET', path, { Accept: 'application/x-ndjson, text/plain, application/json' }), (res) => {
+      const headers: Record<string, string | number> = { Accept: 'application/x-ndjson, text/plain, application/json', ...(data ? { 'Content-Type': 'application/json', 'Content-Length': data.length } : {}) };
+      const req = this.send(this.requestOptions(opts.method ?? 'GET', path, headers), (res) => {
         const status = res.statusCode ?? 0;
         if (status < 200 || status >= 300) {
           const chunks: Buffer[] = [];
@@ -237,7 +239,7 @@ export class BerthClient {
         });
         res.on('error', (e) => done(e));
         res.on('close', () => {
-          if (!ended) done(new ApiError('unavailable', `the log stream from berthd at ${this.addr} was cut off; check that berthd is still running`, 0));
+          if (!ended) done(new ApiError('unavailable', `the stream from berthd at ${this.addr} was cut off; check that berthd is still running`, 0));
         });
       });
       req.on('error', (e) => done(e));
@@ -256,7 +258,7 @@ export class BerthClient {
           );
         }
       }
-      req.end();
+      req.end(data);
     });
   }
 

@@ -1035,6 +1035,152 @@ function registerTokens(program: Command): void {
   );
 }
 
+interface ImageSummary {
+  ref: string;
+  digest: string;
+  size: number;
+  layers: number;
+  builtin: boolean;
+  created?: string;
+}
+interface LayerProgress {
+  digest: string;
+  kind: 'config' | 'layer';
+  size: number;
+  bytes: number;
+  status: string;
+}
+
+function humanBytes(n: number): string {
+  if (n < 1024) return `${n} B`;
+  const units = ['kB', 'MB', 'GB', 'TB'];
+  let v = n / 1024;
+  let i = 0;
+  while (v >= 1024 && i < units.length - 1) {
+    v /= 1024;
+    i++;
+  }
+  return `${v.toFixed(v < 10 ? 1 : 0)} ${units[i]}`;
+}
+
+async function readStdin(): Promise<string> {
+  const chunks: Buffer[] = [];
+  for await (const c of process.stdin) chunks.push(c as Buffer);
+  return Buffer.concat(chunks).toString('utf8').replace(/\r?\n$/, '');
+}
+
+/** Per-layer progress on stderr: redrawn bars on a terminal, one line per state change otherwise. */
+function progressPrinter(): { update(p: LayerProgress): void; finish(): void } {
+  const tty = process.stderr.isTTY;
+  const layers = new Map<string, LayerProgress>();
+  let drawn = 0;
+  const line = (p: LayerProgress) => {
+    const id = p.digest.slice(7, 19);
+    const pct = p.size > 0 ? Math.min(100, Math.floor((p.bytes / p.size) * 100)) : 100;
+    const width = 24;
+    const filled = Math.round((pct / 100) * width);
+    const bar = p.status === 'downloading' ? ` [${'='.repeat(filled)}${' '.repeat(width - filled)}] ${humanBytes(p.bytes)}/${humanBytes(p.size)}` : '';
+    const label = p.status === 'exists' ? 'already present' : p.status;
+    return `${id} ${p.kind === 'config' ? '(config) ' : ''}${label}${bar}`;
+  };
+  return {
+    update(p) {
+      const prev = layers.get(p.digest);
+      layers.set(p.digest, p);
+      if (!tty) {
+        if (prev?.status !== p.status && p.status !== 'downloading') process.stderr.write(`${line(p)}\n`);
+        return;
+      }
+      if (drawn) process.stderr.write(`\x1b[${drawn}A`);
+      for (const l of layers.values()) process.stderr.write(`\x1b[2K${line(l)}\n`);
+      drawn = layers.size;
+    },
+    finish() {
+      drawn = 0;
+    },
+  };
+}
+
+function registerImages(program: Command): void {
+  const image = program.command('image').description('manage images (pulled from OCI registries, plus the built-in busybox)');
+  addCommon(image.command('ls').alias('list').description('list images on this host'), { project: false }).action(
+    act(async (ctx) => {
+      const res = await ctx.client.request<{ items: ImageSummary[] }>('GET', '/v1/images');
+      if (ctx.json) return printJson(res);
+      printTable(
+        ['REF', 'DIGEST', 'SIZE', 'LAYERS', 'CREATED'],
+        res.items.map((i) => [i.ref, i.digest.slice(0, 19), i.builtin ? '(built-in)' : humanBytes(i.size), i.layers, i.created ? relative(i.created) : '-']),
+      );
+    }),
+  );
+  addCommon(
+    image
+      .command('pull')
+      .description('pull an image from its registry (plain HTTP for loopback registries) and unpack it')
+      .argument('<ref>', 'e.g. 127.0.0.1:5000/team/app:v1 or registry.example.com/app@sha256:…')
+      .option('-u, --username <name>', 'registry user name (the password is read from stdin with --password-stdin)')
+      .option('--password-stdin', 'read the registry password from standard input'),
+    { project: false },
+  ).action(
+    act(async (ctx, [ref], o) => {
+      const body: Record<string, unknown> = { ref, progress: true };
+      if (o.passwordStdin && !o.username) throw new UsageError('--password-stdin needs --username');
+      if (o.username) {
+        if (!o.passwordStdin) throw new UsageError('give the registry password on standard input with --password-stdin (never on the command line)');
+        body.auth = { username: o.username, password: await readStdin() };
+      }
+      const bar = ctx.json ? undefined : progressPrinter();
+      let result: unknown;
+      let failure: ApiError | undefined;
+      await ctx.client.stream(
+        '/v1/images/pull',
+        (l) => {
+          if (!l.trim()) return;
+          const m = JSON.parse(l) as { progress?: LayerProgress; image?: ImageSummary; error?: { code: string; message: string } };
+          if (m.progress) bar?.update(m.progress);
+          else if (m.image) result = m.image;
+          else if (m.error) failure = new ApiError(m.error.code, m.error.message, 0);
+        },
+        undefined,
+        { method: 'POST', body },
+      );
+      bar?.finish();
+      if (failure) throw failure;
+      if (!result) throw new CliError('unavailable', 'berthd ended the pull without a result; check the berthd log');
+      if (ctx.json) return printJson(result);
+      const img = result as ImageSummary;
+      process.stdout.write(`${img.ref}\n${img.digest}\n`);
+    }),
+  );
+  addCommon(image.command('inspect').description('show an image as JSON (config, layers, whether it is unpacked)').argument('<ref>'), { project: false }).action(
+    act(async (ctx, [ref]) => {
+      printJson(await ctx.client.request('GET', `/v1/images/inspect${qs({ ref })}`));
+    }),
+  );
+  addCommon(
+    image.command('rm').alias('remove').description('remove an image tag, then its blobs and unpacked tree if nothing else uses them').argument('<refs...>'),
+    { project: false },
+  ).action(
+    act(async (ctx, refs) => {
+      const results = await Promise.allSettled(refs.map((r) => ctx.client.request<{ ref: string; removedBlobs: string[]; freedBytes: number }>('DELETE', `/v1/images${qs({ ref: r })}`)));
+      if (ctx.json) {
+        printJson(results.map((r, i) => (r.status === 'fulfilled' ? r.value : { ref: refs[i], error: { code: (r.reason as ApiError).code, message: (r.reason as ApiError).message } })));
+      }
+      let failed = 0;
+      for (const [i, r] of results.entries()) {
+        if (r.status === 'fulfilled') {
+          if (!ctx.json) process.stdout.write(`${r.value.ref} (freed ${humanBytes(r.value.freedBytes)}, ${r.value.removedBlobs.length} blobs)\n`);
+        } else {
+          failed++;
+          const e = r.reason as ApiError;
+          errLine(`${refs[i]}: ${e.message}`, e.code);
+        }
+      }
+      return failed ? 1 : 0;
+    }),
+  );
+}
+
 function registerBench(program: Command): void {
   const bench = program.command('bench').description('run a benchmark on this host (as root; starts its own throw-away berthd)');
   bench
@@ -1096,6 +1242,7 @@ export function buildProgram(): Command {
   registerWorkloads(program);
   registerJobs(program);
   registerTokens(program);
+  registerImages(program);
   registerBench(program);
   return program;
 }

@@ -17,7 +17,8 @@ import { RuncDriver } from '../drivers/runc/driver.js';
 import { GvisorDriver } from '../drivers/gvisor/driver.js';
 import { MicroVmDriver } from '../drivers/microvm/driver.js';
 import { SANDBOX, makeSandboxReconciler } from '../reconcilers/sandboxes.js';
-import { BuiltinImages } from '../images/catalog.js';
+import { SANDBOXPOOL, makeSandboxPoolReconciler } from '../reconcilers/sandboxpools.js';
+import { ImageService } from '../images/catalog.js';
 import { createApp } from '../api/app.js';
 import { TokenStore } from './tokens.js';
 import { PROJECT } from '../api/routes/common.js';
@@ -49,7 +50,7 @@ export class Daemon {
   readonly runc: RuncDriver;
   readonly gvisor: GvisorDriver;
   readonly microvm: MicroVmDriver;
-  readonly controllers: { workloads: Controller; jobRuns: Controller; jobs: Controller; sandboxes: Controller };
+  readonly controllers: { workloads: Controller; jobRuns: Controller; jobs: Controller; sandboxes: Controller; sandboxPools: Controller };
   readonly adminTokenPath: string;
   readonly socketPath: string;
   private servers: Server[] = [];
@@ -75,7 +76,7 @@ export class Daemon {
     this.drivers.register(this.runc);
     this.drivers.register(this.gvisor);
     this.drivers.register(this.microvm);
-    const images = new BuiltinImages(join(config.dataDir, 'images'));
+    const images = new ImageService(join(config.dataDir, 'images'));
     this.images = images;
     const log = this.log;
     this.controllers = {
@@ -86,6 +87,11 @@ export class Daemon {
         reconcile: makeWorkloadReconciler({ store: this.store, drivers: this.drivers, images, log, ...(config.restartBackoff ? { restartBackoff: config.restartBackoff } : {}) }),
       }),
       sandboxes: new Controller({ name: 'sandboxes', log, concurrency: 16, reconcile: makeSandboxReconciler({ store: this.store, drivers: this.drivers, images, log }) }),
+      sandboxPools: new Controller({
+        name: 'sandboxpools',
+        log,
+        reconcile: makeSandboxPoolReconciler({ store: this.store, log, kickSandbox: (id) => this.controllers.sandboxes.enqueue(id) }),
+      }),
       jobRuns: new Controller({ name: 'jobruns', log, reconcile: makeJobRunReconciler({ store: this.store, log }) }),
       jobs: new Controller({
         name: 'jobs',
@@ -94,7 +100,7 @@ export class Daemon {
       }),
     };
   }
-  readonly images: BuiltinImages;
+  readonly images: ImageService;
 
   private takeLock(): void {
     if (existsSync(this.pidFile)) {
@@ -119,6 +125,7 @@ export class Daemon {
     else if (kind === JOBRUN) this.controllers.jobRuns.enqueue(id);
     else if (kind === JOB) this.controllers.jobs.enqueue(id);
     else if (kind === SANDBOX) this.controllers.sandboxes.enqueue(id);
+    else if (kind === SANDBOXPOOL) this.controllers.sandboxPools.enqueue(id);
   }
 
   async start(): Promise<void> {
@@ -160,6 +167,7 @@ export class Daemon {
     for (const r of this.store.list(JOBRUN, { limit: 1000 }).items) this.controllers.jobRuns.enqueue(r.id);
     for (const j of this.store.list(JOB, { limit: 1000 }).items) this.controllers.jobs.enqueue(j.id);
     for (const s of this.store.list(SANDBOX, { limit: 1000 }).items) this.controllers.sandboxes.enqueue(s.id);
+    for (const p of this.store.list(SANDBOXPOOL, { limit: 1000 }).items) this.controllers.sandboxPools.enqueue(p.id);
   }
 
   /** Host state with no record (a crash between record removal and cleanup): remove it. */
@@ -228,6 +236,7 @@ export class Daemon {
       d.removeCgroupParent();
     }
     rmSync(this.socketPath, { force: true });
+    this.images.close();
     this.db.close();
     try {
       if (readFileSync(this.pidFile, 'utf8').trim() === String(process.pid)) rmSync(this.pidFile, { force: true });

@@ -1,9 +1,15 @@
-// The images available to workloads. Until the images issue lands a real OCI store, Berth ships
-// one built-in image, "busybox", made from Debian's busybox-static.
+// The images available to workloads: the built-in "busybox" (made from Debian's busybox-static,
+// no registry needed) and every image pulled into the OCI store (src/images/store.ts), resolved by
+// tag or digest to a shared read-only rootfs (src/images/unpack.ts) and its process config.
 import { lstatSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { invalidArgument } from '../core/errors.js';
+import { BerthError, failedPrecondition, invalidArgument, notFound } from '../core/errors.js';
 import { ensureBusyboxImage } from './busybox.js';
+import { hostPlatform, parseManifest, type ImageConfigDoc } from './oci.js';
+import { familiarRef, formatRef, parseRef, repoName, type ImageRef } from './ref.js';
+import { RegistryClient, type LayerProgress, type RegistryClientOptions, type RegistryCredentials } from './registry.js';
+import { ImageStore } from './store.js';
+import { RootfsCache } from './unpack.js';
 
 export interface ImageConfig {
   env: Record<string, string>;
@@ -24,6 +30,8 @@ export interface ImageCatalog {
   resolve(ref: string): Promise<ResolvedImage>;
   list(): Promise<ResolvedImage[]>;
 }
+
+const BUILTIN_REFS = new Set(['busybox', 'busybox:latest']);
 
 export class BuiltinImages implements ImageCatalog {
   private busybox: Promise<ResolvedImage> | undefined;
@@ -47,12 +55,261 @@ export class BuiltinImages implements ImageCatalog {
   }
 
   async resolve(ref: string): Promise<ResolvedImage> {
-    if (ref === 'busybox' || ref === 'busybox:latest') return this.getBusybox();
+    if (BUILTIN_REFS.has(ref)) return this.getBusybox();
     throw invalidArgument(`image "${ref}" is not available on this host; available images: busybox`);
   }
 
   async list(): Promise<ResolvedImage[]> {
     return [await this.getBusybox()];
+  }
+}
+
+export interface ImageSummary {
+  /** Canonical reference ("registry/repository:tag"); "busybox:latest" for the built-in image. */
+  ref: string;
+  digest: string;
+  /** Bytes of the config and layers (compressed, as stored); 0 for the built-in image. */
+  size: number;
+  layers: number;
+  builtin: boolean;
+  created?: string;
+}
+
+export interface ImageDetail extends ImageSummary {
+  mediaType: string;
+  os?: string;
+  architecture?: string;
+  config: ImageConfig;
+  layerDescriptors: { digest: string; size: number; mediaType: string }[];
+  /** True when the rootfs is unpacked (a workload can start without unpacking). */
+  unpacked: boolean;
+  labels: Record<string, string>;
+}
+
+export interface PullRequest {
+  ref: string;
+  /** Used for this pull only: never stored, never logged. */
+  credentials?: RegistryCredentials;
+  onProgress?: (p: LayerProgress) => void;
+  signal?: AbortSignal;
+}
+
+export interface RemoveResult {
+  ref: string;
+  digest: string;
+  removedBlobs: string[];
+  freedBytes: number;
+}
+
+/** The process config of an OCI image config document, with the OCI defaults filled in. */
+export function processConfig(doc: ImageConfigDoc): ImageConfig {
+  const c = doc.config ?? {};
+  const env: Record<string, string> = {};
+  for (const kv of c.Env ?? []) {
+    const i = kv.indexOf('=');
+    if (i > 0) env[kv.slice(0, i)] = kv.slice(i + 1);
+  }
+  return {
+    env,
+    entrypoint: c.Entrypoint ?? [],
+    cmd: c.Cmd ?? [],
+    workingDir: c.WorkingDir || '/',
+    user: c.User || '0:0',
+  };
+}
+
+/**
+ * Built-in busybox plus the OCI store: what berthd serves to the API and the reconcilers.
+ * `inUse()` names the image references still needed by workloads (they keep their blobs alive
+ * through garbage collection and stop their tag from being removed).
+ */
+export class ImageService implements ImageCatalog {
+  readonly store: ImageStore;
+  readonly rootfs: RootfsCache;
+  private readonly builtin: BuiltinImages;
+  private readonly registryOpts: RegistryClientOptions;
+
+  constructor(
+    readonly dir: string,
+    opts: { registry?: RegistryClientOptions } = {},
+  ) {
+    this.builtin = new BuiltinImages(dir);
+    this.store = new ImageStore(join(dir, 'store'));
+    this.rootfs = new RootfsCache(join(dir, 'rootfs'), this.store);
+    this.registryOpts = opts.registry ?? {};
+  }
+
+  close(): void {
+    this.store.close();
+  }
+
+  /** The manifest digest a reference names in the store, or undefined. */
+  private lookup(ref: ImageRef): string | undefined {
+    if (ref.digest) return ref.digest;
+    return this.store.getTag(`${repoName(ref)}:${ref.tag ?? 'latest'}`)?.digest;
+  }
+
+  /**
+   * The image manifest a reference names in the store: the tagged or pinned manifest, or, for a
+   * digest that names an image index, its entry for this host's platform (the one a pull fetched).
+   */
+  private async manifestFor(ref: ImageRef): Promise<string | undefined> {
+    const digest = this.lookup(ref);
+    if (!digest || !(await this.store.hasBlob(digest))) return undefined;
+    const parsed = parseManifest(await this.store.readBlob(digest), undefined, `manifest ${digest}`);
+    if (parsed.kind === 'manifest') return digest;
+    const want = hostPlatform();
+    for (const m of parsed.doc.manifests) {
+      if (m.platform?.os === want.os && m.platform?.architecture === want.architecture && (await this.store.hasBlob(m.digest))) return m.digest;
+    }
+    return undefined;
+  }
+
+  async resolve(input: string): Promise<ResolvedImage> {
+    if (BUILTIN_REFS.has(input)) return this.builtin.resolve(input);
+    const ref = parseRef(input);
+    const digest = await this.manifestFor(ref);
+    if (!digest) {
+      throw invalidArgument(`image "${input}" is not on this host; pull it first (\`berth image pull ${input}\` or POST /v1/images/pull), or use the built-in "busybox"`);
+    }
+    const img = await this.rootfs.ensure(digest);
+    return { ref: formatRef(ref), digest, rootfs: img.rootfs, config: processConfig(img.config) };
+  }
+
+  /** Every image resolved (unpacking those not unpacked yet); the API lists with summaries(). */
+  async list(): Promise<ResolvedImage[]> {
+    const out = [await this.builtin.resolve('busybox')];
+    for (const t of this.store.listTags()) out.push(await this.resolve(t.ref));
+    return out;
+  }
+
+  async summaries(): Promise<ImageSummary[]> {
+    const out: ImageSummary[] = [];
+    try {
+      const bb = await this.builtin.resolve('busybox');
+      out.push({ ref: bb.ref, digest: bb.digest, size: 0, layers: 0, builtin: true });
+    } catch {
+      /* no busybox-static on this host: the store's images are still listed */
+    }
+    for (const t of this.store.listTags()) {
+      try {
+        const { manifest, config } = await this.rootfs.load(t.digest);
+        out.push({
+          ref: t.ref,
+          digest: t.digest,
+          size: manifest.config.size + manifest.layers.reduce((n, l) => n + l.size, 0),
+          layers: manifest.layers.length,
+          builtin: false,
+          ...(config.created ? { created: config.created } : {}),
+        });
+      } catch {
+        out.push({ ref: t.ref, digest: t.digest, size: 0, layers: 0, builtin: false });
+      }
+    }
+    return out;
+  }
+
+  async inspect(input: string): Promise<ImageDetail> {
+    if (BUILTIN_REFS.has(input)) {
+      const bb = await this.builtin.resolve(input);
+      return { ref: bb.ref, digest: bb.digest, size: 0, layers: 0, builtin: true, mediaType: 'berth/builtin', config: bb.config, layerDescriptors: [], unpacked: true, labels: {} };
+    }
+    const ref = parseRef(input);
+    const digest = await this.manifestFor(ref);
+    if (!digest) throw notFound(`image "${input}" is not on this host; pull it first with \`berth image pull ${input}\``);
+    const { manifest, config } = await this.rootfs.load(digest);
+    const bytes = await this.store.readBlob(digest);
+    const mediaType = (JSON.parse(bytes.toString('utf8')) as { mediaType?: string }).mediaType ?? 'application/vnd.oci.image.manifest.v1+json';
+    let unpacked = false;
+    try {
+      unpacked = lstatSync(this.rootfs.pathFor(digest)).isDirectory();
+    } catch {
+      /* not unpacked */
+    }
+    return {
+      ref: formatRef(ref),
+      digest,
+      size: manifest.config.size + manifest.layers.reduce((n, l) => n + l.size, 0),
+      layers: manifest.layers.length,
+      builtin: false,
+      ...(config.created ? { created: config.created } : {}),
+      mediaType,
+      ...(config.os ? { os: config.os } : {}),
+      ...(config.architecture ? { architecture: config.architecture } : {}),
+      config: processConfig(config),
+      layerDescriptors: manifest.layers.map((l) => ({ digest: l.digest, size: l.size, mediaType: l.mediaType })),
+      unpacked,
+      labels: config.config?.Labels ?? {},
+    };
+  }
+
+  /** Pull from the image's registry into the store, then unpack it so workloads start at once. */
+  async pull(req: PullRequest): Promise<ImageDetail> {
+    if (BUILTIN_REFS.has(req.ref)) return this.inspect(req.ref);
+    const ref = parseRef(req.ref);
+    const creds = req.credentials;
+    const client = new RegistryClient({
+      ...this.registryOpts,
+      ...(creds ? { credentials: (r: string) => (r === ref.registry ? creds : this.registryOpts.credentials?.(r)) } : {}),
+    });
+    let res;
+    try {
+      res = await client.pull(this.store, ref, { ...(req.onProgress ? { onProgress: req.onProgress } : {}), ...(req.signal ? { signal: req.signal } : {}) });
+    } catch (e) {
+      // The registry refused us: not the caller's Berth token, so not a 401/403 of Berth's API.
+      if (e instanceof BerthError && (e.code === 'unauthenticated' || e.code === 'permission_denied')) throw failedPrecondition(e.message);
+      throw e;
+    }
+    await this.rootfs.ensure(res.digest);
+    return this.inspect(formatRef(ref));
+  }
+
+  /**
+   * Remove a tag, then garbage-collect: blobs and unpacked trees that no tag and no workload
+   * still uses go away. A tag that workloads use is refused (delete the workloads first).
+   */
+  async remove(input: string, inUse: { refs: Map<string, string[]> }): Promise<RemoveResult> {
+    if (BUILTIN_REFS.has(input)) throw failedPrecondition('"busybox" is built in and cannot be removed');
+    const ref = parseRef(input);
+    if (ref.digest !== undefined && ref.tag === undefined) {
+      const tags = this.store.tagsFor(ref.digest);
+      if (tags.length) throw failedPrecondition(`image ${ref.digest} is tagged ${tags.map((t) => t.ref).join(', ')}; remove those tags instead`);
+    }
+    const key = `${repoName(ref)}:${ref.tag ?? 'latest'}`;
+    const tag = this.store.getTag(key);
+    if (!tag) throw notFound(`image "${input}" is not on this host (no tag ${familiarRef(key)}); see \`berth image ls\``);
+    const users = inUse.refs.get(key);
+    if (users?.length) throw failedPrecondition(`image ${familiarRef(key)} is used by ${users.slice(0, 5).join(', ')}${users.length > 5 ? ` and ${users.length - 5} more` : ''}; delete those first`);
+    this.store.deleteTag(key);
+    const gc = await this.gc(inUse);
+    return { ref: key, digest: tag.digest, removedBlobs: gc.removedBlobs, freedBytes: gc.freedBytes };
+  }
+
+  /** Remove blobs and unpacked trees that no tag and no reference in `inUse` needs. */
+  async gc(inUse: { refs: Map<string, string[]> }): Promise<{ removedBlobs: string[]; freedBytes: number; removedRootfs: string[] }> {
+    const digests: string[] = [];
+    for (const r of inUse.refs.keys()) {
+      try {
+        const d = this.lookup(parseRef(r));
+        if (d) digests.push(d);
+      } catch {
+        /* not a store reference */
+      }
+    }
+    const res = await this.store.gc(digests);
+    const removedRootfs = await this.rootfs.prune(res.liveManifests);
+    return { removedBlobs: res.removedBlobs, freedBytes: res.freedBytes, removedRootfs };
+  }
+
+  /** The canonical store key of an image reference, or undefined for the built-in image / bad refs. */
+  static key(input: string): string | undefined {
+    if (BUILTIN_REFS.has(input)) return undefined;
+    try {
+      const r = parseRef(input);
+      return r.digest !== undefined ? `${repoName(r)}@${r.digest}` : `${repoName(r)}:${r.tag ?? 'latest'}`;
+    } catch {
+      return undefined;
+    }
   }
 }
 

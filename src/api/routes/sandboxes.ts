@@ -14,6 +14,7 @@ import type { ApiContext } from '../context.js';
 import { Isolation, Labels, ListQuery, Name, Resources, listOf } from '../schemas.js';
 import { ProjectNameParams, ProjectParams, body, errorResponses, getLive, json, useProject, view } from './common.js';
 import { admitRunSpec, waitForChange } from './workloads.js';
+import { SANDBOXPOOL, poolMatches, poolMembers, type SandboxPoolSpecT, type SandboxPoolStatusT } from '../../reconcilers/sandboxpools.js';
 
 const tags = ['sandboxes'];
 const HIDDEN = ['task'];
@@ -49,7 +50,10 @@ const Sandbox = z
   .passthrough()
   .openapi('Sandbox');
 
-const CreateQuery = z.strictObject({ wait: z.enum(['true', 'false']).default('true').openapi({ description: 'Answer once the sandbox runs (or failed to start)' }) });
+const CreateQuery = z.strictObject({
+  wait: z.enum(['true', 'false']).default('true').openapi({ description: 'Answer once the sandbox runs (or failed to start)' }),
+  pool: z.enum(['auto', 'none']).default('auto').openapi({ description: 'auto: claim a started sandbox from a matching warm pool when one is ready (only without a name)' }),
+});
 const TimeoutBody = z.strictObject({ timeoutMs: z.number().int().min(1000).max(86_400_000).openapi({ description: 'New life time, counted from now' }) }).openapi('SandboxTimeout');
 
 const CommandBody = z
@@ -84,6 +88,29 @@ function agentError(e: unknown): BerthError {
   return new BerthError('unavailable', `the sandbox's agent did not answer: ${msg}`);
 }
 
+/**
+ * A ready member of a warm pool matching the request, handed over: the pool label is replaced by
+ * the caller's labels, env and life time (counted from now) become the caller's. No await between
+ * the lookup and the update, so two creates never get the same sandbox.
+ */
+function claimFromPool(ctx: ApiContext, project: string, b: z.infer<typeof CreateSandbox>): SandboxResource | undefined {
+  for (const pool of ctx.store.list<SandboxPoolSpecT, SandboxPoolStatusT>(SANDBOXPOOL, { project, limit: 1000 }).items) {
+    if (pool.deletionRequestedAt || !poolMatches(pool.spec, b.spec)) continue;
+    const member = poolMembers(ctx.store, pool).find((m) => m.status.phase === 'running' && !m.deletionRequestedAt && m.status.startedAt);
+    if (!member) continue;
+    const elapsed = Date.now() - Date.parse(member.status.startedAt!) - (member.status.pausedTotalMs ?? 0);
+    const spec: SandboxSpecT = { ...member.spec, timeoutMs: elapsed + b.spec.timeoutMs, ...(b.spec.env ? { env: b.spec.env } : {}) };
+    ctx.store.updateSpec(member.id, { spec, labels: b.labels ?? {} }, member.resourceVersion);
+    const r = ctx.store.updateStatus(member.id, { ...member.status, expiresAt: new Date(Date.now() + b.spec.timeoutMs).toISOString() }) as SandboxResource;
+    ctx.store.addEvent(member.id, 'Claimed', `claimed from warm pool ${pool.name}`);
+    ctx.store.updateStatus(pool.id, { ...pool.status, claimed: (pool.status.claimed ?? 0) + 1 });
+    ctx.kick(SANDBOX, member.id);
+    ctx.kick(SANDBOXPOOL, pool.id);
+    return r;
+  }
+  return undefined;
+}
+
 export function registerSandboxRoutes(app: OpenAPIHono<AppEnv>, ctx: ApiContext): void {
   const base = '/v1/projects/{project}/sandboxes';
 
@@ -116,6 +143,10 @@ export function registerSandboxRoutes(app: OpenAPIHono<AppEnv>, ctx: ApiContext)
       const b = c.req.valid('json');
       useProject(ctx, c, project);
       await admitRunSpec(ctx, { isolation: b.spec.isolation, image: b.spec.image, resources: b.spec.resources });
+      if (!b.name && c.req.valid('query').pool === 'auto') {
+        const claimed = claimFromPool(ctx, project, b);
+        if (claimed) return c.json(sandboxView(claimed) as never, 201);
+      }
       const name = b.name ?? `sbx-${randomBytes(5).toString('hex')}`;
       let s = ctx.store.create(SANDBOX, { project, name, labels: b.labels ?? {}, spec: b.spec, status: initialSandboxStatus() }) as SandboxResource;
       ctx.store.addEvent(s.id, 'Created', `sandbox created (image ${b.spec.image}, isolation ${b.spec.isolation})`);

@@ -18,17 +18,11 @@ const Fingerprint = z
   .openapi('DriverInfo');
 const Info = z.object({ version: z.string(), drivers: z.array(Fingerprint), isolations: z.array(z.string()) }).openapi('Info');
 const Token = z.object({ id: z.string(), name: z.string(), project: z.string().nullable(), createdAt: z.string(), token: z.string().optional() }).openapi('Token');
-const Image = z.object({ ref: z.string(), digest: z.string() }).openapi('Image');
 
 export function registerSystemRoutes(app: OpenAPIHono<AppEnv>, ctx: ApiContext): void {
   app.openapi(createRoute({ method: 'get', path: '/v1/info', tags: ['system'], responses: { 200: json(Info), ...errorResponses } }), async (c) => {
     const drivers = await Promise.all(ctx.drivers.all().map(async (d) => ({ ...(await d.fingerprint()), capabilities: { ...d.capabilities } })));
     return c.json({ version: ctx.version, drivers, isolations: ['container', 'gvisor', 'microvm'] } as never, 200);
-  });
-
-  app.openapi(createRoute({ method: 'get', path: '/v1/images', tags: ['images'], responses: { 200: json(z.object({ items: z.array(Image) })), ...errorResponses } }), async (c) => {
-    const items = (await ctx.images.list()).map((i) => ({ ref: i.ref, digest: i.digest }));
-    return c.json({ items } as never, 200);
   });
 
   app.openapi(

@@ -1,0 +1,175 @@
+// Images: list, pull (optionally streaming per-layer progress as NDJSON), inspect, delete.
+// Images are host-wide (not per project). References travel in the body or the query string
+// (they contain "/" and ":"), e.g. GET /v1/images/inspect?ref=127.0.0.1:5000/team/app:v1.
+// Registry credentials given to a pull are used for that pull only: never stored, never logged.
+import { createRoute, z, type OpenAPIHono } from '@hono/zod-openapi';
+import { stream } from 'hono/streaming';
+import { BerthError, isBerthError } from '../../core/errors.js';
+import { ImageService, type ImageDetail } from '../../images/catalog.js';
+import { REF_HINT, parseRef } from '../../images/ref.js';
+import type { LayerProgress } from '../../images/registry.js';
+import type { ApiContext } from '../context.js';
+import type { AppEnv } from '../app.js';
+import { body, errorResponses, json, requireAdmin } from './common.js';
+
+const tags = ['images'];
+
+const ImageRef = z
+  .string()
+  .min(1)
+  .max(400)
+  .superRefine((v, c) => {
+    if (v === 'busybox' || v === 'busybox:latest') return;
+    try {
+      parseRef(v);
+    } catch {
+      c.addIssue({ code: 'custom', message: `"${v.slice(0, 100)}" is not a valid image reference; ${REF_HINT}` });
+    }
+  })
+  .openapi({ example: '127.0.0.1:5000/team/app:v1' });
+
+const ProcessConfig = z.object({
+  env: z.record(z.string(), z.string()),
+  entrypoint: z.array(z.string()),
+  cmd: z.array(z.string()),
+  workingDir: z.string(),
+  user: z.string(),
+});
+
+export const ImageSummary = z
+  .object({
+    ref: z.string(),
+    digest: z.string(),
+    size: z.number().int().openapi({ description: 'Bytes of config and layers as stored (compressed); 0 for the built-in image' }),
+    layers: z.number().int(),
+    builtin: z.boolean(),
+    created: z.string().optional(),
+  })
+  .openapi('ImageSummary');
+
+export const ImageDetailSchema = ImageSummary.extend({
+  mediaType: z.string(),
+  os: z.string().optional(),
+  architecture: z.string().optional(),
+  config: ProcessConfig,
+  layerDescriptors: z.array(z.object({ digest: z.string(), size: z.number().int(), mediaType: z.string() })),
+  unpacked: z.boolean(),
+  labels: z.record(z.string(), z.string()),
+}).openapi('Image');
+
+const PullRequest = z
+  .strictObject({
+    ref: ImageRef,
+    auth: z
+      .strictObject({
+        username: z.string().min(1).max(256),
+        password: z.string().min(1).max(8192),
+      })
+      .optional()
+      .openapi({ description: 'Registry credentials for this pull only (not stored, not logged)' }),
+    progress: z.boolean().default(false).openapi({
+      description: 'Stream application/x-ndjson: {"progress": {...}} per layer event, then {"image": {...}} or {"error": {...}}',
+    }),
+  })
+  .openapi('PullImage');
+
+const RefQuery = z.strictObject({ ref: ImageRef });
+
+const RemoveResult = z
+  .object({ ref: z.string(), digest: z.string(), removedBlobs: z.array(z.string()), freedBytes: z.number().int() })
+  .openapi('ImageRemoved');
+
+/**
+ * Image references still needed by workloads, jobs and job runs (any project), keyed by their
+ * canonical store key, with who uses them.
+ */
+function imagesInUse(ctx: ApiContext): { refs: Map<string, string[]> } {
+  const refs = new Map<string, string[]>();
+  for (const kind of ['workload', 'job', 'jobrun']) {
+    let page: string | null = null;
+    do {
+      const res: { items: { name: string; project: string; spec: unknown }[]; nextPageToken: string | null } = ctx.store.list(kind, { limit: 1000, ...(page ? { pageToken: page } : {}) });
+      for (const r of res.items) {
+        const spec = r.spec as { image?: string; template?: { image?: string } };
+        const image = spec.image ?? spec.template?.image;
+        const key = image && ImageService.key(image);
+        if (!key) continue;
+        const list = refs.get(key) ?? [];
+        list.push(`${kind} ${r.project}/${r.name}`);
+        refs.set(key, list);
+      }
+      page = res.nextPageToken;
+    } while (page);
+  }
+  return { refs };
+}
+
+export function registerImageRoutes(app: OpenAPIHono<AppEnv>, ctx: ApiContext): void {
+  const images = ctx.images;
+
+  app.openapi(
+    createRoute({ method: 'get', path: '/v1/images', tags, responses: { 200: json(z.object({ items: z.array(ImageSummary) }).openapi('ImageList')), ...errorResponses } }),
+    async (c) => c.json({ items: await images.summaries() } as never, 200),
+  );
+
+  app.openapi(
+    createRoute({ method: 'get', path: '/v1/images/inspect', tags, request: { query: RefQuery }, responses: { 200: json(ImageDetailSchema), ...errorResponses } }),
+    async (c) => c.json((await images.inspect(c.req.valid('query').ref)) as never, 200),
+  );
+
+  app.openapi(
+    createRoute({
+      method: 'post',
+      path: '/v1/images/pull',
+      tags,
+      request: { body: body(PullRequest) },
+      responses: { 200: { description: 'Pulled (and unpacked); with progress: true, an NDJSON stream', content: { 'application/json': { schema: ImageDetailSchema }, 'application/x-ndjson': { schema: z.string() } } }, ...errorResponses },
+    }),
+    async (c) => {
+      const b = c.req.valid('json');
+      // Only a streaming client that goes away cancels its pull (s.onAbort below).
+      const ac = new AbortController();
+      const req = { ref: b.ref, ...(b.auth ? { credentials: b.auth } : {}), signal: ac.signal };
+      if (!b.progress) return c.json((await images.pull(req)) as never, 200);
+      c.header('Content-Type', 'application/x-ndjson');
+      return stream(c, async (s) => {
+        s.onAbort(() => ac.abort());
+        const write = (o: unknown) => s.write(`${JSON.stringify(o)}\n`);
+        let last = 0;
+        let pending: Promise<unknown> = Promise.resolve();
+        const onProgress = (p: LayerProgress) => {
+          // Byte counts at most every 100 ms per stream; state changes always.
+          const now = Date.now();
+          if (p.status === 'downloading' && p.bytes > 0 && p.bytes < p.size && now - last < 100) return;
+          last = now;
+          pending = pending.then(() => write({ progress: p }));
+        };
+        let detail: ImageDetail;
+        try {
+          detail = await images.pull({ ...req, onProgress });
+        } catch (e) {
+          await pending;
+          const err = isBerthError(e) ? e : new BerthError('internal', `pull failed: ${(e as Error).message}`);
+          await write(err.toJSON());
+          return;
+        }
+        await pending;
+        await write({ image: detail });
+      }) as never;
+    },
+  );
+
+  app.openapi(
+    createRoute({
+      method: 'delete',
+      path: '/v1/images',
+      tags,
+      request: { query: RefQuery },
+      responses: { 200: json(RemoveResult, 'Tag removed; blobs no tag or workload references were garbage-collected'), ...errorResponses },
+    }),
+    async (c) => {
+      requireAdmin(c);
+      return c.json((await images.remove(c.req.valid('query').ref, imagesInUse(ctx))) as never, 200);
+    },
+  );
+}

@@ -1,0 +1,444 @@
+// Rootfs materialization: an image's layers are applied in order, once, into a directory named by
+// the manifest digest (<dir>/<hex>), which workloads then share read-only (runc and gVisor mount a
+// per-workload overlay over it). The tree is built in a temporary sibling and renamed into place,
+// so a rootfs directory that exists is complete.
+//
+// Tar parsing is tar-stream's; applying entries is Berth's own code on purpose: layer semantics
+// (OCI whiteouts ".wh.<name>" and opaque directories ".wh..wh..opq", replacing a directory by a
+// file and back) and the safety rules below are not what a general-purpose extractor does, and
+// past extractor bugs (symlink and hardlink escapes) are exactly what these rules prevent:
+//
+//  - entry names and hardlink targets are relative paths without ".." (refused otherwise);
+//  - nothing is ever written through a symlink: every parent of an entry must be a real
+//    directory in the tree being built (checked with lstat, component by component), and files
+//    are created with O_EXCL | O_NOFOLLOW after removing what was there;
+//  - symlinks whose relative target climbs above the rootfs are refused; absolute targets are
+//    kept as they are (they are resolved inside the container's root, never on the host, since
+//    the host never follows them);
+//  - device nodes are refused;
+//  - each layer's uncompressed bytes must hash to the diff_id the image config declares.
+//
+// Nobody else writes into the temporary tree while it is built, so the lstat checks cannot race.
+import { execFile } from 'node:child_process';
+import { createHash, randomBytes } from 'node:crypto';
+import { constants as fsc, promises as fsp } from 'node:fs';
+import path from 'node:path';
+import { Transform, type Readable } from 'node:stream';
+import { pipeline } from 'node:stream/promises';
+import { promisify } from 'node:util';
+import zlib from 'node:zlib';
+import tar from 'tar-stream';
+import { BerthError, failedPrecondition, invalidArgument } from '../core/errors.js';
+import { layerCompression, parseConfig, parseManifest, type ImageConfigDoc, type Manifest } from './oci.js';
+import type { ImageStore } from './store.js';
+
+const execFileP = promisify(execFile);
+
+export class HostileLayerError extends BerthError {
+  constructor(layer: string, entry: string, why: string) {
+    super('invalid_argument', `layer ${layer} is refused: entry "${entry.slice(0, 200)}" ${why}; nothing outside the image store was written and the image was not unpacked`, { layer, entry: entry.slice(0, 200) });
+    this.name = 'HostileLayerError';
+  }
+}
+
+export interface LayerInput {
+  /** Uncompressed or compressed layer bytes. */
+  stream: Readable;
+  compression: 'gzip' | 'none' | 'zstd';
+  /** Expected sha256 of the uncompressed tar (the config's diff_id); checked when given. */
+  diffId?: string;
+  /** Name for messages (the layer's digest). */
+  name: string;
+}
+
+export interface UnpackStats {
+  entries: number;
+  /** xattrs that could not be kept (filesystem without support, binary values, no setfattr). */
+  xattrsSkipped: number;
+}
+
+const WH_PREFIX = '.wh.';
+const WH_OPAQUE = '.wh..wh..opq';
+const isRoot = process.getuid?.() === 0;
+
+/** Split a tar entry name into components; refuses absolute paths and "..". [] = the root itself. */
+function components(name: string, layer: string, what = 'path'): string[] {
+  if (name.includes('\0')) throw new HostileLayerError(layer, name, `has a NUL byte in its ${what}`);
+  if (name.startsWith('/')) throw new HostileLayerError(layer, name, `has an absolute ${what}; layer entries must be relative to the image root`);
+  const parts = name.split('/').filter((p) => p !== '' && p !== '.');
+  if (parts.includes('..')) throw new HostileLayerError(layer, name, `has ".." in its ${what}, which could reach outside the image root`);
+  return parts;
+}
+
+function zstdDecompress(layer: string): Transform {
+  const make = (zlib as unknown as { createZstdDecompress?: () => Transform }).createZstdDecompress;
+  if (!make) throw failedPrecondition(`layer ${layer} is zstd-compressed, which needs Node.js 22.15 or newer for berthd; re-push the image with gzip layers or upgrade Node.js`);
+  return make();
+}
+
+class LayerApplier {
+  /** Relative paths written by this layer, and their ancestors (kept by whiteouts and opaque dirs). */
+  private readonly added = new Set<string>();
+  /** Relative directories known to be real directories (cleared whenever something is removed). */
+  private knownDirs = new Set<string>(['']);
+  private readonly dirTimes: [string, Date][] = [];
+  readonly stats: UnpackStats = { entries: 0, xattrsSkipped: 0 };
+
+  constructor(
+    private readonly root: string,
+    private readonly layer: string,
+  ) {}
+
+  private abs(rel: string): string {
+    return rel === '' ? this.root : path.join(this.root, rel);
+  }
+
+  private markAdded(rel: string): void {
+    for (let r = rel; r !== '' && !this.added.has(r); r = path.posix.dirname(r) === '.' ? '' : path.posix.dirname(r)) this.added.add(r);
+  }
+
+  /**
+   * Make sure every component of `parts` is a real directory (creating missing ones, 0755),
+   * never going through a symlink. Returns the relative path, or undefined when `create` is
+   * false and something is missing.
+   */
+  private async dirs(parts: string[], entry: string, create: boolean): Promise<string | undefined> {
+    let rel = '';
+    for (const p of parts) {
+      rel = rel === '' ? p : `${rel}/${p}`;
+      if (this.knownDirs.has(rel)) continue;
+      let st;
+      try {
+        st = await fsp.lstat(this.abs(rel));
+      } catch (e) {
+        if ((e as NodeJS.ErrnoException).code !== 'ENOENT') throw e;
+        if (!create) return undefined;
+        await fsp.mkdir(this.abs(rel), 0o755);
+        this.knownDirs.add(rel);
+        continue;
+      }
+      if (st.isSymbolicLink()) throw new HostileLayerError(this.layer, entry, `goes through the symlink "${rel}"; Berth never writes through symlinks (it could write outside the image)`);
+      if (!st.isDirectory()) throw new HostileLayerError(this.layer, entry, `needs "${rel}" to be a directory, but it is a file`);
+      this.knownDirs.add(rel);
+    }
+    return rel;
+  }
+
+  /** Remove what lower layers put at `rel`, keeping what this layer added. */
+  private async removeLower(rel: string): Promise<void> {
+    this.knownDirs = new Set(['']);
+    const abs = this.abs(rel);
+    if (!this.added.has(rel)) {
+      await fsp.rm(abs, { recursive: true, force: true }); // does not follow symlinks
+      return;
+    }
+    let st;
+    try {
+      st = await fsp.lstat(abs);
+    } catch {
+      return;
+    }
+    if (!st.isDirectory()) return;
+    for (const name of await fsp.readdir(abs)) await this.removeLower(rel === '' ? name : `${rel}/${name}`);
+  }
+
+  /** Remove whatever is at `rel` (a file, symlink or tree) so a new entry can take its place. */
+  private async clear(rel: string, keepDir: boolean): Promise<void> {
+    let st;
+    try {
+      st = await fsp.lstat(this.abs(rel));
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code === 'ENOENT') return;
+      throw e;
+    }
+    if (st.isDirectory()) {
+      if (keepDir) return;
+      this.knownDirs = new Set(['']);
+      await fsp.rm(this.abs(rel), { recursive: true, force: true });
+    } else {
+      await fsp.unlink(this.abs(rel));
+    }
+  }
+
+  private async owner(abs: string, h: tar.Header): Promise<void> {
+    if (!isRoot) return; // only root can give files away; keep the caller's ownership otherwise
+    await fsp.lchown(abs, h.uid ?? 0, h.gid ?? 0);
+  }
+
+  private async xattrs(abs: string, h: tar.Header): Promise<void> {
+    const pax = (h as { pax?: Record<string, string> }).pax;
+    if (!pax) return;
+    for (const [k, v] of Object.entries(pax)) {
+      if (!k.startsWith('SCHILY.xattr.')) continue;
+      const name = k.slice('SCHILY.xattr.'.length);
+      // tar-stream decodes PAX values as UTF-8: a binary value (e.g. security.capability) that
+      // is not valid UTF-8 comes back with U+FFFD and cannot be restored exactly; skip it.
+      if (v.includes('\uFFFD') || !/^(user|trusted|security)\.[\w.-]+$/.test(name)) {
+        this.stats.xattrsSkipped++;
+        continue;
+      }
+      try {
+        await execFileP('setfattr', ['-h', '-n', name, '-v', `0x${Buffer.from(v, 'utf8').toString('hex')}`, '--', abs], { timeout: 10_000 });
+      } catch {
+        this.stats.xattrsSkipped++; // no setfattr, or a filesystem without xattr support
+      }
+    }
+  }
+
+  async apply(entry: tar.Extract extends AsyncIterable<infer S> ? S : never): Promise<void> {
+    const h = entry.header;
+    const name = h.name;
+    this.stats.entries++;
+    const parts = components(name, this.layer);
+    const type = h.type ?? 'file';
+    if (type === 'character-device' || type === 'block-device') {
+      throw new HostileLayerError(this.layer, name, 'is a device node; images may not create devices (the runtime provides /dev)');
+    }
+    if (parts.length === 0) {
+      // The root directory's own entry ("./"): its mode and owner.
+      if (type !== 'directory') throw new HostileLayerError(this.layer, name, 'replaces the image root with something that is not a directory');
+      await fsp.chmod(this.root, (h.mode ?? 0o755) & 0o7777);
+      await this.owner(this.root, h);
+      return;
+    }
+    const base = parts[parts.length - 1]!;
+    const parentParts = parts.slice(0, -1);
+    if (base.startsWith(WH_PREFIX)) {
+      const parent = await this.dirs(parentParts, name, base === WH_OPAQUE);
+      if (parent === undefined) return; // nothing below to hide
+      if (base === WH_OPAQUE) {
+        this.markAdded(parent);
+        for (const child of await fsp.readdir(this.abs(parent))) await this.removeLower(parent === '' ? child : `${parent}/${child}`);
+      } else {
+        const hidden = base.slice(WH_PREFIX.length);
+        if (hidden === '' || hidden === '.' || hidden === '..') throw new HostileLayerError(this.layer, name, 'is a whiteout that names no file');
+        await this.removeLower(parent === '' ? hidden : `${parent}/${hidden}`);
+      }
+      return;
+    }
+    const parent = (await this.dirs(parentParts, name, true))!;
+    const rel = parent === '' ? base : `${parent}/${base}`;
+    const abs = this.abs(rel);
+    const mode = (h.mode ?? 0o644) & 0o7777;
+    switch (type) {
+      case 'directory': {
+        await this.clear(rel, true);
+        try {
+          await fsp.mkdir(abs, 0o755);
+        } catch (e) {
+          if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw e;
+        }
+        this.knownDirs.add(rel);
+        await this.owner(abs, h);
+        await fsp.chmod(abs, mode);
+        await this.xattrs(abs, h);
+        if (h.mtime) this.dirTimes.push([abs, h.mtime]);
+        break;
+      }
+      case 'file':
+      case 'contiguous-file': {
+        await this.clear(rel, false);
+        const fh = await fsp.open(abs, fsc.O_WRONLY | fsc.O_CREAT | fsc.O_EXCL | fsc.O_NOFOLLOW, 0o600);
+        try {
+          for await (const chunk of entry) await fh.write(chunk as Buffer);
+          if (isRoot) await fh.chown(h.uid ?? 0, h.gid ?? 0);
+          await fh.chmod(mode); // after chown, which clears set-id bits
+          if (h.mtime) await fh.utimes(h.mtime, h.mtime);
+        } finally {
+          await fh.close();
+        }
+        await this.xattrs(abs, h);
+        break;
+      }
+      case 'symlink': {
+        const target = h.linkname ?? '';
+        if (target === '' || target.includes('\0')) throw new HostileLayerError(this.layer, name, 'is a symlink with an empty or invalid target');
+        if (!target.startsWith('/')) {
+          let depth = parentParts.length;
+          for (const c of target.split('/')) {
+            if (c === '..') depth--;
+            else if (c !== '' && c !== '.') depth++;
+            if (depth < 0) throw new HostileLayerError(this.layer, name, `is a symlink to "${target.slice(0, 200)}", which points out of the image root`);
+          }
+        }
+        await this.clear(rel, false);
+        await fsp.symlink(target, abs);
+        await this.owner(abs, h);
+        if (h.mtime) await fsp.lutimes(abs, h.mtime, h.mtime).catch(() => undefined);
+        break;
+      }
+      case 'link': {
+        const targetParts = components(h.linkname ?? '', this.layer, 'hardlink target');
+        if (targetParts.length === 0) throw new HostileLayerError(this.layer, name, 'is a hardlink to the image root');
+        const tParent = await this.dirs(targetParts.slice(0, -1), name, false);
+        const tRel = tParent === undefined ? undefined : tParent === '' ? targetParts.at(-1)! : `${tParent}/${targetParts.at(-1)!}`;
+        const tStat = tRel === undefined ? undefined : await fsp.lstat(this.abs(tRel)).catch(() => undefined);
+        if (!tStat) throw new HostileLayerError(this.layer, name, `is a hardlink to "${(h.linkname ?? '').slice(0, 200)}", which is not in the image (hardlinks must point to files inside it)`);
+        if (tStat.isDirectory()) throw new HostileLayerError(this.layer, name, 'is a hardlink to a directory');
+        if (tRel === rel) break;
+        await this.clear(rel, false);
+        await fsp.link(this.abs(tRel!), abs); // link(2) does not follow a symlink target
+        break;
+      }
+      case 'fifo': {
+        await this.clear(rel, false);
+        await execFileP('mkfifo', ['-m', (mode & 0o777).toString(8), '--', abs]);
+        await this.owner(abs, h);
+        break;
+      }
+      default:
+        throw new HostileLayerError(this.layer, name, `has tar type "${type}", which an image layer may not contain`);
+    }
+    this.markAdded(rel);
+  }
+
+  async finish(): Promise<void> {
+    // Directory times last: creating entries inside a directory changes its mtime.
+    for (const [abs, t] of this.dirTimes.reverse()) await fsp.utimes(abs, t, t).catch(() => undefined);
+  }
+}
+
+/** Apply one layer on top of the tree at `root` (which Berth owns and nobody else writes). */
+export async function applyLayer(root: string, layer: LayerInput): Promise<UnpackStats> {
+  const applier = new LayerApplier(root, layer.name);
+  const hash = createHash('sha256');
+  const hasher = new Transform({
+    transform(chunk: Buffer, _enc, cb) {
+      hash.update(chunk);
+      cb(null, chunk);
+    },
+  });
+  const extract = tar.extract();
+  const stages: NodeJS.ReadWriteStream[] = [];
+  if (layer.compression === 'gzip') stages.push(zlib.createGunzip());
+  else if (layer.compression === 'zstd') stages.push(zstdDecompress(layer.name));
+  const piped = pipeline([layer.stream, ...stages, hasher, extract as unknown as NodeJS.WritableStream]);
+  let pipeError: unknown;
+  piped.catch((e) => (pipeError ??= e));
+  try {
+    for await (const entry of extract) {
+      await applier.apply(entry);
+      entry.resume(); // drain what apply() did not read (directories, links)
+    }
+    await piped;
+  } catch (e) {
+    extract.destroy();
+    layer.stream.destroy();
+    await piped.catch(() => undefined);
+    if (e instanceof BerthError) throw e;
+    const cause = pipeError ?? e;
+    throw invalidArgument(`layer ${layer.name} is not a valid ${layer.compression === 'none' ? '' : `${layer.compression}-compressed `}tar archive (${(cause as Error).message}); the image cannot be unpacked`);
+  }
+  await applier.finish();
+  const diffId = `sha256:${hash.digest('hex')}`;
+  if (layer.diffId !== undefined && diffId !== layer.diffId) {
+    throw invalidArgument(`layer ${layer.name}: its uncompressed content hashes to ${diffId} but the image config declares ${layer.diffId}; the image is corrupted or tampered with`);
+  }
+  return applier.stats;
+}
+
+export interface UnpackedImage {
+  manifestDigest: string;
+  rootfs: string;
+  manifest: Manifest;
+  config: ImageConfigDoc;
+}
+
+/**
+ * The per-image rootfs cache: <dir>/<manifest hex>, unpacked once from the store's blobs,
+ * shared by every workload of the image.
+ */
+export class RootfsCache {
+  private readonly inflight = new Map<string, Promise<string>>();
+
+  constructor(
+    readonly dir: string,
+    private readonly store: ImageStore,
+  ) {}
+
+  pathFor(manifestDigest: string): string {
+    return path.join(this.dir, manifestDigest.slice('sha256:'.length));
+  }
+
+  async load(manifestDigest: string): Promise<{ manifest: Manifest; config: ImageConfigDoc }> {
+    const parsed = parseManifest(await this.store.readBlob(manifestDigest), undefined, `manifest ${manifestDigest}`);
+    if (parsed.kind !== 'manifest') throw invalidArgument(`${manifestDigest} is an image index, not an image; pull a reference to one platform`);
+    const config = parseConfig(await this.store.readBlob(parsed.doc.config.digest), `config of ${manifestDigest}`);
+    if (config.rootfs.diff_ids.length !== parsed.doc.layers.length) {
+      throw invalidArgument(`image ${manifestDigest} is inconsistent: its manifest lists ${parsed.doc.layers.length} layers but its config ${config.rootfs.diff_ids.length}`);
+    }
+    return { manifest: parsed.doc, config };
+  }
+
+  /** The rootfs of the image, unpacking it first if needed (once, even with concurrent callers). */
+  async ensure(manifestDigest: string): Promise<UnpackedImage> {
+    const { manifest, config } = await this.load(manifestDigest);
+    const final = this.pathFor(manifestDigest);
+    let p = this.inflight.get(manifestDigest);
+    if (!p) {
+      p = this.unpack(manifestDigest, manifest, config, final);
+      this.inflight.set(manifestDigest, p);
+      p.finally(() => this.inflight.delete(manifestDigest)).catch(() => undefined);
+    }
+    return { manifestDigest, rootfs: await p, manifest, config };
+  }
+
+  private async unpack(manifestDigest: string, manifest: Manifest, config: ImageConfigDoc, final: string): Promise<string> {
+    try {
+      if ((await fsp.lstat(final)).isDirectory()) return final;
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code !== 'ENOENT') throw e;
+    }
+    await fsp.mkdir(this.dir, { recursive: true, mode: 0o700 });
+    const lease = this.store.lease([manifestDigest, manifest.config.digest, ...manifest.layers.map((l) => l.digest)]);
+    const tmp = path.join(this.dir, `.tmp-${manifestDigest.slice(7, 19)}-${process.pid}-${randomBytes(6).toString('hex')}`);
+    try {
+      for (const l of manifest.layers) {
+        if (!(await this.store.hasBlob(l.digest))) throw failedPrecondition(`layer ${l.digest} of image ${manifestDigest} is missing from the image store; pull the image again`);
+      }
+      await fsp.mkdir(tmp, 0o755);
+      await fsp.chmod(tmp, 0o755);
+      for (const [i, l] of manifest.layers.entries()) {
+        const compression = layerCompression(l.mediaType);
+        if (!compression) throw invalidArgument(`layer ${l.digest} of image ${manifestDigest} has media type "${l.mediaType.slice(0, 100)}", which is not a layer Berth can unpack (tar, tar+gzip, tar+zstd)`);
+        await applyLayer(tmp, { stream: this.store.openBlob(l.digest), compression, diffId: config.rootfs.diff_ids[i]!, name: l.digest });
+      }
+      try {
+        await fsp.rename(tmp, final);
+      } catch (e) {
+        const code = (e as NodeJS.ErrnoException).code;
+        if (code !== 'EEXIST' && code !== 'ENOTEMPTY') throw e;
+        // another process unpacked it first: use theirs
+      }
+      return final;
+    } finally {
+      lease.release();
+      await fsp.rm(tmp, { recursive: true, force: true });
+    }
+  }
+
+  /** Remove unpacked trees whose manifest is not in `live`, and temporary trees left by crashes. */
+  async prune(live: Set<string>): Promise<string[]> {
+    const removed: string[] = [];
+    let names: string[];
+    try {
+      names = await fsp.readdir(this.dir);
+    } catch {
+      return removed;
+    }
+    for (const n of names) {
+      const p = path.join(this.dir, n);
+      if (n.startsWith('.tmp-')) {
+        const pid = Number(n.split('-')[2]);
+        if (pid === process.pid) continue; // ours, in progress
+        await fsp.rm(p, { recursive: true, force: true });
+        continue;
+      }
+      const d = `sha256:${n}`;
+      if (live.has(d) || this.inflight.has(d)) continue;
+      await fsp.rm(p, { recursive: true, force: true });
+      removed.push(d);
+    }
+    return removed;
+  }
+}

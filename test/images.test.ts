@@ -1,0 +1,228 @@
+// End to end: an image built here (the host's static busybox plus an app layer that whites out a
+// file of the base) is pushed to a real registry on 127.0.0.1 (Debian's docker-registry), pulled
+// through berthd's API and the CLI, run as workloads, and removed with garbage collection; the
+// same through htpasswd auth; bad input gets the API's usual errors.
+import { after, before, describe, test } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import { existsSync, mkdtempSync, readdirSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { TestDaemon } from './harness.js';
+import { ImageStore } from '../src/images/store.js';
+import { RegistryClient } from '../src/images/registry.js';
+import { parseRef } from '../src/images/ref.js';
+import { busyboxLayer, gzipLayer, makeImage, makeTar, registrySkip, startRegistry, storeImage, type BuiltImage, type TestRegistry } from '../src/images/testing.js';
+
+const CLI = fileURLToPath(new URL('../src/cli/main.js', import.meta.url));
+const skip = process.getuid?.() !== 0 ? 'berthd must run as root' : !existsSync('/bin/busybox') ? 'busybox-static not installed' : registrySkip;
+const W = '/v1/projects/default/workloads';
+
+async function buildAppImage(): Promise<BuiltImage> {
+  const base = await busyboxLayer();
+  const app = gzipLayer(
+    await makeTar([
+      { name: 'app/', type: 'directory' },
+      { name: 'app/hello.sh', content: '#!/bin/sh\necho "hello from $GREETING in $(pwd) as $(id -u)"\n[ -e /etc/group ] && echo "group still there" || echo "group whited out"\n', mode: 0o755 },
+      { name: 'etc/.wh.group' },
+    ]),
+  );
+  return makeImage([base, app], { Env: ['PATH=/bin', 'GREETING=berth-e2e'], Entrypoint: ['/app/hello.sh'], WorkingDir: '/app', User: '0:0' });
+}
+
+async function push(img: BuiltImage, ref: string, credentials?: { username: string; password: string }): Promise<void> {
+  const dir = mkdtempSync(join(tmpdir(), 'berth-e2e-push-'));
+  const store = new ImageStore(dir);
+  try {
+    await storeImage(store, img);
+    await new RegistryClient(credentials ? { credentials: () => credentials } : {}).push(store, img.manifestDigest, parseRef(ref));
+  } finally {
+    store.close();
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+function berth(d: TestDaemon, args: string[], stdin?: string): Promise<{ code: number | null; stdout: string; stderr: string }> {
+  return new Promise((resolve, reject) => {
+    const env: NodeJS.ProcessEnv = { ...process.env, BERTH_ADDR: d.addr, BERTH_TOKEN: d.token, BERTH_DATA_DIR: d.dataDir };
+    const child = spawn(process.execPath, [CLI, ...args], { env, stdio: ['pipe', 'pipe', 'pipe'] });
+    let stdout = '';
+    let stderr = '';
+    child.stdout.setEncoding('utf8').on('data', (s: string) => (stdout += s));
+    child.stderr.setEncoding('utf8').on('data', (s: string) => (stderr += s));
+    child.on('error', reject);
+    child.on('close', (code) => resolve({ code, stdout, stderr }));
+    child.stdin.end(stdin ?? '');
+  });
+}
+
+async function runToExit(d: TestDaemon, name: string, spec: Record<string, unknown>): Promise<{ w: any; logs: string }> {
+  const r = await d.api('POST', W, { name, spec });
+  assert.equal(r.status, 201, JSON.stringify(r.body));
+  const w = await d.waitWorkload('default', name, (x) => ['exited', 'failed'].includes(x.status.phase), 60_000);
+  const logs = (await d.api('GET', `${W}/${name}/logs`)).body as string;
+  return { w, logs };
+}
+
+describe('images end to end: registry → API pull → workload', { skip }, () => {
+  let reg: TestRegistry;
+  let d: TestDaemon;
+  let img: BuiltImage;
+  let ref: string;
+  before(async () => {
+    reg = await startRegistry();
+    d = await TestDaemon.start();
+    img = await buildAppImage();
+    ref = `${reg.host}/e2e/app:v1`;
+    await push(img, ref);
+  });
+  after(async () => {
+    await d?.deleteAllWorkloads().catch(() => undefined);
+    await d?.destroy();
+    await reg?.stop();
+  });
+
+  test('pull through the API, run it as a workload with the image config, twice without re-unpacking', async () => {
+    const pulled = await d.api('POST', '/v1/images/pull', { ref });
+    assert.equal(pulled.status, 200, JSON.stringify(pulled.body));
+    assert.equal(pulled.body.digest, img.manifestDigest);
+    assert.equal(pulled.body.unpacked, true);
+    assert.deepEqual(pulled.body.config, { env: { PATH: '/bin', GREETING: 'berth-e2e' }, entrypoint: ['/app/hello.sh'], cmd: [], workingDir: '/app', user: '0:0' });
+
+    const list = await d.api('GET', '/v1/images');
+    assert.deepEqual(list.body.items.map((i: any) => i.ref).sort(), [ref, 'busybox:latest'].sort());
+    const inspect = await d.api('GET', `/v1/images/inspect?ref=${encodeURIComponent(ref)}`);
+    assert.equal(inspect.status, 200);
+    assert.equal(inspect.body.layers, 2);
+
+    const first = await runToExit(d, 'from-registry', { image: ref });
+    assert.equal(first.w.status.exitCode, 0, first.logs);
+    assert.match(first.logs, /hello from berth-e2e in \/app as 0/);
+    assert.match(first.logs, /group whited out/);
+
+    const rootfsDir = join(d.dataDir, 'images', 'rootfs');
+    const before = readdirSync(rootfsDir);
+    const second = await runToExit(d, 'again', { image: `${reg.host}/e2e/app@${img.manifestDigest}`, command: ['sh', '-c', 'cat /app/hello.sh | wc -l; touch /app/scratch && echo wrote'] });
+    assert.equal(second.w.status.exitCode, 0, second.logs);
+    assert.match(second.logs, /^3$/m);
+    assert.match(second.logs, /wrote/);
+    assert.deepEqual(readdirSync(rootfsDir), before, 'the shared rootfs was reused');
+    assert.equal(existsSync(join(rootfsDir, img.manifestDigest.slice(7), 'app/scratch')), false, 'workload writes do not reach the shared rootfs');
+  });
+
+  test('pull with progress streams NDJSON per layer, then the image', async () => {
+    const res = await fetch(`${d.addr}/v1/images/pull`, { method: 'POST', headers: { authorization: `Bearer ${d.token}`, 'content-type': 'application/json' }, body: JSON.stringify({ ref, progress: true }) });
+    assert.equal(res.status, 200);
+    assert.match(res.headers.get('content-type') ?? '', /ndjson/);
+    const lines = (await res.text()).trim().split('\n').map((l) => JSON.parse(l));
+    assert.equal(lines.at(-1).image.digest, img.manifestDigest);
+    const layerEvents = lines.filter((l) => l.progress?.kind === 'layer');
+    assert.ok(layerEvents.length >= 2, JSON.stringify(lines));
+    assert.ok(layerEvents.every((l) => ['waiting', 'exists'].includes(l.progress.status)), 'second pull: every layer already present');
+  });
+
+  test('bad input: invalid reference, unknown image, image not pulled, unknown fields', async () => {
+    const bad = await d.api('POST', '/v1/images/pull', { ref: 'Bad Ref!' });
+    assert.equal(bad.status, 400);
+    assert.equal(bad.body.error.code, 'invalid_argument');
+    assert.match(bad.body.error.message, /not a valid image reference/);
+    const extra = await d.api('POST', '/v1/images/pull', { ref, force: true });
+    assert.equal(extra.status, 400);
+    assert.match(extra.body.error.message, /unknown field/);
+    const badTag = await d.api('POST', '/v1/images/pull', { ref: `${reg.host}/e2e/app:bad$tag` });
+    assert.equal(badTag.status, 400);
+    const missing = await d.api('POST', '/v1/images/pull', { ref: `${reg.host}/e2e/nothing:1` });
+    assert.equal(missing.status, 404, JSON.stringify(missing.body));
+    assert.match(missing.body.error.message, /not found in registry/);
+    const notPulled = await d.api('POST', W, { name: 'nope', spec: { image: `${reg.host}/e2e/other:1` } });
+    assert.equal(notPulled.status, 400);
+    assert.match(notPulled.body.error.message, /pull it first/);
+    const inspect = await d.api('GET', `/v1/images/inspect?ref=${encodeURIComponent(`${reg.host}/e2e/other:1`)}`);
+    assert.equal(inspect.status, 404);
+    const badWorkloadRef = await d.api('POST', W, { name: 'bad-ref', spec: { image: 'UPPER:CASE:x' } });
+    assert.equal(badWorkloadRef.status, 400);
+  });
+
+  test('CLI: image ls, pull (progress on stderr), inspect, rm', async () => {
+    const other = makeImage([img.layers[0]!], { Cmd: ['sh'] });
+    await push(other, `${reg.host}/e2e/base:1`);
+    const pull = await berth(d, ['image', 'pull', `${reg.host}/e2e/base:1`]);
+    assert.equal(pull.code, 0, pull.stderr);
+    assert.equal(pull.stdout, `${reg.host}/e2e/base:1\n${other.manifestDigest}\n`);
+    assert.match(pull.stderr, /already present/, 'the shared busybox layer is not downloaded again');
+    const ls = await berth(d, ['image', 'ls']);
+    assert.equal(ls.code, 0, ls.stderr);
+    assert.match(ls.stdout, /^REF\s+DIGEST\s+SIZE\s+LAYERS\s+CREATED$/m);
+    assert.match(ls.stdout, new RegExp(`^${reg.host}/e2e/base:1\\s+sha256:`, 'm'));
+    const insp = await berth(d, ['image', 'inspect', `${reg.host}/e2e/base:1`]);
+    assert.equal(JSON.parse(insp.stdout).digest, other.manifestDigest);
+    const rm = await berth(d, ['image', 'rm', `${reg.host}/e2e/base:1`]);
+    assert.equal(rm.code, 0, rm.stderr);
+    assert.match(rm.stdout, /freed .*, 2 blobs/, 'manifest and config go; the busybox layer stays (the app image uses it)');
+    const again = await berth(d, ['image', 'rm', `${reg.host}/e2e/base:1`]);
+    assert.equal(again.code, 1);
+    assert.match(again.stderr, /not on this host.*\(not_found\)/);
+    const usage = await berth(d, ['image', 'pull', '-u', 'x', `${reg.host}/e2e/base:1`]);
+    assert.equal(usage.code, 2);
+    assert.match(usage.stderr, /--password-stdin/);
+  });
+
+  test('delete: refused while a workload uses the image, then removes its blobs and rootfs', async () => {
+    const inUse = await d.api('DELETE', `/v1/images?ref=${encodeURIComponent(ref)}`);
+    assert.equal(inUse.status, 412, JSON.stringify(inUse.body));
+    assert.match(inUse.body.error.message, /used by workload default\/from-registry/);
+    await d.deleteAllWorkloads();
+    const del = await d.api('DELETE', `/v1/images?ref=${encodeURIComponent(ref)}`);
+    assert.equal(del.status, 200, JSON.stringify(del.body));
+    assert.deepEqual(del.body.removedBlobs.sort(), [img.manifestDigest, img.configDigest, ...img.layers.map((l) => l.digest)].sort());
+    assert.deepEqual(readdirSync(join(d.dataDir, 'images', 'store', 'blobs', 'sha256')), []);
+    assert.deepEqual(readdirSync(join(d.dataDir, 'images', 'rootfs')), []);
+    const list = await d.api('GET', '/v1/images');
+    assert.deepEqual(list.body.items.map((i: any) => i.ref), ['busybox:latest']);
+    const busybox = await d.api('DELETE', '/v1/images?ref=busybox');
+    assert.equal(busybox.status, 412);
+    assert.deepEqual(d.hostResidue(), []);
+  });
+});
+
+describe('images end to end: registry with htpasswd auth', { skip }, () => {
+  let reg: TestRegistry;
+  let d: TestDaemon;
+  const creds = { username: 'e2e', password: 'e2e-secret-pw' };
+  before(async () => {
+    reg = await startRegistry({ auth: creds });
+    d = await TestDaemon.start();
+  });
+  after(async () => {
+    await d?.deleteAllWorkloads().catch(() => undefined);
+    await d?.destroy();
+    await reg?.stop();
+  });
+
+  test('pull needs the credentials, which are neither stored nor logged', async () => {
+    const img = await buildAppImage();
+    const ref = `${reg.host}/private/app:1`;
+    await push(img, ref, creds);
+    const anon = await d.api('POST', '/v1/images/pull', { ref });
+    assert.equal(anon.status, 412, JSON.stringify(anon.body));
+    assert.match(anon.body.error.message, /needs a user name and password/);
+    const wrong = await d.api('POST', '/v1/images/pull', { ref, auth: { username: 'e2e', password: 'wrong-pw-123' } });
+    assert.equal(wrong.status, 412);
+    assert.doesNotMatch(JSON.stringify(wrong.body), /wrong-pw-123/);
+    const cli = await berth(d, ['image', 'pull', '-u', 'e2e', '--password-stdin', ref], `${creds.password}\n`);
+    assert.equal(cli.code, 0, cli.stderr);
+    const run = await runToExit(d, 'private', { image: ref });
+    assert.match(run.logs, /hello from berth-e2e/);
+    assert.doesNotMatch(d.recentLogs(), /e2e-secret-pw|wrong-pw-123/);
+    const { execFileSync } = await import('node:child_process');
+    const grep = (() => {
+      try {
+        return execFileSync('grep', ['-rl', creds.password, d.dataDir], { encoding: 'utf8' });
+      } catch {
+        return '';
+      }
+    })();
+    assert.equal(grep, '', 'the password is stored nowhere under the data dir');
+  });
+});
