@@ -71,6 +71,8 @@ export interface TaskConfig {
    * RuntimeDriver.agent() (commands, files); it runs until stopped.
    */
   sandbox?: boolean;
+  /** Start from a snapshot taken by the same driver's snapshot() (a folder), instead of booting. */
+  restoreFrom?: string;
 }
 
 /** Persisted by the caller; enough to find and adopt the task after a daemon restart. */
@@ -163,6 +165,8 @@ export interface RuntimeDriver {
    */
   pause?(handle: TaskHandle): Promise<void>;
   resume?(handle: TaskHandle): Promise<void>;
+  /** Snapshot of a running task into a folder (memory, devices, writable layer); the task continues. */
+  snapshot?(handle: TaskHandle, dest: string): Promise<{ ms: number; bytes: number }>;
 }
 
 export class DriverRegistry {
