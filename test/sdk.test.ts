@@ -145,7 +145,14 @@ for (const isolation of ['gvisor', 'microvm', 'container'] as const) {
     test('pause then resume: processes freeze and continue where they stopped (timed)', { timeout: 60_000 }, async (t) => {
       if (skip) return t.skip(skip);
       await sbx.commands.start('i=0; while :; do i=$((i+1)); echo $i > /tmp/counter; sleep 0.1; done');
-      const read = async () => Number((await sbx.files.read('/tmp/counter')).trim() || 0);
+      const read = async () => {
+        for (let k = 0; k < 20; k++) {
+          const v = Number((await sbx.files.read('/tmp/counter')).trim());
+          if (v > 0) return v; // the loop truncates then writes its file: read again if caught between
+          await new Promise((r) => setTimeout(r, 20));
+        }
+        return 0;
+      };
       await new Promise((r) => setTimeout(r, 700));
       const c1 = await read();
       assert.ok(c1 > 0, 'the counter runs');
@@ -206,6 +213,50 @@ for (const isolation of ['gvisor', 'microvm', 'container'] as const) {
         assert.match(r.stdout, /rc=[1-9]/);
       });
       await hazard('fork bomb', 'b() { b | b & }; b; sleep 3; kill -9 -1 2>/dev/null; true', () => undefined);
+    });
+
+    test('snapshot → template → forks that continue its processes and files (microVM)', { timeout: 120_000 }, async (t) => {
+      if (skip) return t.skip(skip);
+      const tpl = `tpl-${isolation.slice(0, 2)}-${tag}`;
+      if (isolation !== 'microvm') {
+        await assert.rejects(sbx.snapshot(tpl), FailedPreconditionError);
+        return;
+      }
+      await sbx.files.write('/tmp/origin', 'from the parent');
+      await sbx.commands.start('i=0; while :; do i=$((i+1)); echo $i > /tmp/fc; sleep 0.1; done');
+      await new Promise((r) => setTimeout(r, 500));
+      const snap = await sbx.snapshot(tpl);
+      t.diagnostic(`snapshot: ${snap.snapshotMs} ms, ${(snap.bytes / 2 ** 20).toFixed(1)} MiB`);
+      assert.equal((await sbx.commands.run('echo still here')).stdout, 'still here\n', 'the parent keeps running');
+      const forks: Sandbox[] = [];
+      try {
+        for (let i = 0; i < 2; i++) {
+          const t0 = performance.now();
+          const f = await Sandbox.create({ ...conn, fromTemplate: tpl, timeoutMs: 60_000 });
+          t.diagnostic(`fork ${i}: created in ${(performance.now() - t0).toFixed(0)} ms`);
+          forks.push(f);
+          assert.equal(await f.files.read('/tmp/origin'), 'from the parent');
+          // The counter rewrites its file (truncate, then write): read until a number is there.
+          const counter = async () => {
+            for (let k = 0; k < 20; k++) {
+              const v = Number((await f.files.read('/tmp/fc')).trim());
+              if (v > 0) return v;
+              await new Promise((r) => setTimeout(r, 20));
+            }
+            return 0;
+          };
+          const c1 = await counter();
+          await new Promise((r) => setTimeout(r, 600));
+          const c2 = await counter();
+          assert.ok(c1 > 0 && c2 > c1, `the parent's process runs on in the fork (${c1} → ${c2})`);
+          await f.files.write('/tmp/mine', `fork ${i}`);
+        }
+        assert.equal(await forks[0]!.files.read('/tmp/mine'), 'fork 0', 'forks do not share their writes');
+        assert.equal(await sbx.files.exists('/tmp/mine'), false, 'nor with the parent');
+      } finally {
+        for (const f of forks) await f.kill();
+        await fetch(`${d.addr}/v1/projects/default/sandbox-templates/${tpl}`, { method: 'DELETE', headers: { authorization: `Bearer ${d.token}` } });
+      }
     });
 
     test('setTimeout extends the life time; a killed sandbox refuses calls', async (t) => {

@@ -19,6 +19,8 @@ export interface ApiContext {
   images: ImageService;
   tokens: TokenStore;
   adminTokenPath: string;
+  /** Where sandbox snapshots (templates) are kept. */
+  templatesDir: string;
   /** Nudge a controller after an API write (the store's change feed also does this). */
   kick(kind: string, id: string): void;
 }

@@ -192,6 +192,7 @@ export class Daemon {
         images: this.images,
         tokens: this.tokens,
         adminTokenPath: this.adminTokenPath,
+        templatesDir: join(this.config.dataDir, 'templates'),
         kick: (k, id) => this.kick(k, id),
       },
       this.log,

@@ -21,6 +21,24 @@ export interface SandboxSpecT {
   timeoutMs: number;
   /** Desired state: paused = every process frozen, memory kept, no CPU used. */
   state?: 'running' | 'paused';
+  /** Start from this template (a snapshot of another sandbox) instead of booting the image. */
+  template?: string;
+}
+
+export const SANDBOXTEMPLATE = 'sandboxtemplate';
+export interface SandboxTemplateSpecT {
+  fromSandbox: string;
+  image: string;
+  isolation: SandboxSpecT['isolation'];
+  resources?: SandboxSpecT['resources'];
+}
+export interface SandboxTemplateStatusT {
+  phase: 'ready' | 'failed';
+  /** Driver snapshot folder, owned by the template (removed with it). */
+  dir?: string;
+  snapshotMs?: number;
+  bytes?: number;
+  message?: string;
 }
 
 export interface SandboxStatusT {
@@ -124,8 +142,15 @@ export function makeSandboxReconciler(deps: { store: ResourceStore; drivers: Dri
     save({ phase: 'starting' }, s.generation);
     let handle: TaskHandle;
     try {
+      let restoreFrom: string | undefined;
+      if (s.spec.template) {
+        const tpl = store.find<SandboxTemplateSpecT, SandboxTemplateStatusT>(SANDBOXTEMPLATE, s.project, s.spec.template);
+        if (!tpl?.status.dir || tpl.status.phase !== 'ready') throw new Error(`template "${s.spec.template}" is not ready`);
+        restoreFrom = tpl.status.dir;
+      }
       const img = await images.resolve(s.spec.image);
       handle = await driver.start({
+        ...(restoreFrom ? { restoreFrom } : {}),
         id,
         imageRootfs: img.rootfs,
         imageDigest: img.digest,

@@ -5,10 +5,12 @@
 import { createRoute, z, type OpenAPIHono } from '@hono/zod-openapi';
 import { stream } from 'hono/streaming';
 import { randomBytes } from 'node:crypto';
+import { rmSync } from 'node:fs';
+import { join } from 'node:path';
 import { StringDecoder } from 'node:string_decoder';
 import type { AgentChannel, AgentFrame } from '../../core/driver.js';
 import { BerthError, failedPrecondition, type ErrorCode } from '../../core/errors.js';
-import { SANDBOX, initialSandboxStatus, type SandboxResource, type SandboxSpecT, type SandboxStatusT } from '../../reconcilers/sandboxes.js';
+import { SANDBOX, SANDBOXTEMPLATE, initialSandboxStatus, type SandboxResource, type SandboxSpecT, type SandboxStatusT, type SandboxTemplateSpecT, type SandboxTemplateStatusT } from '../../reconcilers/sandboxes.js';
 import type { AppEnv } from '../app.js';
 import type { ApiContext } from '../context.js';
 import { Isolation, Labels, ListQuery, Name, Resources, listOf } from '../schemas.js';
@@ -31,6 +33,7 @@ export const SandboxSpec = z
     env: EnvMap.optional(),
     timeoutMs: z.number().int().min(1000).max(86_400_000).default(300_000).openapi({ description: 'The sandbox is killed this long after it started (extend with POST …/timeout); time paused does not count' }),
     state: z.enum(['running', 'paused']).default('running').openapi({ description: 'Desired state; change it with POST …/pause and …/resume' }),
+    template: Name.optional().openapi({ description: 'Start from this template (a snapshot of a sandbox: memory, processes, files) instead of booting; its image, isolation and resources apply' }),
   })
   .openapi('SandboxSpec');
 
@@ -142,8 +145,14 @@ export function registerSandboxRoutes(app: OpenAPIHono<AppEnv>, ctx: ApiContext)
       const { project } = c.req.valid('param');
       const b = c.req.valid('json');
       useProject(ctx, c, project);
+      if (b.spec.template) {
+        const tpl = ctx.store.find<SandboxTemplateSpecT, SandboxTemplateStatusT>(SANDBOXTEMPLATE, project, b.spec.template);
+        if (!tpl || tpl.deletionRequestedAt) throw new BerthError('not_found', `template "${b.spec.template}" not found in project "${project}"; make one with POST …/sandboxes/{name}/snapshot`);
+        if (tpl.status.phase !== 'ready') throw failedPrecondition(`template "${b.spec.template}" is ${tpl.status.phase}: ${tpl.status.message ?? ''}`);
+        b.spec = { ...b.spec, image: tpl.spec.image, isolation: tpl.spec.isolation, ...(tpl.spec.resources ? { resources: tpl.spec.resources } : {}) };
+      }
       await admitRunSpec(ctx, { isolation: b.spec.isolation, image: b.spec.image, resources: b.spec.resources });
-      if (!b.name && c.req.valid('query').pool === 'auto') {
+      if (!b.name && !b.spec.template && c.req.valid('query').pool === 'auto') {
         const claimed = claimFromPool(ctx, project, b);
         if (claimed) return c.json(sandboxView(claimed) as never, 201);
       }
@@ -237,6 +246,65 @@ export function registerSandboxRoutes(app: OpenAPIHono<AppEnv>, ctx: ApiContext)
       },
     );
   }
+
+  const TemplateBody = z.strictObject({ template: Name.openapi({ description: 'Name of the new template' }) }).openapi('SnapshotRequest');
+  app.openapi(
+    createRoute({
+      method: 'post',
+      path: `${base}/{name}/snapshot`,
+      tags,
+      request: { params: ProjectNameParams, body: body(TemplateBody) },
+      responses: { 201: json(z.object({ name: z.string(), status: z.record(z.string(), z.unknown()) }).passthrough(), 'Template made; the sandbox keeps running'), ...errorResponses },
+    }),
+    async (c) => {
+      const { project, name } = c.req.valid('param');
+      useProject(ctx, c, project);
+      const { template } = c.req.valid('json');
+      const s = getLive<SandboxSpecT, SandboxStatusT>(ctx, SANDBOX, project, name) as SandboxResource;
+      if (!['running', 'paused'].includes(s.status.phase) || !s.status.task) throw failedPrecondition(`sandbox "${name}" is ${s.status.phase}; only a running or paused sandbox can be snapshotted`);
+      const driver = ctx.drivers.byName(s.status.task.driver);
+      if (!driver?.snapshot) throw failedPrecondition(`snapshots are not available for isolation "${s.spec.isolation}" yet (they are for microvm)`);
+      if (ctx.store.find(SANDBOXTEMPLATE, project, template)) throw new BerthError('already_exists', `template "${template}" already exists in project "${project}"; delete it or pick another name`);
+      const tpl = ctx.store.create<SandboxTemplateSpecT, SandboxTemplateStatusT>(SANDBOXTEMPLATE, {
+        project,
+        name: template,
+        spec: { fromSandbox: name, image: s.spec.image, isolation: s.spec.isolation, ...(s.spec.resources ? { resources: s.spec.resources } : {}) },
+        status: { phase: 'failed', message: 'snapshot in progress' },
+      });
+      const dir = join(ctx.templatesDir, tpl.id);
+      try {
+        const r = await driver.snapshot(s.status.task, dir);
+        const done = ctx.store.updateStatus(tpl.id, { phase: 'ready', dir, snapshotMs: Math.round(r.ms), bytes: r.bytes });
+        ctx.store.addEvent(s.id, 'Snapshot', `template ${template} made in ${r.ms.toFixed(0)} ms (${(r.bytes / 2 ** 20).toFixed(1)} MiB of memory)`);
+        return c.json(view(done) as never, 201);
+      } catch (e) {
+        rmSync(dir, { recursive: true, force: true });
+        ctx.store.remove(tpl.id);
+        throw e instanceof BerthError ? e : new BerthError('internal', `snapshot failed: ${(e as Error).message}`);
+      }
+    },
+  );
+
+  app.openapi(
+    createRoute({ method: 'get', path: '/v1/projects/{project}/sandbox-templates', tags, request: { params: ProjectParams }, responses: { 200: json(z.object({ items: z.array(z.record(z.string(), z.unknown())) })), ...errorResponses } }),
+    (c) => {
+      const { project } = c.req.valid('param');
+      useProject(ctx, c, project);
+      return c.json({ items: ctx.store.list(SANDBOXTEMPLATE, { project, limit: 1000 }).items.map((t) => view(t, ['dir'])) } as never, 200);
+    },
+  );
+
+  app.openapi(
+    createRoute({ method: 'delete', path: '/v1/projects/{project}/sandbox-templates/{name}', tags, request: { params: ProjectNameParams }, responses: { 204: { description: 'Deleted, with its snapshot files' }, ...errorResponses } }),
+    (c) => {
+      const { project, name } = c.req.valid('param');
+      useProject(ctx, c, project);
+      const t = ctx.store.get<SandboxTemplateSpecT, SandboxTemplateStatusT>(SANDBOXTEMPLATE, project, name);
+      if (t.status.dir) rmSync(t.status.dir, { recursive: true, force: true });
+      ctx.store.remove(t.id);
+      return c.body(null, 204) as never;
+    },
+  );
 
   // --- commands and processes -----------------------------------------------------------------
 
