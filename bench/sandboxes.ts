@@ -1,0 +1,309 @@
+// Benchmark: sandboxes, per isolation tier, beside the bare runtime in the same run.
+//   create → first byte of `echo` output: Berth = POST /sandboxes (answers once running) + POST
+//   …/commands {cmd: "echo ready"} until the first stdout event; bare = `runc run` / `runsc run` of
+//   a bundle with the same config (echo ready) / a bare QEMU boot of the driver's command line →
+//   first output. p50 and p99 over --runs sequential creations and --concurrent at once; cold, from
+//   a warm pool, and (microVM) from a snapshot template. Density: idle sandboxes started one by one
+//   until a bound, MemAvailable < 2 GiB, or a failure.
+// Usage: node dist/bench/sandboxes.js [--runs 100] [--concurrent 20] [--tiers gvisor,microvm,container]
+//        [--vm-runs N] [--density-max N] [--write BENCHMARKS.md]   (as root)
+import { spawn } from 'node:child_process';
+import { mkdirSync, mkdtempSync, readFileSync, rmSync, rmdirSync, writeFileSync } from 'node:fs';
+import { cgroupHierarchies, mountPointsUnder } from '../src/lib/host.js';
+import { cpus, release, totalmem } from 'node:os';
+import { join } from 'node:path';
+import { parseArgs } from 'node:util';
+import { TestDaemon } from '../test/harness.js';
+import { ensureBusyboxImage } from '../src/images/busybox.js';
+import { buildOciConfig, hostNofileLimit } from '../src/drivers/oci/ocispec.js';
+import { loadDefaultSeccomp } from '../src/drivers/oci/seccomp.js';
+import { DEFAULT_CAPS } from '../src/drivers/oci/driver.js';
+import type { Fingerprint } from '../src/core/driver.js';
+import { BareMicroVm } from './microvm-bare.js';
+import { updateBenchmarks } from './report.js';
+
+const { values } = parseArgs({
+  options: {
+    runs: { type: 'string', default: '100' },
+    'vm-runs': { type: 'string' },
+    concurrent: { type: 'string', default: '20' },
+    tiers: { type: 'string', default: 'gvisor,microvm,container' },
+    'density-max': { type: 'string', default: '20' },
+    write: { type: 'string' },
+  },
+});
+const RUNS = Number(values.runs);
+const VM_RUNS = Number(values['vm-runs'] ?? values.runs);
+const CONC = Number(values.concurrent);
+const DENSITY = Number(values['density-max']);
+for (const [k, v] of Object.entries({ runs: RUNS, 'vm-runs': VM_RUNS, concurrent: CONC, 'density-max': DENSITY })) {
+  if (!Number.isInteger(v) || v < 1) throw new Error(`--${k} must be a whole number ≥ 1`);
+}
+const S = '/v1/projects/default/sandboxes';
+const P = '/v1/projects/default/sandbox-pools';
+
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+const sorted = (xs: number[]) => [...xs].sort((a, b) => a - b);
+const pct = (xs: number[], p: number) => (xs.length ? sorted(xs)[Math.min(xs.length - 1, Math.ceil((p / 100) * xs.length) - 1)]! : NaN);
+const fmt = (x: number) => (Number.isFinite(x) ? `${x.toFixed(1)} ms` : '-');
+const memAvailable = () => Number(/^MemAvailable:\s+(\d+)/m.exec(readFileSync('/proc/meminfo', 'utf8'))?.[1] ?? 0) * 1024;
+
+/** POST a command and resolve when its first stdout event arrives (the stream is then dropped). */
+async function firstByte(d: TestDaemon, name: string): Promise<void> {
+  const ac = new AbortController();
+  const res = await fetch(`${d.addr}${S}/${name}/commands`, {
+    method: 'POST',
+    headers: { authorization: `Bearer ${d.token}`, 'content-type': 'application/json' },
+    body: JSON.stringify({ cmd: ['echo', 'ready'] }),
+    signal: ac.signal,
+  });
+  if (res.status !== 200 || !res.body) throw new Error(`command in ${name}: ${res.status} ${await res.text()}`);
+  const reader = res.body.getReader();
+  const dec = new TextDecoder();
+  let buf = '';
+  try {
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) throw new Error(`no output from ${name}: ${buf}`);
+      buf += dec.decode(value, { stream: true });
+      if (/"type":"stdout"/.test(buf)) return;
+    }
+  } finally {
+    ac.abort();
+  }
+}
+
+/** create → first byte of echo; then kill (not timed). */
+async function berthOnce(d: TestDaemon, spec: Record<string, unknown>, query = ''): Promise<{ ms: number; name: string }> {
+  const t0 = performance.now();
+  const r = await d.api('POST', `${S}${query}`, { spec });
+  if (r.status !== 201 || r.body.status.phase !== 'running') throw new Error(`create: ${r.status} ${JSON.stringify(r.body.status ?? r.body)}`);
+  await firstByte(d, r.body.name);
+  return { ms: performance.now() - t0, name: r.body.name };
+}
+
+async function kill(d: TestDaemon, names: string[]): Promise<void> {
+  for (const n of names) await d.api('DELETE', `${S}/${n}`);
+  const deadline = Date.now() + 120_000;
+  for (;;) {
+    const left = ((await d.api('GET', `${S}?limit=1000`)).body.items as { name: string }[]).filter((s) => names.includes(s.name));
+    if (left.length === 0) return;
+    if (Date.now() > deadline) throw new Error(`sandboxes not deleted: ${left.map((s) => s.name).join(', ')}`);
+    await sleep(50);
+  }
+}
+
+/** Bare OCI runtime: `run` (foreground) of a bundle whose process is `echo ready` → first stdout byte. */
+async function bareOci(bin: string, global: string[], work: string, rootfs: string, hostOverlay: boolean, seq: number): Promise<number> {
+  const id = `bare-sb-${seq}`;
+  const dir = join(work, id);
+  for (const x of ['upper', 'work', 'bundle']) mkdirSync(join(dir, x), { recursive: true, mode: 0o700 });
+  const task = { id, imageRootfs: rootfs, args: ['echo', 'ready'], env: {}, cwd: '/', user: { uid: 0, gid: 0 }, resources: {} };
+  const t0 = performance.now();
+  let mounted: string | undefined;
+  try {
+    let cfg;
+    if (hostOverlay) {
+      mounted = join(dir, 'bundle', 'rootfs');
+      mkdirSync(mounted, { mode: 0o755 });
+      await run('mount', ['-t', 'overlay', 'overlay', '-o', `lowerdir=${rootfs},upperdir=${join(dir, 'upper')},workdir=${join(dir, 'work')}`, mounted]);
+      cfg = buildOciConfig(task, { rootfsPath: mounted, cgroupsPath: `/berth-bench-bare/${id}`, seccomp: null, nofileLimit: hostNofileLimit() });
+    } else {
+      cfg = buildOciConfig(task, {
+        rootfsPath: rootfs,
+        rootOverlay: { upperDir: join(dir, 'upper'), workDir: join(dir, 'work') },
+        cgroupsPath: `/berth-bench-bare/${id}`,
+        seccomp: loadDefaultSeccomp({ capabilities: DEFAULT_CAPS }),
+        nofileLimit: hostNofileLimit(),
+      });
+    }
+    writeFileSync(join(dir, 'bundle', 'config.json'), JSON.stringify(cfg));
+    return await new Promise<number>((resolve, reject) => {
+      const p = spawn(bin, [...global, 'run', '--bundle', join(dir, 'bundle'), id], { stdio: ['ignore', 'pipe', 'pipe'] });
+      let t1: number | undefined;
+      let err = '';
+      p.stdout!.once('data', () => (t1 = performance.now()));
+      p.stderr!.on('data', (b: Buffer) => (err += b.toString()));
+      p.on('error', reject);
+      p.on('close', (code) => (code === 0 && t1 !== undefined ? resolve(t1 - t0) : reject(new Error(`${bin} run: ${code} ${err}`))));
+    });
+  } finally {
+    await run(bin, [...global, 'delete', '--force', id]).catch(() => undefined);
+    if (mounted) await run('umount', [mounted]).catch(() => undefined);
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+function run(bin: string, args: string[]): Promise<void> {
+  return new Promise((resolve, reject) => {
+    const p = spawn(bin, args, { stdio: 'ignore' });
+    p.on('error', reject);
+    p.on('close', (c) => (c === 0 ? resolve() : reject(new Error(`${bin} ${args.join(' ')} exited ${c}`))));
+  });
+}
+
+interface TierResult {
+  label: string;
+  bare: number[];
+  coldSeq: number[];
+  coldConc: number[];
+  warmSeq: number[];
+  warmConc: number[];
+  snapshot: number[];
+  density: { ran: number; stoppedBy: string; perMiB: number };
+}
+
+async function main(): Promise<void> {
+  const d = await TestDaemon.start();
+  const work = mkdtempSync('/tmp/berth-sandbox-bench-');
+  const results = new Map<string, TierResult>();
+  try {
+    const info = (await d.api('GET', '/v1/info')).body as { drivers: Fingerprint[] };
+    const img = await ensureBusyboxImage(join(d.dataDir, 'images'));
+    let seq = 0;
+    for (const tier of values.tiers!.split(',')) {
+      const fp = info.drivers.find((x) => x.isolation === tier);
+      if (!fp?.healthy) {
+        console.error(`${tier}: not available (${fp?.reason ?? 'no driver'})`);
+        continue;
+      }
+      const runs = tier === 'microvm' ? VM_RUNS : RUNS;
+      const spec = { isolation: tier, resources: { memoryMiB: 128 }, timeoutMs: 600_000 };
+      const label =
+        tier === 'microvm'
+          ? `microvm (QEMU ${fp.version}, ${(fp.attributes.accel ?? '?').toUpperCase()})`
+          : tier === 'gvisor'
+            ? `gvisor (runsc ${fp.version}, ${fp.attributes.platform})`
+            : `container (runc ${fp.version})`;
+      const bareVm = tier === 'microvm' ? new BareMicroVm(work, join(d.dataDir, 'runtime', 'microvm', 'cache'), fp, img.rootfs, img.digest) : undefined;
+      const runsc = fp.attributes.runsc ?? '/usr/local/lib/berth/runsc';
+      const bareRoot = join(work, `${tier}-root`);
+      mkdirSync(bareRoot, { recursive: true });
+      const bare = () =>
+        tier === 'microvm'
+          ? bareVm!.echo(fp.attributes.qemu ?? '/usr/bin/qemu-system-x86_64')
+          : tier === 'gvisor'
+            ? bareOci(runsc, [`--root=${bareRoot}`, `--platform=${fp.attributes.platform ?? 'systrap'}`, '--network=none', '--overlay2=none'], work, img.rootfs, true, seq++)
+            : bareOci('runc', ['--root', bareRoot], work, img.rootfs, false, seq++);
+      const r: TierResult = { label, bare: [], coldSeq: [], coldConc: [], warmSeq: [], warmConc: [], snapshot: [], density: { ran: 0, stoppedBy: '', perMiB: 0 } };
+      results.set(tier, r);
+
+      console.error(`${tier}: cold, ${runs} sequential (bare and Berth interleaved)`);
+      await bare();
+      await kill(d, [(await berthOnce(d, spec, '?pool=none')).name]);
+      for (let i = 0; i < runs; i++) {
+        r.bare.push(await bare());
+        const b = await berthOnce(d, spec, '?pool=none');
+        r.coldSeq.push(b.ms);
+        await kill(d, [b.name]);
+      }
+      console.error(`${tier}: cold, ${CONC} at once`);
+      const conc = await Promise.all(Array.from({ length: CONC }, () => berthOnce(d, spec, '?pool=none')));
+      r.coldConc = conc.map((x) => x.ms);
+      await kill(d, conc.map((x) => x.name));
+
+      console.error(`${tier}: warm pool (size ${CONC})`);
+      await d.api('PUT', `${P}/bench`, { spec: { isolation: tier, size: CONC, resources: { memoryMiB: 128 } } });
+      const waitReady = async (n: number) => {
+        const deadline = Date.now() + 600_000;
+        while ((await d.api('GET', `${P}/bench`)).body.status.ready < n) {
+          if (Date.now() > deadline) throw new Error('warm pool did not fill');
+          await sleep(100);
+        }
+      };
+      await waitReady(CONC);
+      const warm = await Promise.all(Array.from({ length: CONC }, () => berthOnce(d, spec)));
+      r.warmConc = warm.map((x) => x.ms);
+      await kill(d, warm.map((x) => x.name));
+      for (let i = 0; i < runs; i++) {
+        await waitReady(1); // sequential claims: each from a ready member (refills are not timed)
+        const b = await berthOnce(d, spec);
+        r.warmSeq.push(b.ms);
+        await kill(d, [b.name]);
+      }
+      await d.api('DELETE', `${P}/bench`);
+      while ((await d.api('GET', `${P}/bench`)).status !== 404) await sleep(100);
+
+      if (tier === 'microvm') {
+        console.error(`${tier}: from a snapshot template, ${runs} sequential`);
+        const parent = await berthOnce(d, spec, '?pool=none');
+        const snap = await d.api('POST', `${S}/${parent.name}/snapshot`, { template: 'bench' });
+        if (snap.status !== 201) throw new Error(`snapshot: ${JSON.stringify(snap.body)}`);
+        await kill(d, [parent.name]);
+        for (let i = 0; i < runs; i++) {
+          const b = await berthOnce(d, { template: 'bench', timeoutMs: 600_000 });
+          r.snapshot.push(b.ms);
+          await kill(d, [b.name]);
+        }
+        await d.api('DELETE', '/v1/projects/default/sandbox-templates/bench');
+      }
+
+      console.error(`${tier}: density, up to ${DENSITY}`);
+      const before = memAvailable();
+      const names: string[] = [];
+      r.density.stoppedBy = `bound ${DENSITY}`;
+      for (let i = 0; i < DENSITY; i++) {
+        if (memAvailable() < 2 * 2 ** 30) {
+          r.density.stoppedBy = 'MemAvailable < 2 GiB';
+          break;
+        }
+        const c = await d.api('POST', `${S}?pool=none`, { spec });
+        if (c.status !== 201 || c.body.status.phase !== 'running') {
+          r.density.stoppedBy = `a create failed: ${JSON.stringify(c.body.status ?? c.body).slice(0, 120)}`;
+          break;
+        }
+        names.push(c.body.name);
+      }
+      await sleep(2000);
+      r.density.ran = names.length;
+      r.density.perMiB = names.length ? (before - memAvailable()) / names.length / 2 ** 20 : 0;
+      await kill(d, names);
+      const residue = d.hostResidue();
+      if (residue.length) throw new Error(`host residue after ${tier}: ${residue.join(', ')}`);
+    }
+  } finally {
+    await d.deleteAllSandboxes().catch(() => undefined);
+    await d.destroy();
+    // runsc keeps a null-netns bind mount in its --root: the bare runs' roots are under work.
+    for (const mp of mountPointsUnder(work)) await run('umount', [mp]).catch(() => run('umount', ['-l', mp]).catch(() => undefined));
+    rmSync(work, { recursive: true, force: true });
+    for (const h of cgroupHierarchies()) {
+      try {
+        rmdirSync(join(h, 'berth-bench-bare')); // the bare runs' parent cgroup (runc removed their own)
+      } catch {
+        /* absent */
+      }
+    }
+  }
+
+  const lines = [
+    `Host: ${cpus()[0]?.model ?? 'cpu'}, ${cpus().length} cores, ${(totalmem() / 2 ** 30).toFixed(1)} GiB, kernel ${release()}, ${new Date().toISOString().slice(0, 10)}. ` +
+      `Runs: ${RUNS} sequential (microVM: ${VM_RUNS}), ${CONC} concurrent; sandboxes of 128 MiB.`,
+    '',
+    '**Create → first byte of `echo` output.** Berth: `POST /sandboxes` (answers once running) then `POST …/commands` until the first stdout event. ' +
+      'Bare: the runtime alone (`runc run` / `runsc run` of a bundle with the same config running `echo ready`, including its bundle and overlay set-up; for the microVM a bare QEMU boot of the driver\'s command line) → first output. Warm: claimed from a warm pool of the same spec.',
+    '',
+    '| tier | bare p50 | bare p99 | cold p50 | cold p99 | cold p50 / bare p50 (target ≤ 1.2×) | cold, 20 at once p50 / p99 | warm pool p50 (target ≤ 30 ms) | warm p99 | warm, 20 at once p50 / p99 | from a snapshot p50 / p99 (target ≤ 300 ms) |',
+    '|---|---|---|---|---|---|---|---|---|---|---|',
+  ];
+  for (const [, r] of results) {
+    lines.push(
+      `| ${r.label} | ${fmt(pct(r.bare, 50))} | ${fmt(pct(r.bare, 99))} | ${fmt(pct(r.coldSeq, 50))} | ${fmt(pct(r.coldSeq, 99))} | **${(pct(r.coldSeq, 50) / pct(r.bare, 50)).toFixed(2)}×** | ` +
+        `${fmt(pct(r.coldConc, 50))} / ${fmt(pct(r.coldConc, 99))} | **${fmt(pct(r.warmSeq, 50))}** | ${fmt(pct(r.warmSeq, 99))} | ${fmt(pct(r.warmConc, 50))} / ${fmt(pct(r.warmConc, 99))} | ` +
+        `${r.snapshot.length ? `**${fmt(pct(r.snapshot, 50))}** / ${fmt(pct(r.snapshot, 99))}` : 'not available on this tier'} |`,
+    );
+  }
+  lines.push('', '**Density (bounded)** — idle sandboxes (128 MiB limit) created one by one until the bound, MemAvailable < 2 GiB or a failed create; then all killed and the host checked for residue (none).', '', '| tier | ran at once | stopped by | host memory / sandbox (MemAvailable Δ / N) |', '|---|---|---|---|');
+  for (const [, r] of results) lines.push(`| ${r.label} | ${r.density.ran} | ${r.density.stoppedBy} | ${r.density.perMiB.toFixed(1)} MiB |`);
+  const text = lines.join('\n');
+  console.log(text);
+  if (values.write) updateBenchmarks(values.write, 'sandboxes', 'Sandboxes: create → first output, cold / warm pool / snapshot, density', `node dist/bench/sandboxes.js --runs ${RUNS} --vm-runs ${VM_RUNS} --concurrent ${CONC} --density-max ${DENSITY} --write BENCHMARKS.md`, text);
+}
+
+void main().then(
+  () => process.exit(0),
+  (e) => {
+    console.error(e);
+    process.exit(1);
+  },
+);
