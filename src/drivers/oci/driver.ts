@@ -15,7 +15,6 @@
 //
 // Subclasses choose the runtime, its flags, how the writable layer is provided and how a created
 // container is started.
-import { spawn } from 'node:child_process';
 import { existsSync, mkdirSync, readFileSync, readdirSync, rmSync, rmdirSync, statSync, watch, writeFileSync, type FSWatcher } from 'node:fs';
 import { readFile } from 'node:fs/promises';
 import { EventEmitter } from 'node:events';
@@ -36,6 +35,7 @@ import { pidAlive, run, sleep } from '../../lib/exec.js';
 import { cgroupHierarchies } from '../../lib/host.js';
 import { buildOciConfig, hostNofileLimit, type OciBuildOptions } from './ocispec.js';
 import { loadDefaultSeccomp } from './seccomp.js';
+import { Launcher } from './launcher.js';
 
 export interface OciDriverOptions {
   stateDir: string;
@@ -65,6 +65,8 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
   private watcher: FSWatcher | undefined;
   private swapSupported: boolean | undefined;
   private readonly nofile = hostNofileLimit();
+  /** Starts conmon (and `<runtime> start`) without forking berthd on the critical path; see launcher.ts. */
+  protected readonly launcher: Launcher;
 
   constructor(
     protected readonly opts: OciDriverOptions,
@@ -79,6 +81,8 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
     this.cgroupParent = opts.cgroupParent ?? 'berth';
     for (const d of [this.root, this.exitsDir, this.tasksDir]) mkdirSync(d, { recursive: true, mode: 0o700 });
     this.exits.setMaxListeners(0);
+    this.launcher = new Launcher(this.launchesPerStart());
+    this.launcher.warm();
   }
 
   /** Subscribe to task exits (any task); returns an unsubscribe function. */
@@ -99,6 +103,7 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
   close(): void {
     this.watcher?.close();
     this.watcher = undefined;
+    this.launcher.close();
   }
 
   /**
@@ -107,6 +112,11 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
    */
   protected globalArgs(): string[] {
     return [`--root=${this.root}`];
+  }
+
+  /** Processes a start launches (conmon; plus `<runtime> start` unless the driver starts it itself). */
+  protected launchesPerStart(): number {
+    return 2;
   }
 
   /** Runs the runtime with its global flags. */
@@ -124,16 +134,36 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
     };
   }
 
-  /** Host-side preparation of the rootfs before create (nothing by default). */
-  protected async prepareRootfs(_cfg: TaskConfig, _dir: string): Promise<void> {}
+  /**
+   * Host-side preparation of the rootfs before create (nothing by default). May return a command
+   * (argv) that the launcher runs right before conmon, in the same pre-spawned process, instead of
+   * berthd spawning it: a failure of that command fails the start with its stderr.
+   */
+  protected async prepareRootfs(_cfg: TaskConfig, _dir: string): Promise<string[] | void> {}
 
   /** Undo prepareRootfs (idempotent). */
   protected async releaseRootfs(_dir: string): Promise<void> {}
 
-  /** Start a created container (`<runtime> start`). */
+  /** Start a created container (`<runtime> start`), launched without a fork of berthd (launcher.ts). */
   protected async startCreated(id: string, _pid: number): Promise<void> {
-    const r = await this.rt(['start', id]);
-    if (r.code !== 0) throw new Error(cleanRuncError(r.stderr || r.stdout) || `${this.runtime} start failed`);
+    const r = await this.rtLaunched(['start', id]);
+    if (r.code !== 0) throw new Error(cleanRuncError(r.stderr) || `${this.runtime} start failed`);
+  }
+
+  /** Like rt(), through the launcher; stdout is not kept (commands that only report errors). */
+  protected rtLaunched(args: string[], timeoutMs = 30_000): Promise<{ code: number; stderr: string }> {
+    if (!existsSync(this.runtime)) return Promise.resolve({ code: 127, stderr: `${this.runtime} is not installed` });
+    const { child, stderr, fd3 } = this.launcher.launch(this.root, [this.runtime, ...this.globalArgs(), ...args]);
+    fd3.destroy();
+    return new Promise((resolve) => {
+      let err = '';
+      stderr.setEncoding('utf8').on('data', (d: string) => (err += d));
+      const timer = setTimeout(() => child.kill('SIGKILL'), timeoutMs);
+      child.on('close', (code, sig) => {
+        clearTimeout(timer);
+        resolve({ code: code ?? (sig ? 128 + 9 : -1), stderr: err });
+      });
+    });
   }
 
   protected taskDir(id: string) {
@@ -172,9 +202,9 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
     try {
       for (const d of ['upper', 'work', 'persist']) mkdirSync(join(dir, d), { recursive: true, mode: 0o700 });
       mkdirSync(bundle, { recursive: true, mode: 0o700 });
-      await this.prepareRootfs(cfg, dir);
+      const pre = (await this.prepareRootfs(cfg, dir)) ?? [];
       writeFileSync(join(bundle, 'config.json'), JSON.stringify(config));
-      const pid = await this.spawnConmon(cfg.id, bundle, dir);
+      const pid = await this.spawnConmon(cfg.id, bundle, dir, pre);
       await this.startCreated(cfg.id, pid);
       const monitorPid = Number(readFileSync(join(dir, 'conmon.pid'), 'utf8').trim());
       this.ensureWatcher();
@@ -183,11 +213,13 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
       await this.destroy(cfg.id, { keepData: true }).catch(() => undefined);
       if (e instanceof BerthError) throw e;
       throw new BerthError('failed_precondition', `could not start the container: ${(e as Error).message}`);
+    } finally {
+      this.launcher.refillSoon();
     }
   }
 
   /** Starts conmon, which runs `<runtime> create`; resolves with the container's PID from conmon's sync pipe. */
-  private spawnConmon(id: string, bundle: string, dir: string): Promise<number> {
+  private spawnConmon(id: string, bundle: string, dir: string, pre: string[]): Promise<number> {
     const args = [
       '--api-version', '1',
       '-c', id, '-u', id, '-n', id,
@@ -205,16 +237,12 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
       '--syslog',
     ];
     return new Promise((resolve, reject) => {
-      const child = spawn(this.conmon, args, {
-        stdio: ['ignore', 'ignore', 'pipe', 'pipe'],
-        env: { PATH: process.env.PATH ?? '/usr/sbin:/usr/bin:/sbin:/bin', _OCI_SYNCPIPE: '3' },
-        // conmon writes some marker files (e.g. `oom`) relative to its working directory.
-        cwd: dir,
-        detached: true,
-      });
+      // conmon writes some marker files (e.g. `oom`) relative to its working directory. Its
+      // environment is PATH and _OCI_SYNCPIPE=3, stdin/stdout /dev/null, its own session (launcher.ts).
+      const { child, fd3 } = this.launcher.launch(dir, [this.conmon, ...args], pre);
       let out = '';
       let err = '';
-      const sync = child.stdio[3] as NodeJS.ReadableStream;
+      const sync = fd3 as NodeJS.ReadableStream;
       const timer = setTimeout(() => finish(new Error('conmon did not report the container within 30 s')), 30_000);
       let done = false;
       const finish = (e: Error | null, pid?: number) => {

@@ -56,6 +56,11 @@ export class RuncDriver extends OciRuntimeDriver {
     }
   }
 
+  /** Only conmon: the start is the exec fifo, released from berthd. */
+  protected override launchesPerStart(): number {
+    return 1;
+  }
+
   /**
    * The equivalent of `runc start`: a created container's init blocks writing to
    * <root>/<id>/exec.fifo; opening it for reading and reading releases init, which then execs the
