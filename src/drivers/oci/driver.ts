@@ -48,6 +48,13 @@ export interface OciDriverOptions {
   logSizeMax?: number;
 }
 
+/** What beginStart() set going; see there. */
+export interface EarlyStart {
+  /** Resolves true once the container was started early, false if it was not (cancelled, or nothing to do). */
+  done: Promise<boolean>;
+  cancel(): void;
+}
+
 const SIGNALS = osConstants.signals as Record<string, number>;
 const signalName = (n: number) => Object.keys(SIGNALS).find((k) => SIGNALS[k] === n);
 
@@ -141,11 +148,20 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
    */
   protected async prepareRootfs(_cfg: TaskConfig, _dir: string): Promise<string[] | void> {}
 
+  /**
+   * Called right after conmon is launched, before the runtime has created the container; lets a
+   * driver get ready to start it as early as possible (runc: open the exec fifo as soon as it exists).
+   * The returned value is passed to startCreated(); `cancel` is called if the create fails.
+   */
+  protected beginStart(_id: string): EarlyStart | undefined {
+    return undefined;
+  }
+
   /** Undo prepareRootfs (idempotent). */
   protected async releaseRootfs(_dir: string): Promise<void> {}
 
   /** Start a created container (`<runtime> start`), launched without a fork of berthd (launcher.ts). */
-  protected async startCreated(id: string, _pid: number): Promise<void> {
+  protected async startCreated(id: string, _pid: number, _early?: EarlyStart): Promise<void> {
     const r = await this.rtLaunched(['start', id]);
     if (r.code !== 0) throw new Error(cleanRuncError(r.stderr) || `${this.runtime} start failed`);
   }
@@ -204,8 +220,15 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
       mkdirSync(bundle, { recursive: true, mode: 0o700 });
       const pre = (await this.prepareRootfs(cfg, dir)) ?? [];
       writeFileSync(join(bundle, 'config.json'), JSON.stringify(config));
-      const pid = await this.spawnConmon(cfg.id, bundle, dir, pre);
-      await this.startCreated(cfg.id, pid);
+      let pid: number;
+      const early = this.beginStart(cfg.id);
+      try {
+        pid = await this.spawnConmon(cfg.id, bundle, dir, pre);
+      } catch (e) {
+        early?.cancel();
+        throw e;
+      }
+      await this.startCreated(cfg.id, pid, early);
       const monitorPid = Number(readFileSync(join(dir, 'conmon.pid'), 'utf8').trim());
       this.ensureWatcher();
       return { driver: this.name, id: cfg.id, pid, monitorPid, startedAt: new Date().toISOString() };
