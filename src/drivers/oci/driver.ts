@@ -34,7 +34,7 @@ import { BerthError, invalidArgument } from '../../core/errors.js';
 import { pidAlive, run, sleep } from '../../lib/exec.js';
 import { cgroupHierarchies } from '../../lib/host.js';
 import { buildOciConfig, hostNofileLimit, type OciBuildOptions } from './ocispec.js';
-import { loadDefaultSeccomp } from './seccomp.js';
+import { loadDefaultSeccomp, type OciSeccomp } from './seccomp.js';
 import { Launcher } from './launcher.js';
 
 export interface OciDriverOptions {
@@ -72,6 +72,8 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
   private watcher: FSWatcher | undefined;
   private swapSupported: boolean | undefined;
   private readonly nofile = hostNofileLimit();
+  /** The default profile (loadDefaultSeccomp caches it too, but builds its cache key on every call). */
+  private seccomp: OciSeccomp | undefined;
   /** Starts conmon (and `<runtime> start`) without forking berthd on the critical path; see launcher.ts. */
   protected readonly launcher: Launcher;
 
@@ -137,7 +139,7 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
     return {
       rootfsPath: cfg.imageRootfs,
       rootOverlay: { upperDir: join(dir, 'upper'), workDir: join(dir, 'work') },
-      seccomp: loadDefaultSeccomp({ capabilities: DEFAULT_CAPS }),
+      seccomp: (this.seccomp ??= loadDefaultSeccomp({ capabilities: DEFAULT_CAPS })),
     };
   }
 
@@ -455,8 +457,16 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
         return undefined;
       }
     })();
-    // Kill whatever still runs, then let conmon record the exit and leave.
-    const st = await this.runtimeState(id);
+    // Kill whatever still runs, then let conmon record the exit and leave. Each runtime call is a
+    // fork of berthd plus a Go process start that blocks the event loop (and, right after a quick
+    // workload exits, delays its first output on the way to a follower), so `state` is skipped
+    // when it cannot tell anything: no runtime state at all, or an exit that conmon recorded
+    // (init is gone, so nothing of the task runs; `delete --force` removes what is left).
+    const st = !this.hasRuntimeState(id)
+      ? undefined
+      : existsSync(join(this.exitsDir, id))
+        ? { status: 'stopped', pid: 0 }
+        : await this.runtimeState(id);
     if (st) {
       if (st.status === 'running' || st.status === 'created' || st.status === 'paused') {
         await this.rt(['kill', id, 'SIGKILL'], 10_000);

@@ -56,6 +56,11 @@ export class RuncDriver extends OciRuntimeDriver {
     }
   }
 
+  /** runc keeps a task's state in <root>/<id>: one stat instead of listing the root on every start. */
+  protected override hasRuntimeState(id: string): boolean {
+    return existsSync(join(this.root, id));
+  }
+
   /** Only conmon: the start is the exec fifo, released from berthd. */
   protected override launchesPerStart(): number {
     return 1;
@@ -77,9 +82,12 @@ export class RuncDriver extends OciRuntimeDriver {
     const fifo = join(this.root, id, 'exec.fifo');
     const ac = new AbortController();
     const done = (async () => {
-      // Until the fifo exists: a cheap stat every 5 ms (runc creates it early; init is ready to
-      // take the start signal only tens of ms later, so the coarse poll costs no latency).
-      while (!ac.signal.aborted) {
+      // Until the fifo exists: a cheap stat every 5 ms, from 10 ms on (runc creates the fifo early
+      // but init is ready to take the start signal only tens of ms after the launch, so the coarse
+      // poll costs no latency, and little CPU while runc works).
+      for (let wait = 10; !ac.signal.aborted; wait = 5) {
+        await new Promise((r) => setTimeout(r, wait));
+        if (ac.signal.aborted) break;
         let isFifo = false;
         try {
           isFifo = statSync(fifo).isFIFO();
@@ -91,7 +99,6 @@ export class RuncDriver extends OciRuntimeDriver {
           rmSync(fifo, { force: true });
           return true;
         }
-        await sleep(5, ac.signal);
       }
       return false;
     })().catch(() => false);
