@@ -173,7 +173,7 @@ export class TestDaemon {
     // by the test that checks hostResidue().
     for (const [bin, root] of [['runc', 'runtime/runc/runc'], [process.env.BERTH_RUNSC ?? '/usr/local/lib/berth/runsc', 'runtime/gvisor/runsc']]) {
       if (!existsSync(join(this.dataDir, root!))) continue;
-      const args = bin === 'runc' ? ['--root', join(this.dataDir, root!)] : [`--root=${join(this.dataDir, root!)}`, '--network=none', '--overlay2=none'];
+      const args = bin === 'runc' ? ['--root', join(this.dataDir, root!)] : [`--root=${join(this.dataDir, root!)}`, '--network=none', '--overlay2=none', '--host-uds=create'];
       const ids = spawnSync(bin!, [...args, 'list', '-q']).stdout?.toString().split('\n').filter(Boolean) ?? [];
       for (const id of ids) {
         spawnSync(bin!, [...args, 'kill', id, 'KILL']);

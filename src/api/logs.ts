@@ -1,9 +1,8 @@
 // Reading workload logs. conmon writes the Kubernetes "k8s-file" format:
 //   <RFC3339Nano timestamp> <stdout|stderr> <F|P> <content>
 // where P marks a partial line (no newline yet) and F a full one.
-import { watch, type FSWatcher } from 'node:fs';
-import { open, stat } from 'node:fs/promises';
-import { dirname } from 'node:path';
+import { closeSync, openSync, readSync, statSync, watch, type FSWatcher } from 'node:fs';
+import { basename, dirname } from 'node:path';
 
 export interface LogLine {
   time: string;
@@ -35,74 +34,139 @@ export interface FollowOptions {
   pollMs?: number;
 }
 
-/** Resolves on the next change of `path` (or its folder, while the file does not exist yet) or after `ms`. */
-function changeOrTimeout(path: string, ms: number, signal: AbortSignal): Promise<void> {
-  return new Promise((resolve) => {
-    let w: FSWatcher | undefined;
-    const done = () => {
-      clearTimeout(t);
-      w?.close();
-      signal.removeEventListener('abort', done);
-      resolve();
-    };
-    const t = setTimeout(done, ms);
-    signal.addEventListener('abort', done, { once: true });
+/**
+ * Watches `path` for changes for as long as it is open: a directory watch on its folder (it keeps
+ * working while the file does not exist yet, and across conmon truncating it). Set up once, before
+ * the first look at the file, so a write between a look and the next wait cannot be missed (with a
+ * watch set up after each look, such a write waited for the poll timeout).
+ */
+class ChangeWatch {
+  private changed = true;
+  private wake: (() => void) | undefined;
+  private readonly w: FSWatcher | undefined;
+
+  constructor(path: string) {
+    const name = basename(path);
     try {
-      w = watch(path, done);
+      this.w = watch(dirname(path), (_ev, f) => {
+        if (f === null || String(f) === name) this.fire();
+      });
+      this.w.on('error', () => this.fire());
     } catch {
-      try {
-        w = watch(dirname(path), done);
-      } catch {
-        /* neither exists yet: the timeout covers it */
-      }
+      /* no folder yet: the caller's timeout covers it */
     }
-    w?.on('error', done);
-  });
+  }
+
+  private fire(): void {
+    this.changed = true;
+    this.wake?.();
+  }
+
+  get watching(): boolean {
+    return this.w !== undefined;
+  }
+
+  /** Call right before looking at the file; changes after this wake the next wait. */
+  reset(): void {
+    this.changed = false;
+  }
+
+  /** Resolves at once if a change came since reset(), else on the next change, the timeout or abort. */
+  wait(ms: number, signal: AbortSignal): Promise<void> {
+    if (this.changed || signal.aborted) return Promise.resolve();
+    return new Promise((resolve) => {
+      const done = () => {
+        clearTimeout(t);
+        this.wake = undefined;
+        signal.removeEventListener('abort', done);
+        resolve();
+      };
+      const t = setTimeout(done, ms);
+      this.wake = done;
+      signal.addEventListener('abort', done, { once: true });
+    });
+  }
+
+  close(): void {
+    this.w?.close();
+  }
 }
+
+/** Bytes read from the file in one step (synchronously: a log read is a page-cache copy). */
+const READ_CHUNK = 1024 * 1024;
 
 /**
  * Yields parsed log lines from `path`. With follow, keeps reading as the file grows until
  * `finished()` says the writer is gone and the file is drained. A file that does not exist yet
  * (the task has not started) is waited for while following.
+ *
+ * The file is read with synchronous calls in chunks of at most READ_CHUNK: each async fs call is a
+ * thread-pool round trip, and four of them per new line were most of the time between conmon
+ * writing a line and a follower receiving it.
  */
 export async function* readLog(path: string, opts: FollowOptions): AsyncGenerator<LogLine> {
   const pollMs = opts.pollMs ?? 100;
   let pos = 0;
   let carry = '';
   let first = true;
-  for (;;) {
-    if (opts.signal.aborted) return;
-    const done = opts.finished();
-    let size = -1;
-    try {
-      size = (await stat(path)).size;
-    } catch {
-      size = -1;
-    }
-    if (size >= 0 && size < pos) {
-      pos = 0; // truncated by conmon's size limit
-      carry = '';
-    }
-    if (size > pos) {
-      const fh = await open(path, 'r');
+  const tailBuf: LogLine[] = [];
+  const changes = opts.follow ? new ChangeWatch(path) : undefined;
+  try {
+    for (;;) {
+      if (opts.signal.aborted) return;
+      changes?.reset();
+      const done = opts.finished();
+      let size = -1;
       try {
-        const len = size - pos;
-        const buf = Buffer.alloc(len);
-        await fh.read(buf, 0, len, pos);
-        pos = size;
-        const text = carry + buf.toString('utf8');
-        const lines = text.split('\n');
-        carry = lines.pop() ?? '';
-        let parsed = lines.map(parseLogLine).filter((l): l is LogLine => l !== undefined);
-        if (first && opts.tail !== undefined) parsed = parsed.slice(Math.max(0, parsed.length - opts.tail));
-        for (const l of parsed) yield l;
-      } finally {
-        await fh.close();
+        size = statSync(path).size;
+      } catch {
+        size = -1;
       }
+      if (size >= 0 && size < pos) {
+        pos = 0; // truncated by conmon's size limit
+        carry = '';
+      }
+      let more = false;
+      if (size > pos) {
+        let chunk: Buffer | undefined;
+        try {
+          const fd = openSync(path, 'r');
+          try {
+            const len = Math.min(size - pos, READ_CHUNK);
+            const buf = Buffer.allocUnsafe(len);
+            const n = readSync(fd, buf, 0, len, pos);
+            chunk = buf.subarray(0, n);
+          } finally {
+            closeSync(fd);
+          }
+        } catch {
+          chunk = undefined; // removed between stat and open: look again
+        }
+        if (chunk && chunk.length > 0) {
+          pos += chunk.length;
+          more = pos < size;
+          const text = carry + chunk.toString('utf8');
+          const lines = text.split('\n');
+          carry = lines.pop() ?? '';
+          let parsed = lines.map(parseLogLine).filter((l): l is LogLine => l !== undefined);
+          if (first && opts.tail !== undefined) {
+            // Keep the last `tail` lines of everything before following, across chunks.
+            tailBuf.push(...parsed);
+            if (tailBuf.length > opts.tail) tailBuf.splice(0, tailBuf.length - opts.tail);
+            parsed = [];
+            if (more) continue;
+            parsed = tailBuf.splice(0);
+          }
+          for (const l of parsed) yield l;
+        }
+      }
+      if (more) continue;
+      first = false;
+      if (!opts.follow || (done && size === pos)) return;
+      // The writer may finish without touching the file again: look at `finished` often enough.
+      await changes!.wait(size < 0 || !changes!.watching ? 20 : pollMs, opts.signal);
     }
-    first = false;
-    if (!opts.follow || (done && size === pos)) return;
-    // The writer may finish without touching the file again: look at `finished` often enough.
-    await changeOrTimeout(path, size < 0 ? 20 : pollMs, opts.signal);
+  } finally {
+    changes?.close();
   }
 }

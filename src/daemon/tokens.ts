@@ -3,6 +3,9 @@
 import { createHash, randomBytes, timingSafeEqual } from 'node:crypto';
 import { existsSync, readFileSync, writeFileSync, chmodSync } from 'node:fs';
 import type { DB } from '../store/db.js';
+import type Database from 'better-sqlite3';
+
+type Statement = Database.Statement;
 import { alreadyExists, notFound } from '../core/errors.js';
 import type { AuthInfo } from '../api/context.js';
 
@@ -31,9 +34,13 @@ export class TokenStore {
     return { token, record: { id, name, project, createdAt } };
   }
 
+  /** Prepared once: every API request verifies a token (see ResourceStore.stmt for why). */
+  private verifyStmt: Statement | undefined;
+
   verify(token: string): AuthInfo | undefined {
     const h = hash(token);
-    const row = this.db.prepare(`SELECT id, name, hash, project FROM tokens WHERE hash = ?`).get(h) as
+    this.verifyStmt ??= this.db.prepare(`SELECT id, name, hash, project FROM tokens WHERE hash = ?`);
+    const row = this.verifyStmt.get(h) as
       | { id: string; name: string; hash: string; project: string | null }
       | undefined;
     if (!row || !timingSafeEqual(Buffer.from(row.hash), Buffer.from(h))) return undefined;

@@ -5,6 +5,9 @@
 import { randomBytes } from 'node:crypto';
 import { EventEmitter } from 'node:events';
 import type { DB } from './db.js';
+import type Database from 'better-sqlite3';
+
+type Statement = Database.Statement;
 import { alreadyExists, conflict, invalidArgument, notFound } from '../core/errors.js';
 
 export interface Resource<S = unknown, T = unknown> {
@@ -131,9 +134,26 @@ export function matchLabels(labels: Record<string, string>, reqs: Requirement[])
 }
 
 export class ResourceStore extends EventEmitter {
+  /**
+   * Prepared statements by SQL text. Preparing costs more than running these small statements
+   * (about 0.1 ms each, and starting a workload runs a dozen), so each SQL text is prepared once
+   * per connection. The texts are a small fixed set (write() and list() build theirs from column
+   * and filter names only, never from values).
+   */
+  private readonly stmts = new Map<string, Statement>();
+
   constructor(readonly db: DB) {
     super();
     this.setMaxListeners(100);
+  }
+
+  private stmt(sql: string): Statement {
+    let s = this.stmts.get(sql);
+    if (!s) {
+      s = this.db.prepare(sql);
+      this.stmts.set(sql, s);
+    }
+    return s;
   }
 
   private emitChange(n: ChangeNotice): void {
@@ -147,8 +167,8 @@ export class ResourceStore extends EventEmitter {
     const t = now();
     const id = input.id ?? newId(kind.slice(0, 3));
     try {
-      this.db
-        .prepare(
+      this
+        .stmt(
           `INSERT INTO resources (id, kind, project, name, labels, spec, status, owner_id, created_at, updated_at)
            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
         )
@@ -166,12 +186,12 @@ export class ResourceStore extends EventEmitter {
   }
 
   getById<S = unknown, T = unknown>(id: string): Resource<S, T> | undefined {
-    const row = this.db.prepare(`SELECT * FROM resources WHERE id = ?`).get(id) as Row | undefined;
+    const row = this.stmt(`SELECT * FROM resources WHERE id = ?`).get(id) as Row | undefined;
     return row ? fromRow<S, T>(row) : undefined;
   }
 
   find<S = unknown, T = unknown>(kind: string, project: string, name: string): Resource<S, T> | undefined {
-    const row = this.db.prepare(`SELECT * FROM resources WHERE kind = ? AND project = ? AND name = ?`).get(kind, project, name) as Row | undefined;
+    const row = this.stmt(`SELECT * FROM resources WHERE kind = ? AND project = ? AND name = ?`).get(kind, project, name) as Row | undefined;
     return row ? fromRow<S, T>(row) : undefined;
   }
 
@@ -209,7 +229,7 @@ export class ResourceStore extends EventEmitter {
       where.push('(project, name) > (?, ?)');
       args.push(parts[0], parts[1]);
     }
-    const stmt = this.db.prepare(`SELECT * FROM resources WHERE ${where.join(' AND ')} ORDER BY project, name`);
+    const stmt = this.stmt(`SELECT * FROM resources WHERE ${where.join(' AND ')} ORDER BY project, name`);
     const items: Resource<S, T>[] = [];
     let next: string | null = null;
     for (const row of stmt.iterate(...args) as IterableIterator<Row>) {
@@ -257,8 +277,8 @@ export class ResourceStore extends EventEmitter {
       }
       const cols = f(cur);
       const sets = Object.keys(cols).map((k) => `${k} = ?`);
-      this.db
-        .prepare(`UPDATE resources SET ${sets.join(', ')}, resource_version = resource_version + 1, updated_at = ? WHERE id = ?`)
+      this
+        .stmt(`UPDATE resources SET ${sets.join(', ')}, resource_version = resource_version + 1, updated_at = ? WHERE id = ?`)
         .run(...Object.values(cols), now(), id);
       return cur;
     });
@@ -272,27 +292,27 @@ export class ResourceStore extends EventEmitter {
     const cur = this.getById(id);
     if (!cur) return;
     this.db.transaction(() => {
-      this.db.prepare(`DELETE FROM resources WHERE id = ?`).run(id);
-      this.db.prepare(`DELETE FROM events WHERE resource_id = ?`).run(id);
+      this.stmt(`DELETE FROM resources WHERE id = ?`).run(id);
+      this.stmt(`DELETE FROM events WHERE resource_id = ?`).run(id);
     })();
     this.emitChange({ kind: cur.kind, id, project: cur.project, ownerId: cur.ownerId, op: 'delete' });
   }
 
   addEvent(resourceId: string, reason: string, message: string, type: 'Normal' | 'Warning' = 'Normal'): void {
-    this.db.prepare(`INSERT INTO events (resource_id, type, reason, message, at) VALUES (?, ?, ?, ?, ?)`).run(resourceId, type, reason, message, now());
+    this.stmt(`INSERT INTO events (resource_id, type, reason, message, at) VALUES (?, ?, ?, ?, ?)`).run(resourceId, type, reason, message, now());
   }
 
   events(resourceId: string, limit = 200): ResourceEvent[] {
-    const rows = this.db
-      .prepare(`SELECT seq, type, reason, message, at FROM events WHERE resource_id = ? ORDER BY seq DESC LIMIT ?`)
+    const rows = this
+      .stmt(`SELECT seq, type, reason, message, at FROM events WHERE resource_id = ? ORDER BY seq DESC LIMIT ?`)
       .all(resourceId, limit) as ResourceEvent[];
     return rows.reverse();
   }
 
   count(kind: string, project?: string): number {
     const row = project === undefined
-      ? (this.db.prepare(`SELECT count(*) n FROM resources WHERE kind = ?`).get(kind) as { n: number })
-      : (this.db.prepare(`SELECT count(*) n FROM resources WHERE kind = ? AND project = ?`).get(kind, project) as { n: number });
+      ? (this.stmt(`SELECT count(*) n FROM resources WHERE kind = ?`).get(kind) as { n: number })
+      : (this.stmt(`SELECT count(*) n FROM resources WHERE kind = ? AND project = ?`).get(kind, project) as { n: number });
     return row.n;
   }
 }

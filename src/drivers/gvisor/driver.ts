@@ -15,7 +15,7 @@ import { existsSync, mkdirSync, readdirSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import type { DriverCapabilities, Fingerprint, TaskConfig } from '../../core/driver.js';
 import { invalidArgument } from '../../core/errors.js';
-import { run, runOk } from '../../lib/exec.js';
+import { run } from '../../lib/exec.js';
 import { isMountPoint } from '../../lib/host.js';
 import { OciRuntimeDriver, type OciDriverOptions } from '../oci/driver.js';
 import type { OciBuildOptions } from '../oci/ocispec.js';
@@ -70,13 +70,15 @@ export class GvisorDriver extends OciRuntimeDriver {
     return { rootfsPath: join(dir, 'bundle', 'rootfs'), seccomp: null };
   }
 
-  protected override async prepareRootfs(cfg: TaskConfig, dir: string): Promise<void> {
+  /**
+   * The host overlay on bundle/rootfs. The mount command is returned, not run: the launcher runs it
+   * right before conmon in the same pre-spawned process, which saves a fork of berthd (launcher.ts).
+   */
+  protected override async prepareRootfs(cfg: TaskConfig, dir: string): Promise<string[] | void> {
     const rootfs = join(dir, 'bundle', 'rootfs');
     mkdirSync(rootfs, { recursive: true, mode: 0o755 });
     if (isMountPoint(rootfs)) return;
-    await runOk('mount', ['-t', 'overlay', 'overlay', '-o', `lowerdir=${cfg.imageRootfs},upperdir=${join(this.layerDir(cfg, dir), 'upper')},workdir=${join(this.layerDir(cfg, dir), 'work')}`, rootfs], {
-      timeoutMs: 10_000,
-    });
+    return ['mount', '-t', 'overlay', 'overlay', '-o', `lowerdir=${cfg.imageRootfs},upperdir=${join(this.layerDir(cfg, dir), 'upper')},workdir=${join(this.layerDir(cfg, dir), 'work')}`, rootfs];
   }
 
   protected override async releaseRootfs(dir: string): Promise<void> {

@@ -15,7 +15,6 @@
 //
 // Subclasses choose the runtime, its flags, how the writable layer is provided and how a created
 // container is started.
-import { spawn } from 'node:child_process';
 import { chmodSync, chownSync, existsSync, mkdirSync, readFileSync, readdirSync, rmSync, rmdirSync, statSync, watch, writeFileSync, type FSWatcher } from 'node:fs';
 import { readFile } from 'node:fs/promises';
 import { EventEmitter } from 'node:events';
@@ -39,7 +38,8 @@ import { buildOciConfig, hostNofileLimit, type OciBuildOptions, type OciMount } 
 import type { AgentConnection } from '../agent/client.js';
 import { AgentPool } from '../agent/pool.js';
 import { findAgent } from '../agent/binary.js';
-import { loadDefaultSeccomp } from './seccomp.js';
+import { loadDefaultSeccomp, type OciSeccomp } from './seccomp.js';
+import { Launcher } from './launcher.js';
 
 export interface OciDriverOptions {
   stateDir: string;
@@ -50,6 +50,13 @@ export interface OciDriverOptions {
   cgroupParent?: string;
   /** Max size of one task's log file before conmon truncates it. */
   logSizeMax?: number;
+}
+
+/** What beginStart() set going; see there. */
+export interface EarlyStart {
+  /** Resolves true once the container was started early, false if it was not (cancelled, or nothing to do). */
+  done: Promise<boolean>;
+  cancel(): void;
 }
 
 const SIGNALS = osConstants.signals as Record<string, number>;
@@ -70,6 +77,10 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
   private watcher: FSWatcher | undefined;
   private swapSupported: boolean | undefined;
   private readonly nofile = hostNofileLimit();
+  /** The default profile (loadDefaultSeccomp caches it too, but builds its cache key on every call). */
+  private seccomp: OciSeccomp | undefined;
+  /** Starts conmon (and `<runtime> start`) without forking berthd on the critical path; see launcher.ts. */
+  protected readonly launcher: Launcher;
 
   constructor(
     protected readonly opts: OciDriverOptions,
@@ -84,6 +95,8 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
     this.cgroupParent = opts.cgroupParent ?? 'berth';
     for (const d of [this.root, this.exitsDir, this.tasksDir]) mkdirSync(d, { recursive: true, mode: 0o700 });
     this.exits.setMaxListeners(0);
+    this.launcher = new Launcher(this.launchesPerStart());
+    this.launcher.warm();
   }
 
   /** Subscribe to task exits (any task); returns an unsubscribe function. */
@@ -105,6 +118,7 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
     this.agents.closeAll();
     this.watcher?.close();
     this.watcher = undefined;
+    this.launcher.close();
   }
 
   /**
@@ -113,6 +127,11 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
    */
   protected globalArgs(): string[] {
     return [`--root=${this.root}`];
+  }
+
+  /** Processes a start launches (conmon; plus `<runtime> start` unless the driver starts it itself). */
+  protected launchesPerStart(): number {
+    return 2;
   }
 
   /** Runs the runtime with its global flags. */
@@ -126,7 +145,7 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
     return {
       rootfsPath: cfg.imageRootfs,
       rootOverlay: { upperDir: join(this.layerDir(cfg, dir), 'upper'), workDir: join(this.layerDir(cfg, dir), 'work') },
-      seccomp: loadDefaultSeccomp({ capabilities: DEFAULT_CAPS }),
+      seccomp: (this.seccomp ??= loadDefaultSeccomp({ capabilities: DEFAULT_CAPS })),
     };
   }
 
@@ -135,16 +154,45 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
     return cfg.resources.diskMiB !== undefined ? join(dir, 'disk') : dir;
   }
 
-  /** Host-side preparation of the rootfs before create (nothing by default). */
-  protected async prepareRootfs(_cfg: TaskConfig, _dir: string): Promise<void> {}
+  /**
+   * Host-side preparation of the rootfs before create (nothing by default). May return a command
+   * (argv) that the launcher runs right before conmon, in the same pre-spawned process, instead of
+   * berthd spawning it: a failure of that command fails the start with its stderr.
+   */
+  protected async prepareRootfs(_cfg: TaskConfig, _dir: string): Promise<string[] | void> {}
+
+  /**
+   * Called right after conmon is launched, before the runtime has created the container; lets a
+   * driver get ready to start it as early as possible (runc: open the exec fifo as soon as it exists).
+   * The returned value is passed to startCreated(); `cancel` is called if the create fails.
+   */
+  protected beginStart(_id: string): EarlyStart | undefined {
+    return undefined;
+  }
 
   /** Undo prepareRootfs (idempotent). */
   protected async releaseRootfs(_dir: string): Promise<void> {}
 
-  /** Start a created container (`<runtime> start`). */
-  protected async startCreated(id: string, _pid: number): Promise<void> {
-    const r = await this.rt(['start', id]);
-    if (r.code !== 0) throw new Error(cleanRuncError(r.stderr || r.stdout) || `${this.runtime} start failed`);
+  /** Start a created container (`<runtime> start`), launched without a fork of berthd (launcher.ts). */
+  protected async startCreated(id: string, _pid: number, _early?: EarlyStart): Promise<void> {
+    const r = await this.rtLaunched(['start', id]);
+    if (r.code !== 0) throw new Error(cleanRuncError(r.stderr) || `${this.runtime} start failed`);
+  }
+
+  /** Like rt(), through the launcher; stdout is not kept (commands that only report errors). */
+  protected rtLaunched(args: string[], timeoutMs = 30_000): Promise<{ code: number; stderr: string }> {
+    if (!existsSync(this.runtime)) return Promise.resolve({ code: 127, stderr: `${this.runtime} is not installed` });
+    const { child, stderr, fd3 } = this.launcher.launch(this.root, [this.runtime, ...this.globalArgs(), ...args]);
+    fd3.destroy();
+    return new Promise((resolve) => {
+      let err = '';
+      stderr.setEncoding('utf8').on('data', (d: string) => (err += d));
+      const timer = setTimeout(() => child.kill('SIGKILL'), timeoutMs);
+      child.on('close', (code, sig) => {
+        clearTimeout(timer);
+        resolve({ code: code ?? (sig ? 128 + 9 : -1), stderr: err });
+      });
+    });
   }
 
   protected taskDir(id: string) {
@@ -198,10 +246,17 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
       chmodSync(join(layer, 'upper'), rootSt.mode & 0o7777);
       chownSync(join(layer, 'upper'), rootSt.uid, rootSt.gid);
       mkdirSync(bundle, { recursive: true, mode: 0o700 });
-      await this.prepareRootfs(cfg, dir);
+      const pre = (await this.prepareRootfs(cfg, dir)) ?? [];
       writeFileSync(join(bundle, 'config.json'), JSON.stringify(config));
-      const pid = await this.spawnConmon(cfg.id, bundle, dir);
-      await this.startCreated(cfg.id, pid);
+      let pid: number;
+      const early = this.beginStart(cfg.id);
+      try {
+        pid = await this.spawnConmon(cfg.id, bundle, dir, pre);
+      } catch (e) {
+        early?.cancel();
+        throw e;
+      }
+      await this.startCreated(cfg.id, pid, early);
       const monitorPid = Number(readFileSync(join(dir, 'conmon.pid'), 'utf8').trim());
       this.ensureWatcher();
       if (sandbox) await (await this.agent(cfg.id, 10_000)).request({ type: 'hello' }, 10_000);
@@ -210,6 +265,8 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
       await this.destroy(cfg.id, { keepData: true }).catch(() => undefined);
       if (e instanceof BerthError) throw e;
       throw new BerthError('failed_precondition', `could not start the container: ${(e as Error).message}`);
+    } finally {
+      this.launcher.refillSoon();
     }
   }
 
@@ -236,7 +293,7 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
   }
 
   /** Starts conmon, which runs `<runtime> create`; resolves with the container's PID from conmon's sync pipe. */
-  private spawnConmon(id: string, bundle: string, dir: string): Promise<number> {
+  private spawnConmon(id: string, bundle: string, dir: string, pre: string[]): Promise<number> {
     const args = [
       '--api-version', '1',
       '-c', id, '-u', id, '-n', id,
@@ -254,16 +311,12 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
       '--syslog',
     ];
     return new Promise((resolve, reject) => {
-      const child = spawn(this.conmon, args, {
-        stdio: ['ignore', 'ignore', 'pipe', 'pipe'],
-        env: { PATH: process.env.PATH ?? '/usr/sbin:/usr/bin:/sbin:/bin', _OCI_SYNCPIPE: '3' },
-        // conmon writes some marker files (e.g. `oom`) relative to its working directory.
-        cwd: dir,
-        detached: true,
-      });
+      // conmon writes some marker files (e.g. `oom`) relative to its working directory. Its
+      // environment is PATH and _OCI_SYNCPIPE=3, stdin/stdout /dev/null, its own session (launcher.ts).
+      const { child, fd3 } = this.launcher.launch(dir, [this.conmon, ...args], pre);
       let out = '';
       let err = '';
-      const sync = child.stdio[3] as NodeJS.ReadableStream;
+      const sync = fd3 as NodeJS.ReadableStream;
       const timer = setTimeout(() => finish(new Error('conmon did not report the container within 30 s')), 30_000);
       let done = false;
       const finish = (e: Error | null, pid?: number) => {
@@ -465,8 +518,16 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
         return undefined;
       }
     })();
-    // Kill whatever still runs, then let conmon record the exit and leave.
-    const st = await this.runtimeState(id);
+    // Kill whatever still runs, then let conmon record the exit and leave. Each runtime call is a
+    // fork of berthd plus a Go process start that blocks the event loop (and, right after a quick
+    // workload exits, delays its first output on the way to a follower), so `state` is skipped
+    // when it cannot tell anything: no runtime state at all, or an exit that conmon recorded
+    // (init is gone, so nothing of the task runs; `delete --force` removes what is left).
+    const st = !this.hasRuntimeState(id)
+      ? undefined
+      : existsSync(join(this.exitsDir, id))
+        ? { status: 'stopped', pid: 0 }
+        : await this.runtimeState(id);
     if (st) {
       if (st.status === 'running' || st.status === 'created' || st.status === 'paused') {
         await this.rt(['kill', id, 'SIGKILL'], 10_000);

@@ -8,7 +8,7 @@ import { Socket } from 'node:net';
 import { join } from 'node:path';
 import type { DriverCapabilities, Fingerprint } from '../../core/driver.js';
 import { pidAlive, runOk, sleep } from '../../lib/exec.js';
-import { DEFAULT_CAPS, OciRuntimeDriver, type OciDriverOptions } from '../oci/driver.js';
+import { DEFAULT_CAPS, OciRuntimeDriver, type EarlyStart, type OciDriverOptions } from '../oci/driver.js';
 
 export { DEFAULT_CAPS };
 
@@ -56,66 +56,114 @@ export class RuncDriver extends OciRuntimeDriver {
     }
   }
 
+  /** runc keeps a task's state in <root>/<id>: one stat instead of listing the root on every start. */
+  protected override hasRuntimeState(id: string): boolean {
+    return existsSync(join(this.root, id));
+  }
+
+  /** Only conmon: the start is the exec fifo, released from berthd. */
+  protected override launchesPerStart(): number {
+    return 1;
+  }
+
   /**
-   * The equivalent of `runc start`: a created container's init blocks writing to
-   * <root>/<id>/exec.fifo; opening it for reading and reading releases init, which then execs the
-   * workload, and runc removes the fifo (an absent fifo is how runc knows the container runs).
-   * Doing that here instead of spawning `runc start` saves a Go process start, about 7 ms or a
-   * tenth of the whole start path (bench/start-latency). Falls back to `runc start` if the fifo is
-   * not where runc 1.x puts it.
+   * The equivalent of `runc start`, begun as soon as conmon is launched: a created container's init
+   * blocks opening <root>/<id>/exec.fifo for writing until there is a reader, then writes one byte
+   * and execs the workload; runc removes the fifo on start (an absent fifo is how runc knows the
+   * container runs). Doing it here instead of spawning `runc start` saves a Go process start.
+   *
+   * The fifo is opened as soon as it exists (runc creates it before init starts), so init goes on
+   * the moment it is ready instead of after `runc create` has exited and conmon has reported —
+   * the same point at which `runc run` releases it. It is opened O_RDWR: that never blocks, and
+   * since we are a writer too we never read EOF and close early, which could make init's write
+   * fail with EPIPE. Waiting for the byte is event-driven (epoll, no thread-pool thread).
    */
-  protected override async startCreated(id: string, pid: number): Promise<void> {
+  protected override beginStart(id: string): EarlyStart {
     const fifo = join(this.root, id, 'exec.fifo');
-    try {
-      if (!statSync(fifo).isFIFO()) throw new Error('not a fifo');
-    } catch {
+    const ac = new AbortController();
+    const done = (async () => {
+      // Until the fifo exists: a cheap stat every 5 ms, from 10 ms on (runc creates the fifo early
+      // but init is ready to take the start signal only tens of ms after the launch, so the coarse
+      // poll costs no latency, and little CPU while runc works).
+      for (let wait = 10; !ac.signal.aborted; wait = 5) {
+        await new Promise((r) => setTimeout(r, wait));
+        if (ac.signal.aborted) break;
+        let isFifo = false;
+        try {
+          isFifo = statSync(fifo).isFIFO();
+        } catch {
+          /* not yet */
+        }
+        if (isFifo) {
+          await readFifoByte(fifo, ac.signal);
+          rmSync(fifo, { force: true });
+          return true;
+        }
+      }
+      return false;
+    })().catch(() => false);
+    return { done, cancel: () => ac.abort() };
+  }
+
+  protected override async startCreated(id: string, pid: number, early?: EarlyStart): Promise<void> {
+    const fifo = join(this.root, id, 'exec.fifo');
+    // runc create has returned. No fifo and no early start under way: not runc 1.x's layout.
+    if (!early || (!existsSync(fifo) && !(await Promise.race([early.done, sleep(0).then(() => false)])))) {
+      early?.cancel();
       await super.startCreated(id, pid);
       return;
     }
     const deadline = Date.now() + 3000;
-    for (;;) {
-      // EOF means init has not opened its end yet (it does so right after `create` returns).
-      if ((await readFifoByte(fifo)) === 'data') break;
-      if (!pidAlive(pid)) throw new Error('container init exited before it was started');
-      if (Date.now() > deadline) throw new Error('container init did not take the start signal within 3 s');
-      await sleep(1);
+    let started = false;
+    const watchdog = (async () => {
+      while (!started) {
+        await sleep(20);
+        if (started) return;
+        if (!pidAlive(pid)) throw new Error('container init exited before it was started');
+        if (Date.now() > deadline) throw new Error('container init did not take the start signal within 3 s');
+      }
+    })();
+    try {
+      const ok = await Promise.race([early.done, watchdog]);
+      if (!ok) throw new Error('container was not started');
+    } catch (e) {
+      early.cancel();
+      throw e;
+    } finally {
+      started = true;
     }
-    rmSync(fifo, { force: true });
   }
-
-
 }
 
 /**
- * Opens the fifo non-blocking and waits, event-driven (epoll through a libuv pipe), for one byte
- * or for EOF (no writer). Never parks a thread-pool thread.
+ * Opens the fifo O_RDWR (never blocks, never reads EOF: see beginStart) and waits, event-driven
+ * (epoll through a libuv pipe), for one byte. Never parks a thread-pool thread.
  */
-function readFifoByte(path: string): Promise<'data' | 'eof'> {
+function readFifoByte(path: string, signal: AbortSignal): Promise<void> {
   return new Promise((resolve, reject) => {
     let fd: number;
     try {
-      fd = openSync(path, fsConstants.O_RDONLY | fsConstants.O_NONBLOCK);
+      fd = openSync(path, fsConstants.O_RDWR | fsConstants.O_NONBLOCK);
     } catch (e) {
       reject(e);
       return;
     }
     const sock = new Socket({ fd, readable: true, writable: false });
     let settled = false;
-    const settle = (r: 'data' | 'eof') => {
+    const settle = (e?: unknown) => {
       if (settled) return;
       settled = true;
+      signal.removeEventListener('abort', onAbort);
       sock.destroy();
-      resolve(r);
+      if (e) reject(e);
+      else resolve();
     };
-    sock.once('data', () => settle('data'));
-    sock.once('end', () => settle('eof'));
-    sock.once('close', () => settle('eof'));
-    sock.once('error', (e) => {
-      if (!settled) {
-        settled = true;
-        sock.destroy();
-        reject(e);
-      }
-    });
+    const onAbort = () => settle(new Error('aborted'));
+    signal.addEventListener('abort', onAbort, { once: true });
+    if (signal.aborted) onAbort();
+    sock.once('data', () => settle());
+    sock.once('end', () => settle(new Error('exec fifo closed')));
+    sock.once('close', () => settle(new Error('exec fifo closed')));
+    sock.once('error', (e) => settle(e));
   });
 }
