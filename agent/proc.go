@@ -161,6 +161,25 @@ func (r *Reaper) loop(sig chan os.Signal) {
 	}
 }
 
+// buildEnv makes a process environment from a map (sorted; PATH added when
+// missing) and returns the PATH to look the executable up in.
+func buildEnv(m map[string]string) (env []string, pathEnv string, err error) {
+	env = make([]string, 0, len(m)+1)
+	pathEnv, hasPath := m["PATH"]
+	if !hasPath {
+		pathEnv = defaultPath
+		env = append(env, "PATH="+defaultPath)
+	}
+	for k, v := range m {
+		if k == "" || strings.ContainsAny(k, "=\x00") || strings.IndexByte(v, 0) >= 0 {
+			return nil, "", errf(CodeInvalidArgument, "invalid environment variable %q", k)
+		}
+		env = append(env, k+"="+v)
+	}
+	sort.Strings(env)
+	return env, pathEnv, nil
+}
+
 func lookPath(root *Root, name, pathEnv string) (string, error) {
 	if strings.Contains(name, "/") {
 		return name, nil
@@ -203,19 +222,10 @@ func (a *Agent) run(c *conn, req *Request) error {
 	if a.procs.get(req.ID) != nil {
 		return errf(CodeFailedPrecondition, "a process with id %q is running", req.ID)
 	}
-	env := make([]string, 0, len(req.Env)+1)
-	pathEnv, hasPath := req.Env["PATH"]
-	if !hasPath {
-		pathEnv = defaultPath
-		env = append(env, "PATH="+defaultPath)
+	env, pathEnv, err := buildEnv(req.Env)
+	if err != nil {
+		return err
 	}
-	for k, v := range req.Env {
-		if k == "" || strings.ContainsAny(k, "=\x00") || strings.IndexByte(v, 0) >= 0 {
-			return errf(CodeInvalidArgument, "invalid environment variable %q", k)
-		}
-		env = append(env, k+"="+v)
-	}
-	sort.Strings(env)
 	path, err := lookPath(a.root, req.Args[0], pathEnv)
 	if err != nil {
 		return err

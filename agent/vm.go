@@ -420,14 +420,9 @@ func oomKills() int {
 // startMain starts the workload inside its cgroup, chrooted to the new root,
 // with its output going to the log port.
 func (a *Agent) startMain(cfg *vmConfig, cgfd int, lw *logWriter) (*proc, chan syscall.WaitStatus, error) {
-	env := make([]string, 0, len(cfg.Env)+1)
-	pathEnv, hasPath := cfg.Env["PATH"]
-	if !hasPath {
-		pathEnv = defaultPath
-		env = append(env, "PATH="+defaultPath)
-	}
-	for k, v := range cfg.Env {
-		env = append(env, k+"="+v)
+	env, pathEnv, err := buildEnv(cfg.Env)
+	if err != nil {
+		return nil, nil, err
 	}
 	path, err := lookPath(a.root, cfg.Args[0], pathEnv)
 	if err != nil {
