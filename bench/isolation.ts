@@ -7,7 +7,7 @@
 //   2. host memory of idle workloads beyond the workload's own processes: conmon (Berth's monitor),
 //      berthd's growth, and for gVisor the runtime's own sandbox + gofer processes (bare and under Berth).
 //   3. density: idle workloads started one by one through Berth until a bound is hit.
-// Usage: node dist/bench/isolation.js [--runs 30] [--density-max N] [--write BENCHMARKS.md]
+// Usage: node dist/bench/isolation.js [--runs 30] [--density-max N] [--tiers container,gvisor,microvm] [--write BENCHMARKS.md]
 //        (or `berth bench isolation …`); as root.
 import { spawn, spawnSync } from 'node:child_process';
 import { existsSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync, rmdirSync, statSync, writeFileSync } from 'node:fs';
@@ -24,7 +24,7 @@ import { BareMicroVm, type BareVm } from './microvm-bare.js';
 import type { Fingerprint } from '../src/core/driver.js';
 
 const { values } = parseArgs({
-  options: { runs: { type: 'string', default: '30' }, 'density-max': { type: 'string' }, write: { type: 'string' } },
+  options: { runs: { type: 'string', default: '30' }, 'density-max': { type: 'string' }, write: { type: 'string' }, tiers: { type: 'string' } },
 });
 const RUNS = Number(values.runs);
 if (!Number.isInteger(RUNS) || RUNS < 1) throw new Error('--runs must be a whole number ≥ 1');
@@ -260,7 +260,9 @@ async function main(): Promise<void> {
     const info = (await d.api('GET', '/v1/info')).body as { version: string; drivers: DriverInfo[]; isolations: string[] };
     const unavailable: Array<{ isolation: string; reason: string }> = [];
     let microvmFp: DriverInfo | undefined;
+    const only = values.tiers?.split(',');
     for (const iso of info.isolations) {
+      if (only && !only.includes(iso)) continue;
       const drv = info.drivers.find((x) => x.isolation === iso);
       if (!drv) {
         unavailable.push({ isolation: iso, reason: 'no driver for this isolation tier (not implemented yet)' });

@@ -250,3 +250,19 @@ test('long poll: GET ?untilPhase answers once the phase is reached; a bad phase 
   await expectError('GET', `${W}/waiter?untilPhase=done`, undefined, 400, 'invalid_argument', {}, /untilPhase/);
   assert.equal((await d.api('DELETE', `${W}/waiter`)).status, 202);
 });
+
+test('create with ?wait=running answers once the workload runs (or could not start), in one round trip', async () => {
+  const t0 = Date.now();
+  const r = await d.api('POST', `${W}?wait=running`, { name: 'waited', spec: { ...okSpec, stopSignal: 'SIGKILL' } });
+  assert.equal(r.status, 201);
+  assert.equal(r.body.status.phase, 'running', JSON.stringify(r.body.status));
+  assert.ok(r.body.status.pid > 0);
+  assert.ok(Date.now() - t0 < 20_000);
+  const bad = await d.api('POST', `${W}?wait=running`, { name: 'waited-bad', spec: { image: 'busybox', command: ['/no/such/program'] } });
+  assert.equal(bad.status, 201);
+  assert.equal(bad.body.status.phase, 'failed', JSON.stringify(bad.body.status));
+  assert.match(bad.body.status.message ?? '', /no\/such\/program|not found|no such file/i);
+  const wrong = await d.api('POST', `${W}?wait=forever`, { name: 'x', spec: okSpec });
+  assert.equal(wrong.status, 400);
+  for (const n of ['waited', 'waited-bad']) assert.equal((await d.api('DELETE', `${W}/${n}`)).status, 202);
+});

@@ -126,11 +126,18 @@ export function streamLogs(ctx: ApiContext, c: Context, workloadIds: () => strin
   });
 }
 
+const CreateWaitQuery = z.strictObject({
+  wait: z.enum(['none', 'running']).default('none').openapi({ description: 'running: answer once the workload runs, or has failed, exited or backed off' }),
+  timeoutMs: z.coerce.number().int().min(1).max(600_000).optional().openapi({ description: 'Longest wait (default 60 s)' }),
+});
+/** Phases after which a create with wait=running answers. */
+const STARTED = new Set(['running', 'exited', 'failed', 'backoff', 'stopped']);
+
 export function registerWorkloadRoutes(app: OpenAPIHono<AppEnv>, ctx: ApiContext): void {
   const base = '/v1/projects/{project}/workloads';
 
   app.openapi(
-    createRoute({ method: 'post', path: base, tags, request: { params: ProjectParams, body: body(CreateWorkload) }, responses: { 201: json(Workload, 'Created'), ...errorResponses } }),
+    createRoute({ method: 'post', path: base, tags, request: { params: ProjectParams, query: CreateWaitQuery, body: body(CreateWorkload) }, responses: { 201: json(Workload, 'Created'), ...errorResponses } }),
     async (c) => {
       const { project } = c.req.valid('param');
       const b = c.req.valid('json');
@@ -140,7 +147,16 @@ export function registerWorkloadRoutes(app: OpenAPIHono<AppEnv>, ctx: ApiContext
       const w = ctx.store.create(WORKLOAD, { project, name, labels: b.labels ?? {}, spec: b.spec, status: initialWorkloadStatus() });
       ctx.store.addEvent(w.id, 'Created', `workload created (image ${b.spec.image}, isolation ${b.spec.isolation})`);
       ctx.kick(WORKLOAD, w.id);
-      return c.json(workloadView(w as WorkloadResource) as never, 201);
+      const q = c.req.valid('query');
+      let cur = w as WorkloadResource;
+      if (q.wait === 'running') {
+        // Like `docker run -d`: answer once the task runs (or could not start), in one round trip.
+        const deadline = Date.now() + (q.timeoutMs ?? 60_000);
+        while (!STARTED.has(cur.status.phase) && Date.now() < deadline && !c.req.raw.signal.aborted) {
+          cur = (await waitForChange(ctx, cur.id, cur.resourceVersion, deadline - Date.now(), c.req.raw.signal)) as WorkloadResource;
+        }
+      }
+      return c.json(workloadView(cur) as never, 201);
     },
   );
 
