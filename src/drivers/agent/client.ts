@@ -66,7 +66,7 @@ export class AgentConnection {
       } catch (e) {
         const code = (e as NodeJS.ErrnoException).code;
         if ((code !== 'ENOENT' && code !== 'ECONNREFUSED' && code !== 'EAGAIN') || Date.now() > deadline || signal?.aborted) throw e;
-        await new Promise((r) => setTimeout(r, 10));
+        await new Promise((r) => setTimeout(r, 2)); // the agent creates its socket within milliseconds of starting
       }
     }
   }
