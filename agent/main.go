@@ -24,6 +24,10 @@ func main() {
 		vmMain()
 		return
 	}
+	if len(os.Args) > 1 && os.Args[1] == "monitor" {
+		monitorMain(os.Args[2:])
+		return
+	}
 	listen := flag.String("listen", "", "unix:/path | stdio | vport:/dev/vport0p1 (default: vport:"+defaultVport+" if it exists, else stdio)")
 	rootDir := flag.String("root", "/", "directory that file paths resolve in and that processes are chrooted to (when not /)")
 	poweroff := flag.Bool("poweroff", false, "let shutdown{poweroff:true} power the machine off even when not PID 1")

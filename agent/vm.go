@@ -474,9 +474,11 @@ func (a *Agent) startMain(cfg *vmConfig, cgfd int, lw *logWriter) (*proc, chan s
 // logWriter writes k8s-file records ("<RFC 3339 time> <stream> <F|P> <text>")
 // to the log port, like conmon does on the host for the other tiers.
 type logWriter struct {
-	mu sync.Mutex
-	f  *os.File
-	wg sync.WaitGroup
+	mu      sync.Mutex
+	f       *os.File
+	wg      sync.WaitGroup
+	max     int64 // > 0: the file is truncated when it grows past this (like conmon's --log-size-max)
+	written int64
 }
 
 func (lw *logWriter) record(stream string, partial bool, text []byte) {
@@ -492,7 +494,12 @@ func (lw *logWriter) record(stream string, partial bool, text []byte) {
 	line = append(line, text...)
 	line = append(line, '\n')
 	lw.mu.Lock()
-	lw.f.Write(line)
+	if lw.max > 0 && lw.written+int64(len(line)) > lw.max {
+		lw.f.Truncate(0)
+		lw.written = 0
+	}
+	n, _ := lw.f.Write(line)
+	lw.written += int64(n)
 	lw.mu.Unlock()
 }
 

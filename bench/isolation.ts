@@ -152,7 +152,8 @@ function processes(): Proc[] {
   }
   return out;
 }
-const isConmon = (p: Proc) => basename(p.argv[0] ?? '') === 'conmon';
+/** Berth's per-container monitor: conmon, or the guest agent in monitor mode. */
+const isConmon = (p: Proc) => basename(p.argv[0] ?? '') === 'conmon' || (basename(p.argv[0] ?? '') === 'berth-agent' && p.argv[1] === 'monitor');
 
 /** Processes matching `pred` plus all their descendants (conmon excluded). */
 function withDescendants(all: Proc[], pred: (p: Proc) => boolean): Proc[] {

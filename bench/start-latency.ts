@@ -103,7 +103,7 @@ async function main() {
     for (const pid of readdirSync('/proc').filter((p) => /^\d+$/.test(p))) {
       try {
         const cmd = readFileSync(`/proc/${pid}/cmdline`, 'utf8');
-        if (cmd.includes('conmon') && cmd.includes(d.dataDir)) monitors.push(memOf(Number(pid)));
+        if ((cmd.includes('conmon') || cmd.includes('berth-agent\0monitor\0')) && cmd.includes(d.dataDir)) monitors.push(memOf(Number(pid)));
       } catch {
         /* raced */
       }
@@ -123,14 +123,14 @@ async function main() {
       `| measure (${RUNS} interleaved runs, busybox \`sleep\`) | median | p90 |`,
       '|---|---|---|',
       `| bare \`runc run -d\` of the same prepared bundle (same config.json) | ${f(median(bare))} ms | ${f(pct(bare, 90))} ms |`,
-      `| Berth: API create → status running (one \`POST …/workloads?wait=running\`: SQLite, reconciler, conmon, runc create, start) | ${f(median(berth))} ms | ${f(pct(berth, 90))} ms |`,
+      `| Berth: API create → status running (one \`POST …/workloads?wait=running\`: SQLite, reconciler, monitor, runc create, start) | ${f(median(berth))} ms | ${f(pct(berth, 90))} ms |`,
       `| **ratio Berth / bare** (target ≤ 1.2×) | **${ratio.toFixed(2)}×** | |`,
       '',
       `| memory Berth adds per idle workload (${IDLE} idle workloads) | per workload |`,
       '|---|---|',
-      `| conmon monitor, RSS | ${f(avg('rss') * 1024)} KiB |`,
-      `| conmon monitor, PSS (shared libraries split between monitors) | ${f(avg('pss') * 1024)} KiB |`,
-      `| conmon monitor, private (USS) | ${f(avg('uss') * 1024)} KiB |`,
+      `| monitor (${process.env.BERTH_MONITOR ?? 'berth'}), RSS | ${f(avg('rss') * 1024)} KiB |`,
+      `| monitor, PSS (shared pages split between monitors) | ${f(avg('pss') * 1024)} KiB |`,
+      `| monitor, private (USS) | ${f(avg('uss') * 1024)} KiB |`,
       `| berthd RSS growth | ${f(daemonGrowth * 1024)} KiB |`,
       `| **total (PSS + berthd growth)** (target ≤ 2 MiB) | **${((avg('pss') + Math.max(0, daemonGrowth))).toFixed(2)} MiB** |`,
     ];

@@ -151,7 +151,7 @@ export class TestDaemon {
     for (const pid of readdirSync('/proc').filter((p) => /^\d+$/.test(p))) {
       try {
         const cmd = readFileSync(`/proc/${pid}/cmdline`, 'utf8');
-        if (cmd.startsWith('conmon') || cmd.includes('/conmon\0')) {
+        if (cmd.startsWith('conmon') || cmd.includes('/conmon\0') || cmd.includes('berth-agent\0monitor\0')) {
           if (cmd.includes(this.dataDir)) found.push(`monitor process ${pid}`);
         }
         if (cmd.includes('qemu-system') && cmd.includes(this.dataDir)) found.push(`microVM process ${pid}`);

@@ -46,6 +46,12 @@ export interface OciDriverOptions {
   /** Path of the OCI runtime binary. */
   runtimePath?: string;
   conmonPath?: string;
+  /**
+   * Who supervises each container: "berth" = the guest agent's conmon-compatible monitor mode (a
+   * static binary: ~3 ms less per start than conmon's exec and dynamic linking; agent/monitor.go),
+   * "conmon" = Debian's conmon. Default: $BERTH_MONITOR, else "berth" when the agent is installed.
+   */
+  monitor?: 'berth' | 'conmon';
   /** Parent cgroup (relative) under which every task's cgroup is created. */
   cgroupParent?: string;
   /** Max size of one task's log file before conmon truncates it. */
@@ -67,6 +73,8 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
   abstract readonly capabilities: DriverCapabilities;
   protected readonly runtime: string;
   protected readonly conmon: string;
+  /** argv prefix of the per-container monitor (conmon, or the agent's monitor mode). */
+  protected readonly monitorArgv: string[];
   /** The runtime's --root. */
   protected readonly root: string;
   private readonly exitsDir: string;
@@ -88,7 +96,10 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
     defaultRuntimePath: string,
   ) {
     this.runtime = opts.runtimePath ?? defaultRuntimePath;
-    this.conmon = opts.conmonPath ?? '/usr/bin/conmon';
+    const monitor = opts.monitor ?? (process.env.BERTH_MONITOR === 'conmon' ? 'conmon' : process.env.BERTH_MONITOR === 'berth' ? 'berth' : findAgent() ? 'berth' : 'conmon');
+    const agent = findAgent();
+    this.monitorArgv = monitor === 'berth' && agent ? [agent, 'monitor'] : [opts.conmonPath ?? '/usr/bin/conmon'];
+    this.conmon = this.monitorArgv[0]!;
     this.root = join(opts.stateDir, runtimeName);
     this.exitsDir = join(opts.stateDir, 'exits');
     this.tasksDir = join(opts.stateDir, 'tasks');
@@ -313,7 +324,7 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
     return new Promise((resolve, reject) => {
       // conmon writes some marker files (e.g. `oom`) relative to its working directory. Its
       // environment is PATH and _OCI_SYNCPIPE=3, stdin/stdout /dev/null, its own session (launcher.ts).
-      const { child, fd3 } = this.launcher.launch(dir, [this.conmon, ...args], pre);
+      const { child, fd3 } = this.launcher.launch(dir, [...this.monitorArgv, ...args], pre);
       let out = '';
       let err = '';
       const sync = fd3 as NodeJS.ReadableStream;
@@ -392,7 +403,7 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
     try {
       // Guard against PID reuse: the process must be conmon for this task.
       const cmd = readFileSync(`/proc/${h.monitorPid}/cmdline`, 'utf8');
-      return cmd.includes('conmon') && cmd.includes(`\0${h.id}\0`);
+      return isMonitorCmdline(cmd) && cmd.includes(`\0${h.id}\0`);
     } catch {
       return false;
     }
@@ -624,10 +635,15 @@ export const DEFAULT_CAPS = [
   'CAP_SETUID', 'CAP_SETFCAP', 'CAP_SETPCAP', 'CAP_NET_BIND_SERVICE', 'CAP_SYS_CHROOT', 'CAP_KILL', 'CAP_AUDIT_WRITE',
 ];
 
+/** conmon, or the guest agent in monitor mode. */
+function isMonitorCmdline(cmd: string): boolean {
+  return cmd.includes('conmon') || cmd.includes('\0monitor\0');
+}
+
 function isConmonFor(pid: number, id: string): boolean {
   try {
     const cmd = readFileSync(`/proc/${pid}/cmdline`, 'utf8');
-    return cmd.includes('conmon') && cmd.includes(`\0${id}\0`);
+    return isMonitorCmdline(cmd) && cmd.includes(`\0${id}\0`);
   } catch {
     return false;
   }
