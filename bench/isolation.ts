@@ -471,7 +471,7 @@ async function main(): Promise<void> {
       if (t.hostOverlay) console.error(`  Berth ${t.driver}: ${rps.length} runtime processes (${describe(rps)})`);
       const berthRuntime = sumMem(rps);
       await d.deleteAllWorkloads();
-      if (conmon.n !== IDLE) throw new Error(`expected ${IDLE} conmon monitors for ${t.isolation}, found ${conmon.n}`);
+      if (conmon.n !== IDLE) throw new Error(`expected ${IDLE} monitors for ${t.isolation}, found ${conmon.n}`);
       memory.set(t, { bareRuntime, berthRuntime, conmon, daemonGrowthKb: after.rss - before.rss });
     }
 
@@ -566,7 +566,7 @@ async function main(): Promise<void> {
         'Bare: preparing the same bundle (same config.json, a fresh writable layer per run: task folders, and for gVisor the host overlay mount, as Berth does) and spawning the runtime\'s foreground `run` → first stdout byte; ' +
         'for the microVM, spawning QEMU in the foreground with the command line the driver builds (same kernel, initramfs with the agent, image disk; writable disk made beforehand) → first log line (boot to agent ready plus the echo).',
       '',
-      '| tier | bare p50 | bare p90 | Berth p50 | Berth p90 | ratio Berth / bare at p50 (target ≤ 1.2×) | Berth p50, POST → line written (conmon timestamp) |',
+      '| tier | bare p50 | bare p90 | Berth p50 | Berth p90 | ratio Berth / bare at p50 (target ≤ 1.2×) | Berth p50, POST → line written (monitor timestamp) |',
       '|---|---|---|---|---|---|---|',
     );
     for (const t of tiers) {
@@ -604,9 +604,9 @@ async function main(): Promise<void> {
       } else {
         row("bare runc: processes beyond the workload's own", m.bareRuntime);
       }
-      row('Berth overhead: conmon monitor', m.conmon);
+      row('Berth overhead: per-container monitor', m.conmon);
       lines.push(`| ${t.label} | Berth overhead: berthd RSS growth / ${IDLE} | | ${kib(per(m.daemonGrowthKb))} | |`);
-      lines.push(`| ${t.label} | **Berth adds per workload** (conmon PSS + berthd growth; target ≤ 2 MiB) | | | **${mib(per(m.conmon.pss) + Math.max(0, per(m.daemonGrowthKb)))}** |`);
+      lines.push(`| ${t.label} | **Berth adds per workload** (monitor PSS + berthd growth; target ≤ 2 MiB) | | | **${mib(per(m.conmon.pss) + Math.max(0, per(m.daemonGrowthKb)))}** |`);
     }
     for (const u of unavailable) lines.push(`| ${u.isolation} | not available: ${u.reason} | | | |`);
 
@@ -616,7 +616,7 @@ async function main(): Promise<void> {
         `the bound (--density-max), MemAvailable < 2 GiB, a start taking > ${START_BOUND_MS / 1000} s, or a failed start; then all deleted and the host checked for residue (none). ` +
         'MemAvailable is host-wide and moves with everything else on the host (it can even grow during the run); the two columns after it are per workload: ' +
         "the growth of the memory charged to Berth's parent cgroup (the workloads' own processes, kernel memory and page cache they caused; conmon runs outside it), " +
-        'and the PSS of the host processes of each workload (conmon and everything under it).',
+        'and the PSS of the host processes of each workload (its monitor and everything under it).',
       '',
       "| tier | ran at once | stopped by | host memory / workload (MemAvailable Δ / N) | cgroup memory / workload | host processes' PSS / workload | time to start all | slowest start |",
       '|---|---|---|---|---|---|---|---|',
