@@ -615,7 +615,7 @@ async function main(): Promise<void> {
       '**Density (bounded)** — idle `sleep 1000` workloads started one by one through Berth (each waited for until running) until ' +
         `the bound (--density-max), MemAvailable < 2 GiB, a start taking > ${START_BOUND_MS / 1000} s, or a failed start; then all deleted and the host checked for residue (none). ` +
         'MemAvailable is host-wide and moves with everything else on the host (it can even grow during the run); the two columns after it are per workload: ' +
-        "the growth of the memory charged to Berth's parent cgroup (the workloads' own processes, kernel memory and page cache they caused; conmon runs outside it), " +
+        "the growth of the memory charged to Berth's parent cgroup (the workloads' own processes, kernel memory and page cache they caused; the monitor runs outside it), " +
         'and the PSS of the host processes of each workload (its monitor and everything under it).',
       '',
       "| tier | ran at once | stopped by | host memory / workload (MemAvailable Δ / N) | cgroup memory / workload | host processes' PSS / workload | time to start all | slowest start |",
