@@ -3,6 +3,7 @@
 // socket or TCP); every command maps to one or a few API calls. Errors print one line on stderr,
 // "berth: <message> (<code>)", and exit 1; usage errors exit 2.
 import { Command, CommanderError, InvalidArgumentError, Option } from 'commander';
+import type { ImageSummary } from '../images/catalog.js';
 import { spawn } from 'node:child_process';
 import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
@@ -1035,14 +1036,6 @@ function registerTokens(program: Command): void {
   );
 }
 
-interface ImageSummary {
-  ref: string;
-  digest: string;
-  size: number;
-  layers: number;
-  builtin: boolean;
-  created?: string;
-}
 interface LayerProgress {
   digest: string;
   kind: 'config' | 'layer';

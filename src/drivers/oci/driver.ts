@@ -96,8 +96,9 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
     defaultRuntimePath: string,
   ) {
     this.runtime = opts.runtimePath ?? defaultRuntimePath;
-    const monitor = opts.monitor ?? (process.env.BERTH_MONITOR === 'conmon' ? 'conmon' : process.env.BERTH_MONITOR === 'berth' ? 'berth' : findAgent() ? 'berth' : 'conmon');
     const agent = findAgent();
+    const env = process.env.BERTH_MONITOR;
+    const monitor = opts.monitor ?? (env === 'conmon' || env === 'berth' ? env : agent ? 'berth' : 'conmon');
     this.monitorArgv = monitor === 'berth' && agent ? [agent, 'monitor'] : [opts.conmonPath ?? '/usr/bin/conmon'];
     this.conmon = this.monitorArgv[0]!;
     this.root = join(opts.stateDir, runtimeName);
