@@ -58,6 +58,9 @@ type Request struct {
 
 	// shutdown
 	Poweroff bool `json:"poweroff"`
+
+	// net.configure (VM mode: a VM restored from a snapshot takes over its new address)
+	Net *netConfig `json:"net"`
 }
 
 // M is an outgoing frame.

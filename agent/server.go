@@ -124,6 +124,12 @@ func (a *Agent) dispatch(c *conn, req *Request) {
 		reply(m, nil)
 	case "ping":
 		reply(M{}, nil)
+	case "net.configure":
+		if !a.poweroff || req.Net == nil { // poweroff is set in VM mode only
+			reply(nil, errf(CodeInvalidArgument, "net.configure needs a \"net\" object and is served in VM mode only"))
+			return
+		}
+		reply(M{}, configureNetwork(req.Net, vmNewRoot))
 	case "list":
 		reply(M{"processes": a.procs.list()}, nil)
 	case "file.read", "file.write", "file.stat", "file.list", "file.mkdir", "file.remove", "file.rename":

@@ -22,6 +22,7 @@ import (
 	"errors"
 	"fmt"
 	"log"
+	"net"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -48,6 +49,8 @@ type vmConfig struct {
 	// Sandbox: no workload of its own; the VM runs until the host asks for a
 	// shutdown, and commands started with "run" go into the limited cgroup.
 	Sandbox bool `json:"sandbox"`
+	// Net: the task's address on its project network (absent: loopback only).
+	Net *netConfig `json:"net,omitempty"`
 }
 
 // vmExit is the record written to the berth.exit port.
@@ -168,6 +171,13 @@ func vmBoot() (*os.File, error) {
 	}
 	if cfg.Hostname != "" {
 		unix.Sethostname([]byte(cfg.Hostname))
+	}
+	if cfg.Net != nil {
+		if err := configureNetwork(cfg.Net, vmNewRoot); err != nil {
+			return exitPort, fmt.Errorf("network: %w", err)
+		}
+	} else if lo, err := net.InterfaceByName("lo"); err == nil {
+		setLink(lo.Index, nil, true)
 	}
 	root, err := OpenRoot(vmNewRoot)
 	if err != nil {

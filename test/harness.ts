@@ -4,6 +4,7 @@ import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { existsSync, mkdtempSync, readFileSync, readdirSync, rmSync, rmdirSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { cgroupHierarchies, mountPointsUnder } from '../src/lib/host.js';
+import { instanceId } from '../src/network/manager.js';
 import { randomBytes } from 'node:crypto';
 
 export const ROOT = resolve(new URL('../..', import.meta.url).pathname);
@@ -19,6 +20,8 @@ export class TestDaemon {
   addr = '';
   token = '';
   readonly cgroupParent: string;
+  /** Each test daemon cuts its project subnets from its own block (daemons may run side by side). */
+  readonly networkPool = `10.${100 + Math.floor(Math.random() * 150)}.0.0/16`;
   private logs: string[] = [];
 
   constructor(
@@ -36,7 +39,7 @@ export class TestDaemon {
 
   async start(): Promise<void> {
     rmSync(join(this.dataDir, 'berthd.addr'), { force: true });
-    this.proc = spawn(process.execPath, [BERTHD, '--data-dir', this.dataDir, '--listen', '127.0.0.1:0', '--cgroup-parent', this.cgroupParent, '--log-level', process.env.BERTH_TEST_LOG ?? 'warn'], {
+    this.proc = spawn(process.execPath, [BERTHD, '--data-dir', this.dataDir, '--listen', '127.0.0.1:0', '--cgroup-parent', this.cgroupParent, '--log-level', process.env.BERTH_TEST_LOG ?? 'warn', '--network-pool', this.networkPool], {
       stdio: ['ignore', 'pipe', 'pipe'],
     });
     const keep = (d: Buffer) => {
@@ -162,6 +165,21 @@ export class TestDaemon {
     for (const dir of cgroupParentDirs(this.cgroupParent)) {
       if (existsSync(dir)) for (const f of readdirSync(dir, { withFileTypes: true })) if (f.isDirectory()) found.push(`cgroup ${join(dir, f.name)}`);
     }
+    found.push(...this.networkResidue());
+    return found;
+  }
+
+  /** Network objects of this daemon: bridges, nftables tables, namespaces, per-task files. */
+  networkResidue(): string[] {
+    const found: string[] = [];
+    const inst = instanceId(this.dataDir);
+    for (const l of readdirSync('/sys/class/net')) if (l.startsWith(`b${inst}`)) found.push(`bridge ${l}`);
+    const tables = spawnSync('nft', ['list', 'tables']).stdout?.toString() ?? '';
+    for (const t of tables.split('\n')) if (t.includes(`berth_${inst}`)) found.push(`nft ${t.trim()}`);
+    for (const sub of ['ns', 'etc']) {
+      const d = join(this.dataDir, 'network', sub);
+      if (existsSync(d)) for (const f of readdirSync(d)) found.push(`network ${sub}/${f}`);
+    }
     return found;
   }
 
@@ -192,6 +210,9 @@ export class TestDaemon {
     // Mounts: detach them so the next tests start clean
     // (the leak itself is reported by the test that checks hostResidue()).
     for (const mp of mountPointsUnder(this.dataDir)) spawnSync('umount', ['-l', mp]);
+    const inst = instanceId(this.dataDir);
+    for (const l of readdirSync('/sys/class/net')) if (l.startsWith(`b${inst}`)) spawnSync('ip', ['link', 'del', l]);
+    spawnSync('nft', ['-f', '-'], { input: ['inet', 'bridge'].map((f) => `add table ${f} berth_${inst}\ndelete table ${f} berth_${inst}\n`).join('') });
     for (const dir of cgroupParentDirs(this.cgroupParent)) {
       try {
         rmdirSync(dir);

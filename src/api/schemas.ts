@@ -4,6 +4,7 @@
 import { z } from '@hono/zod-openapi';
 import { Cron } from 'croner';
 import { parseRef } from '../images/ref.js';
+import { parseCidr } from '../network/cidr.js';
 
 function validImageRef(ref: string): boolean {
   try {
@@ -63,6 +64,32 @@ export const User = z
     message: 'user must be "uid", "uid:gid", or a user name known to the image (e.g. "1000:1000" or "nobody")',
   });
 
+const EgressRule = z
+  .strictObject({
+    cidr: z.string().max(18).refine((c) => parseCidr(c) !== undefined, { message: 'cidr must be an IPv4 address or block with no host bits set, e.g. "198.18.0.7" or "198.18.0.0/24"' }),
+    ports: z.array(z.number().int().min(1).max(65535)).min(1).max(64).optional().openapi({ description: 'Destination ports; every port when absent' }),
+    protocol: z.enum(['tcp', 'udp', 'any']).optional().openapi({ description: 'Default any' }),
+  })
+  .openapi('EgressRule');
+
+export const EgressPolicy = z
+  .discriminatedUnion('policy', [
+    z.strictObject({ policy: z.literal('allow-all') }),
+    z.strictObject({ policy: z.literal('deny-all') }),
+    z.strictObject({ policy: z.literal('allowlist'), allow: z.array(EgressRule).min(1).max(256) }),
+  ])
+  .openapi('EgressPolicy', {
+    description: 'allow-all: any destination outside the host; deny-all: none; allowlist: only these. The host itself (its API, other services) is never reachable unless allowlisted.',
+  });
+
+export const NetworkSpec = z
+  .strictObject({
+    mode: z.enum(['project', 'none']).default('project').openapi({ description: "project: own namespace and address on the project's network, name <name>.<project>.internal; none: loopback only" }),
+    egress: EgressPolicy.optional().openapi({ description: 'Default allow-all for workloads and jobs, deny-all for sandboxes' }),
+  })
+  .openapi('NetworkSpec');
+export type NetworkSpec = z.infer<typeof NetworkSpec>;
+
 /** What to run: shared by workloads and job templates. */
 const RunFields = {
   image: z.string().min(1).max(400).refine(validImageRef, {
@@ -77,6 +104,7 @@ const RunFields = {
   isolation: Isolation.default('container'),
   stopTimeoutMs: z.number().int().min(0).max(3_600_000).default(10_000).openapi({ description: 'Grace period between the stop signal and SIGKILL' }),
   stopSignal: z.string().regex(/^SIG[A-Z0-9]+$/, { message: 'stopSignal must be a signal name such as "SIGTERM" or "SIGINT"' }).default('SIGTERM'),
+  network: NetworkSpec.optional().openapi({ description: "Default: on the project's network, egress allow-all" }),
 };
 
 export const WorkloadSpec = z
@@ -166,6 +194,11 @@ const Meta = {
 
 export const ExitInfo = z.object({ exitCode: z.number().int(), signal: z.string().optional(), oomKilled: z.boolean(), finishedAt: z.string() });
 
+export const TaskNetworkStatus = z
+  .object({ ip: z.string(), dnsName: z.string().openapi({ example: 'web.default.internal' }) })
+  .openapi('TaskNetworkStatus', { description: "Address on the project's network while the task runs" });
+export type TaskNetworkStatusT = z.infer<typeof TaskNetworkStatus>;
+
 export const WorkloadStatus = z
   .object({
     phase: z.enum(['pending', 'starting', 'running', 'stopping', 'backoff', 'exited', 'failed', 'stopped']),
@@ -180,6 +213,7 @@ export const WorkloadStatus = z
     nextRestartAt: z.string().optional(),
     reason: z.string().optional(),
     message: z.string().optional(),
+    network: TaskNetworkStatus.optional(),
   })
   .openapi('WorkloadStatus');
 export type WorkloadStatusT = z.infer<typeof WorkloadStatus>;

@@ -51,6 +51,29 @@ export interface TaskResources {
   diskMiB?: number;
 }
 
+/** Where a task may open connections to (enforced on the host, outside the task). */
+export type EgressPolicy =
+  | { policy: 'allow-all' }
+  | { policy: 'deny-all' }
+  | { policy: 'allowlist'; allow: EgressRule[] };
+
+export interface EgressRule {
+  /** Destination block, e.g. "198.18.0.0/24" or "198.18.0.7". */
+  cidr: string;
+  /** Destination ports; every port when absent. */
+  ports?: number[];
+  /** Default "any": tcp and udp when ports are given, every protocol otherwise. */
+  protocol?: 'tcp' | 'udp' | 'any';
+}
+
+/** A task on its project's network (src/network): own namespace, address, DNS name, egress policy. */
+export interface TaskNetwork {
+  project: string;
+  egress: EgressPolicy;
+  /** Names under `<project>.internal` that resolve to the task while it runs. */
+  dnsNames: string[];
+}
+
 /** Everything a driver needs to start a task. Produced from a workload spec by the reconciler. */
 export interface TaskConfig {
   /** Unique id of the task on this host; becomes the runtime's container id. [a-z0-9-], ≤ 64 chars. */
@@ -73,6 +96,8 @@ export interface TaskConfig {
   sandbox?: boolean;
   /** Start from a snapshot taken by the same driver's snapshot() (a folder), instead of booting. */
   restoreFrom?: string;
+  /** On its project's network; absent: loopback only. */
+  network?: TaskNetwork;
 }
 
 /** Persisted by the caller; enough to find and adopt the task after a daemon restart. */
@@ -84,6 +109,8 @@ export interface TaskHandle {
   /** PID of the per-task monitor (conmon for runc), if any. */
   monitorPid?: number;
   startedAt: string;
+  /** The task's address on its project network (TaskConfig.network). */
+  network?: { ip: string };
   /** Driver-private data. */
   state?: Record<string, unknown>;
 }

@@ -5,7 +5,7 @@ import { createAdaptorServer } from '@hono/node-server';
 import { chmodSync, existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import type { Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
-import { join } from 'node:path';
+import { join, resolve } from 'node:path';
 import pino, { type Logger } from 'pino';
 import { DriverRegistry } from '../core/driver.js';
 import { openDatabase, type DB } from '../store/db.js';
@@ -19,6 +19,7 @@ import { MicroVmDriver } from '../drivers/microvm/driver.js';
 import { SANDBOX, makeSandboxReconciler } from '../reconcilers/sandboxes.js';
 import { SANDBOXPOOL, makeSandboxPoolReconciler } from '../reconcilers/sandboxpools.js';
 import { ImageService } from '../images/catalog.js';
+import { NetworkManager, instanceId } from '../network/manager.js';
 import { createApp } from '../api/app.js';
 import { TokenStore } from './tokens.js';
 import { PROJECT } from '../api/routes/common.js';
@@ -39,6 +40,8 @@ export interface DaemonConfig {
   /** Tests may shorten restart back-off. */
   restartBackoff?: { initialMs: number; maxMs: number; resetAfterMs: number };
   logger?: Logger;
+  /** Workload networks: the pool project subnets are cut from, and their prefix length. */
+  network?: { pool?: string; subnetPrefix?: number };
 }
 
 export class Daemon {
@@ -50,6 +53,7 @@ export class Daemon {
   readonly runc: RuncDriver;
   readonly gvisor: GvisorDriver;
   readonly microvm: MicroVmDriver;
+  readonly network: NetworkManager;
   readonly controllers: { workloads: Controller; jobRuns: Controller; jobs: Controller; sandboxes: Controller; sandboxPools: Controller };
   readonly adminTokenPath: string;
   readonly socketPath: string;
@@ -70,9 +74,18 @@ export class Daemon {
     this.tokens = new TokenStore(this.db);
     this.adminTokenPath = join(config.dataDir, 'admin.token');
     this.socketPath = config.socketPath ?? join(config.dataDir, 'berthd.sock');
-    this.runc = new RuncDriver({ stateDir: join(config.dataDir, 'runtime', 'runc'), cgroupParent: config.cgroupParent ?? 'berth' });
-    this.gvisor = new GvisorDriver({ stateDir: join(config.dataDir, 'runtime', 'gvisor'), cgroupParent: config.cgroupParent ?? 'berth' });
-    this.microvm = new MicroVmDriver({ stateDir: join(config.dataDir, 'runtime', 'microvm'), cgroupParent: config.cgroupParent ?? 'berth' });
+    this.network = new NetworkManager({
+      dir: join(config.dataDir, 'network'),
+      db: this.db,
+      instance: instanceId(resolve(config.dataDir)),
+      ...(config.network?.pool ? { pool: config.network.pool } : {}),
+      ...(config.network?.subnetPrefix ? { subnetPrefix: config.network.subnetPrefix } : {}),
+      log: this.log,
+    });
+    const common = { cgroupParent: config.cgroupParent ?? 'berth', network: this.network };
+    this.runc = new RuncDriver({ stateDir: join(config.dataDir, 'runtime', 'runc'), ...common });
+    this.gvisor = new GvisorDriver({ stateDir: join(config.dataDir, 'runtime', 'gvisor'), ...common });
+    this.microvm = new MicroVmDriver({ stateDir: join(config.dataDir, 'runtime', 'microvm'), ...common });
     this.drivers.register(this.runc);
     this.drivers.register(this.gvisor);
     this.drivers.register(this.microvm);
@@ -148,6 +161,7 @@ export class Daemon {
       }),
     );
     this.offExit = () => offs.forEach((f) => f());
+    await this.network.init();
     await this.collectOrphans();
     this.resyncAll();
     this.resync = setInterval(() => this.resyncAll(), this.config.resyncMs ?? 30_000);
@@ -236,6 +250,7 @@ export class Daemon {
       d.close();
       d.removeCgroupParent();
     }
+    this.network.close();
     rmSync(this.socketPath, { force: true });
     this.images.close();
     this.db.close();

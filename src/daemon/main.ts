@@ -12,9 +12,11 @@ const program = new Command()
   .option('--socket <path>', 'unix socket of the API (default <data-dir>/berthd.sock)')
   .option('--cgroup-parent <name>', 'parent cgroup for workloads', 'berth')
   .option('--log-level <level>', 'trace|debug|info|warn|error', process.env.BERTH_LOG_LEVEL ?? 'info')
+  .option('--network-pool <cidr>', "IPv4 block that projects' subnets are cut from", process.env.BERTH_NETWORK_POOL ?? '10.89.0.0/16')
+  .option('--network-subnet-prefix <n>', 'size of each project subnet (prefix length)', '24')
   .parse();
 
-const o = program.opts<{ dataDir: string; listen: string; socket?: string; cgroupParent: string; logLevel: string }>();
+const o = program.opts<{ dataDir: string; listen: string; socket?: string; cgroupParent: string; logLevel: string; networkPool: string; networkSubnetPrefix: string }>();
 
 async function main() {
   if (process.getuid?.() !== 0) {
@@ -23,7 +25,16 @@ async function main() {
   }
   let daemon: Daemon;
   try {
-    daemon = new Daemon({ dataDir: o.dataDir, listen: o.listen, ...(o.socket ? { socketPath: o.socket } : {}), cgroupParent: o.cgroupParent, logLevel: o.logLevel });
+    const prefix = Number(o.networkSubnetPrefix);
+    if (!Number.isInteger(prefix)) throw new Error(`--network-subnet-prefix must be a number such as 24, not "${o.networkSubnetPrefix}"`);
+    daemon = new Daemon({
+      dataDir: o.dataDir,
+      listen: o.listen,
+      ...(o.socket ? { socketPath: o.socket } : {}),
+      cgroupParent: o.cgroupParent,
+      logLevel: o.logLevel,
+      network: { pool: o.networkPool, subnetPrefix: prefix },
+    });
     await daemon.start();
   } catch (e) {
     console.error(`berthd: ${(e as Error).message}`);

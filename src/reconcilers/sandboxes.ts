@@ -3,12 +3,13 @@
 // workload reconciler: it starts the task, adopts it after a daemon restart, ends it when its
 // timeout passes (freeing every host resource) and removes everything on deletion.
 import type { Logger } from 'pino';
-import type { DriverRegistry, TaskHandle } from '../core/driver.js';
+import type { DriverRegistry, EgressPolicy, TaskHandle } from '../core/driver.js';
+import { taskNetworkFor } from '../network/manager.js';
 import { isBerthError } from '../core/errors.js';
 import type { ImageCatalog } from '../images/catalog.js';
 import type { Resource, ResourceStore } from '../store/resources.js';
 import type { ReconcileResult } from './controller.js';
-import { exitReason } from './workloads.js';
+import { exitReason, netOf, networkStatus } from './workloads.js';
 
 export const SANDBOX = 'sandbox';
 
@@ -23,6 +24,8 @@ export interface SandboxSpecT {
   state?: 'running' | 'paused';
   /** Start from this template (a snapshot of another sandbox) instead of booting the image. */
   template?: string;
+  /** Default: the project's network with egress deny-all. */
+  network?: { mode?: 'project' | 'none'; egress?: EgressPolicy | undefined } | undefined;
 }
 
 export const SANDBOXTEMPLATE = 'sandboxtemplate';
@@ -53,6 +56,7 @@ export interface SandboxStatusT {
   message?: string;
   pid?: number;
   task?: TaskHandle | null;
+  network?: { ip: string; dnsName: string } | undefined;
 }
 
 export type SandboxResource = Resource<SandboxSpecT, SandboxStatusT>;
@@ -81,7 +85,7 @@ export function makeSandboxReconciler(deps: { store: ResourceStore; drivers: Dri
         await taskDriver.stop(st.task, { timeoutMs: 2000, signal: 'SIGKILL' }).catch(() => undefined);
       }
       if (taskDriver) await taskDriver.destroy(id, { force: true });
-      save({ phase, task: null, pid: undefined, reason, message, finishedAt: new Date().toISOString() }, s.generation);
+      save({ phase, task: null, pid: undefined, network: undefined, reason, message, finishedAt: new Date().toISOString() }, s.generation);
       store.addEvent(id, reason, message, phase === 'failed' ? 'Warning' : 'Normal');
     };
 
@@ -107,7 +111,7 @@ export function makeSandboxReconciler(deps: { store: ResourceStore; drivers: Dri
         return end('failed', obs.exit?.oomKilled ? 'OOMKilled' : 'Died', `the sandbox's agent ended: ${why}`);
       }
       if (!st.task || st.phase === 'starting') {
-        save({ phase: 'running', task: handle, pid: obs.pid ?? handle.pid, startedAt: st.startedAt ?? handle.startedAt });
+        save({ phase: 'running', task: handle, pid: obs.pid ?? handle.pid, startedAt: st.startedAt ?? handle.startedAt, network: networkStatus(handle, s.name, s.project) });
         store.addEvent(id, 'Adopted', 'running sandbox adopted after a daemon restart');
       }
       const want = s.spec.state ?? 'running';
@@ -162,6 +166,7 @@ export function makeSandboxReconciler(deps: { store: ResourceStore; drivers: Dri
         hostname: s.name,
         labels: s.labels,
         sandbox: true,
+        ...netOf(taskNetworkFor(s.spec, s.project, s.name, { policy: 'deny-all' })),
       });
     } catch (e) {
       const msg = isBerthError(e) ? e.message : (e as Error).message;
@@ -172,7 +177,7 @@ export function makeSandboxReconciler(deps: { store: ResourceStore; drivers: Dri
       return;
     }
     const exp = Date.parse(handle.startedAt) + s.spec.timeoutMs;
-    save({ phase: 'running', task: handle, pid: handle.pid, startedAt: handle.startedAt, expiresAt: new Date(exp).toISOString() }, s.generation);
+    save({ phase: 'running', task: handle, pid: handle.pid, startedAt: handle.startedAt, expiresAt: new Date(exp).toISOString(), network: networkStatus(handle, s.name, s.project) }, s.generation);
     store.addEvent(id, 'Started', `sandbox started (isolation ${s.spec.isolation}, pid ${handle.pid})`);
     return { requeueAfterMs: Math.max(0, exp - Date.now()) };
   };

@@ -29,9 +29,10 @@ export interface SandboxPoolStatusT {
 export type SandboxPoolResource = Resource<SandboxPoolSpecT, SandboxPoolStatusT>;
 
 /** Whether a sandbox request can be served by this pool (same image, tier and limits). */
-export function poolMatches(pool: SandboxPoolSpecT, req: Pick<SandboxSpecT, 'image' | 'isolation' | 'resources'>): boolean {
+export function poolMatches(pool: SandboxPoolSpecT, req: Pick<SandboxSpecT, 'image' | 'isolation' | 'resources' | 'network'>): boolean {
   const norm = (r: SandboxSpecT['resources']) => JSON.stringify(Object.entries(r ?? {}).filter(([, v]) => v !== undefined).sort());
-  return pool.size > 0 && pool.image === req.image && pool.isolation === req.isolation && norm(pool.resources) === norm(req.resources);
+  // Pool members have the default network (project, egress deny-all); other networks start cold.
+  return pool.size > 0 && pool.image === req.image && pool.isolation === req.isolation && norm(pool.resources) === norm(req.resources) && req.network === undefined;
 }
 
 export function poolMembers(store: ResourceStore, pool: Resource): Resource<SandboxSpecT, SandboxStatusT>[] {

@@ -4,7 +4,8 @@
 // create, an exit, a spec change, a stop, a delete, and adoption after a daemon crash.
 import { createHash } from 'node:crypto';
 import type { Logger } from 'pino';
-import type { DriverRegistry, ExitResult, TaskConfig, TaskHandle } from '../core/driver.js';
+import type { DriverRegistry, ExitResult, TaskConfig, TaskHandle, TaskNetwork } from '../core/driver.js';
+import { taskNetworkFor } from '../network/manager.js';
 import { BerthError, isBerthError } from '../core/errors.js';
 import type { ImageCatalog } from '../images/catalog.js';
 import { resolveUser } from '../images/catalog.js';
@@ -34,8 +35,8 @@ export interface WorkloadDeps {
 
 /** Only the fields that change what runs; a change to them restarts the task. */
 export function taskSpecHash(s: WorkloadSpec): string {
-  const { image, command, args, env, workingDir, user, resources, isolation } = s;
-  return createHash('sha256').update(JSON.stringify({ image, command, args, env, workingDir, user, resources, isolation })).digest('hex').slice(0, 16);
+  const { image, command, args, env, workingDir, user, resources, isolation, network } = s;
+  return createHash('sha256').update(JSON.stringify({ image, command, args, env, workingDir, user, resources, isolation, network })).digest('hex').slice(0, 16);
 }
 
 export function exitReason(e: ExitResult): string {
@@ -58,6 +59,12 @@ function exitedStatus(exit: ExitResult, reason: string): Partial<StoredWorkloadS
   };
 }
 
+/** What the status shows of a task's network. */
+export const networkStatus = (h: TaskHandle, name: string, project: string) => (h.network ? { ip: h.network.ip, dnsName: `${name}.${project}.internal` } : undefined);
+
+/** `{ network }` when the task is networked (exactOptionalPropertyTypes: no `network: undefined`). */
+export const netOf = (n: TaskNetwork | undefined): { network?: TaskNetwork } => (n ? { network: n } : {});
+
 export function makeWorkloadReconciler(deps: WorkloadDeps) {
   const { store, drivers, images, log } = deps;
   const backoff = deps.restartBackoff ?? { initialMs: 1000, maxMs: 300_000, resetAfterMs: 600_000 };
@@ -79,6 +86,7 @@ export function makeWorkloadReconciler(deps: WorkloadDeps) {
       resources: w.spec.resources ?? {},
       hostname: w.name,
       labels: w.labels,
+      ...netOf(taskNetworkFor(w.spec, w.project, w.name, { policy: 'allow-all' })),
     };
   }
 
@@ -117,7 +125,7 @@ export function makeWorkloadReconciler(deps: WorkloadDeps) {
       if (obs.state === 'running') {
         if (!st.task || st.phase === 'starting') {
           const adopted = { ...handle, pid: obs.pid ?? handle.pid, ...(obs.monitorPid ? { monitorPid: obs.monitorPid } : {}) };
-          save({ phase: 'running', task: adopted, pid: adopted.pid, monitorPid: adopted.monitorPid, startedAt: st.startedAt ?? adopted.startedAt, taskSpecHash: st.taskSpecHash ?? taskSpecHash(w.spec) });
+          save({ phase: 'running', task: adopted, pid: adopted.pid, monitorPid: adopted.monitorPid, startedAt: st.startedAt ?? adopted.startedAt, taskSpecHash: st.taskSpecHash ?? taskSpecHash(w.spec), network: networkStatus(adopted, w.name, w.project) });
           store.addEvent(id, 'Adopted', `running task (pid ${adopted.pid}) adopted after a daemon restart`);
         }
         const mustStop = w.spec.state === 'stopped' || st.taskSpecHash !== taskSpecHash(w.spec);
@@ -129,7 +137,7 @@ export function makeWorkloadReconciler(deps: WorkloadDeps) {
         const exit = await taskDriver.stop(st.task!, { timeoutMs: w.spec.stopTimeoutMs, signal: w.spec.stopSignal });
         store.addEvent(id, 'Stopped', `${w.spec.state === 'stopped' ? 'stopped on request' : 'stopped to apply a spec change'}: ${exitReason(exit)}`);
         await taskDriver.destroy(id, { keepData: true });
-        save({ ...exitedStatus(exit, w.spec.state === 'stopped' ? 'Stopped' : 'SpecChanged'), phase: w.spec.state === 'stopped' ? 'stopped' : 'pending' }, w.generation);
+        save({ ...exitedStatus(exit, w.spec.state === 'stopped' ? 'Stopped' : 'SpecChanged'), phase: w.spec.state === 'stopped' ? 'stopped' : 'pending', network: undefined }, w.generation);
         return { requeueAfterMs: 0 };
       }
       // Exited (or vanished): record it once, free the runtime resources, then apply the restart policy.
@@ -138,6 +146,7 @@ export function makeWorkloadReconciler(deps: WorkloadDeps) {
         store.addEvent(id, exit.oomKilled ? 'OOMKilled' : 'Exited', exit.oomKilled ? `OOMKilled: memory limit ${w.spec.resources?.memoryMiB ?? '?'} MiB reached (exit ${exit.exitCode})` : exitReason(exit), exit.exitCode === 0 ? 'Normal' : 'Warning');
       }
       await taskDriver.destroy(id, { keepData: true });
+      if (st.network) save({ network: undefined });
       const ranMs = st.startedAt ? Date.parse(exit.finishedAt) - Date.parse(st.startedAt) : 0;
       const base = exitedStatus(exit, exit.oomKilled ? 'OOMKilled' : exit.exitCode < 0 ? 'Lost' : st.phase === 'stopping' ? 'Stopped' : 'Exited');
       if (w.spec.state === 'stopped' || st.phase === 'stopping') {
@@ -201,6 +210,7 @@ export function makeWorkloadReconciler(deps: WorkloadDeps) {
       oomKilled: undefined,
       reason: undefined,
       taskSpecHash: taskSpecHash(w.spec),
+      network: networkStatus(handle, w.name, w.project),
     });
     store.addEvent(id, 'Started', `started (pid ${handle.pid})`);
     // The task may already have exited (a quick `echo`): look again right away.

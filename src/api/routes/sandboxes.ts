@@ -13,7 +13,7 @@ import { BerthError, failedPrecondition, type ErrorCode } from '../../core/error
 import { SANDBOX, SANDBOXTEMPLATE, initialSandboxStatus, type SandboxResource, type SandboxSpecT, type SandboxStatusT, type SandboxTemplateSpecT, type SandboxTemplateStatusT } from '../../reconcilers/sandboxes.js';
 import type { AppEnv } from '../app.js';
 import type { ApiContext } from '../context.js';
-import { Isolation, Labels, ListQuery, Name, Resources, listOf } from '../schemas.js';
+import { Isolation, Labels, ListQuery, Name, NetworkSpec, Resources, listOf } from '../schemas.js';
 import { ProjectNameParams, ProjectParams, body, errorResponses, getLive, json, useProject, view } from './common.js';
 import { admitRunSpec, waitForChange } from './workloads.js';
 import { SANDBOXPOOL, poolMatches, poolMembers, type SandboxPoolSpecT, type SandboxPoolStatusT } from '../../reconcilers/sandboxpools.js';
@@ -34,6 +34,7 @@ export const SandboxSpec = z
     timeoutMs: z.number().int().min(1000).max(86_400_000).default(300_000).openapi({ description: 'The sandbox is killed this long after it started (extend with POST …/timeout); time paused does not count' }),
     state: z.enum(['running', 'paused']).default('running').openapi({ description: 'Desired state; change it with POST …/pause and …/resume' }),
     template: Name.optional().openapi({ description: 'Start from this template (a snapshot of a sandbox: memory, processes, files) instead of booting; its image, isolation and resources apply' }),
+    network: NetworkSpec.optional().openapi({ description: "Default: on the project's network with egress deny-all (DNS only); allow destinations with an allowlist" }),
   })
   .openapi('SandboxSpec');
 

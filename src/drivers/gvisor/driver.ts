@@ -56,12 +56,18 @@ export class GvisorDriver extends OciRuntimeDriver {
   protected override globalArgs(): string[] {
     // --host-uds=create: a sandbox's agent listens on a unix socket in a bind-mounted host folder
     // (task/run), which the host must be able to connect to.
-    return [`--root=${this.root}`, `--platform=${this.platform}`, '--network=none', '--overlay2=none', '--host-uds=create'];
+    // --network=sandbox: gVisor's own network stack (netstack) takes over the interfaces of the
+    // task's namespace (src/network); a task without one gets an empty namespace. Debian's 2022
+    // runsc cannot (gVisor #10704): it gets none, and networked tasks are refused (rootfsOptions).
+    return [`--root=${this.root}`, `--platform=${this.platform}`, `--network=${this.runtime === DEBIAN_RUNSC ? 'none' : 'sandbox'}`, '--overlay2=none', '--host-uds=create'];
   }
 
   protected override rootfsOptions(cfg: TaskConfig, dir: string): Pick<OciBuildOptions, 'rootfsPath' | 'rootOverlay' | 'seccomp'> {
     if (cfg.resources.pids !== undefined) {
       throw invalidArgument('isolation "gvisor" does not support a pids limit (the sandbox counts its own threads); remove resources.pids');
+    }
+    if (cfg.network && this.runtime === DEBIAN_RUNSC) {
+      throw invalidArgument(`Debian's runsc cannot network a sandbox on this kernel (gVisor #10704): run scripts/setup.sh to build a current runsc, or use network mode "none"`);
     }
     if (cfg.resources.memoryMiB !== undefined && cfg.resources.memoryMiB < GVISOR_MIN_MEMORY_MIB) {
       throw invalidArgument(`isolation "gvisor" needs resources.memoryMiB ≥ ${GVISOR_MIN_MEMORY_MIB} (its kernel runs inside the limit)`);

@@ -22,6 +22,7 @@ import { EventEmitter } from 'node:events';
 import { copyFileSync, existsSync, mkdirSync, readFileSync, readdirSync, rmSync, rmdirSync, statSync, watch, writeFileSync, type FSWatcher } from 'node:fs';
 import { constants as osConstants, cpus } from 'node:os';
 import { join } from 'node:path';
+import type { NetworkAttachment, NetworkManager } from '../../network/manager.js';
 import type { DriverCapabilities, ExitResult, Fingerprint, RuntimeDriver, StopOptions, TaskConfig, TaskHandle, TaskStatus } from '../../core/driver.js';
 import { BerthError, invalidArgument } from '../../core/errors.js';
 import { qmp } from './qmp.js';
@@ -63,6 +64,8 @@ export interface MicroVmDriverOptions {
   diskMiB?: number;
   /** How long a boot may take to reach the guest agent. */
   bootTimeoutMs?: number;
+  /** Gives tasks with TaskConfig.network their namespace (QEMU runs in it, with a tap device). */
+  network?: NetworkManager;
 }
 
 /** A VM's machine: everything of its command line but the task folder (kept for snapshots). */
@@ -75,10 +78,12 @@ export interface VmMachine {
   memoryMiB: number;
   tscKhz?: number | undefined;
   epochMs: number;
+  /** Has a NIC (a restored VM must have the same devices as the one snapshotted). */
+  net?: boolean;
 }
 
 /** The QEMU command line of one task (pure; the driver adds nothing else). */
-export function buildQemuArgs(o: VmMachine & { dir: string }): string[] {
+export function buildQemuArgs(o: VmMachine & { dir: string; mac?: string | undefined }): string[] {
   // (Not init_on_free=1: it shrinks snapshots by a third but makes the guest write every page it
   // frees, so an idle VM's host RSS grew from ~230 MiB to ~600 MiB; measured with bench isolation.)
   const append = ['console=ttyS0', 'quiet', 'panic=-1', 'cryptomgr.notests', `berth.epoch_ms=${o.epochMs}`];
@@ -108,11 +113,40 @@ export function buildQemuArgs(o: VmMachine & { dir: string }): string[] {
     '-device', 'virtserialport,chardev=log,name=berth.log',
     '-chardev', `file,id=exit,path=${f('exit.json')}`,
     '-device', 'virtserialport,chardev=exit,name=berth.exit',
+    // No vhost-net on these hosts (host-facts): the tap is served by QEMU itself.
+    ...(o.mac ? ['-netdev', 'tap,id=net0,ifname=tap0,script=no,downscript=no,vhost=off', '-device', `virtio-net-device,netdev=net0,mac=${o.mac}`] : []),
     '-qmp', `unix:${f('qmp.sock')},server=on,wait=off`,
     '-pidfile', f('qemu.pid'),
     '-daemonize',
   ];
 }
+
+/** The guest's side of a task network (agent/net.go configures eth0 with it). */
+export function guestNet(net: NetworkAttachment): Record<string, unknown> {
+  return {
+    ip: net.ip,
+    prefix: net.prefix,
+    gateway: net.gateway,
+    mac: net.mac,
+    resolvConf: readFileSync(net.resolvConf, 'utf8'),
+    hosts: readFileSync(net.hosts, 'utf8'),
+  };
+}
+
+/**
+ * Wires the task's namespace for a VM: a tap device (QEMU's NIC backend, opened from inside the
+ * namespace) and tc redirects between it and the CNI-made eth0 both ways, like Kata's tcfilter
+ * mode. The guest takes over eth0's MAC and address; the namespace's eth0 keeps none.
+ */
+const TAP_SCRIPT = [
+  'ip tuntap add dev tap0 mode tap',
+  'ip link set tap0 up',
+  'ip addr flush dev eth0',
+  'tc qdisc add dev eth0 ingress',
+  'tc filter add dev eth0 parent ffff: protocol all u32 match u8 0 0 action mirred egress redirect dev tap0',
+  'tc qdisc add dev tap0 ingress',
+  'tc filter add dev tap0 parent ffff: protocol all u32 match u8 0 0 action mirred egress redirect dev eth0',
+].join(' && ');
 
 /** Guest RAM and vCPUs for a task's limits. */
 export function vmSize(resources: TaskConfig['resources'], hostCpus: number): { memoryMiB: number; vcpus: number } {
@@ -122,9 +156,10 @@ export function vmSize(resources: TaskConfig['resources'], hostCpus: number): { 
 }
 
 /** The guest agent's config disk (agent/vm.go vmConfig): JSON, NUL-padded to whole 4 KiB blocks. */
-export function encodeVmConfig(cfg: TaskConfig): Buffer {
+export function encodeVmConfig(cfg: TaskConfig, net?: NetworkAttachment): Buffer {
   const json = Buffer.from(
     JSON.stringify({
+      ...(net ? { net: guestNet(net) } : {}),
       args: cfg.args,
       env: cfg.env,
       cwd: cfg.cwd,
@@ -171,8 +206,10 @@ export class MicroVmDriver implements RuntimeDriver {
     this.cgroupParent = opts.cgroupParent ?? 'berth';
     this.diskMiB = opts.diskMiB ?? 1024;
     this.bootTimeoutMs = opts.bootTimeoutMs ?? 60_000;
+    this.net = opts.network;
     this.exits.setMaxListeners(0);
   }
+  private readonly net: NetworkManager | undefined;
 
   private taskDir(id: string): string {
     return join(this.stateDir, 'tasks', id);
@@ -279,13 +316,16 @@ export class MicroVmDriver implements RuntimeDriver {
         restart ? Promise.resolve() : makeWritableDisk(join(dir, 'rw.ext4'), cfg.resources.diskMiB ?? this.diskMiB),
       ]);
       const size = vmSize(cfg.resources, cpus().length);
-      this.writeConfig(dir, cfg);
-      const machine: VmMachine = { accel, kernel: kernel.path, initramfs, rootImage, vcpus: size.vcpus, memoryMiB: size.memoryMiB, ...(tscKhz ? { tscKhz } : {}), epochMs: Date.now() };
+      const net = await this.joinNetwork(cfg);
+      this.writeConfig(dir, cfg, net);
+      const machine: VmMachine = {
+        accel, kernel: kernel.path, initramfs, rootImage, vcpus: size.vcpus, memoryMiB: size.memoryMiB, ...(tscKhz ? { tscKhz } : {}), epochMs: Date.now(), net: net !== undefined,
+      };
       // What a snapshot of this VM needs to be restored: the same machine (paths aside).
       writeFileSync(join(dir, 'vm.json'), JSON.stringify(machine));
-      const args = buildQemuArgs({ dir, ...machine });
+      const args = buildQemuArgs({ dir, ...machine, mac: net?.mac });
       const cgroups = this.makeCgroups(cfg.id, size);
-      pid = await this.launch(dir, args, cgroups);
+      pid = await this.launch(dir, args, cgroups, net?.netns);
       await this.awaitAgent(cfg.id, dir, pid, cfg.sandbox === true);
       const handle: TaskHandle = {
         driver: this.name,
@@ -293,6 +333,7 @@ export class MicroVmDriver implements RuntimeDriver {
         pid,
         monitorPid: pid,
         startedAt: new Date().toISOString(),
+        ...(net ? { network: { ip: net.ip } } : {}),
         ...(cfg.sandbox ? { state: { sandbox: true } } : {}),
       };
       this.track(handle);
@@ -360,15 +401,21 @@ export class MicroVmDriver implements RuntimeDriver {
     for (const f of [machine.kernel, machine.initramfs, machine.rootImage]) {
       if (!existsSync(f)) throw new BerthError('failed_precondition', `the snapshot needs ${f}, which is gone; take a new snapshot`);
     }
+    if ((machine.net === true) !== (cfg.network !== undefined)) {
+      throw invalidArgument(
+        machine.net ? 'the template was taken from a sandbox with a network: start it with network mode "project"' : 'the template was taken from a sandbox without a network: start it with network mode "none"',
+      );
+    }
     mkdirSync(dir, { recursive: true, mode: 0o700 });
     let pid: number | undefined;
     try {
       await runOk('cp', ['--sparse=always', '--reflink=auto', join(src, 'rw.ext4'), join(dir, 'rw.ext4')], { timeoutMs: 300_000 });
       copyFileSync(join(src, 'cfg.img'), join(dir, 'cfg.img'));
       writeFileSync(join(dir, 'vm.json'), JSON.stringify(machine));
-      const args = [...buildQemuArgs({ dir, ...machine }), '-incoming', `exec:cat '${join(src, 'memory')}'`];
+      const net = await this.joinNetwork(cfg);
+      const args = [...buildQemuArgs({ dir, ...machine, mac: net?.mac }), '-incoming', `exec:cat '${join(src, 'memory')}'`];
       const cgroups = this.makeCgroups(cfg.id, { memoryMiB: machine.memoryMiB, vcpus: machine.vcpus });
-      pid = await this.launch(dir, args, cgroups);
+      pid = await this.launch(dir, args, cgroups, net?.netns);
       // The snapshot was taken with the vCPUs stopped, so the loaded VM waits paused: once the
       // memory is in, let it run. Its agent is already up and answers at once.
       const sock = join(dir, 'qmp.sock');
@@ -384,7 +431,17 @@ export class MicroVmDriver implements RuntimeDriver {
         await sleep(5);
       }
       await this.awaitAgent(cfg.id, dir, pid, cfg.sandbox === true);
-      const handle: TaskHandle = { driver: this.name, id: cfg.id, pid, monitorPid: pid, startedAt: new Date().toISOString(), ...(cfg.sandbox ? { state: { sandbox: true } } : {}) };
+      // The guest still has the snapshotted sandbox's address and MAC: give it this task's.
+      if (net) await (await this.agent(cfg.id, 10_000)).request({ type: 'net.configure', net: guestNet(net) }, 10_000);
+      const handle: TaskHandle = {
+        driver: this.name,
+        id: cfg.id,
+        pid,
+        monitorPid: pid,
+        startedAt: new Date().toISOString(),
+        ...(net ? { network: { ip: net.ip } } : {}),
+        ...(cfg.sandbox ? { state: { sandbox: true } } : {}),
+      };
       this.track(handle);
       return handle;
     } catch (e) {
@@ -394,8 +451,17 @@ export class MicroVmDriver implements RuntimeDriver {
     }
   }
 
-  private writeConfig(dir: string, cfg: TaskConfig): void {
-    writeFileSync(join(dir, 'cfg.img'), encodeVmConfig(cfg), { mode: 0o600 });
+  private writeConfig(dir: string, cfg: TaskConfig, net?: NetworkAttachment): void {
+    writeFileSync(join(dir, 'cfg.img'), encodeVmConfig(cfg, net), { mode: 0o600 });
+  }
+
+  /** The task's network namespace (src/network), with the tap device QEMU will open in it. */
+  private async joinNetwork(cfg: TaskConfig): Promise<NetworkAttachment | undefined> {
+    if (!cfg.network) return undefined;
+    if (!this.net) throw invalidArgument('the microvm driver has no network manager: run the task with network mode "none"');
+    const net = await this.net.attach(cfg.id, this.name, { ...cfg.network, hostname: cfg.hostname ?? cfg.id.slice(0, 63) });
+    await runOk('nsenter', [`--net=${net.netns}`, '--', 'sh', '-c', TAP_SCRIPT], { timeoutMs: 10_000 });
+    return net;
   }
 
   /** The task's host cgroups, one per controller used: memory (guest RAM + QEMU) and cpu (vCPUs). */
@@ -442,8 +508,11 @@ export class MicroVmDriver implements RuntimeDriver {
   }
 
   /** Starts QEMU daemonized; returns the VM's pid once QEMU has set up (sockets listening). */
-  private async launch(dir: string, args: string[], cgroups: string[]): Promise<number> {
-    const child = spawn(this.qemu, args, { stdio: ['ignore', 'ignore', 'pipe'], cwd: dir });
+  private async launch(dir: string, args: string[], cgroups: string[], netns?: string): Promise<number> {
+    // In a network namespace, QEMU is exec'd by nsenter (same pid) so that it opens the tap there.
+    const child = netns
+      ? spawn('nsenter', [`--net=${netns}`, '--', this.qemu, ...args], { stdio: ['ignore', 'ignore', 'pipe'], cwd: dir })
+      : spawn(this.qemu, args, { stdio: ['ignore', 'ignore', 'pipe'], cwd: dir });
     // The launcher joins the cgroups before it forks the daemon (QEMU takes tens of ms to set up),
     // so the VM process starts inside them; it is moved again below in case it was faster.
     if (child.pid) {
@@ -685,6 +754,8 @@ export class MicroVmDriver implements RuntimeDriver {
         }
       }
     }
+    // The network lives as long as one run of the VM (the namespace goes, with the tap in it).
+    await this.net?.detach(id, this.name);
     if (!existsSync(dir)) return;
     if (opts.keepData) {
       for (const f of readdirSync(dir)) if (f !== 'rw.ext4' && f !== 'ctr.log') rmSync(join(dir, f), { recursive: true, force: true });
@@ -719,11 +790,13 @@ export class MicroVmDriver implements RuntimeDriver {
   }
 
   async listTasks(): Promise<string[]> {
+    const ids = new Set<string>(this.net?.tasksOf(this.name) ?? []);
     try {
-      return readdirSync(join(this.stateDir, 'tasks'));
+      for (const d of readdirSync(join(this.stateDir, 'tasks'))) ids.add(d);
     } catch {
-      return [];
+      /* none */
     }
+    return [...ids];
   }
 
   /** Remove the (empty) parent cgroups; called when berthd stops. */

@@ -34,12 +34,13 @@ import { BerthError, invalidArgument } from '../../core/errors.js';
 import { pidAlive, run, sleep } from '../../lib/exec.js';
 import { cgroupHierarchies } from '../../lib/host.js';
 import { makeWritableDisk, mountDisk, unmountDisk } from '../../lib/disk.js';
-import { buildOciConfig, hostNofileLimit, type OciBuildOptions, type OciMount } from './ocispec.js';
+import { buildOciConfig, hostNofileLimit, type OciBuildOptions, type OciConfig, type OciMount } from './ocispec.js';
 import type { AgentConnection } from '../agent/client.js';
 import { AgentPool } from '../agent/pool.js';
 import { findAgent } from '../agent/binary.js';
 import { loadDefaultSeccomp, type OciSeccomp } from './seccomp.js';
 import { Launcher } from './launcher.js';
+import type { NetworkAttachment, NetworkManager } from '../../network/manager.js';
 
 export interface OciDriverOptions {
   stateDir: string;
@@ -56,6 +57,8 @@ export interface OciDriverOptions {
   cgroupParent?: string;
   /** Max size of one task's log file before conmon truncates it. */
   logSizeMax?: number;
+  /** Gives tasks with TaskConfig.network their namespace, address and rules; without it they are refused. */
+  network?: NetworkManager;
 }
 
 /** What beginStart() set going; see there. */
@@ -242,7 +245,10 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
     if (existsSync(join(this.exitsDir, cfg.id)) || this.hasRuntimeState(cfg.id)) {
       throw new BerthError('already_exists', `task ${cfg.id} still has runtime state; destroy it before starting it again`);
     }
+    if (cfg.network && !this.opts.network) throw invalidArgument(`the ${this.name} driver has no network manager: run the task with network mode "none"`);
     try {
+      const net = cfg.network ? await this.opts.network!.attach(cfg.id, this.name, { ...cfg.network, hostname: config.hostname }) : undefined;
+      if (net) joinNetwork(config, net);
       for (const d of ['persist', ...(sandbox ? ['run'] : [])]) mkdirSync(join(dir, d), { recursive: true, mode: 0o700 });
       const layer = this.layerDir(cfg, dir);
       if (cfg.resources.diskMiB !== undefined) {
@@ -272,7 +278,15 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
       const monitorPid = Number(readFileSync(join(dir, 'conmon.pid'), 'utf8').trim());
       this.ensureWatcher();
       if (sandbox) await (await this.agent(cfg.id, 10_000)).request({ type: 'hello' }, 10_000);
-      return { driver: this.name, id: cfg.id, pid, monitorPid, startedAt: new Date().toISOString(), ...(sandbox ? { state: { sandbox: true } } : {}) };
+      return {
+        driver: this.name,
+        id: cfg.id,
+        pid,
+        monitorPid,
+        startedAt: new Date().toISOString(),
+        ...(net ? { network: { ip: net.ip } } : {}),
+        ...(sandbox ? { state: { sandbox: true } } : {}),
+      };
     } catch (e) {
       await this.destroy(cfg.id, { keepData: true }).catch(() => undefined);
       if (e instanceof BerthError) throw e;
@@ -522,7 +536,7 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
     this.agents.drop(id);
     const dir = this.taskDir(id);
     // Nothing of this task on this driver: done, without running the runtime at all.
-    if (!existsSync(dir) && !existsSync(join(this.exitsDir, id)) && !this.hasRuntimeState(id)) return;
+    if (!existsSync(dir) && !existsSync(join(this.exitsDir, id)) && !this.hasRuntimeState(id)) return this.opts.network?.detach(id, this.name);
     const conmonPid = (() => {
       try {
         return Number(readFileSync(join(dir, 'conmon.pid'), 'utf8').trim()) || undefined;
@@ -561,6 +575,8 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
       }
     }
     rmSync(join(this.exitsDir, id), { force: true });
+    // A task's network lives as long as one run of it (gVisor takes the address off eth0 for its own stack).
+    await this.opts.network?.detach(id, this.name);
     if (opts.keepData) {
       for (const f of ['bundle', 'persist', 'ctr.pid', 'conmon.pid', 'attach', 'ctl', 'winsz']) rmSync(join(dir, f), { recursive: true, force: true });
       // conmon leaves its attach socket and control fifos in the socket dir, named by the container uuid.
@@ -579,6 +595,7 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
     }
     const r = await this.rt(['list', '-q'], 10_000);
     if (r.code === 0) for (const l of r.stdout.split('\n')) if (l.trim()) ids.add(l.trim());
+    for (const id of this.opts.network?.tasksOf(this.name) ?? []) ids.add(id);
     return [...ids];
   }
 
@@ -627,6 +644,14 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
         /* absent, or tasks still run in it */
       }
     }
+  }
+}
+
+/** Puts the container into its prepared network namespace, with Berth's resolv.conf and hosts. */
+function joinNetwork(config: OciConfig, net: NetworkAttachment): void {
+  config.linux.namespaces = config.linux.namespaces.map((n) => (n.type === 'network' ? { type: 'network', path: net.netns } : n));
+  for (const [dest, src] of [['/etc/resolv.conf', net.resolvConf], ['/etc/hosts', net.hosts]] as const) {
+    config.mounts.push({ destination: dest, type: 'bind', source: src, options: ['bind', 'ro', 'nosuid', 'nodev', 'noexec'] });
   }
 }
 

@@ -1,0 +1,113 @@
+// The DNS server workloads use (their resolv.conf points at their bridge's gateway): answers
+// `<name>.<project>.internal` from Berth's own records (workloads, service replicas that are
+// ready) and forwards every other question to the host's resolvers. Messages are encoded and
+// decoded with dns-packet; the server itself is a UDP socket per gateway address.
+import { createSocket, type Socket } from 'node:dgram';
+import { readFileSync } from 'node:fs';
+import * as dnsPacket from 'dns-packet';
+import type { Logger } from 'pino';
+
+export const INTERNAL_SUFFIX = '.internal';
+const TTL_S = 5;
+
+/** Addresses for a name inside Berth's zone; undefined when the name is not Berth's to answer. */
+export type Resolver = (name: string, clientIp: string) => string[] | undefined;
+
+/** Nameservers from resolv.conf (Berth's own gateways excluded by the caller). */
+export function hostResolvers(path = '/etc/resolv.conf'): string[] {
+  try {
+    return [...readFileSync(path, 'utf8').matchAll(/^\s*nameserver\s+(\d+\.\d+\.\d+\.\d+)\s*$/gm)].map((m) => m[1]!);
+  } catch {
+    return [];
+  }
+}
+
+export class DnsServer {
+  private readonly sockets = new Map<string, Socket>();
+
+  constructor(
+    private readonly resolve: Resolver,
+    private readonly upstreams: string[],
+    private readonly log: Logger,
+  ) {}
+
+  /** Serves on address:53 (idempotent). */
+  async listen(address: string, port = 53): Promise<void> {
+    if (this.sockets.has(address)) return;
+    const sock = createSocket({ type: 'udp4', reuseAddr: false });
+    await new Promise<void>((resolve, reject) => {
+      sock.once('error', reject);
+      sock.bind(port, address, () => {
+        sock.off('error', reject);
+        resolve();
+      });
+    });
+    sock.on('error', (e) => this.log.warn({ err: e.message, address }, 'dns socket error'));
+    sock.on('message', (msg, rinfo) => void this.answer(sock, msg, rinfo.address, rinfo.port));
+    sock.unref();
+    this.sockets.set(address, sock);
+  }
+
+  unlisten(address: string): void {
+    this.sockets.get(address)?.close();
+    this.sockets.delete(address);
+  }
+
+  addresses(): string[] {
+    return [...this.sockets.keys()];
+  }
+
+  close(): void {
+    for (const a of [...this.sockets.keys()]) this.unlisten(a);
+  }
+
+  private async answer(sock: Socket, msg: Buffer, host: string, port: number): Promise<void> {
+    let q: dnsPacket.Packet;
+    try {
+      q = dnsPacket.decode(msg);
+    } catch {
+      return; // not DNS
+    }
+    const question = q.questions?.[0];
+    if (!question) return;
+    const name = question.name.toLowerCase().replace(/\.$/, '');
+    const ips = name.endsWith(INTERNAL_SUFFIX) || !name.includes('.') ? this.resolve(name, host) : undefined;
+    if (ips === undefined) {
+      const reply = await this.forward(msg);
+      if (reply) sock.send(reply, port, host);
+      else sock.send(this.reply(q, 'SERVFAIL', []), port, host);
+      return;
+    }
+    const answers = question.type === 'A' ? ips.map((ip) => ({ type: 'A' as const, name: question.name, ttl: TTL_S, data: ip })) : [];
+    sock.send(this.reply(q, ips.length ? 'NOERROR' : 'NXDOMAIN', answers), port, host);
+  }
+
+  private reply(q: dnsPacket.Packet, rcode: string, answers: dnsPacket.Answer[]): Buffer {
+    return dnsPacket.encode({
+      id: q.id ?? 0,
+      type: 'response',
+      // QR + AA + RD/RA; rcode in the low bits.
+      flags: dnsPacket.AUTHORITATIVE_ANSWER | dnsPacket.RECURSION_DESIRED | dnsPacket.RECURSION_AVAILABLE | (rcode === 'NXDOMAIN' ? 3 : rcode === 'SERVFAIL' ? 2 : 0),
+      questions: q.questions ?? [],
+      answers,
+    });
+  }
+
+  /** Relays the question to the host's resolvers, first answer wins; undefined after 2 s. */
+  private forward(msg: Buffer): Promise<Buffer | undefined> {
+    const ups = this.upstreams.filter((u) => !this.sockets.has(u));
+    if (ups.length === 0) return Promise.resolve(undefined);
+    return new Promise((resolve) => {
+      const s = createSocket('udp4');
+      const done = (b?: Buffer) => {
+        clearTimeout(timer);
+        s.close();
+        resolve(b);
+      };
+      const timer = setTimeout(() => done(undefined), 2000);
+      s.on('error', () => done(undefined));
+      s.on('message', (b) => done(b));
+      for (const u of ups) s.send(msg, 53, u);
+    });
+  }
+}
