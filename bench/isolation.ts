@@ -749,7 +749,8 @@ async function berthEcho(d: TestDaemon, name: string, isolation: string): Promis
   try {
     const wall0 = Date.now();
     const t0 = performance.now();
-    const r = await d.api('POST', W, { name, spec: { image: 'busybox', isolation, command: ['echo', 'ready'] } });
+    // network none: the bare baselines run without a network too (like for like).
+    const r = await d.api('POST', W, { name, spec: { image: 'busybox', isolation, command: ['echo', 'ready'], network: { mode: 'none' } } });
     if (r.status !== 201) throw new Error(`create ${name}: ${r.status} ${JSON.stringify(r.body)}`);
     const res = await fetch(`${d.addr}${W}/${name}/logs?follow=true&format=ndjson`, { headers: { authorization: `Bearer ${d.token}` }, signal: ac.signal });
     if (res.status !== 200 || !res.body) throw new Error(`logs ${name}: ${res.status} ${await res.text()}`);
@@ -791,7 +792,7 @@ async function deleteAndWait(d: TestDaemon, name: string): Promise<void> {
 async function berthStart(d: TestDaemon, name: string, isolation: string, timeoutMs: number): Promise<{ outcome: 'running' | 'failed' | 'timeout'; ms: number; detail?: string }> {
   const t0 = performance.now();
   // SIGKILL on stop: `sleep` as PID 1 ignores SIGTERM, and the grace period is not what is measured here.
-  const r = await d.api('POST', W, { name, spec: { image: 'busybox', isolation, command: ['sleep', '1000'], stopSignal: 'SIGKILL' } });
+  const r = await d.api('POST', W, { name, spec: { image: 'busybox', isolation, command: ['sleep', '1000'], stopSignal: 'SIGKILL', network: { mode: 'none' } } });
   if (r.status !== 201) return { outcome: 'failed', ms: performance.now() - t0, detail: `${r.status} ${JSON.stringify(r.body)}` };
   let rv = r.body.resourceVersion as number;
   for (;;) {

@@ -12,6 +12,7 @@ import { buildOciConfig, hostNofileLimit } from '../src/drivers/oci/ocispec.js';
 import { loadDefaultSeccomp } from '../src/drivers/oci/seccomp.js';
 import { DEFAULT_CAPS } from '../src/drivers/runc/driver.js';
 import { updateBenchmarks } from './report.js';
+import { cni } from '../src/network/cni.js';
 
 const { values } = parseArgs({ options: { runs: { type: 'string', default: '30' }, idle: { type: 'string', default: '20' }, write: { type: 'string' } } });
 const RUNS = Number(values.runs);
@@ -40,9 +41,43 @@ async function bareRuncRun(root: string, bundle: string, id: string): Promise<nu
   return performance.now() - t0;
 }
 
-async function berthCreate(d: TestDaemon, name: string): Promise<number> {
+/**
+ * The networked baseline: what a bare runtime user does to get the same network without Berth —
+ * a namespace, CNI loopback + bridge (host-local IPAM) on a test bridge, then `runc run -d` in it.
+ */
+async function bareRuncRunNetworked(root: string, bundle: string, id: string, net: { dir: string; bridge: string; subnet: string }): Promise<number> {
   const t0 = performance.now();
-  const r = await d.api('POST', '/v1/projects/default/workloads?wait=running&timeoutMs=30000', { name, spec: { image: 'busybox', command: ['sleep', '1000'], stopSignal: 'SIGKILL' } });
+  const ns = join(net.dir, id);
+  writeFileSync(ns, '');
+  sh('unshare', [`--net=${ns}`, 'true']);
+  await cni({ command: 'ADD', containerId: id, netns: ns, ifname: 'lo', config: { cniVersion: '1.0.0', name: 'lo', type: 'loopback' } });
+  await cni({ command: 'ADD', containerId: id, netns: ns, ifname: 'eth0', config: bareBridge(net) });
+  const cfg = JSON.parse(readFileSync(join(bundle, 'config.json'), 'utf8'));
+  cfg.linux.namespaces = cfg.linux.namespaces.map((n: { type: string }) => (n.type === 'network' ? { type: 'network', path: ns } : n));
+  writeFileSync(join(bundle, 'config.json'), JSON.stringify(cfg));
+  await new Promise<void>((resolve, reject) => {
+    const p = spawn('runc', ['--root', root, 'run', '-d', '--bundle', bundle, id], { stdio: 'ignore' });
+    p.on('error', reject);
+    p.on('exit', (code) => (code === 0 ? resolve() : reject(new Error(`runc run exited ${code}`))));
+  });
+  return performance.now() - t0;
+}
+const bareBridge = (net: { dir: string; bridge: string; subnet: string }) => ({
+  cniVersion: '1.0.0', name: 'bench', type: 'bridge', bridge: net.bridge, isGateway: true, ipam: { type: 'host-local', ranges: [[{ subnet: net.subnet }]], dataDir: join(net.dir, 'ipam') },
+});
+async function bareNetworkedCleanup(root: string, id: string, net: { dir: string; bridge: string; subnet: string }): Promise<void> {
+  sh('runc', ['--root', root, 'delete', '--force', id]);
+  const ns = join(net.dir, id);
+  await cni({ command: 'DEL', containerId: id, netns: ns, ifname: 'eth0', config: bareBridge(net) });
+  sh('umount', [ns]);
+  rmSync(ns);
+}
+
+async function berthCreate(d: TestDaemon, name: string, networked = false): Promise<number> {
+  const t0 = performance.now();
+  // Like for like: the bare baseline has no network unless networked.
+  const network = networked ? {} : { network: { mode: 'none' } };
+  const r = await d.api('POST', '/v1/projects/default/workloads?wait=running&timeoutMs=30000', { name, spec: { image: 'busybox', command: ['sleep', '1000'], stopSignal: 'SIGKILL', ...network } });
   if (r.status !== 201) throw new Error(JSON.stringify(r.body));
   if (r.body.status.phase !== 'running') throw new Error(JSON.stringify(r.body.status));
   return performance.now() - t0;
@@ -94,10 +129,26 @@ async function main() {
     }
     const ratio = median(berth) / median(bare);
 
+    // The same with a network on both sides: Berth's default (project bridge, CNI, nftables, DNS)
+    // vs bare runc in a namespace wired by the same CNI plugins (no firewall, no DNS).
+    const net = { dir: join(work, 'netns'), bridge: `bbench${process.pid % 10000}`, subnet: '10.250.77.0/24' };
+    mkdirSync(net.dir, { recursive: true });
+    const bareNet: number[] = [];
+    const berthNet: number[] = [];
+    for (let i = 0; i < RUNS; i++) {
+      bareNet.push(await bareRuncRunNetworked(root, bundle, `n${i}`, net));
+      await bareNetworkedCleanup(root, `n${i}`, net);
+      berthNet.push(await berthCreate(d, `nw${i}`, true));
+      await d.api('DELETE', `/v1/projects/default/workloads/nw${i}`);
+      await d.deleteAllWorkloads();
+    }
+    spawnSync('ip', ['link', 'del', net.bridge]);
+    const ratioNet = median(berthNet) / median(bareNet);
+
     // Memory: IDLE idle workloads; what Berth adds per workload is its monitor (conmon) plus any
     // growth of berthd itself. The workload's own processes (sleep) are not counted.
     const daemonBefore = memOf(d.pid);
-    for (let i = 0; i < IDLE; i++) await berthCreate(d, `idle${i}`);
+    for (let i = 0; i < IDLE; i++) await berthCreate(d, `idle${i}`, true);
     await new Promise((r) => setTimeout(r, 2000));
     const monitors: Array<{ rss: number; pss: number; uss: number }> = [];
     for (const pid of readdirSync('/proc').filter((p) => /^\d+$/.test(p))) {
@@ -125,6 +176,9 @@ async function main() {
       `| bare \`runc run -d\` of the same prepared bundle (same config.json) | ${f(median(bare))} ms | ${f(pct(bare, 90))} ms |`,
       `| Berth: API create → status running (one \`POST …/workloads?wait=running\`: SQLite, reconciler, monitor, runc create, start) | ${f(median(berth))} ms | ${f(pct(berth, 90))} ms |`,
       `| **ratio Berth / bare** (target ≤ 1.2×) | **${ratio.toFixed(2)}×** | |`,
+      `| networked: bare — netns + CNI loopback + bridge/host-local, then \`runc run -d\` in it | ${f(median(bareNet))} ms | ${f(pct(bareNet, 90))} ms |`,
+      `| networked: Berth with its default network (the same CNI plugins + nftables rules + DNS name) | ${f(median(berthNet))} ms | ${f(pct(berthNet, 90))} ms |`,
+      `| **ratio networked Berth / networked bare** | **${ratioNet.toFixed(2)}×** | |`,
       '',
       `| memory Berth adds per idle workload (${IDLE} idle workloads) | per workload |`,
       '|---|---|',

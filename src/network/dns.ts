@@ -31,9 +31,10 @@ export class DnsServer {
     private readonly log: Logger,
   ) {}
 
-  /** Serves on address:53 (idempotent). */
-  async listen(address: string, port = 53): Promise<void> {
-    if (this.sockets.has(address)) return;
+  /** Serves on address:53 (idempotent); returns the port (tests pass 0 for a free one). */
+  async listen(address: string, port = 53): Promise<number> {
+    const existing = this.sockets.get(address);
+    if (existing) return existing.address().port;
     const sock = createSocket({ type: 'udp4', reuseAddr: false });
     await new Promise<void>((resolve, reject) => {
       sock.once('error', reject);
@@ -46,6 +47,7 @@ export class DnsServer {
     sock.on('message', (msg, rinfo) => void this.answer(sock, msg, rinfo.address, rinfo.port));
     sock.unref();
     this.sockets.set(address, sock);
+    return sock.address().port;
   }
 
   unlisten(address: string): void {
@@ -93,9 +95,9 @@ export class DnsServer {
     });
   }
 
-  /** Relays the question to the host's resolvers, first answer wins; undefined after 2 s. */
+  /** Relays the question to the host's resolvers ("ip" or "ip:port"), first answer wins; undefined after 2 s. */
   private forward(msg: Buffer): Promise<Buffer | undefined> {
-    const ups = this.upstreams.filter((u) => !this.sockets.has(u));
+    const ups = this.upstreams.filter((u) => !this.sockets.has(u.split(':')[0]!));
     if (ups.length === 0) return Promise.resolve(undefined);
     return new Promise((resolve) => {
       const s = createSocket('udp4');
@@ -107,7 +109,10 @@ export class DnsServer {
       const timer = setTimeout(() => done(undefined), 2000);
       s.on('error', () => done(undefined));
       s.on('message', (b) => done(b));
-      for (const u of ups) s.send(msg, 53, u);
+      for (const u of ups) {
+        const [host, port] = u.split(':');
+        s.send(msg, Number(port ?? 53), host!);
+      }
     });
   }
 }
