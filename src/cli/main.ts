@@ -44,6 +44,7 @@ interface Workload extends Meta {
     signal?: string;
     oomKilled?: boolean;
     restartCount: number;
+    network?: { ip: string; dnsName: string };
     reason?: string;
     message?: string;
   };
@@ -336,6 +337,9 @@ interface RunFlags {
   pids?: number;
   isolation?: string;
   label?: string[];
+  network?: string;
+  egress?: string;
+  allow?: string[];
 }
 
 function addRunFlags(cmd: Command): Command {
@@ -348,7 +352,17 @@ function addRunFlags(cmd: Command): Command {
     .addOption(new Option('-m, --memory <size>', 'memory limit: MiB, or with a k/m/g suffix (64m, 1g)').argParser(parseMemory))
     .addOption(new Option('--pids <n>', 'maximum number of processes and threads').argParser(parseIntFlag(1)))
     .addOption(new Option('--isolation <tier>', 'isolation tier').choices(['container', 'gvisor', 'microvm']))
+    .addOption(new Option('--network <mode>', "project: own address on the project's network (default); none: loopback only").choices(['project', 'none']))
+    .addOption(new Option('--egress <policy>', 'where it may connect: allow-all (default), deny-all, allowlist (with --allow)').choices(['allow-all', 'deny-all', 'allowlist']))
+    .option('--allow <cidr[:ports][/proto]>', 'allowlisted destination, e.g. 198.18.0.0/24:80,443/tcp; implies --egress allowlist; repeatable', collect)
     .option('-l, --label <key=value>', 'label; repeatable', collect);
+}
+
+/** "198.18.0.0/24:80,443/tcp" → an egress rule (the API validates the parts). */
+export function parseAllow(s: string): { cidr: string; ports?: number[]; protocol?: string } {
+  const m = /^([0-9./]+?)(?::([0-9,]+))?(?:\/(tcp|udp|any))?$/.exec(s);
+  if (!m) throw new UsageError(`--allow ${s}: expected CIDR[:PORT,PORT][/tcp|udp|any], e.g. 198.18.0.0/24:80,443/tcp`);
+  return { cidr: m[1]!, ...(m[2] ? { ports: m[2].split(',').map(Number) } : {}), ...(m[3] ? { protocol: m[3] } : {}) };
 }
 
 function buildRunSpec(image: string, command: string[], o: RunFlags): Record<string, unknown> {
@@ -365,6 +379,15 @@ function buildRunSpec(image: string, command: string[], o: RunFlags): Record<str
   if (o.pids !== undefined) resources.pids = o.pids;
   if (Object.keys(resources).length > 0) spec.resources = resources;
   if (o.isolation !== undefined) spec.isolation = o.isolation;
+  if (o.network !== undefined || o.egress !== undefined || o.allow !== undefined) {
+    const policy = o.allow ? 'allowlist' : o.egress;
+    if (o.egress !== undefined && o.allow && o.egress !== 'allowlist') throw new UsageError(`--allow needs --egress allowlist, not ${o.egress}`);
+    if (policy === 'allowlist' && !o.allow) throw new UsageError('--egress allowlist needs at least one --allow CIDR[:PORTS]');
+    spec.network = {
+      ...(o.network ? { mode: o.network } : {}),
+      ...(policy ? { egress: policy === 'allowlist' ? { policy, allow: o.allow!.map(parseAllow) } : { policy } } : {}),
+    };
+  }
   return spec;
 }
 
@@ -657,13 +680,14 @@ function registerWorkloads(program: Command): void {
       const shown = o.all ? items : items.filter((w) => ACTIVE_PHASES.has(w.status.phase));
       if (ctx.json) return printJson({ items: shown, nextPageToken: null });
       printTable(
-        ['NAME', 'PHASE', 'EXIT', 'IMAGE', 'ISOLATION', 'PID', 'AGE'],
+        ['NAME', 'PHASE', 'EXIT', 'IMAGE', 'ISOLATION', 'ADDRESS', 'PID', 'AGE'],
         shown.map((w) => [
           w.name,
           w.status.phase + (w.deletionRequestedAt ? ' (deleting)' : ''),
           w.status.oomKilled ? `${w.status.exitCode ?? ''} (OOM)` : w.status.exitCode,
           w.spec.image,
           w.spec.isolation,
+          w.status.network?.ip,
           w.status.pid,
           age(w.createdAt),
         ]),
