@@ -129,6 +129,7 @@ describe('networking', () => {
 
       // Same project, by its short name and its full name.
       let r = await sh('default', open, `${get('http://web:8080/index.html')}; ${get('http://web.default.internal:8080/index.html')}`);
+      assert.equal((await d.api('GET', `/v1/projects/default/sandboxes/${open}`)).body.status.network.dnsName, `${open}.default.internal`);
       assert.match(r.out, /hello-from-web\n rc=0[\s\S]*hello-from-web\n rc=0/, r.out);
       // Outside (allow-all): reached, masqueraded.
       r = await sh('default', open, get(`http://${outside.ip}:8080/index.html`));
@@ -145,8 +146,11 @@ describe('networking', () => {
       const foreignIp = (await d.api('GET', `/v1/projects/other/sandboxes/${foreign}`)).body.status.network.ip;
       assert.notEqual(gatewayOf(foreignIp), gw, 'each project has its own subnet');
 
-      // deny-all (the sandbox default): nothing, neither in the project nor outside; DNS still answers.
-      r = await sh('default', closed, `${get('http://web:8080/index.html')}; ${get(`http://${outside.ip}:8080/index.html`)}; nslookup web >/dev/null 2>&1; echo " dns=$?"`);
+      // deny-all (the sandbox default): nothing, neither in the project (a workload, another
+      // sandbox) nor outside nor the host's loopback services; DNS still answers.
+      await sh('default', open, 'mkdir -p /tmp/www && echo from-sandbox > /tmp/www/index.html && (httpd -p 8090 -h /tmp/www &)');
+      r = await sh('default', closed, [get('http://web:8080/index.html'), get(`http://${myIp}:8090/index.html`), get(`http://${outside.ip}:8080/index.html`), get(`http://127.0.0.1:${hostPort}/`), 'nslookup web >/dev/null 2>&1; echo " dns=$?"'].join('; '));
+      assert.doesNotMatch(r.out, /from-sandbox/, r.out);
       assert.doesNotMatch(r.out, /hello-from-web|outside\n/, r.out);
       assert.equal((r.out.match(/rc=0/g) ?? []).length, 0, r.out);
       assert.match(r.out, /dns=0/, r.out);
