@@ -83,6 +83,8 @@ async function sh(project: string, sandbox: string, cmd: string): Promise<{ out:
 async function sandbox(project: string, name: string, isolation: string, network?: unknown): Promise<void> {
   const r = await d.api('POST', `/v1/projects/${project}/sandboxes?pool=none`, { name, spec: { isolation, timeoutMs: 300_000, ...(network ? { network } : {}) } });
   assert.equal(r.status, 201, JSON.stringify(r.body));
+  assert.equal(r.body.status.phase, 'running', `sandbox ${name} did not start: ${JSON.stringify(r.body.status)}`);
+  assert.ok(r.body.status.network?.ip, `sandbox ${name} has no address: ${JSON.stringify(r.body.status)}`);
 }
 
 /** HTTP GET from inside (busybox wget; `timeout` because its -T flag crashes Debian's busybox). */
