@@ -2,6 +2,7 @@
 // berthd entry point.
 import { Command } from 'commander';
 import { Daemon, VERSION } from './berthd.js';
+import { DEFAULT_BASE_DOMAIN, settingsFromFlags, type IngressFlags } from '../ingress/types.js';
 
 const program = new Command()
   .name('berthd')
@@ -12,9 +13,15 @@ const program = new Command()
   .option('--socket <path>', 'unix socket of the API (default <data-dir>/berthd.sock)')
   .option('--cgroup-parent <name>', 'parent cgroup for workloads', 'berth')
   .option('--log-level <level>', 'trace|debug|info|warn|error', process.env.BERTH_LOG_LEVEL ?? 'info')
+  .option('--ingress-http <host:port|off>', 'HTTP listener of the ingress', process.env.BERTH_INGRESS_HTTP ?? '0.0.0.0:80')
+  .option('--ingress-https <host:port|off>', 'HTTPS listener of the ingress', process.env.BERTH_INGRESS_HTTPS ?? '0.0.0.0:443')
+  .option('--base-domain <domain>', 'services get <service>.<project>.<domain>', process.env.BERTH_BASE_DOMAIN ?? DEFAULT_BASE_DOMAIN)
+  .option('--acme-directory <url>', 'ACME directory URL: certificates for tls "acme" routes come from there')
+  .option('--acme-email <address>', 'contact e-mail for the ACME account')
+  .option('--acme-ca-root <file>', 'PEM root that signs the ACME server itself (private ACME servers)')
   .parse();
 
-const o = program.opts<{ dataDir: string; listen: string; socket?: string; cgroupParent: string; logLevel: string }>();
+const o = program.opts<{ dataDir: string; listen: string; socket?: string; cgroupParent: string; logLevel: string } & IngressFlags>();
 
 async function main() {
   if (process.getuid?.() !== 0) {
@@ -23,7 +30,8 @@ async function main() {
   }
   let daemon: Daemon;
   try {
-    daemon = new Daemon({ dataDir: o.dataDir, listen: o.listen, ...(o.socket ? { socketPath: o.socket } : {}), cgroupParent: o.cgroupParent, logLevel: o.logLevel });
+    const ingress = settingsFromFlags(o);
+    daemon = new Daemon({ dataDir: o.dataDir, listen: o.listen, ...(o.socket ? { socketPath: o.socket } : {}), cgroupParent: o.cgroupParent, logLevel: o.logLevel, ingress });
     await daemon.start();
   } catch (e) {
     console.error(`berthd: ${(e as Error).message}`);
