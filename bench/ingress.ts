@@ -7,7 +7,8 @@
 // Runs are interleaved (direct, caddy, caddy-tls, node, direct, …) and each figure is the median
 // over --runs. Throughput is a ratio against direct; latency is p99(target) − p99(direct).
 // --pin: wrk on CPU 0, backend and proxy on CPU 1 (the proxy then has to share the backend's core).
-// Usage: node dist/bench/ingress.js [--runs 5] [--duration 10] [--connections 50] [--pin] [--write BENCHMARKS.md]
+// --backend node: the replica is a node:http server instead (slower per request, like many real apps).
+// Usage: node dist/bench/ingress.js [--backend go|node] [--runs 5] [--duration 10] [--connections 50] [--pin] [--write BENCHMARKS.md]
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { createServer, type AddressInfo } from 'node:net';
@@ -24,6 +25,7 @@ const { values } = parseArgs({
     duration: { type: 'string', default: '10' },
     connections: { type: 'string', default: '50' },
     pin: { type: 'boolean', default: false },
+    backend: { type: 'string', default: 'go' },
     write: { type: 'string' },
   },
 });
@@ -34,6 +36,8 @@ for (const [k, v] of [['--runs', RUNS], ['--duration', DURATION], ['--connection
   if (!Number.isInteger(v) || v < 1) throw new Error(`${k} must be a whole number ≥ 1`);
 }
 const PIN = values.pin!;
+const BACKEND = values.backend!;
+if (BACKEND !== 'go' && BACKEND !== 'node') throw new Error('--backend must be go or node');
 const ROOT = resolve(new URL('../..', import.meta.url).pathname);
 const HOST = 'bench.berth.localhost';
 
@@ -104,16 +108,19 @@ function wrk(url: string, host: string | undefined, seconds: number): WrkResult 
 async function main(): Promise<void> {
   need('wrk', 'wrk');
   need('caddy', 'caddy');
-  need('go', 'golang (or the Go toolchain setup.sh installs)');
+  if (BACKEND === 'go') need('go', 'golang (or the Go toolchain setup.sh installs)');
   if (PIN) need('taskset', 'util-linux');
   const tmp = mkdtempSync('/tmp/berth-bench-ingress-');
   const children: ChildProcess[] = [];
   let ingress: Ingress | undefined;
   try {
-    const backendBin = join(tmp, 'ingress-backend');
-    const b = spawnSync('go', ['build', '-o', backendBin, '.'], { cwd: join(ROOT, 'bench', 'ingress-backend'), encoding: 'utf8', env: { ...process.env, CGO_ENABLED: '0' } });
-    if (b.status !== 0) throw new Error(`building the backend failed: ${b.stderr}`);
-    const backend = await startPrinting([backendBin, '127.0.0.1:0'], PIN ? '1' : undefined);
+    let backendCmd = [process.execPath, join(ROOT, 'dist', 'bench', 'ingress-node-backend.js')];
+    if (BACKEND === 'go') {
+      backendCmd = [join(tmp, 'ingress-backend')];
+      const b = spawnSync('go', ['build', '-o', backendCmd[0]!, '.'], { cwd: join(ROOT, 'bench', 'ingress-backend'), encoding: 'utf8', env: { ...process.env, CGO_ENABLED: '0' } });
+      if (b.status !== 0) throw new Error(`building the backend failed: ${b.stderr}`);
+    }
+    const backend = await startPrinting([...backendCmd, '127.0.0.1:0'], PIN ? '1' : undefined);
     children.push(backend.proc);
     const [bHost, bPort] = backend.addr.split(':') as [string, string];
 
@@ -170,7 +177,7 @@ async function main(): Promise<void> {
     const caddyVersion = spawnSync('caddy', ['version'], { encoding: 'utf8' }).stdout.trim().split(' ')[0];
     const text = [
       `Host: ${cpus().length} × ${cpus()[0]?.model ?? 'CPU'}, shared by wrk, the backend and the proxy${PIN ? ' (pinned: wrk on CPU 0; backend and proxy on CPU 1)' : ' (not pinned)'}.`,
-      `wrk ${DURATION} s, ${CONNS} connections, 2 threads, keep-alive; backend: Go net/http "hello" server (bench/ingress-backend), one replica on loopback;`,
+      `wrk ${DURATION} s, ${CONNS} connections, 2 threads, keep-alive; backend: ${BACKEND === 'go' ? 'Go net/http "hello" server (bench/ingress-backend)' : 'Node.js node:http "hello" server (bench/ingress-node-backend.ts)'}, one replica on loopback;`,
       `Caddy ${caddyVersion} configured by src/ingress (round robin, retries, passive health checks); medians of ${RUNS} interleaved runs.`,
       '',
       '| path | req/s | of direct | p50 ms | p99 ms | added p99 ms | errors | target |',
@@ -179,8 +186,9 @@ async function main(): Promise<void> {
     ].join('\n');
     console.log(text);
     if (values.write) {
-      const cmd = `node dist/bench/ingress.js --runs ${RUNS} --duration ${DURATION} --connections ${CONNS}${PIN ? ' --pin' : ''} --write BENCHMARKS.md`;
-      updateBenchmarks(values.write, PIN ? 'ingress-pinned' : 'ingress', PIN ? 'Ingress: through the proxy vs direct (pinned CPUs)' : 'Ingress: through the proxy vs direct', cmd, text);
+      const cmd = `node dist/bench/ingress.js --backend ${BACKEND} --runs ${RUNS} --duration ${DURATION} --connections ${CONNS}${PIN ? ' --pin' : ''} --write BENCHMARKS.md`;
+      const key = `ingress-${BACKEND}${PIN ? '-pinned' : ''}`;
+      updateBenchmarks(values.write, key, `Ingress: through the proxy vs direct (${BACKEND} backend${PIN ? ', pinned CPUs' : ''})`, cmd, text);
     }
   } finally {
     await ingress?.stop();

@@ -31,6 +31,10 @@ export function registerIngressRoutes(app: OpenAPIHono<AppEnv>, ctx: ApiContext)
     }),
     (c) => c.body(ctx.ingress.caCertPem(), 200, { 'content-type': 'application/x-pem-file' }) as never,
   );
+  app.openapi(
+    createRoute({ method: 'get', path: '/v1/ingress/ca', tags: ['ingress'], responses: { 200: json(z.object({ pem: z.string() }).openapi('IngressCa')), ...errorResponses } }),
+    (c) => c.json({ pem: ctx.ingress.caCertPem() }, 200),
+  );
   app.openapi(createRoute({ method: 'get', path: '/v1/ingress/routes', tags: ['ingress'], responses: { 200: json(Routes), ...errorResponses } }), (c) => {
     requireAdmin(c);
     return c.json({ routes: ctx.ingress.staticRoutes() } as never, 200);
