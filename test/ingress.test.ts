@@ -7,6 +7,7 @@ import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
 import { mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
+import { createServer, type AddressInfo } from 'node:net';
 import { BERTHD, TestDaemon, sleep } from './harness.js';
 import { Backend, Pebble, eventually, freePort, get, getH2, getTls, proxyPids, wsEcho } from './ingress-helpers.js';
 
@@ -225,6 +226,22 @@ test('bad ingress flags are rejected with clear errors', () => {
     }
   } finally {
     rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test('an ingress port already in use stops berthd at start with the reason, leaving no proxy behind', { timeout: 60_000 }, async () => {
+  const busy = createServer();
+  await new Promise<void>((r) => busy.listen(0, '127.0.0.1', () => r()));
+  const port = (busy.address() as AddressInfo).port;
+  const e = new TestDaemon(mkdtempSync('/tmp/berth-test-'));
+  e.args = ['--ingress-http', `127.0.0.1:${port}`];
+  try {
+    await assert.rejects(e.start(), /address already in use/);
+    assert.deepEqual(proxyPids(e.dataDir), []);
+    assert.deepEqual(e.hostResidue(), []);
+  } finally {
+    busy.close();
+    await e.destroy();
   }
 });
 

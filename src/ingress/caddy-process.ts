@@ -117,8 +117,10 @@ export class CaddyProcess {
     const fd = openSync(p.logFile, 'a', 0o600);
     let child: ChildProcess;
     try {
+      // Not detached: Caddy stays in berthd's session. It still outlives a SIGKILL of berthd (only
+      // berthd's pid is signalled); a session of its own would put it in its own scheduler
+      // autogroup, which on a busy host halved its throughput (BENCHMARKS.md "Ingress").
       child = spawn(this.bin, ['run', '--config', p.bootFile], {
-        detached: true,
         stdio: ['ignore', fd, fd],
         // Everything Caddy might write (autosave, instance id, certificates) stays in the data dir.
         env: { PATH: process.env.PATH ?? '/usr/sbin:/usr/bin:/sbin:/bin', HOME: p.home, XDG_DATA_HOME: p.home, XDG_CONFIG_HOME: p.home },

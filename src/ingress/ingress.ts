@@ -89,11 +89,11 @@ export class Ingress {
       return;
     }
     this.started = true;
-    await this.sync();
-    if (this.lastError) {
-      const err = this.lastError;
-      await this.stop();
-      throw unavailable(`ingress did not start: ${err}`);
+    try {
+      await this.sync();
+    } catch (e) {
+      await this.stop(); // no proxy is left behind by a start that failed
+      throw unavailable(`the ingress did not start: ${(e as Error).message}`);
     }
     this.watch = setInterval(() => {
       if (!this.caddy.running()) {
@@ -143,7 +143,7 @@ export class Ingress {
     await this.sync();
   }
 
-  /** The desired set now: valid routes, each host owned by one route (first by id wins). */
+  /** The desired set now: valid routes, each host owned by one route. */
   desired(): { routes: IngressRoute[]; rejected: { id: string; reason: string }[] } {
     const all: IngressRoute[] = [];
     const rejected: { id: string; reason: string }[] = [];
@@ -154,7 +154,11 @@ export class Ingress {
         rejected.push({ id: `provider ${name}`, reason: `failed: ${(e as Error).message}` });
       }
     }
-    all.sort((a, b) => (a.id < b.id ? -1 : a.id > b.id ? 1 : 0));
+    // A contested host stays with the route that is serving it (no flapping, no take-over by a
+    // newcomer); among newcomers the lowest id wins.
+    const serving = new Set(this.appliedRoutes.map((r) => r.id));
+    const rank = (r: IngressRoute) => (serving.has(r.id) ? 0 : 1);
+    all.sort((a, b) => rank(a) - rank(b) || (a.id < b.id ? -1 : a.id > b.id ? 1 : 0));
     const owner = new Map<string, string>();
     const ids = new Set<string>();
     const routes: IngressRoute[] = [];
