@@ -10,7 +10,7 @@
 // --backend node: the replica is a node:http server instead (slower per request, like many real apps).
 // Usage: node dist/bench/ingress.js [--backend go|node] [--runs 5] [--duration 10] [--connections 50] [--pin] [--write BENCHMARKS.md]
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { mkdtempSync, rmSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { createServer, type AddressInfo } from 'node:net';
 import { cpus } from 'node:os';
 import { join, resolve } from 'node:path';
@@ -80,7 +80,18 @@ interface WrkResult {
   p50: number;
   p99: number;
   errors: number;
+  /** CPU time per request (µs) of the backend and of the proxy: independent of how busy the host is. */
+  backendUs: number;
+  proxyUs: number;
 }
+
+/** user+system CPU time of a process (all threads) in µs. */
+function cpuUs(pid: number | undefined): number {
+  if (!pid) return 0;
+  const f = readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1]!.split(' ');
+  return ((Number(f[11]) + Number(f[12])) * 1e6) / CLK_TCK;
+}
+const CLK_TCK = Number(spawnSync('getconf', ['CLK_TCK'], { encoding: 'utf8' }).stdout.trim()) || 100;
 
 /** wrk's "1.23ms" / "456.00us" / "1.01s" → ms. */
 function toMs(s: string): number {
@@ -90,7 +101,9 @@ function toMs(s: string): number {
   return m[2] === 'us' ? x / 1000 : m[2] === 'ms' ? x : m[2] === 's' ? x * 1000 : x * 60_000;
 }
 
-function wrk(url: string, host: string | undefined, seconds: number): WrkResult {
+function wrk(url: string, host: string | undefined, seconds: number, pids: { backend?: number; proxy?: number } = {}): WrkResult {
+  const b0 = cpuUs(pids.backend);
+  const p0 = cpuUs(pids.proxy);
   const args = ['-t2', `-c${CONNS}`, `-d${seconds}s`, '--latency', ...(host ? ['-H', `Host: ${host}`] : []), url];
   const argv = PIN ? ['taskset', '-c', '0', 'wrk', ...args] : ['wrk', ...args];
   const r = spawnSync(argv[0]!, argv.slice(1), { encoding: 'utf8', timeout: (seconds + 30) * 1000 });
@@ -102,7 +115,8 @@ function wrk(url: string, host: string | undefined, seconds: number): WrkResult 
   const sock = /Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)/.exec(out);
   const non2xx = Number(/Non-2xx or 3xx responses: (\d+)/.exec(out)?.[1] ?? 0);
   const errors = non2xx + (sock ? sock.slice(1).reduce((a, b) => a + Number(b), 0) : 0);
-  return { rps, p50, p99, errors };
+  const requests = Number(/(\d+) requests in/.exec(out)?.[1]) || 1;
+  return { rps, p50, p99, errors, backendUs: (cpuUs(pids.backend) - b0) / requests, proxyUs: (cpuUs(pids.proxy) - p0) / requests };
 }
 
 async function main(): Promise<void> {
@@ -140,11 +154,11 @@ async function main(): Promise<void> {
     const node = await startPrinting([process.execPath, join(ROOT, 'dist', 'bench', 'ingress-node-proxy.js'), '127.0.0.1:0', backend.addr], PIN ? '1' : undefined);
     children.push(node.proc);
 
-    const targets: { name: string; url: string; host?: string }[] = [
+    const targets: { name: string; url: string; host?: string; proxy?: number }[] = [
       { name: 'direct', url: `http://${backend.addr}/` },
-      { name: 'caddy http', url: `http://127.0.0.1:${httpPort}/`, host: HOST },
-      { name: 'caddy https', url: `https://127.0.0.1:${httpsPort}/` },
-      { name: 'node http', url: `http://${node.addr}/`, host: HOST },
+      { name: 'caddy http', url: `http://127.0.0.1:${httpPort}/`, host: HOST, proxy: caddyPid },
+      { name: 'caddy https', url: `https://127.0.0.1:${httpsPort}/`, proxy: caddyPid },
+      { name: 'node http', url: `http://${node.addr}/`, host: HOST, proxy: node.proc.pid! },
     ];
     // The first TLS request waits for the local CA to issue the certificate: wait for it, then warm up.
     const deadline = Date.now() + 20_000;
@@ -158,9 +172,9 @@ async function main(): Promise<void> {
     const results = new Map<string, WrkResult[]>(targets.map((t) => [t.name, []]));
     for (let i = 0; i < RUNS; i++) {
       for (const t of targets) {
-        const r = wrk(t.url, t.host, DURATION);
+        const r = wrk(t.url, t.host, DURATION, { backend: backend.proc.pid!, ...(t.proxy ? { proxy: t.proxy } : {}) });
         results.get(t.name)!.push(r);
-        console.error(`run ${i + 1}/${RUNS} ${t.name}: ${r.rps.toFixed(0)} req/s p50 ${r.p50.toFixed(2)} ms p99 ${r.p99.toFixed(2)} ms errors ${r.errors}`);
+        console.error(`run ${i + 1}/${RUNS} ${t.name}: ${r.rps.toFixed(0)} req/s p50 ${r.p50.toFixed(2)} ms p99 ${r.p99.toFixed(2)} ms cpu ${r.backendUs.toFixed(0)}/${r.proxyUs.toFixed(0)} µs errors ${r.errors}`);
       }
     }
     const med = (name: string, k: keyof WrkResult) => median(results.get(name)!.map((r) => r[k]));
@@ -172,7 +186,8 @@ async function main(): Promise<void> {
       const ratio = rps / d.rps;
       const added = p99 - d.p99;
       const verdict = t.name === 'direct' ? '(baseline)' : `${ratio >= 0.8 ? '✅' : '❌'} ≥ 80 %, ${added <= 2 ? '✅' : '❌'} ≤ +2 ms`;
-      return `| ${t.name} | ${rps.toFixed(0)} | ${(ratio * 100).toFixed(1)} % | ${med(t.name, 'p50').toFixed(2)} | ${p99.toFixed(2)} | ${t.name === 'direct' ? '—' : `${added >= 0 ? '+' : ''}${added.toFixed(2)}`} | ${errors} | ${verdict} |`;
+      const cpu = `${med(t.name, 'backendUs').toFixed(0)} / ${t.proxy ? med(t.name, 'proxyUs').toFixed(0) : '—'}`;
+      return `| ${t.name} | ${rps.toFixed(0)} | ${(ratio * 100).toFixed(1)} % | ${med(t.name, 'p50').toFixed(2)} | ${p99.toFixed(2)} | ${t.name === 'direct' ? '—' : `${added >= 0 ? '+' : ''}${added.toFixed(2)}`} | ${cpu} | ${errors} | ${verdict} |`;
     });
     const caddyVersion = spawnSync('caddy', ['version'], { encoding: 'utf8' }).stdout.trim().split(' ')[0];
     const text = [
@@ -180,8 +195,8 @@ async function main(): Promise<void> {
       `wrk ${DURATION} s, ${CONNS} connections, 2 threads, keep-alive; backend: ${BACKEND === 'go' ? 'Go net/http "hello" server (bench/ingress-backend)' : 'Node.js node:http "hello" server (bench/ingress-node-backend.ts)'}, one replica on loopback;`,
       `Caddy ${caddyVersion} configured by src/ingress (round robin, retries, passive health checks); medians of ${RUNS} interleaved runs.`,
       '',
-      '| path | req/s | of direct | p50 ms | p99 ms | added p99 ms | errors | target |',
-      '|---|---:|---:|---:|---:|---:|---:|---|',
+      '| path | req/s | of direct | p50 ms | p99 ms | added p99 ms | CPU µs/req backend / proxy | errors | target |',
+      '|---|---:|---:|---:|---:|---:|---:|---:|---|',
       ...rows,
     ].join('\n');
     console.log(text);

@@ -190,6 +190,22 @@ test('a proxy that dies is restarted with the routes; a stale pid file naming an
   await d.start(); // would kill this test process if it signalled by pid without checking
   assert.equal(proxyPids(d.dataDir).length, 1);
   assert.equal((await get(httpPort, HOST)).body, 'B /');
+
+  // Crash, then restart with the ingress turned off: the orphaned proxy is stopped, not left.
+  await d.kill9();
+  assert.equal(proxyPids(d.dataDir).length, 1);
+  const args = d.args;
+  d.args = [];
+  await d.start();
+  assert.deepEqual(proxyPids(d.dataDir), []);
+  const off = await d.api('PUT', '/v1/ingress/routes', { routes: [] });
+  assert.equal(off.status, 412);
+  assert.match(off.body.error.message, /the ingress is off/);
+  await d.stop();
+  assert.deepEqual(d.hostResidue(), []);
+  d.args = args;
+  await d.start();
+  assert.equal((await eventually(() => get(httpPort, HOST), (x) => x.status === 200)).body, 'B /');
 });
 
 test('graceful stop stops the proxy and leaves no process or runtime file; the CA survives a restart', { timeout: 60_000 }, async () => {

@@ -50,6 +50,16 @@ test('the desired set is the union of providers; a host taken twice stays with t
   assert.equal(ing.hostFor('web', 'p'), 'web.p.berth.localhost');
 });
 
+test('setRoutes: static routes cannot take a host a provider owns, and need the ingress on', async () => {
+  const ing = new Ingress({ dir: '/nonexistent', settings: settingsFromFlags(flags), log: pino({ level: 'silent' }) });
+  ing.register('services', () => [route('service/p/web', ['web.p.berth.localhost'])]);
+  await assert.rejects(ing.setRoutes([route('static/x', ['web.p.berth.localhost'])]), /web\.p\.berth\.localhost is routed by service\/p\/web/);
+  await ing.setRoutes([route('static/x', ['x.test'])]);
+  assert.deepEqual(ing.staticRoutes().map((r) => r.id), ['static/x']);
+  const off = new Ingress({ dir: '/nonexistent', settings: settingsFromFlags({ ...flags, ingressHttp: 'off', ingressHttps: 'off' }), log: pino({ level: 'silent' }) });
+  await assert.rejects(off.setRoutes([route('static/x', ['x.test'])]), /the ingress is off/);
+});
+
 test('buildCaddyConfig: deterministic, tls none only on HTTP, ACME only for acme hosts, never a public CA by default', () => {
   const s = { ...settingsFromFlags(flags), acme: { directory: 'https://acme.test/dir', email: 'a@b.test' } };
   const paths = { adminSocket: '/d/admin.sock', storage: '/d/caddy' };

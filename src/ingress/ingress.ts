@@ -7,7 +7,7 @@
 import { existsSync, mkdirSync, readdirSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import type { Logger } from 'pino';
-import { unavailable, invalidArgument } from '../core/errors.js';
+import { conflict, failedPrecondition, invalidArgument, unavailable } from '../core/errors.js';
 import { buildCaddyConfig } from './caddy-config.js';
 import { CaddyProcess } from './caddy-process.js';
 import { routeProblems, type IngressRoute, type IngressSettings } from './types.js';
@@ -137,6 +137,11 @@ export class Ingress {
     const hosts = routes.flatMap((r) => r.hosts);
     const dup = hosts.find((h, i) => hosts.indexOf(h) !== i);
     if (dup) throw invalidArgument(`host ${dup} is in two routes; a host belongs to one route`);
+    const others = [...this.providers].filter(([name]) => name !== STATIC).flatMap(([, f]) => safely(f));
+    const owner = new Map(others.flatMap((r) => r.hosts.map((h) => [h, r.id] as const)));
+    const taken = hosts.filter((h) => owner.has(h));
+    if (taken.length) throw conflict(`host ${taken.map((h) => `${h} is routed by ${owner.get(h)}`).join(', ')}; pick another host name`);
+    if (!this.enabled) throw failedPrecondition('the ingress is off; start berthd with --ingress-http and/or --ingress-https to route hosts');
     const copy = structuredClone(routes);
     if (this.opts.staticFile) writeFileAtomic(this.opts.staticFile, JSON.stringify(copy));
     this.providers.set(STATIC, () => copy);
@@ -245,7 +250,8 @@ export class Ingress {
     try {
       return readFileSync(file, 'utf8');
     } catch {
-      throw unavailable(this.enabled ? 'the local CA is not created yet; retry once the ingress has started' : 'the ingress is off (berthd --ingress-http off --ingress-https off), so there is no local CA');
+      if (!this.enabled) throw failedPrecondition('the ingress is off (berthd --ingress-http off --ingress-https off), so there is no local CA; turn the ingress on');
+      throw unavailable('the local CA is not created yet; retry once the ingress has started');
     }
   }
 
@@ -272,4 +278,12 @@ function writeFileAtomic(file: string, text: string): void {
   const tmp = `${file}.tmp`;
   writeFileSync(tmp, text, { mode: 0o600 });
   renameSync(tmp, file);
+}
+
+function safely(f: RouteProvider): IngressRoute[] {
+  try {
+    return f();
+  } catch {
+    return [];
+  }
 }
