@@ -3,6 +3,10 @@
 // reloaded. Caddy does the data-plane work itself: round-robin load balancing with retries on
 // refused connections (try_duration) and passive health checks, WebSockets, HTTP/2, TLS from its
 // internal CA ("local") or from an ACME server.
+// Known limit of Caddy 2.6 (Debian's): every config load closes the WebSocket (upgraded)
+// connections it relays — in-flight HTTP requests finish, WebSockets must reconnect. Caddy ≥ 2.7
+// has reverse_proxy `stream_close_delay` for this; dynamic upstreams (backend changes without a
+// load) would make loads rarer.
 import { TOKEN_HEADER, TOKEN_PARAM, type IngressRoute, type IngressSettings } from './types.js';
 
 export interface CaddyPaths {

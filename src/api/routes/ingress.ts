@@ -20,6 +20,7 @@ const Status = z.record(z.string(), z.unknown()).openapi('IngressStatus');
 
 export function registerIngressRoutes(app: OpenAPIHono<AppEnv>, ctx: ApiContext): void {
   app.openapi(createRoute({ method: 'get', path: '/v1/ingress', tags: ['ingress'], responses: { 200: json(Status), ...errorResponses } }), (c) => {
+    requireAdmin(c); // it lists every project's host names
     return c.json(ctx.ingress.status() as never, 200);
   });
   app.openapi(
