@@ -73,6 +73,10 @@ test("HTTPS with a certificate from Berth's local CA (served by the API, kept 06
   const cli = spawnSync(process.execPath, [join(BERTHD, '..', '..', 'cli', 'main.js'), '--addr', d.addr, '--token', d.token, 'ingress', 'ca'], { encoding: 'utf8' });
   assert.equal(cli.status, 0, cli.stderr);
   assert.equal(cli.stdout, ca);
+  const st = spawnSync(process.execPath, [join(BERTHD, '..', '..', 'cli', 'main.js'), '--addr', d.addr, '--token', d.token, 'ingress', 'status'], { encoding: 'utf8' });
+  assert.equal(st.status, 0, st.stderr);
+  assert.match(st.stdout, new RegExp(`ingress on; http 127\\.0\\.0\\.1:${httpPort}, https 127\\.0\\.0\\.1:${httpsPort}`));
+  assert.match(st.stdout, /test\/web +web\.default\.berth\.localhost +2 +local/);
 });
 
 test('a dead backend costs no request: refused connections are retried on another replica', async () => {
