@@ -22,6 +22,8 @@ export class TestDaemon {
   readonly cgroupParent: string;
   /** Each test daemon cuts its project subnets from its own block (daemons may run side by side). */
   readonly networkPool = `10.${100 + Math.floor(Math.random() * 150)}.0.0/16`;
+  /** Extra berthd flags. The ingress is off unless a test passes its own --ingress-* flags. */
+  args: string[] = [];
   private logs: string[] = [];
 
   constructor(
@@ -39,7 +41,7 @@ export class TestDaemon {
 
   async start(): Promise<void> {
     rmSync(join(this.dataDir, 'berthd.addr'), { force: true });
-    this.proc = spawn(process.execPath, [BERTHD, '--data-dir', this.dataDir, '--listen', '127.0.0.1:0', '--cgroup-parent', this.cgroupParent, '--log-level', process.env.BERTH_TEST_LOG ?? 'warn', '--network-pool', this.networkPool], {
+    this.proc = spawn(process.execPath, [BERTHD, '--data-dir', this.dataDir, '--listen', '127.0.0.1:0', '--cgroup-parent', this.cgroupParent, '--log-level', process.env.BERTH_TEST_LOG ?? 'warn', '--network-pool', this.networkPool, ...this.ingressArgs()], {
       stdio: ['ignore', 'pipe', 'pipe'],
     });
     const keep = (d: Buffer) => {
@@ -59,6 +61,11 @@ export class TestDaemon {
     }
     this.addr = `http://${addrLine().trim()}`;
     this.token = readFileSync(join(this.dataDir, 'admin.token'), 'utf8').trim();
+  }
+
+  private ingressArgs(): string[] {
+    const off = [...(this.args.includes('--ingress-http') ? [] : ['--ingress-http', 'off']), ...(this.args.includes('--ingress-https') ? [] : ['--ingress-https', 'off'])];
+    return [...off, ...this.args];
   }
 
   get pid(): number {
@@ -158,10 +165,12 @@ export class TestDaemon {
           if (cmd.includes(this.dataDir)) found.push(`monitor process ${pid}`);
         }
         if (cmd.includes('qemu-system') && cmd.includes(this.dataDir)) found.push(`microVM process ${pid}`);
+        if (cmd.split('\0').some((a) => a.endsWith('caddy')) && cmd.includes(this.dataDir)) found.push(`proxy process ${pid}`);
       } catch {
         /* raced */
       }
     }
+    for (const f of ['caddy.pid', 'admin.sock', 'caddy-boot.json']) if (existsSync(join(this.dataDir, 'ingress', f))) found.push(`ingress ${f}`);
     for (const dir of cgroupParentDirs(this.cgroupParent)) {
       if (existsSync(dir)) for (const f of readdirSync(dir, { withFileTypes: true })) if (f.isDirectory()) found.push(`cgroup ${join(dir, f.name)}`);
     }
@@ -203,6 +212,7 @@ export class TestDaemon {
       try {
         const cmd = readFileSync(`/proc/${pid}/cmdline`, 'utf8');
         if (cmd.includes('qemu-system') && cmd.includes(join(this.dataDir, 'runtime', 'microvm'))) process.kill(Number(pid), 'SIGKILL');
+        if (cmd.split('\0').some((a) => a.endsWith('caddy')) && cmd.includes(join(this.dataDir, 'ingress'))) process.kill(Number(pid), 'SIGKILL');
       } catch {
         /* raced */
       }

@@ -4,6 +4,7 @@ import type { DriverRegistry } from '../core/driver.js';
 import type { ImageService } from '../images/catalog.js';
 import type { ResourceStore } from '../store/resources.js';
 import type { TokenStore } from '../daemon/tokens.js';
+import type { Ingress } from '../ingress/ingress.js';
 
 export interface AuthInfo {
   tokenId: string;
@@ -23,4 +24,6 @@ export interface ApiContext {
   templatesDir: string;
   /** Nudge a controller after an API write (the store's change feed also does this). */
   kick(kind: string, id: string): void;
+  /** The ingress: reconcilers register route providers on it and call sync(). */
+  ingress: Ingress;
 }

@@ -10,6 +10,7 @@ import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { constants as osConstants } from 'node:os';
 import { ApiError, BerthClient, ConnectError } from './client.js';
+import { registerIngress } from './ingress.js';
 import { age, formatLabels, printJson, printTable, relative, shortTime, type OutputFormat } from './format.js';
 
 // ---------------------------------------------------------------------------------------------
@@ -1261,6 +1262,7 @@ export function buildProgram(): Command {
   registerTokens(program);
   registerImages(program);
   registerBench(program);
+  registerIngress(program, addCommon, act as never);
   return program;
 }
 

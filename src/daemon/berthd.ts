@@ -25,6 +25,8 @@ import { TokenStore } from './tokens.js';
 import { PROJECT } from '../api/routes/common.js';
 import { pidAlive } from '../lib/exec.js';
 import type { WorkloadSpec } from '../api/schemas.js';
+import { Ingress } from '../ingress/ingress.js';
+import { DEFAULT_BASE_DOMAIN, type IngressSettings } from '../ingress/types.js';
 
 export const VERSION = '0.1.0';
 
@@ -42,6 +44,8 @@ export interface DaemonConfig {
   logger?: Logger;
   /** Workload networks: the pool project subnets are cut from, and their prefix length. */
   network?: { pool?: string; subnetPrefix?: number };
+  /** HTTP/HTTPS ingress; undefined = off. */
+  ingress?: IngressSettings;
 }
 
 export class Daemon {
@@ -57,6 +61,7 @@ export class Daemon {
   readonly controllers: { workloads: Controller; jobRuns: Controller; jobs: Controller; sandboxes: Controller; sandboxPools: Controller };
   readonly adminTokenPath: string;
   readonly socketPath: string;
+  readonly ingress: Ingress;
   private servers: Server[] = [];
   private resync: NodeJS.Timeout | undefined;
   private offExit: (() => void) | undefined;
@@ -89,6 +94,12 @@ export class Daemon {
     this.drivers.register(this.runc);
     this.drivers.register(this.gvisor);
     this.drivers.register(this.microvm);
+    this.ingress = new Ingress({
+      dir: join(config.dataDir, 'ingress'),
+      settings: config.ingress ?? { http: undefined, https: undefined, baseDomain: DEFAULT_BASE_DOMAIN, acme: undefined },
+      staticFile: join(config.dataDir, 'ingress', 'static-routes.json'),
+      log: this.log,
+    });
     const images = new ImageService(join(config.dataDir, 'images'));
     this.images = images;
     const log = this.log;
@@ -163,10 +174,16 @@ export class Daemon {
     this.offExit = () => offs.forEach((f) => f());
     await this.network.init();
     await this.collectOrphans();
+    await this.ingress.start();
     this.resyncAll();
     this.resync = setInterval(() => this.resyncAll(), this.config.resyncMs ?? 30_000);
     this.resync.unref();
-    await this.listen();
+    try {
+      await this.listen();
+    } catch (e) {
+      await this.ingress.stop(); // no proxy outlives a berthd that failed to start
+      throw e;
+    }
     this.log.info({ address: this.address, socket: this.socketPath, dataDir: this.config.dataDir }, 'berthd ready');
   }
 
@@ -182,6 +199,7 @@ export class Daemon {
     for (const j of this.store.list(JOB, { limit: 1000 }).items) this.controllers.jobs.enqueue(j.id);
     for (const s of this.store.list(SANDBOX, { limit: 1000 }).items) this.controllers.sandboxes.enqueue(s.id);
     for (const p of this.store.list(SANDBOXPOOL, { limit: 1000 }).items) this.controllers.sandboxPools.enqueue(p.id);
+    void this.ingress.sync().catch(() => undefined); // errors are kept in its status and retried
   }
 
   /** Host state with no record (a crash between record removal and cleanup): remove it. */
@@ -208,6 +226,7 @@ export class Daemon {
         adminTokenPath: this.adminTokenPath,
         templatesDir: join(this.config.dataDir, 'templates'),
         kick: (k, id) => this.kick(k, id),
+        ingress: this.ingress,
       },
       this.log,
     );
@@ -246,6 +265,7 @@ export class Daemon {
     );
     this.servers = [];
     await Promise.all(Object.values(this.controllers).map((c) => c.stop()));
+    await this.ingress.stop();
     for (const d of this.drivers.all()) {
       d.close();
       d.removeCgroupParent();

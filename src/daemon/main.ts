@@ -2,6 +2,7 @@
 // berthd entry point.
 import { Command } from 'commander';
 import { Daemon, VERSION } from './berthd.js';
+import { DEFAULT_BASE_DOMAIN, settingsFromFlags, type IngressFlags } from '../ingress/types.js';
 
 const program = new Command()
   .name('berthd')
@@ -14,9 +15,15 @@ const program = new Command()
   .option('--log-level <level>', 'trace|debug|info|warn|error', process.env.BERTH_LOG_LEVEL ?? 'info')
   .option('--network-pool <cidr>', "IPv4 block that projects' subnets are cut from", process.env.BERTH_NETWORK_POOL ?? '10.89.0.0/16')
   .option('--network-subnet-prefix <n>', 'size of each project subnet (prefix length)', '24')
+  .option('--ingress-http <host:port|off>', 'HTTP listener of the ingress', process.env.BERTH_INGRESS_HTTP ?? '0.0.0.0:80')
+  .option('--ingress-https <host:port|off>', 'HTTPS listener of the ingress', process.env.BERTH_INGRESS_HTTPS ?? '0.0.0.0:443')
+  .option('--base-domain <domain>', 'services get <service>.<project>.<domain>', process.env.BERTH_BASE_DOMAIN ?? DEFAULT_BASE_DOMAIN)
+  .option('--acme-directory <url>', 'ACME directory URL: certificates for tls "acme" routes come from there')
+  .option('--acme-email <address>', 'contact e-mail for the ACME account')
+  .option('--acme-ca-root <file>', 'PEM root that signs the ACME server itself (private ACME servers)')
   .parse();
 
-const o = program.opts<{ dataDir: string; listen: string; socket?: string; cgroupParent: string; logLevel: string; networkPool: string; networkSubnetPrefix: string }>();
+const o = program.opts<{ dataDir: string; listen: string; socket?: string; cgroupParent: string; logLevel: string; networkPool: string; networkSubnetPrefix: string } & IngressFlags>();
 
 async function main() {
   if (process.getuid?.() !== 0) {
@@ -27,6 +34,7 @@ async function main() {
   try {
     const prefix = Number(o.networkSubnetPrefix);
     if (!Number.isInteger(prefix)) throw new Error(`--network-subnet-prefix must be a number such as 24, not "${o.networkSubnetPrefix}"`);
+    const ingress = settingsFromFlags(o);
     daemon = new Daemon({
       dataDir: o.dataDir,
       listen: o.listen,
@@ -34,6 +42,7 @@ async function main() {
       cgroupParent: o.cgroupParent,
       logLevel: o.logLevel,
       network: { pool: o.networkPool, subnetPrefix: prefix },
+      ingress,
     });
     await daemon.start();
   } catch (e) {

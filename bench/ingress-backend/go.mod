@@ -1,0 +1,3 @@
+module berth/bench/ingress-backend
+
+go 1.19

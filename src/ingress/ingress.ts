@@ -1,0 +1,289 @@
+// The ingress: HTTP/HTTPS entry point that routes Host names to workload backends.
+// The desired set of routes is the union of what registered providers return (services own
+// theirs, sandboxes theirs); sync() computes it and hands the whole set to the data plane
+// (Caddy, chosen on measurements: see BENCHMARKS.md "Ingress"). Level-triggered and idempotent:
+// an unchanged set is not reloaded, a failed apply is retried, and a proxy that died or was left
+// by a crashed berthd is restarted or adopted and gets the full set again.
+import { existsSync, mkdirSync, readdirSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
+import { dirname, join } from 'node:path';
+import type { Logger } from 'pino';
+import { conflict, failedPrecondition, invalidArgument, unavailable } from '../core/errors.js';
+import { buildCaddyConfig } from './caddy-config.js';
+import { CaddyProcess } from './caddy-process.js';
+import { routeProblems, type IngressRoute, type IngressSettings } from './types.js';
+
+export type RouteProvider = () => IngressRoute[];
+
+export interface IngressOptions {
+  /** Directory for the proxy's state: <dataDir>/ingress. */
+  dir: string;
+  settings: IngressSettings;
+  log: Logger;
+  /** Caddy binary (default $BERTH_CADDY or `caddy` on PATH). */
+  caddyBin?: string;
+  /** How often the proxy process is checked (and restarted if it died). */
+  watchMs?: number;
+  /** Where setRoutes() keeps the static routes across restarts (default: not kept). */
+  staticFile?: string;
+}
+
+export interface IngressStatus {
+  enabled: boolean;
+  http: string | null;
+  https: string | null;
+  baseDomain: string;
+  acme: { directory: string; email: string } | null;
+  proxy: { kind: 'caddy'; pid: number | null; running: boolean; adopted: boolean };
+  routes: { id: string; hosts: string[]; backends: number; tls: string; auth: boolean }[];
+  /** Routes left out of the applied set, with the reason (bad field, host already taken). */
+  rejected: { id: string; reason: string }[];
+  lastSyncAt: string | null;
+  lastError: string | null;
+}
+
+const STATIC = 'static';
+
+export class Ingress {
+  private readonly providers = new Map<string, RouteProvider>();
+  private readonly caddy: CaddyProcess;
+  private applied: string | undefined;
+  private appliedRoutes: IngressRoute[] = [];
+  private rejected: { id: string; reason: string }[] = [];
+  private lastSyncAt: Date | undefined;
+  private lastError: string | undefined;
+  private syncing: Promise<void> | undefined;
+  private pending: Promise<void> | undefined;
+  private started = false;
+  private watch: NodeJS.Timeout | undefined;
+  private retry: NodeJS.Timeout | undefined;
+
+  constructor(readonly opts: IngressOptions) {
+    this.caddy = new CaddyProcess(opts.dir, opts.caddyBin ?? process.env.BERTH_CADDY ?? 'caddy', opts.log);
+    if (opts.staticFile && existsSync(opts.staticFile)) {
+      const routes = JSON.parse(readFileSync(opts.staticFile, 'utf8')) as IngressRoute[];
+      this.providers.set(STATIC, () => routes);
+    }
+    this.caddy.onExit(() => {
+      if (!this.started) return;
+      this.applied = undefined;
+      void this.sync().catch(() => undefined);
+    });
+  }
+
+  get enabled(): boolean {
+    return Boolean(this.opts.settings.http || this.opts.settings.https);
+  }
+
+  /** The name an ingress gives a service by default: `<service>.<project>.<baseDomain>`. */
+  hostFor(...labels: string[]): string {
+    return [...labels, this.opts.settings.baseDomain].join('.').toLowerCase();
+  }
+
+  /**
+   * Start the proxy (or adopt the one a crashed berthd left) and apply the current desired set.
+   * When the ingress is off, a proxy left by an earlier run with the ingress on is stopped.
+   */
+  async start(): Promise<void> {
+    if (!this.enabled) {
+      await this.caddy.stop();
+      return;
+    }
+    this.started = true;
+    try {
+      await this.sync();
+    } catch (e) {
+      await this.stop(); // no proxy is left behind by a start that failed
+      throw unavailable(`the ingress did not start: ${(e as Error).message}`);
+    }
+    this.watch = setInterval(() => {
+      if (!this.caddy.running()) {
+        this.applied = undefined;
+        void this.sync().catch(() => undefined);
+      }
+    }, this.opts.watchMs ?? 2_000);
+    this.watch.unref();
+  }
+
+  /** Stop the proxy and remove its runtime files. */
+  async stop(): Promise<void> {
+    this.started = false;
+    clearInterval(this.watch);
+    clearTimeout(this.retry);
+    await this.syncing?.catch(() => undefined);
+    await this.caddy.stop();
+    this.applied = undefined;
+  }
+
+  /** A provider owns a share of the routes; the desired set is the union over providers. */
+  register(name: string, provider: RouteProvider): void {
+    this.providers.set(name, provider);
+  }
+
+  unregister(name: string): void {
+    this.providers.delete(name);
+  }
+
+  /** The static routes (set with setRoutes). */
+  staticRoutes(): IngressRoute[] {
+    return this.providers.get(STATIC)?.() ?? [];
+  }
+
+  /** Replace the routes not owned by any provider (a static provider, kept in opts.staticFile) and apply. */
+  async setRoutes(routes: IngressRoute[]): Promise<void> {
+    const bad = routes.flatMap((r) => routeProblems(r, Boolean(this.opts.settings.acme)).map((p) => `route ${r.id || '(no id)'}: ${p}`));
+    if (bad.length) throw invalidArgument(bad.join('; '));
+    const ids = new Set(routes.map((r) => r.id));
+    if (ids.size !== routes.length) throw invalidArgument('two routes have the same id; give each route its own id');
+    const hosts = routes.flatMap((r) => r.hosts);
+    const dup = hosts.find((h, i) => hosts.indexOf(h) !== i);
+    if (dup) throw invalidArgument(`host ${dup} is in two routes; a host belongs to one route`);
+    const others = [...this.providers].filter(([name]) => name !== STATIC).flatMap(([, f]) => safely(f));
+    const owner = new Map(others.flatMap((r) => r.hosts.map((h) => [h, r.id] as const)));
+    const taken = hosts.filter((h) => owner.has(h));
+    if (taken.length) throw conflict(`host ${taken.map((h) => `${h} is routed by ${owner.get(h)}`).join(', ')}; pick another host name`);
+    if (!this.enabled) throw failedPrecondition('the ingress is off; start berthd with --ingress-http and/or --ingress-https to route hosts');
+    const copy = structuredClone(routes);
+    if (this.opts.staticFile) writeFileAtomic(this.opts.staticFile, JSON.stringify(copy));
+    this.providers.set(STATIC, () => copy);
+    await this.sync();
+  }
+
+  /** The desired set now: valid routes, each host owned by one route. */
+  desired(): { routes: IngressRoute[]; rejected: { id: string; reason: string }[] } {
+    const all: IngressRoute[] = [];
+    const rejected: { id: string; reason: string }[] = [];
+    for (const [name, provider] of this.providers) {
+      try {
+        all.push(...provider());
+      } catch (e) {
+        rejected.push({ id: `provider ${name}`, reason: `failed: ${(e as Error).message}` });
+      }
+    }
+    // A contested host stays with the route that is serving it (no flapping, no take-over by a
+    // newcomer); among newcomers the lowest id wins.
+    const serving = new Set(this.appliedRoutes.map((r) => r.id));
+    const rank = (r: IngressRoute) => (serving.has(r.id) ? 0 : 1);
+    all.sort((a, b) => rank(a) - rank(b) || (a.id < b.id ? -1 : a.id > b.id ? 1 : 0));
+    const owner = new Map<string, string>();
+    const ids = new Set<string>();
+    const routes: IngressRoute[] = [];
+    for (const r of all) {
+      const problems = routeProblems(r, Boolean(this.opts.settings.acme));
+      if (ids.has(r.id)) problems.push('another route has the same id');
+      const taken = r.hosts.filter((h) => owner.has(h));
+      if (taken.length) problems.push(`host ${taken.map((h) => `${h} (owned by ${owner.get(h)})`).join(', ')} already routed`);
+      if (problems.length) {
+        rejected.push({ id: r.id, reason: problems.join('; ') });
+        continue;
+      }
+      ids.add(r.id);
+      for (const h of r.hosts) owner.set(h, r.id);
+      routes.push(r);
+    }
+    return { routes, rejected };
+  }
+
+  /**
+   * Apply the desired set. Calls made while one runs are coalesced into one more run after it.
+   * Resolves when a run that started after the call has finished; errors are kept in status()
+   * and retried, and rethrown to the caller.
+   */
+  sync(): Promise<void> {
+    if (!this.started) return Promise.resolve();
+    if (this.syncing) {
+      this.pending ??= this.syncing
+        .catch(() => undefined)
+        .then(() => {
+          this.pending = undefined;
+          return this.sync();
+        });
+      return this.pending;
+    }
+    this.syncing = this.syncOnce().finally(() => (this.syncing = undefined));
+    return this.syncing;
+  }
+
+  private async syncOnce(): Promise<void> {
+    clearTimeout(this.retry);
+    const { routes, rejected } = this.desired();
+    for (const r of rejected) if (!this.rejected.some((o) => o.id === r.id && o.reason === r.reason)) this.opts.log.warn(r, 'ingress: route rejected');
+    this.rejected = rejected;
+    const config = buildCaddyConfig(routes, this.opts.settings, { adminSocket: this.caddy.paths.adminSocket, storage: this.caddy.paths.storage });
+    const text = JSON.stringify(config);
+    try {
+      const how = await this.caddy.ensure();
+      if (how !== 'running' || text !== this.applied) {
+        await this.caddy.load(config);
+        this.applied = text;
+        this.opts.log.debug({ routes: routes.length }, 'ingress: routes applied');
+      }
+      this.appliedRoutes = routes;
+      this.lastSyncAt = new Date();
+      this.lastError = undefined;
+      this.forgetCertificates(routes);
+    } catch (e) {
+      this.lastError = (e as Error).message;
+      this.opts.log.error({ err: this.lastError }, 'ingress: applying routes failed; retrying');
+      if (this.started) {
+        this.retry = setTimeout(() => void this.sync().catch(() => undefined), 2_000);
+        this.retry.unref();
+      }
+      throw e;
+    }
+  }
+
+  /** Certificates of hosts no route has any more: removed, so a deleted owner leaves nothing. */
+  private forgetCertificates(routes: IngressRoute[]): void {
+    const live = new Set(routes.filter((r) => r.tls !== 'none').flatMap((r) => r.hosts));
+    const root = join(this.caddy.paths.storage, 'certificates');
+    if (!existsSync(root)) return;
+    for (const issuer of readdirSync(root)) {
+      for (const host of readdirSync(join(root, issuer))) {
+        if (!live.has(host)) rmSync(join(root, issuer, host), { recursive: true, force: true });
+      }
+    }
+  }
+
+  /** Berth's local CA certificate (PEM): clients trust it to reach `tls: local` hosts over HTTPS. */
+  caCertPem(): string {
+    const file = join(this.caddy.paths.storage, 'pki', 'authorities', 'local', 'root.crt');
+    try {
+      return readFileSync(file, 'utf8');
+    } catch {
+      if (!this.enabled) throw failedPrecondition('the ingress is off (berthd --ingress-http off --ingress-https off), so there is no local CA; turn the ingress on');
+      throw unavailable('the local CA is not created yet; retry once the ingress has started');
+    }
+  }
+
+  status(): IngressStatus {
+    const s = this.opts.settings;
+    const addr = (a: { host: string; port: number } | undefined) => (a ? `${a.host}:${a.port}` : null);
+    return {
+      enabled: this.enabled,
+      http: addr(s.http),
+      https: addr(s.https),
+      baseDomain: s.baseDomain,
+      acme: s.acme ? { directory: s.acme.directory, email: s.acme.email } : null,
+      proxy: { kind: 'caddy', pid: this.caddy.pid ?? null, running: this.caddy.running(), adopted: this.caddy.adopted },
+      routes: this.appliedRoutes.map((r) => ({ id: r.id, hosts: r.hosts, backends: r.backends.length, tls: r.tls, auth: Boolean(r.auth) })),
+      rejected: this.rejected,
+      lastSyncAt: this.lastSyncAt?.toISOString() ?? null,
+      lastError: this.lastError ?? null,
+    };
+  }
+}
+
+function writeFileAtomic(file: string, text: string): void {
+  mkdirSync(dirname(file), { recursive: true, mode: 0o700 });
+  const tmp = `${file}.tmp`;
+  writeFileSync(tmp, text, { mode: 0o600 });
+  renameSync(tmp, file);
+}
+
+function safely(f: RouteProvider): IngressRoute[] {
+  try {
+    return f();
+  } catch {
+    return [];
+  }
+}
