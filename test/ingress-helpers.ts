@@ -70,6 +70,8 @@ export function get(port: number, host: string, path = '/', headers: Record<stri
       res.setEncoding('utf8').on('data', (d: string) => (body += d));
       res.on('end', () => resolve({ status: res.statusCode!, body, headers: res.headers }));
     });
+    // A backend that accepted the connection but never answers (e.g. a paused sandbox) must not hang a test.
+    req.setTimeout(10_000, () => req.destroy(new Error('no response within 10 s')));
     req.on('error', reject);
     req.end();
   });

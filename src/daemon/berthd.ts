@@ -16,7 +16,7 @@ import { JOB, JOBRUN, makeJobReconciler, makeJobRunReconciler } from '../reconci
 import { RuncDriver } from '../drivers/runc/driver.js';
 import { GvisorDriver } from '../drivers/gvisor/driver.js';
 import { MicroVmDriver } from '../drivers/microvm/driver.js';
-import { SANDBOX, makeSandboxReconciler } from '../reconcilers/sandboxes.js';
+import { SANDBOX, makeSandboxReconciler, sandboxRoutes } from '../reconcilers/sandboxes.js';
 import { SANDBOXPOOL, makeSandboxPoolReconciler } from '../reconcilers/sandboxpools.js';
 import { ImageService } from '../images/catalog.js';
 import { NetworkManager, instanceId } from '../network/manager.js';
@@ -100,6 +100,7 @@ export class Daemon {
       staticFile: join(config.dataDir, 'ingress', 'static-routes.json'),
       log: this.log,
     });
+    this.ingress.register('sandboxes', () => sandboxRoutes(this.store, this.ingress));
     const images = new ImageService(join(config.dataDir, 'images'));
     this.images = images;
     const log = this.log;
@@ -162,6 +163,8 @@ export class Daemon {
       // Owners watch their children: a workload change wakes its job run, a run change its job.
       if (n.ownerId && n.kind === WORKLOAD) this.controllers.jobRuns.enqueue(n.ownerId);
       if (n.ownerId && n.kind === JOBRUN) this.controllers.jobs.enqueue(n.ownerId);
+      // Sandboxes own preview routes (their address changes as they start, pause and end).
+      if (n.kind === SANDBOX) void this.ingress.sync().catch(() => undefined);
     });
     for (const fp of await this.drivers.fingerprintAll()) this.log.info({ driver: fp.driver, healthy: fp.healthy, reason: fp.reason }, 'driver fingerprint');
     const offs = this.drivers.all().map((d) =>

@@ -3,6 +3,9 @@
 // workload reconciler: it starts the task, adopts it after a daemon restart, ends it when its
 // timeout passes (freeing every host resource) and removes everything on deletion.
 import type { Logger } from 'pino';
+import { randomBytes } from 'node:crypto';
+import type { Ingress } from '../ingress/ingress.js';
+import type { IngressRoute } from '../ingress/types.js';
 import type { DriverRegistry, EgressPolicy, TaskHandle } from '../core/driver.js';
 import { taskNetworkFor } from '../network/manager.js';
 import { isBerthError } from '../core/errors.js';
@@ -26,6 +29,8 @@ export interface SandboxSpecT {
   template?: string;
   /** Default: the project's network with egress deny-all. */
   network?: { mode?: 'project' | 'none'; egress?: EgressPolicy | undefined } | undefined;
+  /** Ports served through the ingress as preview URLs; private ones need the sandbox's access token. */
+  ports?: { port: number; public: boolean }[] | undefined;
 }
 
 export const SANDBOXTEMPLATE = 'sandboxtemplate';
@@ -57,11 +62,38 @@ export interface SandboxStatusT {
   pid?: number;
   task?: TaskHandle | null;
   network?: { ip: string; dnsName: string } | undefined;
+  /** Token that opens the sandbox's private preview URLs (header x-berth-token or ?berth_token=). */
+  accessToken?: string;
 }
 
 export type SandboxResource = Resource<SandboxSpecT, SandboxStatusT>;
 
-export const initialSandboxStatus = (): SandboxStatusT => ({ phase: 'pending' });
+export const initialSandboxStatus = (): SandboxStatusT => ({ phase: 'pending', accessToken: randomBytes(24).toString('base64url') });
+
+/** The host name of a sandbox port's preview URL: `<port>-<sandbox>.<project>.<base-domain>`. */
+export const previewHost = (ingress: Pick<Ingress, 'hostFor'>, project: string, name: string, port: number) => ingress.hostFor(`${port}-${name}`, project);
+
+/**
+ * Ingress routes of the sandboxes' exposed ports (a route provider): to the sandbox's address
+ * while it runs (a paused or starting sandbox has none: the ingress answers 503).
+ */
+export function sandboxRoutes(store: ResourceStore, ingress: Pick<Ingress, 'hostFor'>): IngressRoute[] {
+  const out: IngressRoute[] = [];
+  for (const s of store.list<SandboxSpecT, SandboxStatusT>(SANDBOX, { limit: 10_000 }).items) {
+    if (!s.spec.ports?.length || s.deletionRequestedAt) continue;
+    const ip = s.status.phase === 'running' ? s.status.network?.ip : undefined;
+    for (const p of s.spec.ports) {
+      out.push({
+        id: `sandbox/${s.project}/${s.name}/${p.port}`,
+        hosts: [previewHost(ingress, s.project, s.name, p.port)],
+        backends: ip ? [{ address: ip, port: p.port }] : [],
+        tls: 'local',
+        ...(p.public || !s.status.accessToken ? {} : { auth: { token: s.status.accessToken } }),
+      });
+    }
+  }
+  return out;
+}
 
 export function makeSandboxReconciler(deps: { store: ResourceStore; drivers: DriverRegistry; images: ImageCatalog; log: Logger }) {
   const { store, drivers, images, log } = deps;

@@ -10,7 +10,7 @@ import { join } from 'node:path';
 import { StringDecoder } from 'node:string_decoder';
 import type { AgentChannel, AgentFrame } from '../../core/driver.js';
 import { BerthError, failedPrecondition, type ErrorCode } from '../../core/errors.js';
-import { SANDBOX, SANDBOXTEMPLATE, initialSandboxStatus, type SandboxResource, type SandboxSpecT, type SandboxStatusT, type SandboxTemplateSpecT, type SandboxTemplateStatusT } from '../../reconcilers/sandboxes.js';
+import { SANDBOX, SANDBOXTEMPLATE, initialSandboxStatus, previewHost, type SandboxResource, type SandboxSpecT, type SandboxStatusT, type SandboxTemplateSpecT, type SandboxTemplateStatusT } from '../../reconcilers/sandboxes.js';
 import type { AppEnv } from '../app.js';
 import type { ApiContext } from '../context.js';
 import { Isolation, Labels, ListQuery, Name, NetworkSpec, Resources, listOf } from '../schemas.js';
@@ -25,6 +25,15 @@ const sandboxView = (s: SandboxResource) => view(s, HIDDEN);
 const EnvMap = z.record(z.string().regex(/^[A-Za-z_][A-Za-z0-9_]*$/, { message: 'environment variable names are letters, digits and "_"' }), z.string().max(131072));
 const Path = z.string().min(1).max(4096).refine((p) => !p.includes('\0'), { message: 'paths cannot contain NUL bytes' });
 
+const PortNumber = z.number().int().min(1).max(65535);
+const PortSpec = z
+  .strictObject({ port: PortNumber, public: z.boolean().default(false).openapi({ description: "false: requests need the sandbox's access token (header x-berth-token or ?berth_token=)" }) })
+  .openapi('SandboxPort');
+const PortView = z
+  .object({ port: z.number(), public: z.boolean(), url: z.string().openapi({ example: 'https://3000-sbx-1a2b.default.berth.localhost/' }), token: z.string().optional() })
+  .openapi('SandboxPreview');
+const PortParams = z.strictObject({ project: Name, name: Name, port: z.coerce.number().int().min(1).max(65535) });
+
 export const SandboxSpec = z
   .strictObject({
     image: z.string().min(1).max(255).default('busybox'),
@@ -35,6 +44,7 @@ export const SandboxSpec = z
     state: z.enum(['running', 'paused']).default('running').openapi({ description: 'Desired state; change it with POST …/pause and …/resume' }),
     template: Name.optional().openapi({ description: 'Start from this template (a snapshot of a sandbox: memory, processes, files) instead of booting; its image, isolation and resources apply' }),
     network: NetworkSpec.optional().openapi({ description: "Default: on the project's network with egress deny-all (DNS only); allow destinations with an allowlist" }),
+    ports: z.array(PortSpec).max(16).optional().openapi({ description: 'Ports served as preview URLs through the ingress (also: POST …/ports)' }),
   })
   .openapi('SandboxSpec');
 
@@ -199,6 +209,58 @@ export function registerSandboxRoutes(app: OpenAPIHono<AppEnv>, ctx: ApiContext)
       const r = ctx.store.markForDeletion(s.id);
       ctx.kick(SANDBOX, s.id);
       return c.json(sandboxView(r as SandboxResource) as never, 202);
+    },
+  );
+
+  /** The preview URL of a port: `<port>-<name>.<project>.<base-domain>` on the ingress's HTTPS (else HTTP) listener. */
+  const preview = (s: SandboxResource, p: { port: number; public: boolean }) => {
+    const st = ctx.ingress.status();
+    if (!st.enabled) throw failedPrecondition('the ingress is off (berthd --ingress-http off --ingress-https off), so ports have no preview URL; start berthd with an ingress listener');
+    const host = previewHost(ctx.ingress, s.project, s.name, p.port);
+    if (host.split('.')[0]!.length > 63) throw new BerthError('invalid_argument', `"${p.port}-${s.name}" is longer than a DNS label (63); use a shorter sandbox name`);
+    const [scheme, listen] = st.https ? ['https', st.https] : ['http', st.http!];
+    const port = Number(listen.split(':').pop());
+    const url = `${scheme}://${host}${(scheme === 'https' && port === 443) || (scheme === 'http' && port === 80) ? '' : `:${port}`}/`;
+    return { port: p.port, public: p.public, url, ...(p.public ? {} : { token: s.status.accessToken }) };
+  };
+  const syncRoutes = () => void ctx.ingress.sync().catch(() => undefined); // errors are kept in its status and retried
+
+  app.openapi(
+    createRoute({ method: 'post', path: `${base}/{name}/ports`, tags, request: { params: ProjectNameParams, body: body(PortSpec) }, responses: { 200: json(PortView, 'Exposed (idempotent); the URL answers while the sandbox runs'), ...errorResponses } }),
+    async (c) => {
+      const { project, name } = c.req.valid('param');
+      useProject(ctx, c, project);
+      const s = getLive<SandboxSpecT, SandboxStatusT>(ctx, SANDBOX, project, name) as SandboxResource;
+      const want = c.req.valid('json');
+      const view = preview(s, want);
+      const ports = [...(s.spec.ports ?? []).filter((p) => p.port !== want.port), want].sort((a, b) => a.port - b.port);
+      if (ports.length > 16) throw new BerthError('invalid_argument', 'a sandbox exposes at most 16 ports; remove one with DELETE …/ports/{port}');
+      ctx.store.updateSpec(s.id, { spec: { ...s.spec, ports } });
+      await ctx.ingress.sync().catch(() => undefined);
+      return c.json(view as never, 200);
+    },
+  );
+
+  app.openapi(
+    createRoute({ method: 'get', path: `${base}/{name}/ports`, tags, request: { params: ProjectNameParams }, responses: { 200: json(z.object({ items: z.array(PortView) })), ...errorResponses } }),
+    (c) => {
+      const { project, name } = c.req.valid('param');
+      useProject(ctx, c, project);
+      const s = ctx.store.get(SANDBOX, project, name) as SandboxResource;
+      return c.json({ items: (s.spec.ports ?? []).map((p) => preview(s, p)) } as never, 200);
+    },
+  );
+
+  app.openapi(
+    createRoute({ method: 'delete', path: `${base}/{name}/ports/{port}`, tags, request: { params: PortParams }, responses: { 204: { description: 'No longer exposed' }, ...errorResponses } }),
+    (c) => {
+      const { project, name, port } = c.req.valid('param');
+      useProject(ctx, c, project);
+      const s = ctx.store.get(SANDBOX, project, name) as SandboxResource;
+      if (!(s.spec.ports ?? []).some((p) => p.port === port)) throw new BerthError('not_found', `port ${port} of sandbox "${name}" is not exposed; GET …/ports lists the exposed ones`);
+      ctx.store.updateSpec(s.id, { spec: { ...s.spec, ports: s.spec.ports!.filter((p) => p.port !== port) } });
+      syncRoutes();
+      return c.body(null, 204);
     },
   );
 
