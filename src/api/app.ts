@@ -16,6 +16,7 @@ import { registerSandboxRoutes } from './routes/sandboxes.js';
 import { registerSandboxPoolRoutes } from './routes/sandboxpools.js';
 import { registerSystemRoutes } from './routes/system.js';
 import { registerImageRoutes } from './routes/images.js';
+import { registerServiceRoutes } from './routes/services.js';
 
 export const MAX_BODY_BYTES = 1024 * 1024;
 
@@ -137,6 +138,7 @@ export function createApp(ctx: ApiContext, log: Logger): OpenAPIHono<AppEnv> {
   registerSandboxRoutes(app, ctx);
   registerSandboxPoolRoutes(app, ctx);
   registerImageRoutes(app, ctx);
+  registerServiceRoutes(app, ctx);
 
   app.doc31('/v1/openapi.json', {
     openapi: '3.1.0',

@@ -18,6 +18,8 @@ import { GvisorDriver } from '../drivers/gvisor/driver.js';
 import { MicroVmDriver } from '../drivers/microvm/driver.js';
 import { SANDBOX, makeSandboxReconciler } from '../reconcilers/sandboxes.js';
 import { SANDBOXPOOL, makeSandboxPoolReconciler } from '../reconcilers/sandboxpools.js';
+import { SERVICE, makeServiceReconciler, serviceNameProvider, serviceRoutes, type IngressRoute } from '../reconcilers/services.js';
+import { HealthProber } from '../reconcilers/prober.js';
 import { ImageService } from '../images/catalog.js';
 import { NetworkManager, instanceId } from '../network/manager.js';
 import { createApp } from '../api/app.js';
@@ -42,6 +44,8 @@ export interface DaemonConfig {
   logger?: Logger;
   /** Workload networks: the pool project subnets are cut from, and their prefix length. */
   network?: { pool?: string; subnetPrefix?: number };
+  /** Services' ingress host names are <service>.<project>.<baseDomain> (default "localhost"). */
+  baseDomain?: string;
 }
 
 export class Daemon {
@@ -54,7 +58,8 @@ export class Daemon {
   readonly gvisor: GvisorDriver;
   readonly microvm: MicroVmDriver;
   readonly network: NetworkManager;
-  readonly controllers: { workloads: Controller; jobRuns: Controller; jobs: Controller; sandboxes: Controller; sandboxPools: Controller };
+  readonly controllers: { workloads: Controller; jobRuns: Controller; jobs: Controller; sandboxes: Controller; sandboxPools: Controller; services: Controller };
+  readonly prober: HealthProber;
   readonly adminTokenPath: string;
   readonly socketPath: string;
   private servers: Server[] = [];
@@ -92,7 +97,12 @@ export class Daemon {
     const images = new ImageService(join(config.dataDir, 'images'));
     this.images = images;
     const log = this.log;
+    this.prober = new HealthProber({ store: this.store, drivers: this.drivers, log, onChange: (id) => this.controllers.services.enqueue(id) });
+    this.network.addNameProvider(serviceNameProvider(this.store));
     this.controllers = {
+      // TODO(ingress): onRoutesChanged: () => void this.ingress.sync(), and at start-up
+      // this.ingress.register('services', () => this.serviceRoutes()).
+      services: new Controller({ name: 'services', log, reconcile: makeServiceReconciler({ store: this.store, prober: this.prober, log }) }),
       workloads: new Controller({
         name: 'workloads',
         log,
@@ -114,6 +124,11 @@ export class Daemon {
     };
   }
   readonly images: ImageService;
+
+  /** Ingress routes of every service with a public http port (backends: ready replicas). */
+  serviceRoutes(): IngressRoute[] {
+    return serviceRoutes(this.store, this.config.baseDomain ?? 'localhost');
+  }
 
   private takeLock(): void {
     if (existsSync(this.pidFile)) {
@@ -139,6 +154,7 @@ export class Daemon {
     else if (kind === JOB) this.controllers.jobs.enqueue(id);
     else if (kind === SANDBOX) this.controllers.sandboxes.enqueue(id);
     else if (kind === SANDBOXPOOL) this.controllers.sandboxPools.enqueue(id);
+    else if (kind === SERVICE) this.controllers.services.enqueue(id);
   }
 
   async start(): Promise<void> {
@@ -151,6 +167,7 @@ export class Daemon {
       // Owners watch their children: a workload change wakes its job run, a run change its job.
       if (n.ownerId && n.kind === WORKLOAD) this.controllers.jobRuns.enqueue(n.ownerId);
       if (n.ownerId && n.kind === JOBRUN) this.controllers.jobs.enqueue(n.ownerId);
+      if (n.ownerId && n.kind === WORKLOAD) this.controllers.services.enqueue(n.ownerId);
     });
     for (const fp of await this.drivers.fingerprintAll()) this.log.info({ driver: fp.driver, healthy: fp.healthy, reason: fp.reason }, 'driver fingerprint');
     const offs = this.drivers.all().map((d) =>
@@ -182,6 +199,7 @@ export class Daemon {
     for (const j of this.store.list(JOB, { limit: 1000 }).items) this.controllers.jobs.enqueue(j.id);
     for (const s of this.store.list(SANDBOX, { limit: 1000 }).items) this.controllers.sandboxes.enqueue(s.id);
     for (const p of this.store.list(SANDBOXPOOL, { limit: 1000 }).items) this.controllers.sandboxPools.enqueue(p.id);
+    for (const s of this.store.list(SERVICE, { limit: 1000 }).items) this.controllers.services.enqueue(s.id);
   }
 
   /** Host state with no record (a crash between record removal and cleanup): remove it. */
@@ -246,6 +264,7 @@ export class Daemon {
     );
     this.servers = [];
     await Promise.all(Object.values(this.controllers).map((c) => c.stop()));
+    this.prober.close();
     for (const d of this.drivers.all()) {
       d.close();
       d.removeCgroupParent();

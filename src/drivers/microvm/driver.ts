@@ -23,7 +23,7 @@ import { copyFileSync, existsSync, mkdirSync, readFileSync, readdirSync, rmSync,
 import { constants as osConstants, cpus } from 'node:os';
 import { join } from 'node:path';
 import type { NetworkAttachment, NetworkManager } from '../../network/manager.js';
-import type { DriverCapabilities, ExitResult, Fingerprint, RuntimeDriver, StopOptions, TaskConfig, TaskHandle, TaskStatus } from '../../core/driver.js';
+import type { DriverCapabilities, ExitResult, Fingerprint, RuntimeDriver, StopOptions, TaskConfig, TaskExecResult, TaskHandle, TaskStatus } from '../../core/driver.js';
 import { BerthError, invalidArgument } from '../../core/errors.js';
 import { qmp } from './qmp.js';
 import { pidAlive, runOk, sleep } from '../../lib/exec.js';
@@ -585,6 +585,20 @@ export class MicroVmDriver implements RuntimeDriver {
   /** The task's guest agent (sandbox VMs; also how a workload is signalled). */
   agent(id: string, timeoutMs = 5000): Promise<AgentConnection> {
     return this.agents.get(id, join(this.taskDir(id), 'agent.sock'), timeoutMs);
+  }
+
+  /** A command in the guest, through the agent's `run` request (as sandbox commands are run). */
+  async exec(h: TaskHandle, args: string[], timeoutMs: number): Promise<TaskExecResult> {
+    let output = '';
+    try {
+      const agent = await this.agent(h.id, Math.min(timeoutMs, 5000));
+      const end = await agent.request({ type: 'run', args, env: {} }, timeoutMs, undefined, (f) => {
+        if ((f.type === 'stdout' || f.type === 'stderr') && output.length < 4096) output += Buffer.from(String(f.data ?? ''), 'base64').toString('utf8');
+      });
+      return { exitCode: typeof end.exitCode === 'number' ? end.exitCode : -1, output: output.slice(0, 4096) };
+    } catch (e) {
+      return { exitCode: -1, output: (output + (e as Error).message).slice(0, 4096) };
+    }
   }
 
   private readPid(id: string): number | undefined {

@@ -27,6 +27,7 @@ import type {
   RuntimeDriver,
   StopOptions,
   TaskConfig,
+  TaskExecResult,
   TaskHandle,
   TaskStatus,
 } from '../../core/driver.js';
@@ -422,6 +423,14 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
     } catch {
       return false;
     }
+  }
+
+  /** `<runtime> exec`: a command in the running container (killed at the time limit). */
+  async exec(h: TaskHandle, args: string[], timeoutMs: number): Promise<TaskExecResult> {
+    const t0 = Date.now();
+    const r = await this.rt(['exec', h.id, ...args], timeoutMs);
+    const timedOut = Date.now() - t0 >= timeoutMs;
+    return { exitCode: timedOut ? -1 : r.code, output: (r.stdout + r.stderr).slice(0, 4096) };
   }
 
   /** Freezes the container (the runtime's cgroup freezer; runsc stops the sandbox's tasks). */

@@ -1,0 +1,282 @@
+// Services end to end on a real berthd: replicas as busybox httpd workloads, health checks,
+// DNS for the service name from another workload, rolling deploys under a client loop that must
+// see no failure, automatic rollback of a deploy that never becomes ready, manual rollback,
+// scaling, deletion without residue, and convergence after kill -9 of berthd.
+import { after, before, describe, test } from 'node:test';
+import assert from 'node:assert/strict';
+import { request } from 'node:http';
+import { TestDaemon, sleep } from './harness.js';
+
+let d: TestDaemon;
+
+before(async () => {
+  d = await TestDaemon.start();
+});
+after(async () => {
+  await d.deleteAllSandboxes().catch(() => undefined);
+  await d.destroy();
+});
+
+/** A busybox httpd replica serving `$V` at / on 8080. */
+const HTTPD = ['sh', '-c', 'mkdir -p /tmp/www && echo "$V" > /tmp/www/index.html && exec httpd -f -p 8080 -h /tmp/www'];
+const fast = { periodMs: 200, timeoutMs: 500, failureThreshold: 2, successThreshold: 1, initialDelayMs: 0 };
+const spec = (version: string, over: Record<string, unknown> = {}) => ({
+  image: 'busybox',
+  command: HTTPD,
+  env: { V: version },
+  ports: [{ port: 8080, protocol: 'http', public: true }],
+  replicas: 2,
+  healthChecks: { readiness: { http: { path: '/', port: 8080 }, ...fast } },
+  deploy: { maxSurge: 1, maxUnavailable: 0, progressDeadlineMs: 8000, drainMs: 600 },
+  stopTimeoutMs: 2000,
+  ...over,
+});
+
+const S = (name: string) => `/v1/projects/default/services/${name}`;
+
+async function svc(name: string): Promise<any> {
+  const r = await d.api('GET', S(name));
+  assert.equal(r.status, 200, JSON.stringify(r.body));
+  return r.body;
+}
+
+async function waitSvc(name: string, pred: (s: any) => boolean, timeoutMs = 30_000, what = 'condition'): Promise<any> {
+  const deadline = Date.now() + timeoutMs;
+  let last: any;
+  for (;;) {
+    last = await svc(name);
+    if (pred(last)) return last;
+    if (Date.now() > deadline) throw new Error(`service ${name}: timed out waiting for ${what}; last status: ${JSON.stringify(last.status)}`);
+    await sleep(100);
+  }
+}
+
+const settled = (rev: number, n: number) => (s: any) =>
+  s.status.currentRevision === rev && s.status.targetRevision === rev && s.status.readyReplicas === n && s.status.instances.length === n && s.status.instances.every((i: any) => i.ready && i.revision === rev);
+
+/** GET http://ip:8080/ from the host; the body, or throws. */
+function get(ip: string, timeoutMs = 2000): Promise<string> {
+  return new Promise((resolve, reject) => {
+    const req = request({ host: ip, port: 8080, path: '/', agent: false, timeout: timeoutMs }, (res) => {
+      let body = '';
+      res.setEncoding('utf8');
+      res.on('data', (c) => (body += c));
+      res.on('end', () => (res.statusCode === 200 ? resolve(body.trim()) : reject(new Error(`HTTP ${res.statusCode}`))));
+    });
+    req.on('timeout', () => req.destroy(new Error('timeout')));
+    req.on('error', reject);
+    req.end();
+  });
+}
+
+/**
+ * What an ingress does: it keeps the ready set from the service's status (refreshed every 100 ms)
+ * and sends requests round-robin to it, 4 at a time. Counts failures and the versions seen.
+ */
+function clientLoop(name: string) {
+  let stop = false;
+  let backends: string[] = [];
+  const seen = new Map<string, number>();
+  const failures: string[] = [];
+  let ok = 0;
+  let n = 0;
+  const refresher = (async () => {
+    while (!stop) {
+      const s = await svc(name);
+      backends = s.status.instances.filter((i: any) => i.ready && i.ip).map((i: any) => i.ip);
+      await sleep(100);
+    }
+  })();
+  const worker = async () => {
+    while (!stop) {
+      if (backends.length === 0) {
+        await sleep(20);
+        continue;
+      }
+      const ip = backends[n++ % backends.length]!;
+      try {
+        const v = await get(ip);
+        seen.set(v, (seen.get(v) ?? 0) + 1);
+        ok++;
+      } catch (e) {
+        failures.push(`${ip}: ${(e as Error).message}`);
+      }
+    }
+  };
+  const workers = [worker(), worker(), worker(), worker()];
+  return {
+    async end() {
+      stop = true;
+      await Promise.all([refresher, ...workers]);
+      return { ok, failures, seen };
+    },
+  };
+}
+
+async function sh(sandbox: string, cmd: string): Promise<string> {
+  const res = await fetch(`${d.addr}/v1/projects/default/sandboxes/${sandbox}/commands`, {
+    method: 'POST',
+    headers: { authorization: `Bearer ${d.token}`, 'content-type': 'application/json' },
+    body: JSON.stringify({ cmd, timeoutMs: 30_000 }),
+  });
+  const text = await res.text();
+  assert.equal(res.status, 200, text);
+  return text
+    .split('\n')
+    .filter(Boolean)
+    .map((l) => JSON.parse(l))
+    .filter((e) => e.type === 'stdout' || e.type === 'stderr')
+    .map((e) => e.data)
+    .join('');
+}
+
+describe('services', () => {
+  test('bad specs are refused with a clear error and change nothing', async () => {
+    const bad: [unknown, RegExp][] = [
+      [{ ...spec('v1'), replicas: 101 }, /replicas/],
+      [{ ...spec('v1'), ports: [{ port: 8080 }, { port: 8080 }] }, /listed twice/],
+      [{ ...spec('v1'), healthChecks: { readiness: { http: { port: 8080 }, tcp: { port: 8080 } } } }, /exactly one of/],
+      [{ ...spec('v1'), healthChecks: { readiness: { periodMs: 200 } } }, /exactly one of/],
+      [{ ...spec('v1'), deploy: { maxSurge: 0, maxUnavailable: 0 } }, /cannot both be 0/],
+      [{ ...spec('v1'), network: { mode: 'none' } }, /need a network/],
+      [{ ...spec('v1'), domains: ['Not A Host'] }, /domains/],
+      [{ ...spec('v1'), ports: [{ port: 8080, protocol: 'udp' }] }, /protocol/],
+      [{ ...spec('v1'), bogus: 1 }, /unknown field/],
+    ];
+    for (const [s, re] of bad) {
+      const r = await d.api('POST', '/v1/projects/default/services', { name: 'bad', spec: s });
+      assert.equal(r.status, 400, JSON.stringify(s));
+      assert.equal(r.body.error.code, 'invalid_argument');
+      assert.match(r.body.error.message, re);
+    }
+    const long = await d.api('POST', '/v1/projects/default/services', { name: 'a'.repeat(49), spec: spec('v1') });
+    assert.equal(long.status, 400);
+    assert.match(long.body.error.message, /48 characters/);
+    assert.equal((await d.api('GET', S('bad'))).status, 404);
+    assert.equal((await d.api('GET', '/v1/projects/default/workloads')).body.items.length, 0);
+    const missing = await d.api('POST', `${S('nope')}/rollback`, {});
+    assert.equal(missing.status, 404);
+  });
+
+  test('replicas become ready, resolve by service name, survive a kill, deploy and roll back without a failed request', { timeout: 240_000 }, async () => {
+    const c = await d.api('POST', '/v1/projects/default/services', { name: 'web', spec: spec('v1') });
+    assert.equal(c.status, 201, JSON.stringify(c.body));
+    let s = await waitSvc('web', settled(1, 2), 30_000, '2 ready replicas of revision 1');
+    const ips = s.status.instances.map((i: any) => i.ip);
+    for (const ip of ips) assert.equal(await get(ip), 'v1');
+    const w = (await d.api('GET', '/v1/projects/default/workloads?labelSelector=berth.dev/service=web')).body.items;
+    assert.equal(w.length, 2);
+    for (const x of w) {
+      assert.equal(x.spec.restartPolicy, 'always');
+      assert.equal(x.labels['berth.dev/revision'], '1');
+      assert.match(x.name, /^web-1-[0-9a-f]{6}$/);
+    }
+
+    // DNS: `web` and `web.default.internal` from another workload answer with the ready replicas.
+    const sb = await d.api('POST', '/v1/projects/default/sandboxes?pool=none', { name: 'client', spec: { isolation: 'container', timeoutMs: 600_000, network: { egress: { policy: 'allow-all' } } } });
+    assert.equal(sb.status, 201, JSON.stringify(sb.body));
+    let out = await sh('client', 'nslookup web 2>&1; wget -qO- http://web:8080/; wget -qO- http://web.default.internal:8080/');
+    for (const ip of ips) assert.ok(out.includes(ip), out);
+    assert.match(out, /v1\nv1\n$/, out);
+
+    // Kill one replica's process: it leaves the ready set, is restarted, and comes back.
+    const victim = s.status.instances[0];
+    const vw = (await d.api('GET', `/v1/projects/default/workloads/${victim.name}`)).body;
+    process.kill(vw.status.pid, 'SIGKILL');
+    s = await waitSvc('web', (x) => x.status.instances.some((i: any) => i.name === victim.name && !i.ready), 10_000, 'the killed replica to leave the ready set');
+    assert.equal(s.status.readyReplicas, 1);
+    out = await sh('client', 'nslookup web 2>&1');
+    assert.ok(!out.includes(`Address: ${victim.ip}\n`) || s.status.instances.find((i: any) => i.name === victim.name)?.ready, `DNS still answers the killed replica: ${out}`);
+    s = await waitSvc('web', (x) => x.status.readyReplicas === 2 && x.status.instances.length === 2, 20_000, 'the killed replica to come back');
+    const back = (await d.api('GET', `/v1/projects/default/workloads/${victim.name}`)).body;
+    assert.ok(back.status.restartCount >= 1, JSON.stringify(back.status));
+    const events = (await d.api('GET', `${S('web')}/events`)).body.items.map((e: any) => e.reason);
+    assert.ok(events.includes('ReplicaCreated') && events.includes('Deployed'), events.join(','));
+
+    // Rolling deploys v2 then v3 under a client loop: no failed request; revisions 2 and 3.
+    const loop = clientLoop('web');
+    await sleep(500);
+    for (const [v, rev] of [['v2', 2], ['v3', 3]] as const) {
+      const u = await d.api('PUT', S('web'), { spec: spec(v) });
+      assert.equal(u.status, 200, JSON.stringify(u.body));
+      await waitSvc('web', settled(rev, 2), 40_000, `revision ${rev} to be deployed`);
+      for (const i of (await svc('web')).status.instances) assert.equal(await get(i.ip), v);
+    }
+    await sleep(500);
+    const res = await loop.end();
+    assert.deepEqual(res.failures, [], `failed requests during the rolling deploys (${res.ok} ok)`);
+    assert.ok(res.ok > 100, `only ${res.ok} requests`);
+    for (const v of ['v1', 'v2', 'v3']) assert.ok((res.seen.get(v) ?? 0) > 0, `never saw ${v}: ${JSON.stringify([...res.seen])}`);
+
+    // A deploy that never becomes ready (nothing listens) is rolled back; v3 keeps serving.
+    const loop2 = clientLoop('web');
+    const broken = spec('v4', { command: ['sh', '-c', 'exec sleep 1000'] });
+    assert.equal((await d.api('PUT', S('web'), { spec: broken })).status, 200);
+    s = await waitSvc('web', (x) => x.status.revisions.some((r: any) => r.number === 4 && r.outcome === 'failed'), 30_000, 'revision 4 to fail');
+    s = await waitSvc('web', settled(3, 2), 20_000, 'revision 3 to serve alone again');
+    const r2 = await loop2.end();
+    assert.deepEqual(r2.failures, [], 'failed requests while a bad deploy was rolled back');
+    assert.deepEqual([...r2.seen.keys()], ['v3']);
+    const rev4 = s.status.revisions.find((r: any) => r.number === 4);
+    assert.match(rev4.reason, /progressDeadlineMs/);
+    assert.deepEqual(s.spec.command, HTTPD, 'the spec is back to the serving template');
+    assert.ok(s.status.conditions.some((c: any) => c.type === 'Progressing' && c.status === 'False' && c.reason === 'ProgressDeadlineExceeded'), JSON.stringify(s.status.conditions));
+    const ev2 = (await d.api('GET', `${S('web')}/events`)).body.items;
+    assert.ok(ev2.some((e: any) => e.reason === 'RolledBack' && /revision 4 failed/.test(e.message)), JSON.stringify(ev2.slice(-5)));
+
+    // Manual rollback (default: the previous good revision, 2) → a new revision 5 with v2.
+    const rb = await d.api('POST', `${S('web')}/rollback`, {});
+    assert.equal(rb.status, 200, JSON.stringify(rb.body));
+    s = await waitSvc('web', settled(5, 2), 40_000, 'rollback revision 5');
+    for (const i of s.status.instances) assert.equal(await get(i.ip), 'v2');
+    const revs = (await d.api('GET', `${S('web')}/revisions`)).body;
+    assert.deepEqual(revs.items.map((r: any) => [r.number, r.outcome]), [[5, 'deployed'], [4, 'failed'], [3, 'superseded'], [2, 'superseded'], [1, 'superseded']]);
+    assert.equal(revs.items[0].hash, revs.items[3].hash, 'revision 5 re-deploys revision 2’s template');
+    assert.equal((await d.api('POST', `${S('web')}/rollback`, { revision: 99 })).status, 404);
+
+    // Scale up and down (no new revision).
+    assert.equal((await d.api('PATCH', S('web'), { replicas: 3 })).status, 200);
+    await waitSvc('web', settled(5, 3), 30_000, '3 replicas');
+    assert.equal((await d.api('PATCH', S('web'), { replicas: 1 })).status, 200);
+    s = await waitSvc('web', settled(5, 1), 30_000, '1 replica');
+    assert.equal(s.status.revisions.length, 5);
+
+    // Delete: every replica goes, nothing is left on the host.
+    assert.equal((await d.api('DELETE', '/v1/projects/default/sandboxes/client')).status, 202);
+    assert.equal((await d.api('DELETE', S('web'))).status, 202);
+    const deadline = Date.now() + 30_000;
+    while ((await d.api('GET', S('web'))).status !== 404) {
+      assert.ok(Date.now() < deadline, 'service not deleted within 30 s');
+      await sleep(100);
+    }
+    await d.deleteAllSandboxes();
+    assert.equal((await d.api('GET', '/v1/projects/default/workloads')).body.items.length, 0);
+    for (let i = 0; i < 50 && d.hostResidue().length > 0; i++) await sleep(100);
+    assert.deepEqual(d.hostResidue(), []);
+  });
+
+  test('kill -9 of berthd mid-deploy: converges, readiness kept, no duplicate replicas', { timeout: 180_000 }, async () => {
+    assert.equal((await d.api('POST', '/v1/projects/default/services', { name: 'api', spec: spec('v1', { replicas: 3 }) })).status, 201);
+    await waitSvc('api', settled(1, 3), 30_000, '3 ready replicas');
+    assert.equal((await d.api('PUT', S('api'), { spec: spec('v2', { replicas: 3 }) })).status, 200);
+    await waitSvc('api', (x) => x.status.instances.some((i: any) => i.revision === 2), 20_000, 'the deploy to start');
+    await d.kill9();
+    await d.start();
+    // Right after the restart the persisted ready set still serves (seeded readiness).
+    const first = await svc('api');
+    assert.ok(first.status.readyReplicas >= 2, JSON.stringify(first.status.instances));
+    const s = await waitSvc('api', settled(2, 3), 40_000, 'revision 2 after the restart');
+    const ws = (await d.api('GET', '/v1/projects/default/workloads?labelSelector=berth.dev/service=api')).body.items;
+    assert.equal(ws.length, 3, JSON.stringify(ws.map((w: any) => w.name)));
+    for (const i of s.status.instances) assert.equal(await get(i.ip), 'v2');
+    assert.equal((await d.api('DELETE', S('api'))).status, 202);
+    await d.deleteAllWorkloads();
+    const deadline = Date.now() + 30_000;
+    while ((await d.api('GET', S('api'))).status !== 404) {
+      assert.ok(Date.now() < deadline, 'service not deleted');
+      await sleep(100);
+    }
+    for (let i = 0; i < 50 && d.hostResidue().length > 0; i++) await sleep(100);
+    assert.deepEqual(d.hostResidue(), []);
+  });
+});
