@@ -5,6 +5,8 @@
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { request } from 'node:http';
+import { spawn } from 'node:child_process';
+import { fileURLToPath } from 'node:url';
 import { TestDaemon, sleep } from './harness.js';
 
 let d: TestDaemon;
@@ -27,7 +29,7 @@ const spec = (version: string, over: Record<string, unknown> = {}) => ({
   ports: [{ port: 8080, protocol: 'http', public: true }],
   replicas: 2,
   healthChecks: { readiness: { http: { path: '/', port: 8080 }, ...fast } },
-  deploy: { maxSurge: 1, maxUnavailable: 0, progressDeadlineMs: 8000, drainMs: 600 },
+  deploy: { maxSurge: 1, maxUnavailable: 0, progressDeadlineMs: 20_000, drainMs: 1000 },
   stopTimeoutMs: 2000,
   ...over,
 });
@@ -46,7 +48,10 @@ async function waitSvc(name: string, pred: (s: any) => boolean, timeoutMs = 30_0
   for (;;) {
     last = await svc(name);
     if (pred(last)) return last;
-    if (Date.now() > deadline) throw new Error(`service ${name}: timed out waiting for ${what}; last status: ${JSON.stringify(last.status)}`);
+    if (Date.now() > deadline) {
+      const events = (await d.api('GET', `${S(name)}/events`)).body.items.slice(-20).map((e: any) => `${e.at} ${e.reason}: ${e.message}`);
+      throw new Error(`service ${name}: timed out waiting for ${what}; last status: ${JSON.stringify(last.status)}\nevents:\n${events.join('\n')}`);
+    }
     await sleep(100);
   }
 }
@@ -70,8 +75,9 @@ function get(ip: string, timeoutMs = 2000): Promise<string> {
 }
 
 /**
- * What an ingress does: it keeps the ready set from the service's status (refreshed every 100 ms)
- * and sends requests round-robin to it, 4 at a time. Counts failures and the versions seen.
+ * What an ingress does: it keeps the ready set from the service's status (re-read every 400 ms, a
+ * slow ingress: without the drain delay a stopped replica would still get requests) and sends
+ * requests round-robin to it, 4 at a time. Counts failures and the versions seen.
  */
 function clientLoop(name: string) {
   let stop = false;
@@ -84,7 +90,7 @@ function clientLoop(name: string) {
     while (!stop) {
       const s = await svc(name);
       backends = s.status.instances.filter((i: any) => i.ready && i.ip).map((i: any) => i.ip);
-      await sleep(100);
+      await sleep(400);
     }
   })();
   const worker = async () => {
@@ -128,6 +134,22 @@ async function sh(sandbox: string, cmd: string): Promise<string> {
     .filter((e) => e.type === 'stdout' || e.type === 'stderr')
     .map((e) => e.data)
     .join('');
+}
+
+const CLI = fileURLToPath(new URL('../src/cli/main.js', import.meta.url));
+
+/** The berth CLI against the test daemon. */
+function berth(args: string[]): Promise<{ code: number | null; stdout: string; stderr: string }> {
+  return new Promise((resolve) => {
+    const env: NodeJS.ProcessEnv = { ...process.env, BERTH_ADDR: d.addr, BERTH_TOKEN: d.token };
+    delete env.BERTH_PROJECT;
+    const child = spawn(process.execPath, [CLI, ...args], { env, stdio: ['ignore', 'pipe', 'pipe'] });
+    let stdout = '';
+    let stderr = '';
+    child.stdout.setEncoding('utf8').on('data', (x: string) => (stdout += x));
+    child.stderr.setEncoding('utf8').on('data', (x: string) => (stderr += x));
+    child.on('close', (code) => resolve({ code, stdout, stderr }));
+  });
 }
 
 describe('services', () => {
@@ -210,7 +232,7 @@ describe('services', () => {
 
     // A deploy that never becomes ready (nothing listens) is rolled back; v3 keeps serving.
     const loop2 = clientLoop('web');
-    const broken = spec('v4', { command: ['sh', '-c', 'exec sleep 1000'] });
+    const broken = spec('v4', { command: ['sh', '-c', 'exec sleep 1000'], deploy: { maxSurge: 1, maxUnavailable: 0, progressDeadlineMs: 4000, drainMs: 1000 } });
     assert.equal((await d.api('PUT', S('web'), { spec: broken })).status, 200);
     s = await waitSvc('web', (x) => x.status.revisions.some((r: any) => r.number === 4 && r.outcome === 'failed'), 30_000, 'revision 4 to fail');
     s = await waitSvc('web', settled(3, 2), 20_000, 'revision 3 to serve alone again');
@@ -223,6 +245,11 @@ describe('services', () => {
     assert.ok(s.status.conditions.some((c: any) => c.type === 'Progressing' && c.status === 'False' && c.reason === 'ProgressDeadlineExceeded'), JSON.stringify(s.status.conditions));
     const ev2 = (await d.api('GET', `${S('web')}/events`)).body.items;
     assert.ok(ev2.some((e: any) => e.reason === 'RolledBack' && /revision 4 failed/.test(e.message)), JSON.stringify(ev2.slice(-5)));
+
+    // The same template again is no new revision (this restores the deploy settings of spec('v3')).
+    assert.equal((await d.api('PUT', S('web'), { spec: spec('v3') })).status, 200);
+    await sleep(300);
+    assert.equal((await svc('web')).status.revisions.length, 4);
 
     // Manual rollback (default: the previous good revision, 2) → a new revision 5 with v2.
     const rb = await d.api('POST', `${S('web')}/rollback`, {});
@@ -253,6 +280,45 @@ describe('services', () => {
     assert.equal((await d.api('GET', '/v1/projects/default/workloads')).body.items.length, 0);
     for (let i = 0; i < 50 && d.hostResidue().length > 0; i++) await sleep(100);
     assert.deepEqual(d.hostResidue(), []);
+  });
+
+  test('CLI: create, ls, inspect, deploy --wait, scale, revisions, logs, rollback --wait, rm', { timeout: 180_000 }, async () => {
+    const cli = (...args: string[]) => berth(args);
+    let r = await cli('service', 'create', 'cli', 'busybox', '-r', '1', '--public-port', '8080', '-e', 'V=c1', '--readiness', 'http:8080/', '--check-period', '200', '--wait', '--', ...HTTPD);
+    assert.equal(r.code, 0, r.stderr);
+    assert.match(r.stdout, /cli: revision 1 deployed \(1\/1 ready\)/);
+    r = await cli('service', 'ls');
+    assert.match(r.stdout, /^NAME\s+READY\s+UP-TO-DATE\s+REVISION\s+IMAGE\s+PORTS/m);
+    assert.match(r.stdout, /^cli\s+1\/1\s+1\s+1\s+busybox\s+8080\/http \(public\)/m);
+    r = await cli('service', 'inspect', 'cli', '-o', 'json');
+    const ins = JSON.parse(r.stdout);
+    assert.equal(ins.status.readyReplicas, 1);
+    assert.equal(await get(ins.status.instances[0].ip), 'c1');
+    r = await cli('service', 'deploy', 'cli', '-e', 'V=c2', '--wait');
+    assert.equal(r.code, 0, r.stderr);
+    assert.match(r.stdout, /revision 2 deployed/);
+    r = await cli('service', 'scale', 'cli', '2');
+    assert.equal(r.code, 0, r.stderr);
+    await waitSvc('cli', settled(2, 2), 30_000, '2 replicas');
+    r = await cli('service', 'revisions', 'cli');
+    assert.match(r.stdout, /^2 \*\s+deployed\s+busybox/m);
+    assert.match(r.stdout, /^1\s+superseded/m);
+    r = await cli('service', 'logs', 'cli');
+    assert.equal(r.code, 0, r.stderr);
+    const s = await svc('cli');
+    r = await cli('service', 'rollback', 'cli', '--wait');
+    assert.equal(r.code, 0, r.stderr);
+    assert.match(r.stdout, /revision 3 deployed/);
+    for (const i of (await svc('cli')).status.instances) assert.equal(await get(i.ip), 'c1');
+    r = await cli('service', 'inspect', 'cli');
+    assert.match(r.stdout, /Replicas:\s+2 ready \/ 2 desired/);
+    assert.match(r.stdout, /^REPLICA\s+REVISION\s+PHASE\s+READY\s+IP/m);
+    assert.ok(s.status.instances.length === 2);
+    r = await cli('service', 'scale', 'cli', '101');
+    assert.notEqual(r.code, 0);
+    r = await cli('service', 'rm', 'cli');
+    assert.equal(r.code, 0, r.stderr);
+    assert.equal((await d.api('GET', S('cli'))).status, 404);
   });
 
   test('kill -9 of berthd mid-deploy: converges, readiness kept, no duplicate replicas', { timeout: 180_000 }, async () => {
