@@ -20,7 +20,7 @@ after(async () => {
 });
 
 /** A busybox httpd replica serving `$V` at / on 8080. */
-const HTTPD = ['sh', '-c', 'mkdir -p /tmp/www && echo "$V" > /tmp/www/index.html && exec httpd -f -p 8080 -h /tmp/www'];
+const HTTPD = ['sh', '-c', 'mkdir -p /tmp/www && echo "$V" > /tmp/www/index.html && echo "serving $V" && exec httpd -f -p 8080 -h /tmp/www'];
 const fast = { periodMs: 200, timeoutMs: 500, failureThreshold: 2, successThreshold: 1, initialDelayMs: 0 };
 const spec = (version: string, over: Record<string, unknown> = {}) => ({
   image: 'busybox',
@@ -284,7 +284,7 @@ describe('services', () => {
 
   test('CLI: create, ls, inspect, deploy --wait, scale, revisions, logs, rollback --wait, rm', { timeout: 180_000 }, async () => {
     const cli = (...args: string[]) => berth(args);
-    let r = await cli('service', 'create', 'cli', 'busybox', '-r', '1', '--public-port', '8080', '-e', 'V=c1', '--readiness', 'http:8080/', '--check-period', '200', '--wait', '--', ...HTTPD);
+    let r = await cli('service', 'create', '-r', '1', '--public-port', '8080', '-e', 'V=c1', '--readiness', 'http:8080/', '--check-period', '200', '--wait', 'cli', 'busybox', ...HTTPD);
     assert.equal(r.code, 0, r.stderr);
     assert.match(r.stdout, /cli: revision 1 deployed \(1\/1 ready\)/);
     r = await cli('service', 'ls');
@@ -305,11 +305,12 @@ describe('services', () => {
     assert.match(r.stdout, /^1\s+superseded/m);
     r = await cli('service', 'logs', 'cli');
     assert.equal(r.code, 0, r.stderr);
+    assert.match(r.stdout, /^cli-2-[0-9a-f]{6} \| /m, r.stdout);
     const s = await svc('cli');
     r = await cli('service', 'rollback', 'cli', '--wait');
     assert.equal(r.code, 0, r.stderr);
     assert.match(r.stdout, /revision 3 deployed/);
-    for (const i of (await svc('cli')).status.instances) assert.equal(await get(i.ip), 'c1');
+    for (const i of (await waitSvc('cli', settled(3, 2), 20_000, 'old replicas drained')).status.instances) assert.equal(await get(i.ip), 'c1');
     r = await cli('service', 'inspect', 'cli');
     assert.match(r.stdout, /Replicas:\s+2 ready \/ 2 desired/);
     assert.match(r.stdout, /^REPLICA\s+REVISION\s+PHASE\s+READY\s+IP/m);
