@@ -19,8 +19,12 @@ after(async () => {
   await d.destroy();
 });
 
-/** A busybox httpd replica serving `$V` at / on 8080. */
-const HTTPD = ['sh', '-c', 'mkdir -p /tmp/www && echo "$V" > /tmp/www/index.html && echo "serving $V" && exec httpd -f -p 8080 -h /tmp/www'];
+/**
+ * A busybox httpd replica serving `$V` at / on 8080. It ends at once on SIGTERM, like most servers
+ * (httpd itself as PID 1 would ignore SIGTERM and keep serving until SIGKILL, which would hide a
+ * missing drain delay).
+ */
+const HTTPD = ['sh', '-c', 'mkdir -p /tmp/www && echo "$V" > /tmp/www/index.html && echo "serving $V"; trap "exit 0" TERM; httpd -f -p 8080 -h /tmp/www & wait'];
 const fast = { periodMs: 200, timeoutMs: 500, failureThreshold: 2, successThreshold: 1, initialDelayMs: 0 };
 const spec = (version: string, over: Record<string, unknown> = {}) => ({
   image: 'busybox',
