@@ -243,7 +243,8 @@ export function makeServiceReconciler(deps: ServiceDeps) {
     }
     // Least useful first: not ready, then newest.
     const order = (xs: WorkloadResource[]) => [...xs].sort((a, b) => Number(isReady(a)) - Number(isReady(b)) || b.createdAt.localeCompare(a.createdAt));
-    for (const c of order(newR()).slice(N)) drain(c, `scaled to ${N}`);
+    const extra = newR().length - N;
+    if (extra > 0) for (const c of order(newR()).slice(0, extra)) drain(c, `scaled to ${N}`);
     act = active();
     const minReady = Math.max(0, N - deploy.maxUnavailable);
     let readyCount = act.filter(isReady).length;
