@@ -368,6 +368,23 @@ describe('services', () => {
     }
   });
 
+  test('a deploy whose replicas crash-loop is rolled back before its deadline', { timeout: 120_000 }, async () => {
+    assert.equal((await d.api('POST', '/v1/projects/default/services', { name: 'cl', spec: spec('v1', { replicas: 1 }) })).status, 201);
+    await waitSvc('cl', settled(1, 1), 30_000, 'revision 1');
+    assert.equal((await d.api('PUT', S('cl'), { spec: spec('v2', { replicas: 1, command: ['sh', '-c', 'echo boom; exit 1'] }) })).status, 200);
+    const s = await waitSvc('cl', (x) => x.status.revisions.some((r: any) => r.number === 2 && r.outcome === 'failed'), 40_000, 'revision 2 to fail');
+    assert.match(s.status.revisions[1].reason, /crash-looping \(3 restarts/);
+    const back = await waitSvc('cl', settled(1, 1), 20_000, 'revision 1 alone');
+    assert.equal(await get(back.status.instances[0].ip), 'v1');
+    assert.ok(back.status.conditions.some((c: any) => c.type === 'Progressing' && c.reason === 'CrashLoop'), JSON.stringify(back.status.conditions));
+    assert.equal((await d.api('DELETE', S('cl'))).status, 202);
+    const deadline = Date.now() + 30_000;
+    while ((await d.api('GET', S('cl'))).status !== 404) {
+      assert.ok(Date.now() < deadline, 'service not deleted');
+      await sleep(100);
+    }
+  });
+
   test('kill -9 of berthd mid-deploy: converges, readiness kept, no duplicate replicas', { timeout: 180_000 }, async () => {
     assert.equal((await d.api('POST', '/v1/projects/default/services', { name: 'api', spec: spec('v1', { replicas: 3 }) })).status, 201);
     await waitSvc('api', settled(1, 3), 30_000, '3 ready replicas');
