@@ -7,7 +7,11 @@ import { join } from 'node:path';
 import { openDatabase } from '../store/db.js';
 import { ResourceStore } from '../store/resources.js';
 import { ServiceSpec } from '../api/schemas.js';
-import { SERVICE, effectiveChecks, initialServiceStatus, serviceNameProvider, serviceRoutes, serviceTemplate, templateHash, withTemplate, type StoredServiceStatus } from './services.js';
+import pino from 'pino';
+import { DriverRegistry } from '../core/driver.js';
+import { HealthProber } from './prober.js';
+import { WORKLOAD } from './workloads.js';
+import { SERVICE, makeServiceReconciler, effectiveChecks, initialServiceStatus, serviceNameProvider, serviceRoutes, serviceTemplate, templateHash, withTemplate, type StoredServiceStatus } from './services.js';
 
 function withStore(f: (s: ResourceStore) => void) {
   const dir = mkdtempSync('/tmp/berth-svc-');
@@ -68,4 +72,42 @@ test('routes and DNS: ready replicas only; public http ports only; base domain a
     assert.deepEqual(dns('other', 'web'), []);
     assert.equal(dns('default', 'nothing'), undefined, 'not a service: other sources answer');
   });
+});
+
+test('reconciler: replicas as owned workloads, one revision per template, the ingress told when its view changes', async () => {
+  const dir = mkdtempSync('/tmp/berth-svc-');
+  const db = openDatabase(join(dir, 'state.db'));
+  const store = new ResourceStore(db);
+  const log = pino({ level: 'silent' });
+  const prober = new HealthProber({ store, drivers: new DriverRegistry(), log, onChange: () => undefined });
+  let told = 0;
+  const reconcile = makeServiceReconciler({ store, prober, log, onRoutesChanged: () => told++ });
+  try {
+    const s = store.create(SERVICE, { project: 'default', name: 'web', spec: parse({ image: 'busybox', replicas: 2, ports: [{ port: 80, public: true }] }), status: initialServiceStatus() });
+    await reconcile(s.id);
+    const kids = () => store.list(WORKLOAD, { ownerId: s.id }).items;
+    assert.equal(kids().length, 2);
+    assert.deepEqual(kids().map((k) => k.labels), [{ 'berth.dev/service': 'web', 'berth.dev/revision': '1' }, { 'berth.dev/service': 'web', 'berth.dev/revision': '1' }]);
+    assert.equal(told, 1, 'first look at the service');
+    await reconcile(s.id);
+    assert.equal(kids().length, 2, 'no duplicates');
+    assert.equal(told, 1, 'nothing changed');
+    const cur = store.getById<ServiceSpec, StoredServiceStatus>(s.id)!;
+    store.updateSpec(s.id, { spec: { ...cur.spec, domains: ['www.example.com'], replicas: 3 } });
+    await reconcile(s.id);
+    assert.equal(told, 2, 'a new domain changes the routes');
+    assert.equal(kids().length, 3);
+    assert.equal(store.getById<ServiceSpec, StoredServiceStatus>(s.id)!.status.revisions.length, 1, 'replicas and domains are no new revision');
+    store.markForDeletion(s.id);
+    await reconcile(s.id);
+    assert.ok(kids().every((k) => k.deletionRequestedAt), 'every replica is being deleted');
+    for (const k of kids()) store.remove(k.id);
+    await reconcile(s.id);
+    assert.equal(store.getById(s.id), undefined);
+    assert.equal(told, 3);
+  } finally {
+    prober.close();
+    db.close();
+    rmSync(dir, { recursive: true, force: true });
+  }
 });

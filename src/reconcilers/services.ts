@@ -95,6 +95,9 @@ const revisionOf = (w: Resource) => Number(w.labels[REVISION_LABEL] ?? 0);
 
 export function makeServiceReconciler(deps: ServiceDeps) {
   const { store, prober, log } = deps;
+  /** What the ingress and DNS see of each service (in memory: after a restart the first reconcile tells once). */
+  const lastRoutes = new Map<string, string>();
+
 
   return async function reconcileService(id: string): Promise<ReconcileResult | void> {
     const s = store.getById<ServiceSpec, StoredServiceStatus>(id);
@@ -119,6 +122,7 @@ export function makeServiceReconciler(deps: ServiceDeps) {
       if (children.length === 0) {
         for (const wid of prober.probed(s.id)) prober.forget(wid);
         store.remove(s.id);
+        lastRoutes.delete(s.id);
         deps.onRoutesChanged?.();
         log.info({ service: s.name, project: s.project }, 'service deleted');
         return;
@@ -302,18 +306,14 @@ export function makeServiceReconciler(deps: ServiceDeps) {
   };
 
   function writeStatus(s: ServiceResource, st: StoredServiceStatus, before: StoredServiceStatus): void {
-    if (JSON.stringify(st) === JSON.stringify(before)) return;
-    store.updateStatus(s.id, st, s.generation);
-    if (endpointsKey(st) !== endpointsKey(before)) deps.onRoutesChanged?.();
+    if (JSON.stringify(st) !== JSON.stringify(before)) store.updateStatus(s.id, st, s.generation);
+    const key = JSON.stringify([s.spec.domains, s.spec.ports, st.instances.filter((i) => i.ready).map((i) => i.ip)]);
+    if (lastRoutes.get(s.id) !== key) {
+      lastRoutes.set(s.id, key);
+      deps.onRoutesChanged?.();
+    }
   }
 }
-
-const endpointsKey = (st: StoredServiceStatus) =>
-  st.instances
-    .filter((i) => i.ready)
-    .map((i) => i.ip)
-    .sort()
-    .join(',');
 
 function instancesOf(children: WorkloadResource[], draining: Map<string, string>, isReady: (w: WorkloadResource) => boolean): ServiceInstance[] {
   return [...children]
