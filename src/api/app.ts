@@ -17,6 +17,7 @@ import { registerSandboxPoolRoutes } from './routes/sandboxpools.js';
 import { registerSystemRoutes } from './routes/system.js';
 import { registerImageRoutes } from './routes/images.js';
 import { registerIngressRoutes } from './routes/ingress.js';
+import { registerServiceRoutes } from './routes/services.js';
 
 export const MAX_BODY_BYTES = 1024 * 1024;
 
@@ -139,6 +140,7 @@ export function createApp(ctx: ApiContext, log: Logger): OpenAPIHono<AppEnv> {
   registerSandboxPoolRoutes(app, ctx);
   registerImageRoutes(app, ctx);
   registerIngressRoutes(app, ctx);
+  registerServiceRoutes(app, ctx);
 
   app.doc31('/v1/openapi.json', {
     openapi: '3.1.0',

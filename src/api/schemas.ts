@@ -275,3 +275,123 @@ export const ListQuery = z.strictObject({
   limit: z.coerce.number().int().min(1).max(1000).optional(),
   pageToken: z.string().max(1024).optional(),
 });
+
+// ---- services ----
+const Port = z.number().int().min(1).max(65535);
+const HOST_RE = /^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)+$/;
+
+export const HealthCheck = z
+  .strictObject({
+    http: z.strictObject({ path: z.string().max(2048).regex(/^\/[^\s]*$/, { message: 'path must start with "/" and contain no spaces' }).default('/'), port: Port }).optional(),
+    tcp: z.strictObject({ port: Port }).optional(),
+    exec: z.strictObject({ command: z.array(Arg).min(1).max(256) }).optional(),
+    periodMs: z.number().int().min(100).max(3_600_000).default(5000),
+    timeoutMs: z.number().int().min(50).max(600_000).default(1000),
+    failureThreshold: z.number().int().min(1).max(100).default(3),
+    successThreshold: z.number().int().min(1).max(100).default(1),
+    initialDelayMs: z.number().int().min(0).max(3_600_000).default(0),
+  })
+  .refine((h) => [h.http, h.tcp, h.exec].filter(Boolean).length === 1, { message: 'a health check needs exactly one of "http", "tcp" or "exec"' })
+  .openapi('HealthCheck', { description: 'http: 2xx/3xx from http://<replica ip>:<port><path>; tcp: a connection is accepted; exec: the command exits 0 inside the replica' });
+export type HealthCheck = z.infer<typeof HealthCheck>;
+
+export const ServicePort = z
+  .strictObject({
+    name: Name.optional(),
+    port: Port.openapi({ description: 'Port the replicas listen on' }),
+    protocol: z.enum(['http', 'tcp']).default('http'),
+    public: z.boolean().default(false).openapi({ description: 'Served by the ingress (http ports) at <service>.<project>.<base domain> and spec.domains' }),
+  })
+  .openapi('ServicePort');
+
+export const DeployStrategy = z
+  .strictObject({
+    strategy: z.literal('rolling').default('rolling'),
+    maxSurge: z.number().int().min(0).max(100).default(1).openapi({ description: 'Replicas above spec.replicas while a deploy runs' }),
+    maxUnavailable: z.number().int().min(0).max(100).default(0).openapi({ description: 'Ready replicas below spec.replicas allowed while a deploy runs' }),
+    progressDeadlineMs: z.number().int().min(1000).max(86_400_000).default(60_000).openapi({ description: 'A deploy that makes no progress (no new replica becomes ready) for this long is rolled back' }),
+    drainMs: z.number().int().min(0).max(600_000).default(2000).openapi({ description: 'Time between taking a replica out of the routes and DNS and stopping it' }),
+  })
+  .refine((d) => d.maxSurge + d.maxUnavailable > 0, { message: 'maxSurge and maxUnavailable cannot both be 0 (a deploy could not replace any replica); set maxSurge to 1' })
+  .openapi('DeployStrategy');
+
+/** The replica template: a change to any of these fields is a new revision. */
+export const ServiceTemplateFields = ['image', 'command', 'args', 'env', 'workingDir', 'user', 'resources', 'isolation', 'network', 'stopTimeoutMs', 'stopSignal', 'ports', 'healthChecks'] as const;
+
+export const ServiceSpec = z
+  .strictObject({
+    ...RunFields,
+    ports: z.array(ServicePort).max(32).default([]),
+    replicas: z.number().int().min(0).max(100).default(1),
+    healthChecks: z.strictObject({ startup: HealthCheck.optional(), readiness: HealthCheck.optional(), liveness: HealthCheck.optional() }).default({}).openapi({
+      description: 'No readiness check: a replica is ready once it runs, or, when the service has ports, once its first port accepts TCP connections (checked every second)',
+    }),
+    deploy: DeployStrategy.default({ strategy: 'rolling', maxSurge: 1, maxUnavailable: 0, progressDeadlineMs: 60_000, drainMs: 2000 }),
+    domains: z.array(z.string().max(253).regex(HOST_RE, { message: 'domains are lower-case host names such as "www.example.com"' })).max(32).optional(),
+  })
+  .superRefine((s, ctx) => {
+    const seen = new Set<number>();
+    for (const [i, p] of s.ports.entries()) {
+      if (seen.has(p.port)) ctx.addIssue({ code: 'custom', path: ['ports', i, 'port'], message: `port ${p.port} is listed twice; list each port once` });
+      seen.add(p.port);
+    }
+    if (s.network?.mode === 'none') ctx.addIssue({ code: 'custom', path: ['network', 'mode'], message: 'services need a network: remove network.mode or set it to "project"' });
+  })
+  .openapi('ServiceSpec');
+export type ServiceSpec = z.infer<typeof ServiceSpec>;
+
+/** Service names leave room for "-<revision>-<6 hex>" in replica names (≤ 63 characters). */
+const ServiceName = Name.refine((n) => n.length <= 48, { message: 'service names are at most 48 characters (replica names add "-<revision>-<id>")' });
+export const CreateService = z.strictObject({ name: ServiceName, labels: Labels.optional(), spec: ServiceSpec }).openapi('CreateService');
+export const UpdateService = z.strictObject({ labels: Labels.optional(), spec: ServiceSpec, resourceVersion: z.number().int().min(1).optional() }).openapi('UpdateService');
+export const ScaleService = z.strictObject({ replicas: z.number().int().min(0).max(100), resourceVersion: z.number().int().min(1).optional() }).openapi('ScaleService');
+export const RollbackService = z
+  .strictObject({ revision: z.number().int().min(1).optional().openapi({ description: 'Default: the revision before the current one' }) })
+  .openapi('RollbackService');
+
+export const ServiceRevision = z
+  .object({
+    number: z.number().int(),
+    hash: z.string(),
+    template: z.record(z.string(), z.unknown()),
+    createdAt: z.string(),
+    outcome: z.enum(['progressing', 'deployed', 'superseded', 'failed']),
+    reason: z.string().optional(),
+    finishedAt: z.string().optional(),
+  })
+  .openapi('ServiceRevision');
+export type ServiceRevision = z.infer<typeof ServiceRevision>;
+
+export const ServiceInstance = z
+  .object({
+    id: z.string(),
+    name: z.string(),
+    revision: z.number().int(),
+    phase: z.string(),
+    ip: z.string().optional(),
+    ready: z.boolean(),
+    startedAt: z.string().optional(),
+    restartCount: z.number().int(),
+    drainingSince: z.string().optional().openapi({ description: 'Out of the routes and DNS since then; stopped after deploy.drainMs' }),
+  })
+  .openapi('ServiceInstance');
+export type ServiceInstance = z.infer<typeof ServiceInstance>;
+
+export const Condition = z.object({ type: z.string(), status: z.enum(['True', 'False']), reason: z.string(), message: z.string(), lastTransitionAt: z.string() }).openapi('Condition');
+export type Condition = z.infer<typeof Condition>;
+
+export const ServiceStatus = z
+  .object({
+    replicas: z.number().int().openapi({ description: 'Replicas that exist and are not draining' }),
+    readyReplicas: z.number().int(),
+    updatedReplicas: z.number().int().openapi({ description: 'Replicas of the target revision' }),
+    currentRevision: z.number().int().optional().openapi({ description: 'The last revision that deployed fully' }),
+    targetRevision: z.number().int().optional().openapi({ description: 'The revision being deployed (= currentRevision when idle)' }),
+    instances: z.array(ServiceInstance),
+    conditions: z.array(Condition),
+    revisions: z.array(ServiceRevision).openapi({ description: 'Deploy history, newest last (the last 20)' }),
+    lastProgressAt: z.string().optional(),
+  })
+  .openapi('ServiceStatus');
+export type ServiceStatusT = z.infer<typeof ServiceStatus>;
+export const Service = z.object({ ...Meta, spec: ServiceSpec, status: ServiceStatus }).openapi('Service');

@@ -11,6 +11,7 @@ import { fileURLToPath } from 'node:url';
 import { constants as osConstants } from 'node:os';
 import { ApiError, BerthClient, ConnectError } from './client.js';
 import { registerIngress } from './ingress.js';
+import { registerServices } from './services.js';
 import { age, formatLabels, printJson, printTable, relative, shortTime, type OutputFormat } from './format.js';
 
 // ---------------------------------------------------------------------------------------------
@@ -113,7 +114,7 @@ const TERMINAL_RUN_PHASES = new Set(['succeeded', 'failed', 'cancelled']);
 
 class UsageError extends Error {}
 /** An error raised by the CLI itself, printed like an API error. */
-class CliError extends ApiError {
+export class CliError extends ApiError {
   constructor(code: string, message: string) {
     super(code, message, 0);
   }
@@ -141,7 +142,7 @@ interface CommonOpts {
   output?: OutputFormat;
 }
 
-interface Ctx {
+export interface Ctx {
   client: BerthClient;
   addr: string;
   project: string;
@@ -197,11 +198,11 @@ function resolveCtx(cmd: Command): Ctx {
   return ctx;
 }
 
-const enc = encodeURIComponent;
-const P = (ctx: Ctx) => `/v1/projects/${enc(ctx.project)}`;
+export const enc = encodeURIComponent;
+export const P = (ctx: Ctx) => `/v1/projects/${enc(ctx.project)}`;
 const W = (ctx: Ctx, name: string) => `${P(ctx)}/workloads/${enc(name)}`;
 const J = (ctx: Ctx, name: string) => `${P(ctx)}/jobs/${enc(name)}`;
-const qs = (params: Record<string, string | number | boolean | undefined>) => {
+export const qs = (params: Record<string, string | number | boolean | undefined>) => {
   const e = Object.entries(params).filter(([, v]) => v !== undefined && v !== '');
   return e.length ? '?' + e.map(([k, v]) => `${enc(k)}=${enc(String(v))}`).join('&') : '';
 };
@@ -209,7 +210,7 @@ const qs = (params: Record<string, string | number | boolean | undefined>) => {
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 /** Poll `get` every intervalMs until `done` holds or timeoutMs passes; returns the last value. */
-async function pollUntil<T>(get: () => Promise<T>, done: (v: T) => boolean, timeoutMs: number, intervalMs = 100): Promise<{ value: T; ok: boolean }> {
+export async function pollUntil<T>(get: () => Promise<T>, done: (v: T) => boolean, timeoutMs: number, intervalMs = 100): Promise<{ value: T; ok: boolean }> {
   const deadline = Date.now() + timeoutMs;
   for (;;) {
     const value = await get();
@@ -220,7 +221,7 @@ async function pollUntil<T>(get: () => Promise<T>, done: (v: T) => boolean, time
 }
 
 /** Poll until GET answers 404 (the object is gone). */
-async function waitGone(ctx: Ctx, path: string, what: string, timeoutMs: number): Promise<void> {
+export async function waitGone(ctx: Ctx, path: string, what: string, timeoutMs: number): Promise<void> {
   const deadline = Date.now() + timeoutMs;
   for (;;) {
     try {
@@ -237,11 +238,11 @@ async function waitGone(ctx: Ctx, path: string, what: string, timeoutMs: number)
 // ---------------------------------------------------------------------------------------------
 // Flag parsers
 
-function collect(v: string, prev: string[] | undefined): string[] {
+export function collect(v: string, prev: string[] | undefined): string[] {
   return [...(prev ?? []), v];
 }
 
-function parseIntFlag(min: number, max = Number.MAX_SAFE_INTEGER) {
+export function parseIntFlag(min: number, max = Number.MAX_SAFE_INTEGER) {
   return (v: string): number => {
     if (!/^\d+$/.test(v.trim())) throw new InvalidArgumentError(`must be a whole number between ${min} and ${max}`);
     const n = Number(v.trim());
@@ -289,7 +290,7 @@ function parseSeconds(v: string): number {
   return Math.round(Number(v) * 1000);
 }
 
-function parseKeyValues(items: string[] | undefined, flag: string): Record<string, string> | undefined {
+export function parseKeyValues(items: string[] | undefined, flag: string): Record<string, string> | undefined {
   if (!items || items.length === 0) return undefined;
   const out: Record<string, string> = {};
   for (const it of items) {
@@ -300,7 +301,7 @@ function parseKeyValues(items: string[] | undefined, flag: string): Record<strin
   return out;
 }
 
-function parseEnv(items: string[] | undefined): Record<string, string> | undefined {
+export function parseEnv(items: string[] | undefined): Record<string, string> | undefined {
   if (!items || items.length === 0) return undefined;
   const out: Record<string, string> = {};
   for (const it of items) {
@@ -319,7 +320,7 @@ function parseEnv(items: string[] | undefined): Record<string, string> | undefin
 // ---------------------------------------------------------------------------------------------
 // Shared options
 
-function addCommon(cmd: Command, opts: { project?: boolean } = {}): Command {
+export function addCommon(cmd: Command, opts: { project?: boolean } = {}): Command {
   cmd
     .option('--addr <addr>', 'berthd address: unix:/path/to/berthd.sock or http://HOST:PORT (env BERTH_ADDR)')
     .option('--token <token>', 'API token (env BERTH_TOKEN; default: $BERTH_DATA_DIR/admin.token)');
@@ -328,7 +329,7 @@ function addCommon(cmd: Command, opts: { project?: boolean } = {}): Command {
   return cmd;
 }
 
-interface RunFlags {
+export interface RunFlags {
   env?: string[];
   workdir?: string;
   user?: string;
@@ -343,7 +344,7 @@ interface RunFlags {
   allow?: string[];
 }
 
-function addRunFlags(cmd: Command): Command {
+export function addRunFlags(cmd: Command): Command {
   return cmd
     .option('-e, --env <KEY=VALUE>', 'set an environment variable (-e KEY takes it from this shell); repeatable', collect)
     .option('-w, --workdir <dir>', 'working directory inside the workload (absolute path)')
@@ -366,7 +367,7 @@ export function parseAllow(s: string): { cidr: string; ports?: number[]; protoco
   return { cidr: m[1]!, ...(m[2] ? { ports: m[2].split(',').map(Number) } : {}), ...(m[3] ? { protocol: m[3] } : {}) };
 }
 
-function buildRunSpec(image: string, command: string[], o: RunFlags): Record<string, unknown> {
+export function buildRunSpec(image: string, command: string[], o: RunFlags): Record<string, unknown> {
   const spec: Record<string, unknown> = { image };
   if (command.length > 0) spec.command = command;
   const env = parseEnv(o.env);
@@ -440,7 +441,7 @@ function insertDashDash(cmd: Command, argv: string[], operandsNeeded: number): s
   return argv;
 }
 
-function imageCommand(parent: Command, name: string, operandsBeforeCommand: number): ImageCommand {
+export function imageCommand(parent: Command, name: string, operandsBeforeCommand: number): ImageCommand {
   const cmd = new ImageCommand(name);
   cmd.operandsBeforeCommand = operandsBeforeCommand;
   cmd.copyInheritedSettings(parent);
@@ -474,7 +475,7 @@ function logWriter(opts: { timestamps?: boolean; json?: boolean }): (line: strin
 }
 
 /** Stream until the server ends it; Ctrl-C detaches (returns true) without touching the workload. */
-async function attach(ctx: Ctx, path: string, onLine: (line: string) => void): Promise<boolean> {
+export async function attach(ctx: Ctx, path: string, onLine: (line: string) => void): Promise<boolean> {
   const ac = new AbortController();
   let detached = false;
   const onSigint = () => {
@@ -490,7 +491,7 @@ async function attach(ctx: Ctx, path: string, onLine: (line: string) => void): P
   return detached;
 }
 
-function detachedNote(msg: string): void {
+export function detachedNote(msg: string): void {
   if (process.stderr.isTTY) process.stderr.write('\n');
   errLine(msg);
 }
@@ -540,7 +541,7 @@ type Action = (ctx: Ctx, args: string[], opts: Record<string, unknown>, cmd: Com
 let exitStatus = 0;
 
 /** Wrap an action: resolve connection settings, run, record the exit status. */
-function act(fn: Action) {
+export function act(fn: Action) {
   return async (...all: unknown[]) => {
     const cmd = all[all.length - 1] as Command;
     const opts = all[all.length - 2] as Record<string, unknown>;
@@ -1259,6 +1260,7 @@ export function buildProgram(): Command {
   registerProjects(program);
   registerWorkloads(program);
   registerJobs(program);
+  registerServices(program);
   registerTokens(program);
   registerImages(program);
   registerBench(program);

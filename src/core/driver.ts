@@ -152,6 +152,14 @@ export interface AgentChannel {
   request(req: Record<string, unknown>, timeoutMs: number, signal?: AbortSignal, onEvent?: (f: AgentFrame) => void | Promise<void>): Promise<AgentFrame>;
 }
 
+/** What a command run inside a task (RuntimeDriver.exec) ended with. */
+export interface TaskExecResult {
+  /** Exit code; -1 when it did not finish within the time limit (or could not be run). */
+  exitCode: number;
+  /** The first 4 KiB of its stdout and stderr. */
+  output: string;
+}
+
 export interface RuntimeDriver {
   readonly name: string;
   readonly capabilities: DriverCapabilities;
@@ -192,6 +200,11 @@ export interface RuntimeDriver {
    */
   pause?(handle: TaskHandle): Promise<void>;
   resume?(handle: TaskHandle): Promise<void>;
+  /**
+   * Runs a command inside a running task, as the task's user namespace sees it (service health
+   * checks of type exec). Undefined for drivers that cannot.
+   */
+  exec?(handle: TaskHandle, args: string[], timeoutMs: number): Promise<TaskExecResult>;
   /** Snapshot of a running task into a folder (memory, devices, writable layer); the task continues. */
   snapshot?(handle: TaskHandle, dest: string): Promise<{ ms: number; bytes: number }>;
 }

@@ -18,6 +18,8 @@ import { GvisorDriver } from '../drivers/gvisor/driver.js';
 import { MicroVmDriver } from '../drivers/microvm/driver.js';
 import { SANDBOX, makeSandboxReconciler, sandboxRoutes } from '../reconcilers/sandboxes.js';
 import { SANDBOXPOOL, makeSandboxPoolReconciler } from '../reconcilers/sandboxpools.js';
+import { SERVICE, makeServiceReconciler, serviceNameProvider, serviceRoutes } from '../reconcilers/services.js';
+import { HealthProber } from '../reconcilers/prober.js';
 import { ImageService } from '../images/catalog.js';
 import { NetworkManager, instanceId } from '../network/manager.js';
 import { createApp } from '../api/app.js';
@@ -26,7 +28,7 @@ import { PROJECT } from '../api/routes/common.js';
 import { pidAlive } from '../lib/exec.js';
 import type { WorkloadSpec } from '../api/schemas.js';
 import { Ingress } from '../ingress/ingress.js';
-import { DEFAULT_BASE_DOMAIN, type IngressSettings } from '../ingress/types.js';
+import { DEFAULT_BASE_DOMAIN, type IngressRoute, type IngressSettings } from '../ingress/types.js';
 
 export const VERSION = '0.1.0';
 
@@ -58,7 +60,8 @@ export class Daemon {
   readonly gvisor: GvisorDriver;
   readonly microvm: MicroVmDriver;
   readonly network: NetworkManager;
-  readonly controllers: { workloads: Controller; jobRuns: Controller; jobs: Controller; sandboxes: Controller; sandboxPools: Controller };
+  readonly controllers: { workloads: Controller; jobRuns: Controller; jobs: Controller; sandboxes: Controller; sandboxPools: Controller; services: Controller };
+  readonly prober: HealthProber;
   readonly adminTokenPath: string;
   readonly socketPath: string;
   readonly ingress: Ingress;
@@ -101,10 +104,19 @@ export class Daemon {
       log: this.log,
     });
     this.ingress.register('sandboxes', () => sandboxRoutes(this.store, this.ingress));
+    this.ingress.register('services', () => this.serviceRoutes());
     const images = new ImageService(join(config.dataDir, 'images'));
     this.images = images;
     const log = this.log;
+    this.prober = new HealthProber({ store: this.store, drivers: this.drivers, log, onChange: (id) => this.controllers.services.enqueue(id) });
+    this.network.addNameProvider(serviceNameProvider(this.store));
     this.controllers = {
+      services: new Controller({
+        name: 'services',
+        log,
+        // The ready set, ports or domains changed: the ingress re-reads every route provider.
+        reconcile: makeServiceReconciler({ store: this.store, prober: this.prober, log, onRoutesChanged: () => void this.ingress.sync().catch(() => undefined) }),
+      }),
       workloads: new Controller({
         name: 'workloads',
         log,
@@ -126,6 +138,11 @@ export class Daemon {
     };
   }
   readonly images: ImageService;
+
+  /** Ingress routes of every service with a public http port (backends: ready replicas). */
+  serviceRoutes(): IngressRoute[] {
+    return serviceRoutes(this.store, (name, project) => this.ingress.hostFor(name, project));
+  }
 
   private takeLock(): void {
     if (existsSync(this.pidFile)) {
@@ -151,6 +168,7 @@ export class Daemon {
     else if (kind === JOB) this.controllers.jobs.enqueue(id);
     else if (kind === SANDBOX) this.controllers.sandboxes.enqueue(id);
     else if (kind === SANDBOXPOOL) this.controllers.sandboxPools.enqueue(id);
+    else if (kind === SERVICE) this.controllers.services.enqueue(id);
   }
 
   async start(): Promise<void> {
@@ -165,6 +183,7 @@ export class Daemon {
       if (n.ownerId && n.kind === JOBRUN) this.controllers.jobs.enqueue(n.ownerId);
       // Sandboxes own preview routes (their address changes as they start, pause and end).
       if (n.kind === SANDBOX) void this.ingress.sync().catch(() => undefined);
+      if (n.ownerId && n.kind === WORKLOAD) this.controllers.services.enqueue(n.ownerId);
     });
     for (const fp of await this.drivers.fingerprintAll()) this.log.info({ driver: fp.driver, healthy: fp.healthy, reason: fp.reason }, 'driver fingerprint');
     const offs = this.drivers.all().map((d) =>
@@ -203,6 +222,7 @@ export class Daemon {
     for (const s of this.store.list(SANDBOX, { limit: 1000 }).items) this.controllers.sandboxes.enqueue(s.id);
     for (const p of this.store.list(SANDBOXPOOL, { limit: 1000 }).items) this.controllers.sandboxPools.enqueue(p.id);
     void this.ingress.sync().catch(() => undefined); // errors are kept in its status and retried
+    for (const s of this.store.list(SERVICE, { limit: 1000 }).items) this.controllers.services.enqueue(s.id);
   }
 
   /** Host state with no record (a crash between record removal and cleanup): remove it. */
@@ -269,6 +289,7 @@ export class Daemon {
     this.servers = [];
     await Promise.all(Object.values(this.controllers).map((c) => c.stop()));
     await this.ingress.stop();
+    this.prober.close();
     for (const d of this.drivers.all()) {
       d.close();
       d.removeCgroupParent();

@@ -43,7 +43,7 @@ export function registerProjectRoutes(app: OpenAPIHono<AppEnv>, ctx: ApiContext)
       requireAdmin(c);
       const { project } = c.req.valid('param');
       const p = useProject(ctx, c, project);
-      const counts = ['workload', 'job'].map((k) => [k, ctx.store.count(k, project)] as const).filter(([, n]) => n > 0);
+      const counts = ['service', 'workload', 'job'].map((k) => [k, ctx.store.count(k, project)] as const).filter(([, n]) => n > 0);
       if (counts.length) {
         throw failedPrecondition(`project "${project}" still has ${counts.map(([k, n]) => `${n} ${k}(s)`).join(' and ')}; delete them first`);
       }

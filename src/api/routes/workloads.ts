@@ -198,7 +198,7 @@ export function registerWorkloadRoutes(app: OpenAPIHono<AppEnv>, ctx: ApiContext
       const b = c.req.valid('json');
       useProject(ctx, c, project);
       const w = getLive<WorkloadSpec, StoredWorkloadStatus>(ctx, WORKLOAD, project, name);
-      if (w.ownerId) throw failedPrecondition(`workload "${name}" is managed by a job run; change the job instead`);
+      if (w.ownerId) throw failedPrecondition(`workload "${name}" is managed by its owner (a job run or a service); change the job or service instead`);
       await admitRunSpec(ctx, b.spec);
       const updated = ctx.store.updateSpec(w.id, { spec: b.spec, ...(b.labels ? { labels: b.labels } : {}) }, b.resourceVersion);
       ctx.kick(WORKLOAD, w.id);

@@ -559,6 +559,24 @@ export function runConformanceSuite(name: string, makeDriver: () => Promise<Conf
       });
     });
 
+    test('13. exec(): a command inside the running task reports its exit code, output and time limit', { timeout: 60_000 }, async (t) => {
+      if (!driver.exec) return t.skip('this driver has no exec');
+      const id = newId();
+      await withTask(cfg(id, sh('echo inside > /tmp/marker; echo ready; sleep 1000')), async (h) => {
+        await waitReady(id);
+        const ok = await within(20_000, 'exec()', () => driver.exec!(h, ['cat', '/tmp/marker'], 15_000));
+        assert.equal(ok.exitCode, 0, JSON.stringify(ok));
+        assert.match(ok.output, /inside/);
+        const bad = await within(20_000, 'exec()', () => driver.exec!(h, ['sh', '-c', 'exit 3'], 15_000));
+        assert.equal(bad.exitCode, 3, JSON.stringify(bad));
+        const t0 = Date.now();
+        const slow = await within(20_000, 'exec()', () => driver.exec!(h, ['sleep', '30'], 1000));
+        assert.notEqual(slow.exitCode, 0, JSON.stringify(slow));
+        assert.ok(Date.now() - t0 < 10_000, `a timed-out exec took ${Date.now() - t0} ms`);
+        assert.equal((await driver.inspect(h)).state, 'running', 'the task keeps running');
+      });
+    });
+
     test('10. nothing is left on the host after every task is destroyed', { timeout: 30_000 }, async () => {
       for (const id of await driver.listTasks()) if (id.startsWith('conf-')) await driver.destroy(id, { force: true });
       // Give monitors a moment to leave after destroy.

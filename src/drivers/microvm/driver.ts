@@ -17,13 +17,14 @@
 // the VM gets vCPUs = ceil(cpu) and RAM = memory + guest overhead; inside, the workload sits in a
 // guest cgroup with the exact cpu/memory/pids limits (OOM and fork bombs are reported like the
 // other tiers); outside, the QEMU process sits in a host cgroup capped at its size.
+import { randomBytes } from 'node:crypto';
 import { spawn } from 'node:child_process';
 import { EventEmitter } from 'node:events';
 import { copyFileSync, existsSync, mkdirSync, readFileSync, readdirSync, rmSync, rmdirSync, statSync, watch, writeFileSync, type FSWatcher } from 'node:fs';
 import { constants as osConstants, cpus } from 'node:os';
 import { join } from 'node:path';
 import type { NetworkAttachment, NetworkManager } from '../../network/manager.js';
-import type { DriverCapabilities, ExitResult, Fingerprint, RuntimeDriver, StopOptions, TaskConfig, TaskHandle, TaskStatus } from '../../core/driver.js';
+import type { DriverCapabilities, ExitResult, Fingerprint, RuntimeDriver, StopOptions, TaskConfig, TaskExecResult, TaskHandle, TaskStatus } from '../../core/driver.js';
 import { BerthError, invalidArgument } from '../../core/errors.js';
 import { qmp } from './qmp.js';
 import { pidAlive, runOk, sleep } from '../../lib/exec.js';
@@ -585,6 +586,23 @@ export class MicroVmDriver implements RuntimeDriver {
   /** The task's guest agent (sandbox VMs; also how a workload is signalled). */
   agent(id: string, timeoutMs = 5000): Promise<AgentConnection> {
     return this.agents.get(id, join(this.taskDir(id), 'agent.sock'), timeoutMs);
+  }
+
+  /** A command in the guest, through the agent's `run` request (as sandbox commands are run); killed at the time limit. */
+  async exec(h: TaskHandle, args: string[], timeoutMs: number): Promise<TaskExecResult> {
+    let output = '';
+    const proc = `exec-${randomBytes(6).toString('hex')}`;
+    let agent: AgentConnection | undefined;
+    try {
+      agent = await this.agent(h.id, Math.min(timeoutMs, 5000));
+      const end = await agent.request({ id: proc, type: 'run', args, env: {}, stdin: false }, timeoutMs, undefined, (f) => {
+        if ((f.type === 'stdout' || f.type === 'stderr') && output.length < 4096) output += Buffer.from(String(f.data ?? ''), 'base64').toString('utf8');
+      });
+      return { exitCode: typeof end.code === 'number' ? end.code : -1, output: output.slice(0, 4096) };
+    } catch (e) {
+      await agent?.request({ type: 'signal', proc, sig: 'SIGKILL', group: true }, 2000).catch(() => undefined);
+      return { exitCode: -1, output: (output + (e as Error).message).slice(0, 4096) };
+    }
   }
 
   private readPid(id: string): number | undefined {

@@ -18,6 +18,7 @@
 import { chmodSync, chownSync, existsSync, mkdirSync, readFileSync, readdirSync, rmSync, rmdirSync, statSync, watch, writeFileSync, type FSWatcher } from 'node:fs';
 import { readFile } from 'node:fs/promises';
 import { EventEmitter } from 'node:events';
+import { spawn } from 'node:child_process';
 import { join } from 'node:path';
 import { constants as osConstants } from 'node:os';
 import type {
@@ -27,6 +28,7 @@ import type {
   RuntimeDriver,
   StopOptions,
   TaskConfig,
+  TaskExecResult,
   TaskHandle,
   TaskStatus,
 } from '../../core/driver.js';
@@ -422,6 +424,48 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
     } catch {
       return false;
     }
+  }
+
+  /**
+   * `<runtime> exec`: a command in the running container. Answers when the runtime process exits,
+   * not when its output pipes close: runsc hands the pipes to the sandbox, which keeps them open
+   * while a timed-out command still runs. (A command past its time limit is left to finish in
+   * the container; killing `<runtime> exec` does not end it.)
+   */
+  exec(h: TaskHandle, args: string[], timeoutMs: number): Promise<TaskExecResult> {
+    if (!existsSync(this.runtime)) return Promise.resolve({ exitCode: -1, output: `${this.runtime} is not installed` });
+    return new Promise((resolve) => {
+      const child = spawn(this.runtime, [...this.globalArgs(), 'exec', h.id, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+      let output = '';
+      const add = (b: Buffer) => {
+        if (output.length < 4096) output += b.toString('utf8');
+      };
+      child.stdout.on('data', add);
+      child.stderr.on('data', add);
+      let timedOut = false;
+      const timer = setTimeout(() => {
+        timedOut = true;
+        child.kill('SIGKILL');
+      }, timeoutMs);
+      const finish = (exitCode: number) => {
+        clearTimeout(timer);
+        // Output already written is still in the pipes: give it a moment, then stop reading.
+        const drained = setTimeout(() => {
+          child.stdout.destroy();
+          child.stderr.destroy();
+          resolve({ exitCode, output: output.slice(0, 4096) });
+        }, 50);
+        child.once('close', () => {
+          clearTimeout(drained);
+          resolve({ exitCode, output: output.slice(0, 4096) });
+        });
+      };
+      child.once('error', (e) => {
+        add(Buffer.from(e.message));
+        finish(-1);
+      });
+      child.once('exit', (code) => finish(timedOut || code === null ? -1 : code));
+    });
   }
 
   /** Freezes the container (the runtime's cgroup freezer; runsc stops the sandbox's tasks). */
