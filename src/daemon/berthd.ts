@@ -141,7 +141,7 @@ export class Daemon {
 
   /** Ingress routes of every service with a public http port (backends: ready replicas). */
   serviceRoutes(): IngressRoute[] {
-    return serviceRoutes(this.store, (name, project) => this.ingress.hostFor(name, project));
+    return serviceRoutes(this.store, (name, project) => this.ingress.hostFor(name, project), (project) => this.network.dnsServerFor(project));
   }
 
   private takeLock(): void {

@@ -4,9 +4,10 @@
 // refused connections (try_duration) and passive health checks, WebSockets, HTTP/2, TLS from its
 // internal CA ("local") or from an ACME server.
 // Known limit of Caddy 2.6 (Debian's): every config load closes the WebSocket (upgraded)
-// connections it relays — in-flight HTTP requests finish, WebSockets must reconnect. Caddy ≥ 2.7
-// has reverse_proxy `stream_close_delay` for this; dynamic upstreams (backend changes without a
-// load) would make loads rarer.
+// connections it relays — in-flight HTTP requests finish, WebSockets must reconnect — and races
+// idle keep-alive client connections. Caddy ≥ 2.7 has reverse_proxy `stream_close_delay`. So
+// services use dynamic upstreams (DNS A records from Berth's DNS, refreshed every second): replicas
+// coming and going change no config, only adding or removing a route does.
 import { TOKEN_HEADER, TOKEN_PARAM, type IngressRoute, type IngressSettings } from './types.js';
 
 export interface CaddyPaths {
@@ -24,7 +25,7 @@ export const FAIL_DURATION = '10s';
 type Json = Record<string, unknown>;
 
 function proxy(r: IngressRoute): Json {
-  if (r.backends.length === 0) {
+  if (r.backends.length === 0 && !r.dynamic) {
     return {
       handler: 'static_response',
       status_code: 503,
@@ -34,7 +35,17 @@ function proxy(r: IngressRoute): Json {
   }
   return {
     handler: 'reverse_proxy',
-    upstreams: r.backends.map((b) => ({ dial: `${b.address}:${b.port}` })),
+    ...(r.dynamic
+      ? {
+          dynamic_upstreams: {
+            source: 'a',
+            name: r.dynamic.name,
+            port: String(r.dynamic.port),
+            refresh: `${r.dynamic.refreshMs}ms`,
+            resolver: { addresses: r.dynamic.resolvers },
+          },
+        }
+      : { upstreams: r.backends.map((b) => ({ dial: `${b.address}:${b.port}` })) }),
     load_balancing: { selection_policy: { policy: 'round_robin' }, try_duration: TRY_DURATION, try_interval: '50ms' },
     health_checks: { passive: { fail_duration: FAIL_DURATION, max_fails: 1 } },
     // Caddy keeps 32 idle upstream connections per host by default: more concurrent clients than

@@ -23,6 +23,13 @@ export interface IngressRoute {
   tls: IngressTls;
   /** If set, requests need `x-berth-token: <token>`, or `?berth_token=<token>` (which then sets a cookie). */
   auth?: { token: string };
+  /**
+   * Backends found by the proxy itself from DNS A records of `name` (Berth's DNS answers a
+   * service's ready replicas), refreshed every `refreshMs`: replicas come and go without a config
+   * load, which in Caddy 2.6 would close relayed WebSockets and race idle keep-alive connections.
+   * `backends` is then unused.
+   */
+  dynamic?: { name: string; port: number; resolvers: string[]; refreshMs: number };
 }
 
 export interface ListenAddr {
@@ -76,6 +83,12 @@ export function routeProblems(r: IngressRoute, acme: boolean): string[] {
   if (!['local', 'acme', 'none'].includes(r.tls)) p.push(`tls "${r.tls}" must be local, acme or none`);
   if (r.tls === 'acme' && !acme) p.push('tls "acme" needs berthd started with --acme-directory and --acme-email; use tls "local" otherwise');
   if (r.auth && (typeof r.auth.token !== 'string' || !TOKEN.test(r.auth.token))) p.push('auth.token must be 16-256 characters of A-Z a-z 0-9 _ -');
+  if (r.dynamic) {
+    if (!isHostname(r.dynamic.name)) p.push(`dynamic.name "${r.dynamic.name}" must be a DNS name`);
+    if (!Number.isInteger(r.dynamic.port) || r.dynamic.port < 1 || r.dynamic.port > 65535) p.push(`dynamic.port ${r.dynamic.port} must be 1-65535`);
+    for (const a of r.dynamic.resolvers) if (!/^\d+\.\d+\.\d+\.\d+:\d+$/.test(a) || !isIPv4(a.split(':')[0]!)) p.push(`dynamic resolver "${a}" must be IPv4:port`);
+    if (!(r.dynamic.refreshMs >= 100)) p.push('dynamic.refreshMs must be at least 100');
+  }
   return p;
 }
 

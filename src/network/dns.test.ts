@@ -1,6 +1,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { createSocket } from 'node:dgram';
+import { connect } from 'node:net';
 import * as dnsPacket from 'dns-packet';
 import pino from 'pino';
 import { DnsServer } from './dns.js';
@@ -62,6 +63,38 @@ test('answers names inside .internal from its resolver and forwards the rest ups
   } finally {
     server.close();
     upstream.close();
+  }
+});
+
+test('answers over TCP too (two-byte length prefix; several questions per connection)', async () => {
+  const server = new DnsServer((n) => (n === 'web.p1.internal' ? ['10.89.0.9'] : []), [], log);
+  const port = await server.listen('127.0.0.4', 0);
+  try {
+    const sock = connect(port, '127.0.0.4');
+    const frame = (id: number) => {
+      const m = dnsPacket.encode({ type: 'query', id, questions: [{ type: 'A', name: 'web.p1.internal' }] });
+      const len = Buffer.alloc(2);
+      len.writeUInt16BE(m.length);
+      return Buffer.concat([len, m]);
+    };
+    const replies: dnsPacket.Packet[] = [];
+    await new Promise<void>((resolve, reject) => {
+      let buf = Buffer.alloc(0);
+      sock.on('error', reject);
+      sock.on('data', (d: Buffer) => {
+        buf = Buffer.concat([buf, d]);
+        while (buf.length >= 2 && buf.length >= 2 + buf.readUInt16BE(0)) {
+          replies.push(dnsPacket.decode(buf.subarray(2, 2 + buf.readUInt16BE(0))));
+          buf = buf.subarray(2 + buf.readUInt16BE(0));
+        }
+        if (replies.length === 2) resolve();
+      });
+      sock.write(Buffer.concat([frame(1), frame(2)]));
+    });
+    sock.destroy();
+    assert.deepEqual(replies.map((r) => [r.id, (r.answers![0] as { data: string }).data]).sort(), [[1, '10.89.0.9'], [2, '10.89.0.9']]);
+  } finally {
+    server.close();
   }
 });
 

@@ -1,8 +1,10 @@
 // The DNS server workloads use (their resolv.conf points at their bridge's gateway): answers
 // `<name>.<project>.internal` from Berth's own records (workloads, service replicas that are
 // ready) and forwards every other question to the host's resolvers. Messages are encoded and
-// decoded with dns-packet; the server itself is a UDP socket per gateway address.
+// decoded with dns-packet; the server itself is a UDP socket and a TCP listener (RFC 7766; the
+// ingress's resolver asks over TCP) per gateway address.
 import { createSocket, type Socket } from 'node:dgram';
+import { createServer, type Server } from 'node:net';
 import { readFileSync } from 'node:fs';
 import * as dnsPacket from 'dns-packet';
 import type { Logger } from 'pino';
@@ -24,6 +26,7 @@ export function hostResolvers(path = '/etc/resolv.conf'): string[] {
 
 export class DnsServer {
   private readonly sockets = new Map<string, Socket>();
+  private readonly tcp = new Map<string, Server>();
 
   constructor(
     private readonly resolve: Resolver,
@@ -44,15 +47,47 @@ export class DnsServer {
       });
     });
     sock.on('error', (e) => this.log.warn({ err: e.message, address }, 'dns socket error'));
-    sock.on('message', (msg, rinfo) => void this.answer(sock, msg, rinfo.address, rinfo.port));
+    sock.on('message', (msg, rinfo) => void this.respond(msg, rinfo.address).then((r) => r && sock.send(r, rinfo.port, rinfo.address)));
     sock.unref();
     this.sockets.set(address, sock);
-    return sock.address().port;
+    const bound = sock.address().port;
+    // TCP: two-byte length, then the message; several per connection.
+    const srv = createServer((conn) => {
+      let buf = Buffer.alloc(0);
+      conn.on('error', () => undefined);
+      conn.setTimeout(10_000, () => conn.destroy());
+      conn.on('data', (d: Buffer) => {
+        buf = Buffer.concat([buf, d]);
+        while (buf.length >= 2 && buf.length >= 2 + buf.readUInt16BE(0)) {
+          const msg = buf.subarray(2, 2 + buf.readUInt16BE(0));
+          buf = buf.subarray(2 + msg.length);
+          void this.respond(Buffer.from(msg), conn.remoteAddress ?? '').then((r) => {
+            if (!r || conn.destroyed) return;
+            const len = Buffer.alloc(2);
+            len.writeUInt16BE(r.length);
+            conn.write(Buffer.concat([len, r]));
+          });
+        }
+        if (buf.length > 65_537) conn.destroy();
+      });
+    });
+    await new Promise<void>((resolve) => {
+      srv.once('error', (e) => {
+        this.log.warn({ err: e.message, address }, 'dns: no TCP listener');
+        resolve();
+      });
+      srv.listen(bound, address, () => resolve());
+    });
+    srv.unref();
+    if (srv.listening) this.tcp.set(address, srv);
+    return bound;
   }
 
   unlisten(address: string): void {
     this.sockets.get(address)?.close();
     this.sockets.delete(address);
+    this.tcp.get(address)?.close();
+    this.tcp.delete(address);
   }
 
   addresses(): string[] {
@@ -63,25 +98,21 @@ export class DnsServer {
     for (const a of [...this.sockets.keys()]) this.unlisten(a);
   }
 
-  private async answer(sock: Socket, msg: Buffer, host: string, port: number): Promise<void> {
+  /** The reply to one message (undefined: not DNS, no answer). */
+  private async respond(msg: Buffer, client: string): Promise<Buffer | undefined> {
     let q: dnsPacket.Packet;
     try {
       q = dnsPacket.decode(msg);
     } catch {
-      return; // not DNS
+      return undefined; // not DNS
     }
     const question = q.questions?.[0];
-    if (!question) return;
+    if (!question) return undefined;
     const name = question.name.toLowerCase().replace(/\.$/, '');
-    const ips = name.endsWith(INTERNAL_SUFFIX) || !name.includes('.') ? this.resolve(name, host) : undefined;
-    if (ips === undefined) {
-      const reply = await this.forward(msg);
-      if (reply) sock.send(reply, port, host);
-      else sock.send(this.reply(q, 'SERVFAIL', []), port, host);
-      return;
-    }
+    const ips = name.endsWith(INTERNAL_SUFFIX) || !name.includes('.') ? this.resolve(name, client.replace(/^::ffff:/, '')) : undefined;
+    if (ips === undefined) return (await this.forward(msg)) ?? this.reply(q, 'SERVFAIL', []);
     const answers = question.type === 'A' ? ips.map((ip) => ({ type: 'A' as const, name: question.name, ttl: TTL_S, data: ip })) : [];
-    sock.send(this.reply(q, ips.length ? 'NOERROR' : 'NXDOMAIN', answers), port, host);
+    return this.reply(q, ips.length ? 'NOERROR' : 'NXDOMAIN', answers);
   }
 
   private reply(q: dnsPacket.Packet, rcode: string, answers: dnsPacket.Answer[]): Buffer {

@@ -207,6 +207,12 @@ export class NetworkManager {
     return (this.opts.db.prepare('SELECT task_id FROM net_attachments WHERE driver = ?').all(driver) as { task_id: string }[]).map((r) => r.task_id);
   }
 
+  /** The DNS server of a project's network (`<gateway>:53`), once the project has one. */
+  dnsServerFor(project: string): string | undefined {
+    const n = this.opts.db.prepare('SELECT subnet FROM net_networks WHERE project = ?').get(project) as { subnet: string } | undefined;
+    return n && this.dns.addresses().includes(formatIp(parseCidr(n.subnet)!.base + 1)) ? `${formatIp(parseCidr(n.subnet)!.base + 1)}:53` : undefined;
+  }
+
   get(taskId: string): NetworkAttachment | undefined {
     const r = this.row(taskId);
     return r?.ip ? this.describe(r) : undefined;

@@ -347,6 +347,9 @@ function pruneRevisions(st: StoredServiceStatus): void {
 // ---- hooks for the ingress and DNS (pure functions of the store) ----
 
 
+/** How often the ingress re-reads a service's ready replicas from DNS; drainMs must exceed it. */
+export const DNS_REFRESH_MS = 500;
+
 function allServices(store: ResourceStore): ServiceResource[] {
   const out: ServiceResource[] = [];
   let page: string | null = null;
@@ -362,17 +365,20 @@ function allServices(store: ResourceStore): ServiceResource[] {
  * Ingress routes: one per service with a public http port (its first one): hosts
  * `<service>.<project>.<baseDomain>` plus spec.domains, backends = the READY replicas' ip:port.
  */
-export function serviceRoutes(store: ResourceStore, hostFor: (name: string, project: string) => string): IngressRoute[] {
+export function serviceRoutes(store: ResourceStore, hostFor: (name: string, project: string) => string, dnsServerFor: (project: string) => string | undefined = () => undefined): IngressRoute[] {
   const routes: IngressRoute[] = [];
   for (const s of allServices(store)) {
     if (s.deletionRequestedAt) continue;
     const port = s.spec.ports.find((p) => p.public && p.protocol === 'http');
     if (!port) continue;
+    const dns = dnsServerFor(s.project);
     routes.push({
       id: `service/${s.project}/${s.name}`,
       hosts: [hostFor(s.name, s.project), ...(s.spec.domains ?? [])],
       backends: s.status.instances.filter((i) => i.ready && i.ip).map((i) => ({ address: i.ip!, port: port.port })),
       tls: 'local',
+      // The proxy follows the ready set through Berth's DNS (no config load per replica change).
+      ...(dns ? { dynamic: { name: `${s.name}.${s.project}.internal`, port: port.port, resolvers: [dns], refreshMs: DNS_REFRESH_MS } } : {}),
     });
   }
   return routes;
