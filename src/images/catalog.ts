@@ -6,9 +6,11 @@ import { join } from 'node:path';
 import { BerthError, failedPrecondition, invalidArgument, notFound } from '../core/errors.js';
 import { ensureBusyboxImage } from './busybox.js';
 import { hostPlatform, parseManifest, type ImageConfigDoc } from './oci.js';
-import { familiarRef, formatRef, parseRef, repoName, type ImageRef } from './ref.js';
+import { familiarRef, formatRef, parseRef, repoName, tagRef, type ImageRef } from './ref.js';
 import { RegistryClient, type LayerProgress, type RegistryClientOptions, type RegistryCredentials } from './registry.js';
 import { ImageStore } from './store.js';
+import { readArchive, writeArchive, type ArchiveFormat } from './archive.js';
+import type { Readable } from 'node:stream';
 import { RootfsCache } from './unpack.js';
 
 export interface ImageConfig {
@@ -262,6 +264,48 @@ export class ImageService implements ImageCatalog {
     }
     await this.rootfs.ensure(res.digest);
     return this.inspect(formatRef(ref));
+  }
+
+  /**
+   * Import a `docker save` archive, an OCI archive or an OCI layout (as a tar): blobs are stored
+   * verified, every image is unpacked (refusing hostile layers), and only then tagged with the
+   * names the archive gives, or `tag` (for an archive of one image).
+   */
+  async importArchive(input: Readable, opts: { tag?: string } = {}): Promise<ImageDetail[]> {
+    const tag = opts.tag !== undefined ? tagRef(parseRef(opts.tag)) : undefined;
+    if (opts.tag !== undefined && !tag) throw invalidArgument(`tag "${opts.tag}" pins a digest; give a name with a tag, e.g. "app:v1"`);
+    const lease = this.store.lease();
+    try {
+      const images = await readArchive(this.store, input, lease);
+      if (tag && images.length !== 1) throw invalidArgument(`the archive holds ${images.length} images; a tag can only be given for an archive of one image`);
+      const named = images.map((img) => {
+        const names = tag ? [tag] : img.names;
+        if (!names.length) {
+          throw invalidArgument(
+            img.bareTags.length
+              ? `image ${img.digest} of the archive is named only by the tag "${img.bareTags[0]}", without a repository; give the name to import it as (\`--tag app:${img.bareTags[0]}\`, ?tag=)`
+              : `image ${img.digest} of the archive has no name; give one to import it as (\`--tag app:v1\`, ?tag=)`,
+          );
+        }
+        return { ...img, names };
+      });
+      for (const img of named) await this.rootfs.ensure(img.digest);
+      for (const img of named) for (const n of img.names) this.store.setTag(n, img.digest, img.mediaType);
+      return Promise.all(named.map((img) => this.inspect(img.names[0]!)));
+    } finally {
+      lease.release();
+    }
+  }
+
+  /** An image as an archive stream (OCI archive, or `docker save` format). */
+  async exportArchive(input: string, format: ArchiveFormat): Promise<Readable> {
+    if (BUILTIN_REFS.has(input)) throw failedPrecondition('the built-in "busybox" is not an OCI image and cannot be exported; build one with `berth image base busybox`');
+    const ref = parseRef(input);
+    const digest = await this.manifestFor(ref);
+    if (!digest) throw notFound(`image "${input}" is not on this host; see \`berth image ls\``);
+    const parsed = parseManifest(await this.store.readBlob(digest), undefined, `manifest ${digest}`);
+    const name = tagRef(ref);
+    return writeArchive(this.store, { digest, mediaType: parsed.mediaType, ...(name ? { name } : {}) }, format);
   }
 
   /**

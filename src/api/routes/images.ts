@@ -4,6 +4,9 @@
 // Registry credentials given to a pull are used for that pull only: never stored, never logged.
 import { createRoute, z, type OpenAPIHono } from '@hono/zod-openapi';
 import { stream } from 'hono/streaming';
+import type { Context } from 'hono';
+import type { IncomingMessage } from 'node:http';
+import { Readable } from 'node:stream';
 import { BerthError, isBerthError } from '../../core/errors.js';
 import { ImageService, type ImageDetail } from '../../images/catalog.js';
 import { REF_HINT, parseRef } from '../../images/ref.js';
@@ -74,6 +77,23 @@ const PullRequest = z
   .openapi('PullImage');
 
 const RefQuery = z.strictObject({ ref: ImageRef });
+
+const ImportQuery = z.strictObject({
+  tag: ImageRef.optional().openapi({ description: 'Name to import the image as (an archive of one image); default: the names in the archive' }),
+});
+
+const ExportQuery = z.strictObject({
+  ref: ImageRef,
+  format: z.enum(['oci', 'docker']).default('oci').openapi({ description: 'oci: an OCI archive (tar of an OCI layout); docker: a `docker load`-able archive (also an OCI layout)' }),
+});
+
+/** The request body as a Node stream (straight from node:http when served by it). */
+export function requestBody(c: Context): Readable {
+  const incoming = (c.env as { incoming?: IncomingMessage } | undefined)?.incoming;
+  if (incoming) return incoming;
+  const b = c.req.raw.body;
+  return b ? Readable.fromWeb(b as never) : Readable.from([]);
+}
 
 const RemoveResult = z
   .object({ ref: z.string(), digest: z.string(), removedBlobs: z.array(z.string()), freedBytes: z.number().int() })
@@ -156,6 +176,36 @@ export function registerImageRoutes(app: OpenAPIHono<AppEnv>, ctx: ApiContext): 
         await pending;
         await write({ image: detail });
       }) as never;
+    },
+  );
+
+  app.openapi(
+    createRoute({
+      method: 'post',
+      path: '/v1/images/import',
+      tags,
+      request: { query: ImportQuery, body: { required: true, content: { 'application/x-tar': { schema: z.string().openapi({ format: 'binary' }) } } } },
+      responses: { 200: json(z.object({ items: z.array(ImageDetailSchema) }).openapi('ImportedImages'), 'Imported, unpacked and tagged'), ...errorResponses },
+    }),
+    async (c) => {
+      requireAdmin(c);
+      const { tag } = c.req.valid('query');
+      return c.json({ items: await images.importArchive(requestBody(c), tag !== undefined ? { tag } : {}) } as never, 200);
+    },
+  );
+
+  app.openapi(
+    createRoute({
+      method: 'get',
+      path: '/v1/images/export',
+      tags,
+      request: { query: ExportQuery },
+      responses: { 200: { description: 'The archive, streamed', content: { 'application/x-tar': { schema: z.string().openapi({ format: 'binary' }) } } }, ...errorResponses },
+    }),
+    async (c) => {
+      const { ref, format } = c.req.valid('query');
+      const archive = await images.exportArchive(ref, format);
+      return new Response(Readable.toWeb(archive) as ReadableStream, { status: 200, headers: { 'content-type': 'application/x-tar' } }) as never;
     },
   );
 

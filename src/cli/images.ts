@@ -1,0 +1,123 @@
+// `berth image import|export|push|tag|base`, `berth login|logout` and `berth build`: the image
+// commands past ls/pull/inspect/rm (those are in main.ts). Archives and build contexts are
+// streamed to berthd; progress and build logs come back as NDJSON.
+import { spawn } from 'node:child_process';
+import { createReadStream, createWriteStream, promises as fsp, statSync } from 'node:fs';
+import { Command, Option } from 'commander';
+import type { Readable } from 'node:stream';
+import { ApiError, type BerthClient } from './client.js';
+import { printJson } from './format.js';
+
+export interface CliCtx {
+  client: BerthClient;
+  json: boolean;
+}
+interface LayerProgress {
+  digest: string;
+  kind: 'config' | 'layer';
+  size: number;
+  bytes: number;
+  status: string;
+}
+
+/** What main.ts lends these commands (its helpers, so that flags and errors look the same everywhere). */
+export interface CliKit {
+  addCommon(cmd: Command, opts?: { project?: boolean }): Command;
+  act(fn: (ctx: CliCtx, args: string[], opts: Record<string, unknown>, cmd: Command) => Promise<number | void>): (...a: unknown[]) => Promise<void>;
+  qs(params: Record<string, string | number | boolean | undefined>): string;
+  readStdin(): Promise<string>;
+  progressPrinter(): { update(p: LayerProgress): void; finish(): void };
+  usage(message: string): Error;
+  failure(code: string, message: string): Error;
+}
+
+interface ImageOut {
+  ref: string;
+  digest: string;
+}
+
+/** POST a streamed body and read NDJSON back: progress/log lines to `onEvent`, then the result (or a thrown error). */
+async function ndjson<T>(client: BerthClient, path: string, raw: { stream: Readable; contentType: string } | undefined, body: unknown, onEvent: (m: Record<string, unknown>) => void, kit: CliKit): Promise<T> {
+  let result: T | undefined;
+  let failure: ApiError | undefined;
+  let text = '';
+  await client.stream(
+    path,
+    (l) => {
+      if (!l.trim()) return;
+      text += l;
+      const m = JSON.parse(l) as Record<string, unknown> & { error?: { code: string; message: string } };
+      if (m.error) failure = new ApiError(m.error.code, m.error.message, 0);
+      else if ('result' in m) result = m.result as T;
+      else onEvent(m);
+    },
+    undefined,
+    { method: 'POST', ...(raw ? { raw } : { body }) },
+  );
+  if (failure) throw failure;
+  if (result === undefined) throw kit.failure('unavailable', `berthd ended ${path} without a result; check the berthd log${text ? '' : ''}`);
+  return result;
+}
+
+/** A file as it is, a directory as a tar of its contents (GNU tar, numeric owners). */
+function archiveStream(source: string): Readable {
+  if (source === '-') return process.stdin;
+  if (statSync(source).isDirectory()) {
+    const tar = spawn('tar', ['-C', source, '--numeric-owner', '-cf', '-', '.'], { stdio: ['ignore', 'pipe', 'inherit'] });
+    return tar.stdout;
+  }
+  return createReadStream(source);
+}
+
+export function registerImageCommands(program: Command, image: Command, kit: CliKit): void {
+  const { addCommon, act, qs } = kit;
+
+  addCommon(
+    image
+      .command('import')
+      .description('import a `docker save` archive, an OCI archive (.tar, optionally gzipped) or an OCI layout directory')
+      .argument('<path>', 'archive file, OCI layout directory, or - for standard input')
+      .option('-t, --tag <ref>', 'name to import the image as (default: the names in the archive)'),
+    { project: false },
+  ).action(
+    act(async (ctx, [source], o) => {
+      try {
+        statSync(source!);
+      } catch {
+        if (source !== '-') throw kit.usage(`${source} does not exist; give an archive file or an OCI layout directory`);
+      }
+      const lines: string[] = [];
+      await ctx.client.stream(`/v1/images/import${qs({ tag: o.tag as string | undefined })}`, (l) => lines.push(l), undefined, {
+        method: 'POST',
+        raw: { stream: archiveStream(source!), contentType: 'application/x-tar' },
+      });
+      const res = JSON.parse(lines.join('\n')) as { items: ImageOut[] };
+      if (ctx.json) return printJson(res);
+      for (const i of res.items) process.stdout.write(`${i.ref}\n${i.digest}\n`);
+    }),
+  );
+
+  const exp = image
+    .command('export')
+    .description('write an image as an archive (OCI by default; --format docker for `docker load`)')
+    .argument('<ref>')
+    .requiredOption('-o, --output <file>', 'archive file to write (- for standard output)')
+    .addOption(new Option('--format <format>', 'archive format').choices(['oci', 'docker']).default('oci'))
+    .option('--addr <addr>', 'berthd address (env BERTH_ADDR)')
+    .option('--token <token>', 'API token (env BERTH_TOKEN)');
+  exp.action(
+    act(async (ctx, [ref], o) => {
+      const file = o.output as string;
+      const dest = file === '-' ? process.stdout : createWriteStream(`${file}.part`, { mode: 0o644 });
+      try {
+        await ctx.client.download(`/v1/images/export${qs({ ref, format: o.format as string })}`, dest);
+        if (file !== '-') await fsp.rename(`${file}.part`, file);
+      } catch (e) {
+        if (file !== '-') await fsp.rm(`${file}.part`, { force: true });
+        throw e;
+      }
+    }),
+  );
+  void program;
+  void ndjson;
+}
