@@ -226,3 +226,92 @@ describe('images end to end: registry with htpasswd auth', { skip }, () => {
     assert.equal(grep, '', 'the password is stored nowhere under the data dir');
   });
 });
+
+describe('images end to end: login, tag, push with cross-repository mount, export and import through the CLI', { skip }, () => {
+  let reg: TestRegistry;
+  let d: TestDaemon;
+  let work: string;
+  const creds = { username: 'pusher', password: 'push-secret-pw' };
+  before(async () => {
+    reg = await startRegistry({ auth: creds });
+    d = await TestDaemon.start();
+    work = mkdtempSync(join(tmpdir(), 'berth-e2e-archive-'));
+  });
+  after(async () => {
+    await d?.deleteAllWorkloads().catch(() => undefined);
+    await d?.destroy();
+    await reg?.stop();
+    rmSync(work, { recursive: true, force: true });
+  });
+
+  test('login (checked, stored 0600, never returned or logged), pull and push with it, logout', async () => {
+    const img = await buildAppImage();
+    const src = `${reg.host}/team/app:1`;
+    await push(img, src, creds);
+    const wrong = await berth(d, ['login', reg.host, '-u', 'pusher', '--password-stdin'], 'not-the-pw\n');
+    assert.equal(wrong.code, 1);
+    assert.match(wrong.stderr, /refused the credentials.*\(failed_precondition\)/);
+    assert.equal(existsSync(join(d.dataDir, 'images', 'credentials.json')), false, 'refused credentials are not stored');
+    const ok = await berth(d, ['login', reg.host, '-u', 'pusher', '--password-stdin'], `${creds.password}\n`);
+    assert.equal(ok.code, 0, ok.stderr);
+    const { statSync } = await import('node:fs');
+    assert.equal(statSync(join(d.dataDir, 'images', 'credentials.json')).mode & 0o777, 0o600);
+    const listed = await d.api('GET', '/v1/registries');
+    assert.deepEqual(listed.body.items, [{ registry: reg.host, username: 'pusher' }]);
+
+    const pull = await berth(d, ['image', 'pull', src]);
+    assert.equal(pull.code, 0, pull.stderr);
+    const tag = await berth(d, ['image', 'tag', src, `${reg.host}/other/app:2`]);
+    assert.equal(tag.code, 0, tag.stderr);
+    assert.equal(tag.stdout, `${reg.host}/other/app:2\n`);
+    const pushed = await berth(d, ['image', 'push', '-o', 'json', `${reg.host}/other/app:2`]);
+    assert.equal(pushed.code, 0, pushed.stderr);
+    const res = JSON.parse(pushed.stdout);
+    assert.deepEqual(res.mounted.sort(), [img.configDigest, ...img.layers.map((l) => l.digest)].sort(), 'blobs are mounted from team/app, not uploaded');
+    assert.deepEqual(res.uploaded, []);
+    // what was pushed pulls back under the new name, byte for byte
+    const back = await d.api('POST', '/v1/images/pull', { ref: `${reg.host}/other/app:2` });
+    assert.equal(back.body.digest, img.manifestDigest);
+
+    assert.doesNotMatch(d.recentLogs(), /push-secret-pw/);
+    assert.doesNotMatch(JSON.stringify(listed.body), /push-secret-pw/);
+    const out = await berth(d, ['logout', reg.host]);
+    assert.equal(out.code, 0, out.stderr);
+    const anon = await d.api('POST', '/v1/images/push', { ref: `${reg.host}/other/app:2` });
+    assert.equal(anon.status, 412, JSON.stringify(anon.body));
+    const badReg = await d.api('POST', '/v1/registries/login', { registry: 'not a host', username: 'a', password: 'b' });
+    assert.equal(badReg.status, 400);
+  });
+
+  test('export (oci and docker formats) and import (file, directory) round trip', async () => {
+    const ref = `${reg.host}/other/app:2`;
+    const digest = (await d.api('GET', `/v1/images/inspect?ref=${encodeURIComponent(ref)}`)).body.digest;
+    for (const format of ['oci', 'docker']) {
+      const file = join(work, `app-${format}.tar`);
+      const exp = await berth(d, ['image', 'export', ref, '-o', file, '--format', format]);
+      assert.equal(exp.code, 0, exp.stderr);
+      const rm = await d.api('DELETE', `/v1/images?ref=${encodeURIComponent(`${reg.host}/team/app:1`)}`);
+      assert.ok([200, 404].includes(rm.status));
+      const imp = await berth(d, ['image', 'import', file, '--tag', `${reg.host}/team/app:1`]);
+      assert.equal(imp.code, 0, imp.stderr);
+      assert.equal(imp.stdout, `${reg.host}/team/app:1\n${digest}\n`);
+    }
+    // an OCI layout directory
+    const dir = join(work, 'layout');
+    const { execFileSync } = await import('node:child_process');
+    execFileSync('mkdir', ['-p', dir]);
+    execFileSync('tar', ['-C', dir, '-xf', join(work, 'app-oci.tar')]);
+    const imp = await berth(d, ['image', 'import', dir]);
+    assert.equal(imp.code, 0, imp.stderr);
+    assert.equal(imp.stdout, `${ref}\n${digest}\n`);
+    const run = await runToExit(d, 'imported', { image: ref });
+    assert.match(run.logs, /hello from berth-e2e/);
+    const bad = await berth(d, ['image', 'import', join(work, 'nope.tar')]);
+    assert.equal(bad.code, 2);
+    const notArchive = join(work, 'junk');
+    execFileSync('sh', ['-c', `head -c 4096 /dev/urandom > ${notArchive}`]);
+    const junk = await berth(d, ['image', 'import', notArchive]);
+    assert.equal(junk.code, 1);
+    assert.match(junk.stderr, /invalid_argument/);
+  });
+});

@@ -118,6 +118,61 @@ export function registerImageCommands(program: Command, image: Command, kit: Cli
       }
     }),
   );
-  void program;
-  void ndjson;
+
+  addCommon(
+    image
+      .command('push')
+      .description('push a local image to the registry its name points to (blobs the registry has in another repository are mounted, not uploaded)')
+      .argument('<ref>', 'e.g. 127.0.0.1:5000/team/app:v1 (tag a local image with that name first: berth image tag)'),
+    { project: false },
+  ).action(
+    act(async (ctx, [ref]) => {
+      const bar = ctx.json ? undefined : kit.progressPrinter();
+      const res = await ndjson<{ ref: string; digest: string; uploaded: string[]; mounted: string[]; existing: string[] }>(
+        ctx.client,
+        '/v1/images/push',
+        undefined,
+        { ref, progress: true },
+        (m) => m.progress && bar?.update(m.progress as LayerProgress),
+        kit,
+      ).finally(() => bar?.finish());
+      if (ctx.json) return printJson(res);
+      process.stdout.write(`${res.ref}\n${res.digest}\n(${res.uploaded.length} uploaded, ${res.mounted.length} mounted, ${res.existing.length} already there)\n`);
+    }),
+  );
+
+  addCommon(image.command('tag').description('give a local image another name (creates or moves the tag)').argument('<source>').argument('<target>'), { project: false }).action(
+    act(async (ctx, [source, target]) => {
+      const res = await ctx.client.request<ImageOut>('POST', '/v1/images/tag', { source, target });
+      if (ctx.json) return printJson(res);
+      process.stdout.write(`${res.ref}\n`);
+    }),
+  );
+
+  addCommon(
+    program
+      .command('login')
+      .description('store credentials for a registry (checked against it first); pulls and pushes of that registry use them')
+      .argument('<registry>', 'registry host[:port], e.g. 127.0.0.1:5000')
+      .requiredOption('-u, --username <name>', 'user name')
+      .option('--password-stdin', 'read the password from standard input (the only way to give it)'),
+    { project: false },
+  ).action(
+    act(async (ctx, [registry], o) => {
+      if (!o.passwordStdin) throw kit.usage('give the password on standard input with --password-stdin (never on the command line)');
+      const password = await kit.readStdin();
+      if (!password) throw kit.usage('the password read from standard input is empty');
+      const res = await ctx.client.request<{ registry: string; username: string }>('POST', '/v1/registries/login', { registry, username: o.username, password });
+      if (ctx.json) return printJson(res);
+      process.stdout.write(`logged in to ${res.registry} as ${res.username}\n`);
+    }),
+  );
+
+  addCommon(program.command('logout').description('remove the stored credentials of a registry').argument('<registry>'), { project: false }).action(
+    act(async (ctx, [registry]) => {
+      const res = await ctx.client.request<{ registry: string; removed: boolean }>('DELETE', `/v1/registries/login${qs({ registry })}`);
+      if (ctx.json) return printJson(res);
+      process.stdout.write(res.removed ? `logged out of ${res.registry}\n` : `no credentials were stored for ${res.registry}\n`);
+    }),
+  );
 }

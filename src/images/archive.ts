@@ -66,7 +66,7 @@ async function readDoc(stream: AsyncIterable<Uint8Array>, name: string): Promise
 
 /** A gzip stream is gunzipped first (`docker save | gzip`); anything else is taken as a tar. */
 async function maybeGunzip(input: Readable): Promise<Readable> {
-  const it = input[Symbol.asyncIterator]();
+  const it = input.iterator({ destroyOnReturn: false });
   const first = await it.next();
   const head: Buffer = first.done ? Buffer.alloc(0) : Buffer.from(first.value as Uint8Array);
   const rest = Readable.from((async function* () {
@@ -130,7 +130,8 @@ export async function readArchive(store: ImageStore, input: Readable, lease: { a
     await piped;
   } catch (e) {
     extract.destroy();
-    input.destroy();
+    // Read the rest of the upload and drop it, so the client gets the answer, not a reset.
+    input.resume();
     await piped.catch(() => undefined);
     if (e instanceof BerthError) throw e;
     throw invalidArgument(`the upload is not a valid tar archive (${((pipeError ?? e) as Error).message}); send a \`docker save\` tarball, an OCI archive, or an OCI layout directory as a tar`);
@@ -297,5 +298,5 @@ export function writeArchive(store: ImageStore, img: ExportImage, format: Archiv
     }
     pack.finalize();
   })().catch((e: unknown) => pack.destroy(e as Error));
-  return pack as unknown as Readable;
+  return Readable.from(pack as unknown as AsyncIterable<Buffer>, { objectMode: false });
 }

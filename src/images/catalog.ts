@@ -11,6 +11,8 @@ import { RegistryClient, type LayerProgress, type RegistryClientOptions, type Re
 import { ImageStore } from './store.js';
 import { readArchive, writeArchive, type ArchiveFormat } from './archive.js';
 import type { Readable } from 'node:stream';
+import { CredentialStore } from './credentials.js';
+import type { PushResult } from './registry.js';
 import { RootfsCache } from './unpack.js';
 
 export interface ImageConfig {
@@ -130,6 +132,7 @@ export class ImageService implements ImageCatalog {
   readonly rootfs: RootfsCache;
   private readonly builtin: BuiltinImages;
   private readonly registryOpts: RegistryClientOptions;
+  readonly credentials: CredentialStore;
 
   constructor(
     readonly dir: string,
@@ -138,7 +141,78 @@ export class ImageService implements ImageCatalog {
     this.builtin = new BuiltinImages(dir);
     this.store = new ImageStore(join(dir, 'store'));
     this.rootfs = new RootfsCache(join(dir, 'rootfs'), this.store);
-    this.registryOpts = opts.registry ?? {};
+    this.credentials = new CredentialStore(join(dir, 'credentials.json'));
+    const given = opts.registry?.credentials;
+    // Credentials given by the caller win; then those stored with `berth login`.
+    this.registryOpts = { ...(opts.registry ?? {}), credentials: (r) => given?.(r) ?? this.credentials.get(r) };
+  }
+
+  /** A registry client; `creds` (for one request only) apply to `registry`. */
+  private client(registry: string, creds?: RegistryCredentials): RegistryClient {
+    const base = this.registryOpts.credentials!;
+    return new RegistryClient({ ...this.registryOpts, credentials: (r) => (creds && r === registry ? creds : base(r)) });
+  }
+
+  /** Check credentials against the registry, then store them for its pulls and pushes. */
+  async login(registry: string, creds: RegistryCredentials): Promise<void> {
+    try {
+      await new RegistryClient({ ...this.registryOpts, credentials: (r) => (r === registry ? creds : undefined) }).checkLogin(registry);
+    } catch (e) {
+      if (e instanceof BerthError && (e.code === 'unauthenticated' || e.code === 'permission_denied')) throw failedPrecondition(e.message);
+      throw e;
+    }
+    this.credentials.set(registry, creds);
+  }
+
+  /** Point `target` at the image `source` names (both references; the target's tag is created or moved). */
+  async tag(source: string, target: string): Promise<ImageDetail> {
+    if (BUILTIN_REFS.has(source)) throw failedPrecondition('the built-in "busybox" is not an OCI image and cannot be tagged; build one with `berth image base busybox`');
+    const digest = await this.manifestFor(parseRef(source));
+    if (!digest) throw notFound(`image "${source}" is not on this host; see \`berth image ls\``);
+    const key = tagRef(parseRef(target));
+    if (!key) throw invalidArgument(`target "${target}" pins a digest; give a name with a tag, e.g. "127.0.0.1:5000/team/app:v2"`);
+    const parsed = parseManifest(await this.store.readBlob(digest), undefined, `manifest ${digest}`);
+    this.store.setTag(key, digest, parsed.mediaType);
+    return this.inspect(key);
+  }
+
+  /**
+   * Push a local image to the registry its reference names. Blobs the registry already has in
+   * another repository of this host's images (same registry) are mounted instead of uploaded.
+   */
+  async push(req: PullRequest): Promise<PushResult> {
+    if (BUILTIN_REFS.has(req.ref)) throw failedPrecondition('the built-in "busybox" cannot be pushed; build an OCI image with `berth image base busybox` and push that');
+    const ref = parseRef(req.ref);
+    const digest = await this.manifestFor(ref);
+    if (!digest) throw notFound(`image "${req.ref}" is not on this host; tag a local image with that name first (\`berth image tag SRC ${req.ref}\`)`);
+    const mountFrom = await this.mountSource(ref, digest);
+    try {
+      return await this.client(ref.registry, req.credentials).push(this.store, digest, ref, {
+        ...(req.onProgress ? { onProgress: req.onProgress } : {}),
+        ...(req.signal ? { signal: req.signal } : {}),
+        ...(mountFrom ? { mountFrom } : {}),
+      });
+    } catch (e) {
+      if (e instanceof BerthError && (e.code === 'unauthenticated' || e.code === 'permission_denied')) throw failedPrecondition(e.message);
+      throw e;
+    }
+  }
+
+  /** Another repository on the same registry that holds a tag of an image sharing a layer with `digest`. */
+  private async mountSource(ref: ImageRef, digest: string): Promise<string | undefined> {
+    const { manifest } = await this.rootfs.load(digest);
+    const layers = new Set(manifest.layers.map((l) => l.digest));
+    for (const t of this.store.listTags()) {
+      const r = parseRef(t.ref);
+      if (r.registry !== ref.registry || r.repository === ref.repository) continue;
+      try {
+        const other = await this.rootfs.load(t.digest);
+        if (other.manifest.layers.some((l) => layers.has(l.digest))) return r.repository;
+      } catch {
+        /* not an image */
+      }
+    }
+    return undefined;
   }
 
   close(): void {
@@ -249,11 +323,7 @@ export class ImageService implements ImageCatalog {
   async pull(req: PullRequest): Promise<ImageDetail> {
     if (BUILTIN_REFS.has(req.ref)) return this.inspect(req.ref);
     const ref = parseRef(req.ref);
-    const creds = req.credentials;
-    const client = new RegistryClient({
-      ...this.registryOpts,
-      ...(creds ? { credentials: (r: string) => (r === ref.registry ? creds : this.registryOpts.credentials?.(r)) } : {}),
-    });
+    const client = this.client(ref.registry, req.credentials);
     let res;
     try {
       res = await client.pull(this.store, ref, { ...(req.onProgress ? { onProgress: req.onProgress } : {}), ...(req.signal ? { signal: req.signal } : {}) });

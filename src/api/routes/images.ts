@@ -8,7 +8,7 @@ import type { Context } from 'hono';
 import type { IncomingMessage } from 'node:http';
 import { Readable } from 'node:stream';
 import { BerthError, isBerthError } from '../../core/errors.js';
-import { ImageService, type ImageDetail } from '../../images/catalog.js';
+import { ImageService } from '../../images/catalog.js';
 import { REF_HINT, parseRef } from '../../images/ref.js';
 import type { LayerProgress } from '../../images/registry.js';
 import type { ApiContext } from '../context.js';
@@ -124,6 +124,81 @@ function imagesInUse(ctx: ApiContext): { refs: Map<string, string[]> } {
   return { refs };
 }
 
+/**
+ * Answer with an NDJSON stream: {"progress": …} per layer event (byte counts at most every 100 ms,
+ * state changes always), {"log": "…"} lines, then {<resultKey>: …} or {"error": …}. A client that
+ * goes away aborts `ac`.
+ */
+export function ndjsonStream(
+  c: Context,
+  ac: AbortController,
+  work: (onProgress: (p: LayerProgress) => void, log: (line: string) => void) => Promise<unknown>,
+  resultKey: string,
+): Response {
+  c.header('Content-Type', 'application/x-ndjson');
+  return stream(c, async (s) => {
+    s.onAbort(() => ac.abort());
+    const write = (o: unknown) => s.write(`${JSON.stringify(o)}\n`);
+    let last = 0;
+    let pending: Promise<unknown> = Promise.resolve();
+    const onProgress = (p: LayerProgress) => {
+      const now = Date.now();
+      if ((p.status === 'downloading' || p.status === 'uploading') && p.bytes > 0 && p.bytes < p.size && now - last < 100) return;
+      last = now;
+      pending = pending.then(() => write({ progress: p }));
+    };
+    const log = (line: string) => void (pending = pending.then(() => write({ log: line })));
+    let result: unknown;
+    try {
+      result = await work(onProgress, log);
+    } catch (e) {
+      await pending;
+      const err = isBerthError(e) ? e : new BerthError('internal', `${(e as Error).message}`);
+      await write(err.toJSON());
+      return;
+    }
+    await pending;
+    await write({ [resultKey]: result });
+  });
+}
+
+const RegistryHost = z
+  .string()
+  .min(1)
+  .max(255)
+  .superRefine((v, c) => {
+    let ok = false;
+    try {
+      ok = parseRef(`${v}/x`).registry === v;
+    } catch {
+      /* reported below */
+    }
+    if (!ok) c.addIssue({ code: 'custom', message: `"${v.slice(0, 100)}" is not a registry host[:port] such as "127.0.0.1:5000" or "registry.example.com"` });
+  })
+  .openapi({ example: '127.0.0.1:5000' });
+
+const Auth = z
+  .strictObject({ username: z.string().min(1).max(256), password: z.string().min(1).max(8192) })
+  .optional()
+  .openapi({ description: 'Registry credentials for this call only (not stored, not logged); default: those stored with POST /v1/registries/login' });
+
+const PushRequest = z
+  .strictObject({
+    ref: ImageRef,
+    auth: Auth,
+    progress: z.boolean().default(false).openapi({ description: 'Stream application/x-ndjson: {"progress": {...}} per layer, then {"result": {...}} or {"error": {...}}' }),
+  })
+  .openapi('PushImage');
+
+const PushResultSchema = z
+  .object({ ref: z.string(), digest: z.string(), uploaded: z.array(z.string()), mounted: z.array(z.string()), existing: z.array(z.string()) })
+  .openapi('ImagePushed');
+
+const TagRequest = z.strictObject({ source: ImageRef, target: ImageRef }).openapi('TagImage');
+
+const LoginRequest = z.strictObject({ registry: RegistryHost, username: z.string().min(1).max(256), password: z.string().min(1).max(8192) }).openapi('RegistryLogin');
+const RegistryEntry = z.object({ registry: z.string(), username: z.string() }).openapi('RegistryCredentials');
+
 export function registerImageRoutes(app: OpenAPIHono<AppEnv>, ctx: ApiContext): void {
   const images = ctx.images;
 
@@ -151,31 +226,73 @@ export function registerImageRoutes(app: OpenAPIHono<AppEnv>, ctx: ApiContext): 
       const ac = new AbortController();
       const req = { ref: b.ref, ...(b.auth ? { credentials: b.auth } : {}), signal: ac.signal };
       if (!b.progress) return c.json((await images.pull(req)) as never, 200);
-      c.header('Content-Type', 'application/x-ndjson');
-      return stream(c, async (s) => {
-        s.onAbort(() => ac.abort());
-        const write = (o: unknown) => s.write(`${JSON.stringify(o)}\n`);
-        let last = 0;
-        let pending: Promise<unknown> = Promise.resolve();
-        const onProgress = (p: LayerProgress) => {
-          // Byte counts at most every 100 ms per stream; state changes always.
-          const now = Date.now();
-          if (p.status === 'downloading' && p.bytes > 0 && p.bytes < p.size && now - last < 100) return;
-          last = now;
-          pending = pending.then(() => write({ progress: p }));
-        };
-        let detail: ImageDetail;
-        try {
-          detail = await images.pull({ ...req, onProgress });
-        } catch (e) {
-          await pending;
-          const err = isBerthError(e) ? e : new BerthError('internal', `pull failed: ${(e as Error).message}`);
-          await write(err.toJSON());
-          return;
-        }
-        await pending;
-        await write({ image: detail });
-      }) as never;
+      return ndjsonStream(c, ac, (onProgress) => images.pull({ ...req, onProgress }), 'image') as never;
+    },
+  );
+
+  app.openapi(
+    createRoute({
+      method: 'post',
+      path: '/v1/images/push',
+      tags,
+      request: { body: body(PushRequest) },
+      responses: { 200: { description: 'Pushed; with progress: true, an NDJSON stream', content: { 'application/json': { schema: PushResultSchema }, 'application/x-ndjson': { schema: z.string() } } }, ...errorResponses },
+    }),
+    async (c) => {
+      requireAdmin(c);
+      const b = c.req.valid('json');
+      const ac = new AbortController();
+      const req = { ref: b.ref, ...(b.auth ? { credentials: b.auth } : {}), signal: ac.signal };
+      if (!b.progress) return c.json((await images.push(req)) as never, 200);
+      return ndjsonStream(c, ac, (onProgress) => images.push({ ...req, onProgress }), 'result') as never;
+    },
+  );
+
+  app.openapi(
+    createRoute({ method: 'post', path: '/v1/images/tag', tags, request: { body: body(TagRequest) }, responses: { 200: json(ImageDetailSchema, 'The target now names the source image'), ...errorResponses } }),
+    async (c) => {
+      requireAdmin(c);
+      const b = c.req.valid('json');
+      return c.json((await images.tag(b.source, b.target)) as never, 200);
+    },
+  );
+
+  app.openapi(
+    createRoute({ method: 'get', path: '/v1/registries', tags, responses: { 200: json(z.object({ items: z.array(RegistryEntry) }).openapi('RegistryList'), 'Registries with stored credentials (user names only)'), ...errorResponses } }),
+    async (c) => {
+      requireAdmin(c);
+      return c.json({ items: images.credentials.list() } as never, 200);
+    },
+  );
+
+  app.openapi(
+    createRoute({
+      method: 'post',
+      path: '/v1/registries/login',
+      tags,
+      request: { body: body(LoginRequest) },
+      responses: { 200: json(RegistryEntry, 'The registry accepted the credentials; they are stored for its pulls and pushes'), ...errorResponses },
+    }),
+    async (c) => {
+      requireAdmin(c);
+      const b = c.req.valid('json');
+      await images.login(b.registry, { username: b.username, password: b.password });
+      return c.json({ registry: b.registry, username: b.username } as never, 200);
+    },
+  );
+
+  app.openapi(
+    createRoute({
+      method: 'delete',
+      path: '/v1/registries/login',
+      tags,
+      request: { query: z.strictObject({ registry: RegistryHost }) },
+      responses: { 200: json(z.object({ registry: z.string(), removed: z.boolean() }), 'Stored credentials removed (removed: false when there were none)'), ...errorResponses },
+    }),
+    async (c) => {
+      requireAdmin(c);
+      const { registry } = c.req.valid('query');
+      return c.json({ registry, removed: images.credentials.delete(registry) } as never, 200);
     },
   );
 
