@@ -150,6 +150,29 @@ export function registerImageCommands(program: Command, image: Command, kit: Cli
   );
 
   addCommon(
+    image
+      .command('base')
+      .description('make a base image on this host: debian (mmdebstrap, minbase, from the host\'s Debian mirror) or busybox (busybox-static)')
+      .argument('<kind>', 'debian or busybox')
+      .option('--suite <suite>', 'Debian suite (default bookworm)')
+      .option('--include <pkgs>', 'extra Debian packages, comma-separated (e.g. postgresql)')
+      .option('-t, --tag <ref>', 'name of the image (default localhost/debian:<suite>[-<hash>] or localhost/busybox:latest)')
+      .option('-q, --quiet', 'no build log on stderr'),
+    { project: false },
+  ).action(
+    act(async (ctx, [kind], o) => {
+      if (kind !== 'debian' && kind !== 'busybox') throw kit.usage(`unknown base image kind "${kind}"; use debian or busybox`);
+      const include = typeof o.include === 'string' ? o.include.split(',').map((x) => x.trim()).filter(Boolean) : undefined;
+      const body = { kind, progress: true, ...(o.suite ? { suite: o.suite } : {}), ...(include ? { include } : {}), ...(o.tag ? { tag: o.tag } : {}) };
+      const res = await ndjson<ImageOut & { cached: boolean }>(ctx.client, '/v1/images/base', undefined, body, (m) => {
+        if (typeof m.log === 'string' && !o.quiet && !ctx.json) process.stderr.write(`${m.log}\n`);
+      }, kit);
+      if (ctx.json) return printJson(res);
+      process.stdout.write(`${res.ref}\n${res.digest}${res.cached ? ' (cached)' : ''}\n`);
+    }),
+  );
+
+  addCommon(
     program
       .command('login')
       .description('store credentials for a registry (checked against it first); pulls and pushes of that registry use them')

@@ -1,6 +1,7 @@
 // The images available to workloads: the built-in "busybox" (made from Debian's busybox-static,
 // no registry needed) and every image pulled into the OCI store (src/images/store.ts), resolved by
 // tag or digest to a shared read-only rootfs (src/images/unpack.ts) and its process config.
+import { createHash } from 'node:crypto';
 import { lstatSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { BerthError, failedPrecondition, invalidArgument, notFound } from '../core/errors.js';
@@ -12,6 +13,7 @@ import { ImageStore } from './store.js';
 import { readArchive, writeArchive, type ArchiveFormat } from './archive.js';
 import type { Readable } from 'node:stream';
 import { CredentialStore } from './credentials.js';
+import { BaseImages } from './base.js';
 import type { PushResult } from './registry.js';
 import { RootfsCache } from './unpack.js';
 
@@ -133,6 +135,7 @@ export class ImageService implements ImageCatalog {
   private readonly builtin: BuiltinImages;
   private readonly registryOpts: RegistryClientOptions;
   readonly credentials: CredentialStore;
+  readonly base: BaseImages;
 
   constructor(
     readonly dir: string,
@@ -142,6 +145,7 @@ export class ImageService implements ImageCatalog {
     this.store = new ImageStore(join(dir, 'store'));
     this.rootfs = new RootfsCache(join(dir, 'rootfs'), this.store);
     this.credentials = new CredentialStore(join(dir, 'credentials.json'));
+    this.base = new BaseImages(dir, this.store);
     const given = opts.registry?.credentials;
     // Credentials given by the caller win; then those stored with `berth login`.
     this.registryOpts = { ...(opts.registry ?? {}), credentials: (r) => given?.(r) ?? this.credentials.get(r) };
@@ -162,6 +166,33 @@ export class ImageService implements ImageCatalog {
       throw e;
     }
     this.credentials.set(registry, creds);
+  }
+
+  /**
+   * Make a base image on this host (`berth image base`): Debian with mmdebstrap from the host's
+   * mirror, or busybox; unpacked, then tagged `tag` (default localhost/debian:<suite>[-<hash>]
+   * or localhost/busybox:latest).
+   */
+  async makeBase(req: { kind: 'debian' | 'busybox'; suite?: string; include?: string[]; tag?: string; log: (line: string) => void; signal?: AbortSignal }): Promise<ImageDetail & { cached: boolean }> {
+    const suite = req.suite ?? 'bookworm';
+    const include = [...new Set(req.include ?? [])].sort();
+    let tag = req.tag !== undefined ? tagRef(parseRef(req.tag)) : undefined;
+    if (req.tag !== undefined && !tag) throw invalidArgument(`tag "${req.tag}" pins a digest; give a name with a tag, e.g. "localhost/debian:slim"`);
+    if (req.kind === 'busybox' && (req.suite !== undefined || include.length)) throw invalidArgument('suite and include apply to kind "debian" only');
+    tag ??=
+      req.kind === 'busybox'
+        ? 'localhost/busybox:latest'
+        : `localhost/debian:${suite}${include.length ? `-${createHash('sha256').update(include.join(',')).digest('hex').slice(0, 8)}` : ''}`;
+    const res = req.kind === 'busybox' ? await this.base.busybox(req.log) : await this.base.debian({ suite, include, log: req.log, ...(req.signal ? { signal: req.signal } : {}) });
+    const lease = this.store.lease([res.digest]);
+    try {
+      await this.rootfs.ensure(res.digest);
+      const parsed = parseManifest(await this.store.readBlob(res.digest), undefined, `manifest ${res.digest}`);
+      this.store.setTag(tag, res.digest, parsed.mediaType);
+    } finally {
+      lease.release();
+    }
+    return { ...(await this.inspect(tag)), cached: res.cached };
   }
 
   /** Point `target` at the image `source` names (both references; the target's tag is created or moved). */

@@ -199,6 +199,16 @@ const TagRequest = z.strictObject({ source: ImageRef, target: ImageRef }).openap
 const LoginRequest = z.strictObject({ registry: RegistryHost, username: z.string().min(1).max(256), password: z.string().min(1).max(8192) }).openapi('RegistryLogin');
 const RegistryEntry = z.object({ registry: z.string(), username: z.string() }).openapi('RegistryCredentials');
 
+const BaseRequest = z
+  .strictObject({
+    kind: z.enum(['debian', 'busybox']),
+    suite: z.string().regex(/^[a-z][a-z0-9-]{1,30}$/, { message: 'must be a Debian suite name such as "bookworm"' }).optional().openapi({ description: 'Debian suite (default bookworm); debian only' }),
+    include: z.array(z.string().regex(/^[a-z0-9][a-z0-9+.-]{0,99}$/, { message: 'must be a Debian package name' })).max(200).optional().openapi({ description: 'Extra packages; debian only' }),
+    tag: ImageRef.optional().openapi({ description: 'Default: localhost/debian:<suite>[-<hash of packages>] or localhost/busybox:latest' }),
+    progress: z.boolean().default(false).openapi({ description: 'Stream application/x-ndjson: {"log": "..."} lines, then {"result": {...}} or {"error": {...}}' }),
+  })
+  .openapi('BaseImage');
+
 export function registerImageRoutes(app: OpenAPIHono<AppEnv>, ctx: ApiContext): void {
   const images = ctx.images;
 
@@ -293,6 +303,27 @@ export function registerImageRoutes(app: OpenAPIHono<AppEnv>, ctx: ApiContext): 
       requireAdmin(c);
       const { registry } = c.req.valid('query');
       return c.json({ registry, removed: images.credentials.delete(registry) } as never, 200);
+    },
+  );
+
+  app.openapi(
+    createRoute({
+      method: 'post',
+      path: '/v1/images/base',
+      tags,
+      request: { body: body(BaseRequest) },
+      responses: {
+        200: { description: 'Built (or taken from the cache), unpacked and tagged; with progress: true, an NDJSON stream', content: { 'application/json': { schema: ImageDetailSchema.extend({ cached: z.boolean() }) }, 'application/x-ndjson': { schema: z.string() } } },
+        ...errorResponses,
+      },
+    }),
+    async (c) => {
+      requireAdmin(c);
+      const b = c.req.valid('json');
+      const ac = new AbortController();
+      const req = { kind: b.kind, ...(b.suite ? { suite: b.suite } : {}), ...(b.include ? { include: b.include } : {}), ...(b.tag ? { tag: b.tag } : {}), signal: ac.signal };
+      if (!b.progress) return c.json((await images.makeBase({ ...req, log: () => undefined })) as never, 200);
+      return ndjsonStream(c, ac, (_p, log) => images.makeBase({ ...req, log }), 'result') as never;
     },
   );
 
