@@ -5,6 +5,7 @@ import { spawn } from 'node:child_process';
 import { createReadStream, createWriteStream, promises as fsp, statSync } from 'node:fs';
 import { Command, Option } from 'commander';
 import type { Readable } from 'node:stream';
+import { relative, resolve } from 'node:path';
 import { ApiError, type BerthClient } from './client.js';
 import { printJson } from './format.js';
 
@@ -169,6 +170,37 @@ export function registerImageCommands(program: Command, image: Command, kit: Cli
       }, kit);
       if (ctx.json) return printJson(res);
       process.stdout.write(`${res.ref}\n${res.digest}${res.cached ? ' (cached)' : ''}\n`);
+    }),
+  );
+
+  addCommon(
+    program
+      .command('build')
+      .description('build an image from a Dockerfile (buildah; RUN steps without network unless --network)')
+      .argument('<dir>', 'build context directory (.dockerignore applies)')
+      .requiredOption('-t, --tag <ref>', 'name of the image, e.g. app:v1')
+      .option('-f, --file <path>', 'Dockerfile (default DIR/Dockerfile); must be inside DIR')
+      .option('--build-arg <k=v>', 'build argument (repeatable)', (v: string, prev: string[] = []) => [...prev, v])
+      .option('--network', 'give RUN steps the host network')
+      .option('-q, --quiet', 'no build log on stderr'),
+    { project: false },
+  ).action(
+    act(async (ctx, [dir], o) => {
+      if (!statSync(dir!, { throwIfNoEntry: false })?.isDirectory()) throw kit.usage(`${dir} is not a directory; give the build context directory`);
+      let dockerfile: string | undefined;
+      if (typeof o.file === 'string') {
+        const rel = relative(resolve(dir!), resolve(o.file));
+        if (rel.startsWith('..') || rel.startsWith('/')) throw kit.usage(`the Dockerfile ${o.file} must be inside the build context ${dir}`);
+        dockerfile = rel;
+      }
+      for (const a of (o.buildArg as string[] | undefined) ?? []) if (!/^[A-Za-z_][A-Za-z0-9_]*=/.test(a)) throw kit.usage(`--build-arg ${a}: use KEY=VALUE`);
+      const query = new URLSearchParams({ tag: o.tag as string, ...(dockerfile ? { dockerfile } : {}), ...(o.network ? { network: 'true' } : {}) });
+      for (const a of (o.buildArg as string[] | undefined) ?? []) query.append('buildArg', a);
+      const res = await ndjson<ImageOut>(ctx.client, `/v1/images/build?${query}`, { stream: archiveStream(dir!), contentType: 'application/x-tar' }, undefined, (m) => {
+        if (typeof m.log === 'string' && !o.quiet && !ctx.json) process.stderr.write(`${m.log}\n`);
+      }, kit);
+      if (ctx.json) return printJson(res);
+      process.stdout.write(`${res.ref}\n${res.digest}\n`);
     }),
   );
 

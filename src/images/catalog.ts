@@ -14,6 +14,8 @@ import { readArchive, writeArchive, type ArchiveFormat } from './archive.js';
 import type { Readable } from 'node:stream';
 import { CredentialStore } from './credentials.js';
 import { BaseImages } from './base.js';
+import { Builder, type BuildRequest } from './build.js';
+import { spawn } from 'node:child_process';
 import type { PushResult } from './registry.js';
 import { RootfsCache } from './unpack.js';
 
@@ -136,6 +138,7 @@ export class ImageService implements ImageCatalog {
   private readonly registryOpts: RegistryClientOptions;
   readonly credentials: CredentialStore;
   readonly base: BaseImages;
+  readonly builder: Builder;
 
   constructor(
     readonly dir: string,
@@ -146,6 +149,7 @@ export class ImageService implements ImageCatalog {
     this.rootfs = new RootfsCache(join(dir, 'rootfs'), this.store);
     this.credentials = new CredentialStore(join(dir, 'credentials.json'));
     this.base = new BaseImages(dir, this.store);
+    this.builder = new Builder(dir, { store: this.store, ensure: (ref, log) => this.ensureLocal(ref, log) });
     const given = opts.registry?.credentials;
     // Credentials given by the caller win; then those stored with `berth login`.
     this.registryOpts = { ...(opts.registry ?? {}), credentials: (r) => given?.(r) ?? this.credentials.get(r) };
@@ -193,6 +197,38 @@ export class ImageService implements ImageCatalog {
       lease.release();
     }
     return { ...(await this.inspect(tag)), cached: res.cached };
+  }
+
+  /**
+   * The manifest digest of an image a build starts from: from the store, else "busybox" made on
+   * this host (as docker.io/library/busybox:latest), else pulled from its registry.
+   */
+  private async ensureLocal(input: string, log: (line: string) => void): Promise<string> {
+    const ref = parseRef(input);
+    const have = await this.manifestFor(ref);
+    if (have) return have;
+    if (BUILTIN_REFS.has(input)) {
+      log('making busybox from the host\'s busybox-static');
+      return (await this.makeBase({ kind: 'busybox', tag: 'docker.io/library/busybox:latest', log })).digest;
+    }
+    log(`pulling ${formatRef(ref)}`);
+    return (await this.pull({ ref: input })).digest;
+  }
+
+  /** Build a Dockerfile (buildah, see build.ts) and import the result as `tag`. */
+  async build(req: BuildRequest & { tag: string }): Promise<ImageDetail> {
+    const tag = tagRef(parseRef(req.tag));
+    if (!tag) throw invalidArgument(`tag "${req.tag}" pins a digest; give a name with a tag, e.g. "app:v1"`);
+    const cacheTag = `localhost/berth-build/${createHash('sha256').update(tag).digest('hex').slice(0, 16)}:latest`;
+    const { layout, done } = await this.builder.build(req, cacheTag);
+    try {
+      const t = spawn('tar', ['-C', layout, '-cf', '-', '.'], { stdio: ['ignore', 'pipe', 'ignore'] });
+      const [img] = await this.importArchive(t.stdout, { tag });
+      req.log(`tagged ${tag} (${img!.digest})`);
+      return img!;
+    } finally {
+      await done();
+    }
   }
 
   /** Point `target` at the image `source` names (both references; the target's tag is created or moved). */

@@ -209,6 +209,18 @@ const BaseRequest = z
   })
   .openapi('BaseImage');
 
+const BuildQuery = z.strictObject({
+  tag: ImageRef.openapi({ description: 'Name of the built image, e.g. app:v1' }),
+  dockerfile: z.string().min(1).max(1024).optional().openapi({ description: 'Path of the Dockerfile inside the context (default Dockerfile)' }),
+  buildArg: z
+    .union([z.string(), z.array(z.string())])
+    .optional()
+    .transform((v) => (v === undefined ? [] : Array.isArray(v) ? v : [v]))
+    .pipe(z.array(z.string().regex(/^[A-Za-z_][A-Za-z0-9_]*=/, { message: 'build args are KEY=VALUE' }).max(8192)).max(200))
+    .openapi({ description: 'KEY=VALUE, repeatable' }),
+  network: z.enum(['true', 'false']).optional().openapi({ description: 'true: RUN steps get the host network (default: none)' }),
+});
+
 export function registerImageRoutes(app: OpenAPIHono<AppEnv>, ctx: ApiContext): void {
   const images = ctx.images;
 
@@ -324,6 +336,30 @@ export function registerImageRoutes(app: OpenAPIHono<AppEnv>, ctx: ApiContext): 
       const req = { kind: b.kind, ...(b.suite ? { suite: b.suite } : {}), ...(b.include ? { include: b.include } : {}), ...(b.tag ? { tag: b.tag } : {}), signal: ac.signal };
       if (!b.progress) return c.json((await images.makeBase({ ...req, log: () => undefined })) as never, 200);
       return ndjsonStream(c, ac, (_p, log) => images.makeBase({ ...req, log }), 'result') as never;
+    },
+  );
+
+  app.openapi(
+    createRoute({
+      method: 'post',
+      path: '/v1/images/build',
+      tags,
+      request: { query: BuildQuery, body: { required: true, content: { 'application/x-tar': { schema: z.string().openapi({ format: 'binary' }) } } } },
+      responses: { 200: { description: 'NDJSON: {"log": "..."} lines of the build, then {"result": Image} or {"error": {...}}', content: { 'application/x-ndjson': { schema: z.string() } } }, ...errorResponses },
+    }),
+    async (c) => {
+      requireAdmin(c);
+      const q = c.req.valid('query');
+      const buildArgs: Record<string, string> = {};
+      for (const kv of q.buildArg) buildArgs[kv.slice(0, kv.indexOf('='))] = kv.slice(kv.indexOf('=') + 1);
+      const ac = new AbortController();
+      const context = requestBody(c);
+      return ndjsonStream(
+        c,
+        ac,
+        (_p, log) => images.build({ tag: q.tag, context, ...(q.dockerfile ? { dockerfile: q.dockerfile } : {}), buildArgs, network: q.network === 'true', log, signal: ac.signal }),
+        'result',
+      ) as never;
     },
   );
 
