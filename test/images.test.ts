@@ -315,3 +315,69 @@ describe('images end to end: login, tag, push with cross-repository mount, expor
     assert.match(junk.stderr, /invalid_argument/);
   });
 });
+
+describe('acceptance 1: pull → run → build a derived image → push → pull on a clean data dir → run', { skip: skip || (!existsSync('/usr/bin/buildah') ? 'buildah not installed' : false) }, () => {
+  let reg: TestRegistry;
+  let d: TestDaemon;
+  let fresh: TestDaemon | undefined;
+  let work: string;
+  before(async () => {
+    reg = await startRegistry();
+    d = await TestDaemon.start();
+    work = mkdtempSync(join(tmpdir(), 'berth-e2e-acc1-'));
+  });
+  after(async () => {
+    for (const x of [d, fresh]) {
+      await x?.deleteAllWorkloads().catch(() => undefined);
+      await x?.destroy();
+    }
+    await reg?.stop();
+    rmSync(work, { recursive: true, force: true });
+  });
+
+  test('outputs as expected at every step', { timeout: 300_000 }, async () => {
+    const img = await buildAppImage();
+    const base = `${reg.host}/acc/app:v1`;
+    await push(img, base);
+    const pulled = await berth(d, ['image', 'pull', base]);
+    assert.equal(pulled.code, 0, pulled.stderr);
+    const run1 = await runToExit(d, 'base-run', { image: base });
+    assert.equal(run1.w.status.exitCode, 0, run1.logs);
+    assert.match(run1.logs, /hello from berth-e2e in \/app as 0/);
+
+    const { writeFileSync, mkdirSync } = await import('node:fs');
+    const ctx = join(work, 'ctx');
+    mkdirSync(ctx);
+    writeFileSync(join(ctx, 'extra.txt'), 'extra file from the build context\n');
+    writeFileSync(
+      join(ctx, 'Dockerfile'),
+      `FROM ${base}\nCOPY extra.txt /app/extra.txt\nRUN echo "made by RUN" > /app/built\nENV GREETING=derived\nENTRYPOINT ["/bin/sh", "-c", "/app/hello.sh; cat /app/extra.txt /app/built"]\n`,
+    );
+    const derived = `${reg.host}/acc/derived:v2`;
+    const built = await berth(d, ['build', '-t', derived, ctx]);
+    assert.equal(built.code, 0, built.stderr);
+    assert.match(built.stderr, /STEP 3\/5: RUN echo "made by RUN"/);
+    const [ref, digest] = built.stdout.trim().split('\n');
+    assert.equal(ref, derived);
+    const run2 = await runToExit(d, 'derived-run', { image: derived });
+    assert.equal(run2.w.status.exitCode, 0, run2.logs);
+    assert.match(run2.logs, /hello from derived in \/app as 0\n[\s\S]*extra file from the build context\nmade by RUN/);
+
+    const pushed = await berth(d, ['image', 'push', '-o', 'json', derived]);
+    assert.equal(pushed.code, 0, pushed.stderr);
+    const pr = JSON.parse(pushed.stdout);
+    assert.equal(pr.digest, digest);
+    assert.ok(pr.mounted.length >= 1, `the base layers are mounted from acc/app: ${pushed.stdout}`);
+
+    fresh = await TestDaemon.start();
+    assert.notEqual(fresh.dataDir, d.dataDir);
+    const again = await berth(fresh, ['image', 'pull', derived]);
+    assert.equal(again.code, 0, again.stderr);
+    assert.equal(again.stdout, `${derived}\n${digest}\n`);
+    const run3 = await runToExit(fresh, 'derived-fresh', { image: derived });
+    assert.equal(run3.w.status.exitCode, 0, run3.logs);
+    assert.equal(run3.logs, run2.logs);
+    await fresh.deleteAllWorkloads();
+    assert.deepEqual(fresh.hostResidue(), []);
+  });
+});

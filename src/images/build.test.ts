@@ -92,6 +92,8 @@ test('build: config, files, multi-stage, .dockerignore, no network, and the laye
     const manifest = JSON.parse((await s.store.readBlob(first.img.digest)).toString());
     const cfg = parseConfig(await s.store.readBlob(manifest.config.digest), 'config');
     assert.deepEqual(Object.keys(cfg.config?.ExposedPorts ?? {}).sort(), ['8080/tcp', '9090/tcp']);
+    const baseManifest = JSON.parse((await s.store.readBlob(s.store.getTag('docker.io/library/busybox:latest')!.digest)).toString());
+    assert.deepEqual(manifest.layers[0], baseManifest.layers[0], 'the base layer is shared with the base image, not compressed again');
 
     const root = s.rootfs.pathFor(first.img.digest);
     const st = statSync(path.join(root, 'app/app.sh'));

@@ -15,17 +15,19 @@
 // Base images come from Berth's store (pulled through Berth first when missing, with the stored
 // credentials): they are handed to buildah as an OCI layout whose blobs are hard links to the
 // store's, and tagged in buildah's storage with the name the Dockerfile uses. The result is pushed
-// to an OCI layout in the build's work directory and imported into Berth's store (ImageService).
+// to that same layout (so base layers keep their digests: they are found there, not compressed
+// again) and imported into Berth's store from it (ImageService.build).
 import { spawn } from 'node:child_process';
-import { randomBytes } from 'node:crypto';
+import { createHash, randomBytes } from 'node:crypto';
+import zlib from 'node:zlib';
 import { createReadStream, createWriteStream, existsSync, mkdirSync, promises as fsp, writeFileSync } from 'node:fs';
 import path from 'node:path';
-import type { Readable } from 'node:stream';
+import { Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import tar from 'tar-stream';
 import { BerthError, failedPrecondition, invalidArgument } from '../core/errors.js';
 import { pidAlive } from '../lib/exec.js';
-import { MT } from './oci.js';
+import { MT, layerCompression, parseConfig, parseManifest, type Descriptor, type Manifest } from './oci.js';
 import { formatRef, parseRef } from './ref.js';
 import type { ImageStore } from './store.js';
 
@@ -236,14 +238,14 @@ export class Builder {
     await fsp.rm(tarFile, { force: true });
   }
 
-  /** An image of Berth's store made visible in buildah's storage under `name`. */
+  /**
+   * An image of Berth's store made visible in buildah's storage under `name`. Its blobs are always
+   * linked into the shared layout (the export of the result finds the base layers there and keeps
+   * their digests instead of compressing them again); buildah loads it only when it lacks it.
+   */
   private async provide(env: NodeJS.ProcessEnv, name: string, digest: string, log: (l: string) => void): Promise<void> {
     const store = this.bases.store;
     const refs = await store.references(digest);
-    const manifest = JSON.parse((await store.readBlob(digest)).toString('utf8')) as { config: { digest: string } };
-    const configHex = manifest.config.digest.slice(7);
-    const current = await this.buildah(env, ['inspect', '--type', 'image', '--format', '{{.FromImageID}}', name], { what: 'buildah inspect' }).catch(() => '');
-    if (current.trim() === configHex) return;
     const layout = path.join(this.root, 'layout');
     for (const d of [digest, ...refs]) {
       const dest = path.join(layout, 'blobs', 'sha256', d.slice(7));
@@ -255,29 +257,114 @@ export class Builder {
         await fsp.copyFile(store.blobPath(d), dest);
       }
     }
+    const manifest = JSON.parse((await store.readBlob(digest)).toString('utf8')) as { config: { digest: string } };
+    const configHex = manifest.config.digest.slice(7);
+    const current = await this.buildah(env, ['inspect', '--type', 'image', '--format', '{{.FromImageID}}', name], { what: 'buildah inspect' }).catch(() => '');
+    if (current.trim() === configHex) return;
     const size = (await fsp.stat(store.blobPath(digest))).size;
-    await fsp.writeFile(path.join(layout, 'oci-layout'), '{"imageLayoutVersion":"1.0.0"}');
     await fsp.writeFile(path.join(layout, 'index.json'), JSON.stringify({ schemaVersion: 2, manifests: [{ mediaType: MT.ociManifest, digest, size, annotations: { 'org.opencontainers.image.ref.name': 'base' } }] }));
     log(`providing ${name} (${digest}) to the builder`);
     await this.buildah(env, ['pull', '--quiet', '--signature-policy', path.join(this.root, 'policy.json'), 'oci:/run/containers/layout:base'], { what: `loading ${name} into the builder`, code: 'failed_precondition' });
     await this.buildah(env, ['tag', configHex, name], { what: `naming ${name} in the builder`, code: 'failed_precondition' });
   }
 
-  /** Build; resolves with the path of an OCI layout holding the result (tag "image"), removed by `done()`. */
-  build(req: BuildRequest, cacheTag: string): Promise<{ layout: string; done: () => Promise<void> }> {
-    const p = this.queue.then(() => this.buildNow(req, cacheTag));
+  /**
+   * The image tagged `tag` in the shared layout, as an OCI archive stream
+   * of just that image. A layer whose content is a base image's layer (same diff_id) keeps the
+   * base's compressed blob, so images share layers with their bases in the store and registries
+   * mount them (buildah would compress them again, to other bytes); uncompressed layers are
+   * gzipped here. The config is buildah's, unchanged (diff_ids do not depend on compression).
+   */
+  private async layoutImage(tag: string, reuse: Map<string, Descriptor>): Promise<Readable> {
+    const layout = path.join(this.root, 'layout');
+    const index = JSON.parse(await fsp.readFile(path.join(layout, 'index.json'), 'utf8')) as { manifests: { digest: string; annotations?: Record<string, string> }[] };
+    const entry = index.manifests.find((m) => m.annotations?.['org.opencontainers.image.ref.name'] === tag);
+    if (!entry) throw failedPrecondition(`the builder's export has no image "${tag}"`);
+    const blob = (d: string) => path.join(layout, 'blobs', 'sha256', d.slice(7));
+    const manifest = JSON.parse(await fsp.readFile(blob(entry.digest), 'utf8')) as Manifest & { mediaType?: string };
+    const layers: Descriptor[] = [];
+    const diffIds = parseConfig(await fsp.readFile(blob(manifest.config.digest)), 'config of the built image').rootfs.diff_ids;
+    for (const [i, l] of manifest.layers.entries()) {
+      const base = reuse.get(diffIds[i] ?? '');
+      if (base) {
+        layers.push(base);
+        continue;
+      }
+      if (l.mediaType !== MT.ociLayer) {
+        layers.push(l);
+        continue;
+      }
+      const tmp = path.join(layout, `gzip-${l.digest.slice(7, 19)}`);
+      const hash = createHash('sha256');
+      let size = 0;
+      await pipeline(createReadStream(blob(l.digest)), zlib.createGzip({ level: 6 }), async function* (src: AsyncIterable<Buffer>) {
+        for await (const c of src) {
+          hash.update(c);
+          size += c.length;
+          yield c;
+        }
+      }, createWriteStream(tmp));
+      const digest = `sha256:${hash.digest('hex')}`;
+      await fsp.rename(tmp, blob(digest));
+      layers.push({ mediaType: MT.ociLayerGzip, digest, size });
+    }
+    const out = Buffer.from(JSON.stringify({ ...manifest, mediaType: MT.ociManifest, layers }));
+    const outDigest = `sha256:${createHash('sha256').update(out).digest('hex')}`;
+    const pack = tar.pack();
+    const add = (name: string, body: Buffer) => new Promise<void>((res, rej) => pack.entry({ name, size: body.length }, body, (e) => (e ? rej(e) : res())));
+    (async () => {
+      await add('oci-layout', Buffer.from('{"imageLayoutVersion":"1.0.0"}'));
+      for (const d of [...layers.map((l) => l.digest), manifest.config.digest]) {
+        const p = existsSync(blob(d)) ? blob(d) : this.bases.store.blobPath(d);
+        await pipeline(createReadStream(p), pack.entry({ name: `blobs/sha256/${d.slice(7)}`, size: (await fsp.stat(p)).size }));
+      }
+      await add(`blobs/sha256/${outDigest.slice(7)}`, out);
+      await add('index.json', Buffer.from(JSON.stringify({ schemaVersion: 2, manifests: [{ mediaType: MT.ociManifest, digest: outDigest, size: out.length }] })));
+      pack.finalize();
+    })().catch((e: unknown) => pack.destroy(e as Error));
+    return Readable.from(pack as unknown as AsyncIterable<Buffer>);
+  }
+
+  /** Layers of the base images by diff_id (what a build's layers are matched against). */
+  private async baseLayers(digests: string[]): Promise<Map<string, Descriptor>> {
+    const out = new Map<string, Descriptor>();
+    for (const d of digests) {
+      const m = parseManifest(await this.bases.store.readBlob(d), undefined, `manifest ${d}`);
+      if (m.kind !== 'manifest') continue;
+      const cfg = parseConfig(await this.bases.store.readBlob(m.doc.config.digest), `config of ${d}`);
+      m.doc.layers.forEach((l, i) => {
+        const diff = cfg.rootfs.diff_ids[i];
+        if (diff && layerCompression(l.mediaType) && !out.has(diff)) out.set(diff, { mediaType: l.mediaType, digest: l.digest, size: l.size });
+      });
+    }
+    return out;
+  }
+
+  /**
+   * Build, then hand the result (an OCI archive stream) to `take` (which imports it); builds run
+   * one at a time (they share the layout the results are exported to).
+   */
+  build<T>(req: BuildRequest, cacheTag: string, take: (archive: Readable) => Promise<T>): Promise<T> {
+    const p = this.queue.then(() => this.buildNow(req, cacheTag, take));
     this.queue = p.catch(() => undefined);
     return p;
   }
 
-  private async buildNow(req: BuildRequest, cacheTag: string): Promise<{ layout: string; done: () => Promise<void> }> {
+  private async buildNow<T>(req: BuildRequest, cacheTag: string, take: (archive: Readable) => Promise<T>): Promise<T> {
     if (!Builder.available()) throw failedPrecondition('builds need buildah and unshare; `apt-get install buildah`');
     const env = this.setup();
     await fsp.mkdir(this.work, { recursive: true, mode: 0o700 });
     await this.cleanStale();
     const work = path.join(this.work, `.tmp-${process.pid}-${randomBytes(6).toString('hex')}`);
     await fsp.mkdir(work, { mode: 0o700 });
-    const done = () => fsp.rm(work, { recursive: true, force: true });
+    const layoutDir = path.join(this.root, 'layout');
+    // The layout only ever holds links to the store's blobs and this build's export.
+    const resetLayout = async () => {
+      await fsp.rm(layoutDir, { recursive: true, force: true });
+      await fsp.mkdir(path.join(layoutDir, 'blobs', 'sha256'), { recursive: true, mode: 0o700 });
+      await fsp.writeFile(path.join(layoutDir, 'oci-layout'), '{"imageLayoutVersion":"1.0.0"}');
+    };
+    await resetLayout();
     try {
       const ctx = path.join(work, 'context');
       await this.receiveContext(req.context, ctx);
@@ -293,6 +380,7 @@ export class Builder {
         throw invalidArgument(`the build context has no Dockerfile at "${dfRel.slice(0, 200)}"; give its path inside the context with -f`);
       }
       const args = req.buildArgs ?? {};
+      const baseDigests: string[] = [];
       for (const image of externalImages(text, args)) {
         let canonical: string;
         try {
@@ -301,6 +389,7 @@ export class Builder {
           throw invalidArgument(`the Dockerfile names the image "${image.slice(0, 200)}", which is not a valid reference (${(e as Error).message})`);
         }
         const digest = await this.bases.ensure(image, req.log);
+        baseDigests.push(digest);
         await this.provide(env, canonical, digest, req.log);
       }
       const bud = [
@@ -321,12 +410,11 @@ export class Builder {
       ];
       await this.buildah(env, bud, { log: req.log, ...(req.signal ? { signal: req.signal } : {}), what: 'the build' });
       const iid = (await fsp.readFile(path.join(work, 'iid'), 'utf8')).trim().replace(/^sha256:/, '');
-      const layout = path.join(work, 'out');
-      await this.buildah(env, ['push', '--quiet', '--signature-policy', path.join(this.root, 'policy.json'), iid, `oci:${layout}:image`], { what: 'exporting the built image', code: 'failed_precondition' });
-      return { layout, done };
-    } catch (e) {
-      await done();
-      throw e;
+      await this.buildah(env, ['push', '--quiet', '--signature-policy', path.join(this.root, 'policy.json'), iid, 'oci:/run/containers/layout:result'], { what: 'exporting the built image', code: 'failed_precondition' });
+      return await take(await this.layoutImage('result', await this.baseLayers(baseDigests)));
+    } finally {
+      await fsp.rm(work, { recursive: true, force: true });
+      await resetLayout();
     }
   }
 }

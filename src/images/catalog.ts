@@ -15,7 +15,6 @@ import type { Readable } from 'node:stream';
 import { CredentialStore } from './credentials.js';
 import { BaseImages } from './base.js';
 import { Builder, type BuildRequest } from './build.js';
-import { spawn } from 'node:child_process';
 import type { PushResult } from './registry.js';
 import { RootfsCache } from './unpack.js';
 
@@ -220,15 +219,9 @@ export class ImageService implements ImageCatalog {
     const tag = tagRef(parseRef(req.tag));
     if (!tag) throw invalidArgument(`tag "${req.tag}" pins a digest; give a name with a tag, e.g. "app:v1"`);
     const cacheTag = `localhost/berth-build/${createHash('sha256').update(tag).digest('hex').slice(0, 16)}:latest`;
-    const { layout, done } = await this.builder.build(req, cacheTag);
-    try {
-      const t = spawn('tar', ['-C', layout, '-cf', '-', '.'], { stdio: ['ignore', 'pipe', 'ignore'] });
-      const [img] = await this.importArchive(t.stdout, { tag });
-      req.log(`tagged ${tag} (${img!.digest})`);
-      return img!;
-    } finally {
-      await done();
-    }
+    const [img] = await this.builder.build(req, cacheTag, (archive) => this.importArchive(archive, { tag }));
+    req.log(`tagged ${tag} (${img!.digest})`);
+    return img!;
   }
 
   /** Point `target` at the image `source` names (both references; the target's tag is created or moved). */

@@ -224,6 +224,8 @@ export function makeImage(layers: BuiltLayer[], cfg: { Env?: string[]; Cmd?: str
       os: 'linux',
       config: cfg,
       rootfs: { type: 'layers', diff_ids: layers.map((l) => l.diffId) },
+      // One entry per layer, as every real builder writes (buildah refuses bases without it).
+      history: layers.map((_l, i) => ({ created: '2026-01-01T00:00:00Z', created_by: `berth test layer ${i}` })),
     }),
   );
   const mediaType = opts.docker ? MT.dockerManifest : MT.ociManifest;
