@@ -14,7 +14,7 @@ fi
 # xattrs), for the image tests a registry (docker-registry) and htpasswd (apache2-utils), and for
 # the microVM tier QEMU, the guest kernel (Debian's cloud kernel) and cpio (the guest's initramfs).
 APT_PACKAGES=(runc conmon busybox-static golang-github-containers-common iproute2 build-essential python3 attr docker-registry apache2-utils
-  qemu-system-x86 linux-image-cloud-amd64 cpio e2fsprogs)
+  qemu-system-x86 linux-image-cloud-amd64 cpio e2fsprogs mmdebstrap buildah skopeo umoci)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

@@ -4,25 +4,14 @@
 // folders, and mount the overlay (the runc driver lets runc mount the same overlay) — and unmount.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { execFileSync } from 'node:child_process';
-import { existsSync, mkdirSync, statSync } from 'node:fs';
+import { existsSync, statSync } from 'node:fs';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { ImageService } from './catalog.js';
+import { prepareRootfs } from './testing.js';
 
 const skip = process.getuid?.() !== 0 ? 'mounting an overlay needs root' : !existsSync('/bin/busybox') ? 'busybox-static not installed' : false;
-
-/** Seconds → ms of one preparation of a workload's rootfs from an image (second and later workloads). */
-export async function prepareRootfs(s: ImageService, ref: string, dir: string): Promise<number> {
-  const t0 = performance.now();
-  const img = await s.resolve(ref);
-  for (const d of ['upper', 'work', 'merged']) mkdirSync(path.join(dir, d), { recursive: true, mode: 0o700 });
-  execFileSync('mount', ['-t', 'overlay', 'overlay', '-o', `lowerdir=${img.rootfs},upperdir=${dir}/upper,workdir=${dir}/work`, `${dir}/merged`]);
-  const ms = performance.now() - t0;
-  execFileSync('umount', [`${dir}/merged`]);
-  return ms;
-}
 
 test('a second workload of an image prepares its rootfs in ≤ 50 ms (median of 30), without unpacking', { skip }, async () => {
   const dir = await mkdtemp(path.join(tmpdir(), 'berth-rootfs-'));
