@@ -381,3 +381,56 @@ describe('acceptance 1: pull → run → build a derived image → push → pull
     assert.deepEqual(fresh.hostResidue(), []);
   });
 });
+
+describe('acceptance 5: periodic GC removes exactly the blobs no tag or existing workload references', { skip }, () => {
+  let reg: TestRegistry;
+  let d: TestDaemon;
+  before(async () => {
+    reg = await startRegistry();
+    process.env.BERTH_IMAGE_GC_MS = '300';
+    try {
+      d = await TestDaemon.start();
+    } finally {
+      delete process.env.BERTH_IMAGE_GC_MS;
+    }
+  });
+  after(async () => {
+    await d?.deleteAllWorkloads().catch(() => undefined);
+    await d?.destroy();
+    await reg?.stop();
+  });
+
+  test('tags and a running workload pinned by digest keep their blobs; strays and released images go', { timeout: 120_000 }, async () => {
+    const a = await buildAppImage();
+    const b = makeImage([a.layers[0]!, gzipLayer(await makeTar([{ name: 'only-b', content: 'b' }]))], { Entrypoint: ['/bin/sleep'], Cmd: ['60'] });
+    await push(a, `${reg.host}/gc/a:1`);
+    await push(b, `${reg.host}/gc/b:1`);
+    for (const ref of [`${reg.host}/gc/a:1`, `${reg.host}/gc/b:1`]) assert.equal((await d.api('POST', '/v1/images/pull', { ref })).status, 200);
+    const r = await d.api('POST', W, { name: 'pinned', spec: { image: `${reg.host}/gc/b@${b.manifestDigest}` } });
+    assert.equal(r.status, 201, JSON.stringify(r.body));
+    await d.waitWorkload('default', 'pinned', (x) => x.status.phase === 'running', 30_000);
+    const untag = await d.api('DELETE', `/v1/images?ref=${encodeURIComponent(`${reg.host}/gc/b:1`)}`);
+    assert.equal(untag.status, 200, JSON.stringify(untag.body));
+    assert.deepEqual(untag.body.removedBlobs, [], 'the running workload keeps b');
+
+    const blobs = join(d.dataDir, 'images', 'store', 'blobs', 'sha256');
+    const { writeFileSync } = await import('node:fs');
+    const { createHash } = await import('node:crypto');
+    const stray = Buffer.from('a blob nothing references');
+    writeFileSync(join(blobs, createHash('sha256').update(stray).digest('hex')), stray);
+    const names = (img: BuiltImage) => [img.manifestDigest, img.configDigest, ...img.layers.map((l) => l.digest)].map((x) => x.slice(7));
+    const expect = async (want: string[], what: string) => {
+      const deadline = Date.now() + 10_000;
+      for (;;) {
+        const have = readdirSync(blobs).sort();
+        if (JSON.stringify(have) === JSON.stringify([...new Set(want)].sort())) return;
+        if (Date.now() > deadline) assert.deepEqual(have, [...new Set(want)].sort(), what);
+        await new Promise((res) => setTimeout(res, 100));
+      }
+    };
+    await expect([...names(a), ...names(b)], 'the stray blob is collected; tagged a and running b stay');
+    await d.deleteAllWorkloads();
+    await expect(names(a), 'once the workload is gone, b goes except the layer a shares');
+    assert.deepEqual(readdirSync(join(d.dataDir, 'images', 'rootfs')), [a.manifestDigest.slice(7)]);
+  });
+});

@@ -103,7 +103,7 @@ const RemoveResult = z
  * Image references still needed by workloads, jobs and job runs (any project), keyed by their
  * canonical store key, with who uses them.
  */
-function imagesInUse(ctx: ApiContext): { refs: Map<string, string[]> } {
+export function imagesInUse(ctx: Pick<ApiContext, 'store'>): { refs: Map<string, string[]> } {
   const refs = new Map<string, string[]>();
   for (const kind of ['workload', 'job', 'jobrun']) {
     let page: string | null = null;
