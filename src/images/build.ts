@@ -365,6 +365,8 @@ export class Builder {
       await fsp.writeFile(path.join(layoutDir, 'oci-layout'), '{"imageLayoutVersion":"1.0.0"}');
     };
     await resetLayout();
+    // Working containers a killed build left in the builder's storage (builds run one at a time).
+    await this.buildah(env, ['rm', '--all'], { what: 'buildah rm' }).catch(() => undefined);
     try {
       const ctx = path.join(work, 'context');
       await this.receiveContext(req.context, ctx);
