@@ -11,7 +11,7 @@
 // Usage: node dist/bench/images.js [--runs 5] [--cache-dir DIR] [--write BENCHMARKS.md]   (as root)
 import { spawnSync } from 'node:child_process';
 import { existsSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
-import { cpus, release } from 'node:os';
+import { cpus, loadavg, release } from 'node:os';
 import { join } from 'node:path';
 import { PassThrough } from 'node:stream';
 import { parseArgs } from 'node:util';
@@ -152,7 +152,7 @@ async function main(): Promise<void> {
     }
 
     const text = [
-      `Host: ${cpus().length} × ${cpus()[0]?.model ?? 'cpu'}, Linux ${release()}; ${RUNS} runs per row, medians; registry: Debian's docker-registry on 127.0.0.1 (page cache warm for both sides).`,
+      `Host: ${cpus().length} × ${cpus()[0]?.model ?? 'cpu'}, Linux ${release()}, load average ${loadavg().map((x) => x.toFixed(1)).join(' ')} at the end (a shared machine: compare the ratios); ${RUNS} runs per row, medians; registry: Debian's docker-registry on 127.0.0.1 (page cache warm for both sides).`,
       '',
       '### Pull + unpack: Berth vs skopeo copy + umoci unpack',
       '',
@@ -172,7 +172,7 @@ async function main(): Promise<void> {
       '',
       '### Build of a 5-step Dockerfile (buildah through Berth)',
       '',
-      '`FROM` the slim Debian image, then `COPY`, `RUN sha256sum /usr/bin/*`, `ENV`, `RUN`, `CMD`; the base image is already in the store. Cold = fresh data dir (empty builder storage: the base is loaded into buildah first); cached = the same build again (every step from the layer cache), result imported and tagged both times.',
+      '`FROM` the slim Debian image, then `COPY`, `RUN sha256sum /usr/bin/*`, `ENV`, `RUN`, `CMD`; the base image is already in the store. Cold = fresh data dir (empty builder storage: the base is loaded into buildah first), result exported, imported, unpacked and tagged; cached = the same build again: every step from the layer cache, and the result is the image the tag already names, so nothing is exported or imported.',
       '',
       '| build | median |',
       '|---|---|',

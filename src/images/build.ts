@@ -344,13 +344,13 @@ export class Builder {
    * Build, then hand the result (an OCI archive stream) to `take` (which imports it); builds run
    * one at a time (they share the layout the results are exported to).
    */
-  build<T>(req: BuildRequest, cacheTag: string, take: (archive: Readable) => Promise<T>): Promise<T> {
-    const p = this.queue.then(() => this.buildNow(req, cacheTag, take));
+  build<T>(req: BuildRequest, cacheTag: string, take: (archive: Readable) => Promise<T>, reuse: (configDigest: string) => Promise<T | undefined> = async () => undefined): Promise<T> {
+    const p = this.queue.then(() => this.buildNow(req, cacheTag, take, reuse));
     this.queue = p.catch(() => undefined);
     return p;
   }
 
-  private async buildNow<T>(req: BuildRequest, cacheTag: string, take: (archive: Readable) => Promise<T>): Promise<T> {
+  private async buildNow<T>(req: BuildRequest, cacheTag: string, take: (archive: Readable) => Promise<T>, reuse: (configDigest: string) => Promise<T | undefined>): Promise<T> {
     if (!Builder.available()) throw failedPrecondition('builds need buildah and unshare; `apt-get install buildah`');
     const env = this.setup();
     await fsp.mkdir(this.work, { recursive: true, mode: 0o700 });
@@ -412,6 +412,13 @@ export class Builder {
       ];
       await this.buildah(env, bud, { log: req.log, ...(req.signal ? { signal: req.signal } : {}), what: 'the build' });
       const iid = (await fsp.readFile(path.join(work, 'iid'), 'utf8')).trim().replace(/^sha256:/, '');
+      // The image ID is the config's digest: when the store already has this very image under
+      // the tag (a fully cached rebuild), there is nothing to export or import.
+      const same = await reuse(`sha256:${iid}`);
+      if (same !== undefined) {
+        req.log('the result is the image the tag already names (every step came from the cache)');
+        return same;
+      }
       await this.buildah(env, ['push', '--quiet', '--signature-policy', path.join(this.root, 'policy.json'), iid, 'oci:/run/containers/layout:result'], { what: 'exporting the built image', code: 'failed_precondition' });
       return await take(await this.layoutImage('result', await this.baseLayers(baseDigests)));
     } finally {

@@ -219,7 +219,21 @@ export class ImageService implements ImageCatalog {
     const tag = tagRef(parseRef(req.tag));
     if (!tag) throw invalidArgument(`tag "${req.tag}" pins a digest; give a name with a tag, e.g. "app:v1"`);
     const cacheTag = `localhost/berth-build/${createHash('sha256').update(tag).digest('hex').slice(0, 16)}:latest`;
-    const [img] = await this.builder.build(req, cacheTag, (archive) => this.importArchive(archive, { tag }));
+    const [img] = await this.builder.build(
+      req,
+      cacheTag,
+      (archive) => this.importArchive(archive, { tag }),
+      async (configDigest) => {
+        const current = this.store.getTag(tag);
+        if (!current) return undefined;
+        try {
+          const { manifest } = await this.rootfs.load(current.digest);
+          return manifest.config.digest === configDigest ? [await this.inspect(tag)] : undefined;
+        } catch {
+          return undefined;
+        }
+      },
+    );
     req.log(`tagged ${tag} (${img!.digest})`);
     return img!;
   }
