@@ -408,7 +408,7 @@ describe('acceptance 5: periodic GC removes exactly the blobs no tag or existing
     for (const ref of [`${reg.host}/gc/a:1`, `${reg.host}/gc/b:1`]) assert.equal((await d.api('POST', '/v1/images/pull', { ref })).status, 200);
     const r = await d.api('POST', W, { name: 'pinned', spec: { image: `${reg.host}/gc/b@${b.manifestDigest}` } });
     assert.equal(r.status, 201, JSON.stringify(r.body));
-    await d.waitWorkload('default', 'pinned', (x) => x.status.phase === 'running', 30_000);
+    await d.waitWorkload('default', 'pinned', (x) => x.status.phase === 'running', 60_000);
     const untag = await d.api('DELETE', `/v1/images?ref=${encodeURIComponent(`${reg.host}/gc/b:1`)}`);
     assert.equal(untag.status, 200, JSON.stringify(untag.body));
     assert.deepEqual(untag.body.removedBlobs, [], 'the running workload keeps b');
@@ -420,7 +420,7 @@ describe('acceptance 5: periodic GC removes exactly the blobs no tag or existing
     writeFileSync(join(blobs, createHash('sha256').update(stray).digest('hex')), stray);
     const names = (img: BuiltImage) => [img.manifestDigest, img.configDigest, ...img.layers.map((l) => l.digest)].map((x) => x.slice(7));
     const expect = async (want: string[], what: string) => {
-      const deadline = Date.now() + 10_000;
+      const deadline = Date.now() + 30_000;
       for (;;) {
         const have = readdirSync(blobs).sort();
         if (JSON.stringify(have) === JSON.stringify([...new Set(want)].sort())) return;
