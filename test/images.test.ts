@@ -369,6 +369,16 @@ describe('acceptance 1: pull → run → build a derived image → push → pull
     assert.equal(pr.digest, digest);
     assert.ok(pr.mounted.length >= 1, `the base layers are mounted from acc/app: ${pushed.stdout}`);
 
+    // a base image made on the host, through the CLI (NDJSON log on stderr), runs as a workload
+    const bb = await berth(d, ['image', 'base', 'busybox', '-t', 'localhost/acc/busybox:1']);
+    assert.equal(bb.code, 0, bb.stderr);
+    assert.match(bb.stdout, /^localhost\/acc\/busybox:1\nsha256:[0-9a-f]{64}\n$/);
+    const run4 = await runToExit(d, 'base-busybox', { image: 'localhost/acc/busybox:1', command: ['sh', '-c', 'echo from-base; ls /bin/busybox'] });
+    assert.equal(run4.w.status.exitCode, 0, run4.logs);
+    assert.match(run4.logs, /from-base\n\/bin\/busybox/);
+    const badBase = await d.api('POST', '/v1/images/base', { kind: 'debian', include: ['--evil'] });
+    assert.equal(badBase.status, 400);
+
     fresh = await TestDaemon.start();
     assert.notEqual(fresh.dataDir, d.dataDir);
     const again = await berth(fresh, ['image', 'pull', derived]);
@@ -431,6 +441,9 @@ describe('acceptance 5: periodic GC removes exactly the blobs no tag or existing
     await expect([...names(a), ...names(b)], 'the stray blob is collected; tagged a and running b stay');
     await d.deleteAllWorkloads();
     await expect(names(a), 'once the workload is gone, b goes except the layer a shares');
+    // the unpacked tree of b goes in the same collection, right after the blobs
+    const deadline = Date.now() + 30_000;
+    while (readdirSync(join(d.dataDir, 'images', 'rootfs')).length > 1 && Date.now() < deadline) await new Promise((res) => setTimeout(res, 100));
     assert.deepEqual(readdirSync(join(d.dataDir, 'images', 'rootfs')), [a.manifestDigest.slice(7)]);
   });
 });

@@ -41,12 +41,10 @@ interface ImageOut {
 async function ndjson<T>(client: BerthClient, path: string, raw: { stream: Readable; contentType: string } | undefined, body: unknown, onEvent: (m: Record<string, unknown>) => void, kit: CliKit): Promise<T> {
   let result: T | undefined;
   let failure: ApiError | undefined;
-  let text = '';
   await client.stream(
     path,
     (l) => {
       if (!l.trim()) return;
-      text += l;
       const m = JSON.parse(l) as Record<string, unknown> & { error?: { code: string; message: string } };
       if (m.error) failure = new ApiError(m.error.code, m.error.message, 0);
       else if ('result' in m) result = m.result as T;
@@ -56,7 +54,7 @@ async function ndjson<T>(client: BerthClient, path: string, raw: { stream: Reada
     { method: 'POST', ...(raw ? { raw } : { body }) },
   );
   if (failure) throw failure;
-  if (result === undefined) throw kit.failure('unavailable', `berthd ended ${path} without a result; check the berthd log${text ? '' : ''}`);
+  if (result === undefined) throw kit.failure('unavailable', `berthd ended ${path} without a result; check the berthd log`);
   return result;
 }
 

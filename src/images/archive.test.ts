@@ -111,7 +111,7 @@ test('interop: an OCI layout written by skopeo imports; Berth’s OCI archive is
 });
 
 test('hostile archives are refused and nothing is tagged', async () => {
-  await withService(async (s, dir) => {
+  await withService(async (s) => {
     const img = await sampleImage();
     const good = (extra: EntrySpec[] = [], swap?: (e: EntrySpec[]) => EntrySpec[]) => {
       const index = { schemaVersion: 2, manifests: [{ mediaType: img.mediaType, digest: img.manifestDigest, size: img.manifest.length, annotations: { 'io.containerd.image.name': 'example.com/evil:1' } }] };
@@ -174,6 +174,5 @@ test('hostile archives are refused and nothing is tagged', async () => {
     ]);
     await refuse(badArchive, /climbs|outside|refused/);
     await refuse(Buffer.from('not a tar at all, just text'.repeat(40)), /not a valid tar archive|neither index.json/);
-    void dir;
   });
 });
