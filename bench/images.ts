@@ -17,7 +17,7 @@ import { PassThrough } from 'node:stream';
 import { parseArgs } from 'node:util';
 import { spawn } from 'node:child_process';
 import { ImageService } from '../src/images/catalog.js';
-import { prepareRootfs, startRegistry } from '../src/images/testing.js';
+import { prepareRootfs, skopeo, startRegistry } from '../src/images/testing.js';
 import { updateBenchmarks } from './report.js';
 
 const { values } = parseArgs({ options: { runs: { type: 'string', default: '5' }, 'cache-dir': { type: 'string', default: '/var/tmp/berth-bench-images' }, write: { type: 'string' } } });
@@ -33,16 +33,6 @@ const median = (xs: number[]) => {
 };
 const sec = (ms: number) => `${(ms / 1000).toFixed(2)} s`;
 const log = (s: string) => console.error(`images bench: ${s}`);
-
-/**
- * skopeo as root keeps a blob-info cache in /var/lib/containers/cache: it runs in a private mount
- * namespace with a throw-away directory there, so the bench leaves nothing on the host.
- */
-function skopeoCopy(shadow: string, src: string, dest: string): void {
-  if (!existsSync('/var/lib/containers')) mkdirSync('/var/lib/containers', { mode: 0o700 });
-  const r = spawnSync('unshare', ['-m', '--propagation', 'private', 'sh', '-c', `mount --bind "${shadow}" /var/lib/containers && exec skopeo copy --quiet --src-tls-verify=false "$0" "$1"`, src, dest], { encoding: 'utf8' });
-  if (r.status !== 0) throw new Error(`skopeo copy failed: ${r.stderr}`);
-}
 
 function umociUnpack(layout: string, bundle: string): void {
   const r = spawnSync('umoci', ['unpack', '--image', layout, bundle], { encoding: 'utf8' });
@@ -92,11 +82,11 @@ async function main(): Promise<void> {
         const dir = join(work, `berth-${r}`);
         const svc = new ImageService(dir);
         const bdir = join(work, `skopeo-${r}`);
-        mkdirSync(join(bdir, 'shadow'), { recursive: true });
+        mkdirSync(bdir, { recursive: true });
         const runBerth = () => timed(() => svc.pull({ ref: m.remote }));
         const runBase = () =>
           timed(() => {
-            skopeoCopy(join(bdir, 'shadow'), `docker://${m.remote}`, `oci:${bdir}/layout:img`);
+            skopeo(['copy', '--quiet', '--src-tls-verify=false', `docker://${m.remote}`, `oci:${bdir}/layout:img`]);
             umociUnpack(`${bdir}/layout:img`, `${bdir}/bundle`);
           });
         // Interleaved: even runs Berth first, odd runs the baseline first.

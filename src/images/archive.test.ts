@@ -12,7 +12,7 @@ import path from 'node:path';
 import { Readable } from 'node:stream';
 import { buffer } from 'node:stream/consumers';
 import { ImageService } from './catalog.js';
-import { makeTar, gzipLayer, makeImage, sha256, storeImage, type EntrySpec } from './testing.js';
+import { makeTar, gzipLayer, makeImage, sha256, skopeo, storeImage, type EntrySpec } from './testing.js';
 
 async function withService(fn: (s: ImageService, dir: string) => Promise<void>): Promise<void> {
   const dir = await mkdtemp(path.join(tmpdir(), 'berth-archive-'));
@@ -85,20 +85,20 @@ test('classic docker save archive: <id>/layer.tar, a symlinked duplicate layer, 
   });
 });
 
-const skopeo = existsSync('/usr/bin/skopeo') && existsSync('/usr/bin/umoci') ? false : 'skopeo and umoci not installed';
+const noSkopeo = existsSync('/usr/bin/skopeo') && existsSync('/usr/bin/umoci') ? false : 'skopeo and umoci not installed';
 
-test('interop: an OCI layout written by skopeo imports; Berth’s OCI archive is read by skopeo and unpacked by umoci', { skip: skopeo }, async () => {
+test('interop: an OCI layout written by skopeo imports; Berth’s OCI archive is read by skopeo and unpacked by umoci', { skip: noSkopeo }, async () => {
   await withService(async (s, dir) => {
     const img = await sampleImage();
     await storeImage(s.store, img, 'example.com/team/app:v1');
     const archive = path.join(dir, 'app.tar');
     await writeFile(archive, await buffer(await s.exportArchive('example.com/team/app:v1', 'oci')));
-    const inspected = JSON.parse(execFileSync('skopeo', ['inspect', '--raw', `oci-archive:${archive}:v1`]).toString());
+    const inspected = JSON.parse(skopeo(['inspect', '--raw', `oci-archive:${archive}:v1`]));
     assert.equal(sha256(Buffer.from(JSON.stringify(inspected))).length, 71);
     assert.equal(inspected.layers.length, 2);
     // skopeo writes an OCI layout directory (ref.name = bare tag) from Berth's archive
     const layout = path.join(dir, 'layout');
-    execFileSync('skopeo', ['copy', '--quiet', `oci-archive:${archive}:v1`, `oci:${layout}:copied`]);
+    skopeo(['copy', '--quiet', `oci-archive:${archive}:v1`, `oci:${layout}:copied`]);
     execFileSync('umoci', ['unpack', '--rootless', '--image', `${layout}:copied`, path.join(dir, 'bundle')], { stdio: 'ignore' });
     assert.equal(readFileSync(path.join(dir, 'bundle/rootfs/etc/hello'), 'utf8'), 'hi\n');
     // a layout directory travels as a tar (what `berth image import DIR` sends)

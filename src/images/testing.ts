@@ -283,3 +283,17 @@ export async function prepareRootfs(s: { resolve(ref: string): Promise<{ rootfs:
   execFileSync('umount', [`${dir}/merged`]);
   return ms;
 }
+
+/**
+ * Run skopeo with `args`, keeping its blob-info cache (root's is /var/lib/containers/cache) off the
+ * host: it runs in a private mount namespace with a throw-away directory mounted there.
+ */
+export function skopeo(args: string[]): string {
+  if (!existsSync('/var/lib/containers')) mkdirSync('/var/lib/containers', { mode: 0o700 });
+  const shadow = mkdtempSync(path.join(tmpdir(), 'berth-skopeo-'));
+  try {
+    return execFileSync('unshare', ['-m', '--propagation', 'private', 'sh', '-c', `mount --bind "${shadow}" /var/lib/containers && exec skopeo "$@"`, 'sh', ...args], { encoding: 'utf8', maxBuffer: 1 << 26 });
+  } finally {
+    rmSync(shadow, { recursive: true, force: true });
+  }
+}
