@@ -16,7 +16,8 @@ fi
 # for workload networks the CNI plugins (bridge, host-local, loopback), nftables and util-linux's
 # unshare/nsenter.
 APT_PACKAGES=(runc conmon busybox-static golang-github-containers-common iproute2 build-essential python3 attr docker-registry apache2-utils
-  qemu-system-x86 linux-image-cloud-amd64 cpio e2fsprogs containernetworking-plugins nftables util-linux caddy pebble wrk)
+  qemu-system-x86 linux-image-cloud-amd64 cpio e2fsprogs containernetworking-plugins nftables util-linux caddy pebble wrk
+  mmdebstrap buildah skopeo umoci)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

@@ -103,6 +103,8 @@ export function createApp(ctx: ApiContext, log: Logger): OpenAPIHono<AppEnv> {
   };
   const limit = bodyLimit({ maxSize: MAX_BODY_BYTES, onError: tooLarge });
   const STREAMED_UPLOAD = /^\/v1\/projects\/[^/]+\/sandboxes\/[^/]+\/files$/;
+  // Image archives and build contexts are streamed to their route (never held whole, no 1 MiB cap).
+  const streamed = (c: Context) => (c.req.method === 'PUT' && STREAMED_UPLOAD.test(c.req.path)) || (c.req.method === 'POST' && /^\/v1\/images\/(import|build)$/.test(c.req.path));
   app.use('*', async (c, next) => {
     // Served by @hono/node-server: read the body straight from Node's request and hand it to
     // Hono's body cache, which c.req.json() (the validators) reads first. Going through the
@@ -110,10 +112,10 @@ export function createApp(ctx: ApiContext, log: Logger): OpenAPIHono<AppEnv> {
     // Request and a web stream over the same bytes and takes several event-loop turns: most of
     // the ~1.4 ms between a POST's arrival and its handler in bench/start-latency.
     const incoming = (c.env as { incoming?: IncomingMessage } | undefined)?.incoming;
-    if (!incoming) return c.req.method === 'PUT' && STREAMED_UPLOAD.test(c.req.path) ? next() : limit(c, next);
+    if (!incoming) return streamed(c) ? next() : limit(c, next);
     if (c.req.method === 'GET' || c.req.method === 'HEAD') return next();
     // File uploads into a sandbox are streamed through in chunks (never held whole, no 1 MiB cap).
-    if (c.req.method === 'PUT' && STREAMED_UPLOAD.test(c.req.path)) return next();
+    if (streamed(c)) return next();
     const body = await readBody(incoming, MAX_BODY_BYTES);
     if (body === undefined) return tooLarge(c);
     // (Typed as the Body members themselves; at run time it holds their promises.)

@@ -3,6 +3,8 @@
 // { "error": { "code", "message" } } into ApiError.
 import http from 'node:http';
 import https from 'node:https';
+import type { Readable, Writable } from 'node:stream';
+import { pipeline } from 'node:stream/promises';
 
 export class ApiError extends Error {
   readonly code: string;
@@ -193,7 +195,7 @@ export class BerthClient {
    * GET (or POST `opts.body` to) a streaming endpoint and call onLine for every line (without its
    * newline). Resolves when the server ends the stream, or when `signal` aborts (then quietly).
    */
-  stream(path: string, onLine: (line: string) => void, signal?: AbortSignal, opts: { method?: string; body?: unknown } = {}): Promise<void> {
+  stream(path: string, onLine: (line: string) => void, signal?: AbortSignal, opts: { method?: string; body?: unknown; raw?: { stream: Readable; contentType: string } } = {}): Promise<void> {
     const data = opts.body === undefined ? undefined : Buffer.from(JSON.stringify(opts.body), 'utf8');
     return new Promise<void>((resolve, reject) => {
       let settled = false;
@@ -203,7 +205,11 @@ export class BerthClient {
         if (e === undefined || signal?.aborted) resolve();
         else reject(e instanceof ApiError ? e : this.wrapError(e));
       };
-      const headers: Record<string, string | number> = { Accept: 'application/x-ndjson, text/plain, application/json', ...(data ? { 'Content-Type': 'application/json', 'Content-Length': data.length } : {}) };
+      const headers: Record<string, string | number> = {
+        Accept: 'application/x-ndjson, text/plain, application/json',
+        ...(data ? { 'Content-Type': 'application/json', 'Content-Length': data.length } : {}),
+        ...(opts.raw ? { 'Content-Type': opts.raw.contentType } : {}),
+      };
       const req = this.send(this.requestOptions(opts.method ?? 'GET', path, headers), (res) => {
         const status = res.statusCode ?? 0;
         if (status < 200 || status >= 300) {
@@ -258,7 +264,31 @@ export class BerthClient {
           );
         }
       }
-      req.end(data);
+      if (opts.raw) {
+        opts.raw.stream.on('error', (e) => {
+          req.destroy();
+          done(new ApiError('invalid_argument', `cannot read what is being sent: ${e.message}`, 0));
+        });
+        opts.raw.stream.pipe(req);
+      } else req.end(data);
+    });
+  }
+
+  /** GET a binary body into `dest` (e.g. an image archive into a file). */
+  download(path: string, dest: Writable): Promise<void> {
+    return new Promise<void>((resolve, reject) => {
+      const req = this.send(this.requestOptions('GET', path, { Accept: 'application/octet-stream, application/x-tar, application/json' }), (res) => {
+        const status = res.statusCode ?? 0;
+        if (status < 200 || status >= 300) {
+          const chunks: Buffer[] = [];
+          res.on('data', (c: Buffer) => chunks.push(c));
+          res.on('end', () => reject(errorFromBody(status, Buffer.concat(chunks).toString('utf8'))));
+          return;
+        }
+        pipeline(res, dest).then(resolve, (e: unknown) => reject(this.wrapError(e)));
+      });
+      req.on('error', (e) => reject(this.wrapError(e)));
+      req.end();
     });
   }
 

@@ -12,6 +12,7 @@ import { constants as osConstants } from 'node:os';
 import { ApiError, BerthClient, ConnectError } from './client.js';
 import { registerIngress } from './ingress.js';
 import { registerServices } from './services.js';
+import { registerImageCommands } from './images.js';
 import { age, formatLabels, printJson, printTable, relative, shortTime, type OutputFormat } from './format.js';
 
 // ---------------------------------------------------------------------------------------------
@@ -1198,6 +1199,7 @@ function registerImages(program: Command): void {
       return failed ? 1 : 0;
     }),
   );
+  registerImageCommands(program, image, { addCommon, act, qs, readStdin, progressPrinter, usage: (m) => new UsageError(m), failure: (c, m) => new CliError(c, m) });
 }
 
 function registerBench(program: Command): void {

@@ -22,6 +22,7 @@ import { SERVICE, makeServiceReconciler, serviceNameProvider, serviceRoutes } fr
 import { HealthProber } from '../reconcilers/prober.js';
 import { ImageService } from '../images/catalog.js';
 import { NetworkManager, instanceId } from '../network/manager.js';
+import { imagesInUse } from '../api/routes/images.js';
 import { createApp } from '../api/app.js';
 import { TokenStore } from './tokens.js';
 import { PROJECT } from '../api/routes/common.js';
@@ -41,6 +42,8 @@ export interface DaemonConfig {
   cgroupParent?: string;
   logLevel?: string;
   resyncMs?: number;
+  /** Period of the garbage collection of unreferenced image blobs (default: env BERTH_IMAGE_GC_MS, else 1 h; 0 = off). */
+  imageGcMs?: number;
   /** Tests may shorten restart back-off. */
   restartBackoff?: { initialMs: number; maxMs: number; resetAfterMs: number };
   logger?: Logger;
@@ -67,6 +70,7 @@ export class Daemon {
   readonly ingress: Ingress;
   private servers: Server[] = [];
   private resync: NodeJS.Timeout | undefined;
+  private imageGc: NodeJS.Timeout | undefined;
   private offExit: (() => void) | undefined;
   private readonly pidFile: string;
   address: { host: string; port: number } | undefined;
@@ -199,6 +203,8 @@ export class Daemon {
     await this.ingress.start();
     this.resyncAll();
     this.resync = setInterval(() => this.resyncAll(), this.config.resyncMs ?? 30_000);
+    const gcMs = this.config.imageGcMs ?? Number(process.env.BERTH_IMAGE_GC_MS ?? 3_600_000);
+    if (gcMs > 0) this.imageGc = setInterval(() => void this.images.gc(imagesInUse(this)).catch((err: unknown) => this.log.warn({ err }, 'image garbage collection failed')), gcMs);
     this.resync.unref();
     try {
       await this.listen();
@@ -276,6 +282,7 @@ export class Daemon {
   /** Graceful stop: stop accepting requests, let in-flight reconciles finish. Workloads keep running. */
   async stop(): Promise<void> {
     clearInterval(this.resync);
+    clearInterval(this.imageGc);
     this.offExit?.();
     await Promise.all(
       this.servers.map(

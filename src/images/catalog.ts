@@ -1,14 +1,21 @@
 // The images available to workloads: the built-in "busybox" (made from Debian's busybox-static,
 // no registry needed) and every image pulled into the OCI store (src/images/store.ts), resolved by
 // tag or digest to a shared read-only rootfs (src/images/unpack.ts) and its process config.
+import { createHash } from 'node:crypto';
 import { lstatSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { BerthError, failedPrecondition, invalidArgument, notFound } from '../core/errors.js';
 import { ensureBusyboxImage } from './busybox.js';
 import { hostPlatform, parseManifest, type ImageConfigDoc } from './oci.js';
-import { familiarRef, formatRef, parseRef, repoName, type ImageRef } from './ref.js';
+import { familiarRef, formatRef, parseRef, repoName, tagRef, type ImageRef } from './ref.js';
 import { RegistryClient, type LayerProgress, type RegistryClientOptions, type RegistryCredentials } from './registry.js';
 import { ImageStore } from './store.js';
+import { readArchive, writeArchive, type ArchiveFormat } from './archive.js';
+import type { Readable } from 'node:stream';
+import { CredentialStore } from './credentials.js';
+import { BaseImages } from './base.js';
+import { Builder, type BuildRequest } from './build.js';
+import type { PushResult } from './registry.js';
 import { RootfsCache } from './unpack.js';
 
 export interface ImageConfig {
@@ -128,6 +135,9 @@ export class ImageService implements ImageCatalog {
   readonly rootfs: RootfsCache;
   private readonly builtin: BuiltinImages;
   private readonly registryOpts: RegistryClientOptions;
+  readonly credentials: CredentialStore;
+  readonly base: BaseImages;
+  readonly builder: Builder;
 
   constructor(
     readonly dir: string,
@@ -136,7 +146,147 @@ export class ImageService implements ImageCatalog {
     this.builtin = new BuiltinImages(dir);
     this.store = new ImageStore(join(dir, 'store'));
     this.rootfs = new RootfsCache(join(dir, 'rootfs'), this.store);
-    this.registryOpts = opts.registry ?? {};
+    this.credentials = new CredentialStore(join(dir, 'credentials.json'));
+    this.base = new BaseImages(dir, this.store);
+    this.builder = new Builder(dir, { store: this.store, ensure: (ref, log) => this.ensureLocal(ref, log) });
+    const given = opts.registry?.credentials;
+    // Credentials given by the caller win; then those stored with `berth login`.
+    this.registryOpts = { ...(opts.registry ?? {}), credentials: (r) => given?.(r) ?? this.credentials.get(r) };
+  }
+
+  /** A registry client; `creds` (for one request only) apply to `registry`. */
+  private client(registry: string, creds?: RegistryCredentials): RegistryClient {
+    const base = this.registryOpts.credentials!;
+    return new RegistryClient({ ...this.registryOpts, credentials: (r) => (creds && r === registry ? creds : base(r)) });
+  }
+
+  /** Check credentials against the registry, then store them for its pulls and pushes. */
+  async login(registry: string, creds: RegistryCredentials): Promise<void> {
+    try {
+      await new RegistryClient({ ...this.registryOpts, credentials: (r) => (r === registry ? creds : undefined) }).checkLogin(registry);
+    } catch (e) {
+      if (e instanceof BerthError && (e.code === 'unauthenticated' || e.code === 'permission_denied')) throw failedPrecondition(e.message);
+      throw e;
+    }
+    this.credentials.set(registry, creds);
+  }
+
+  /**
+   * Make a base image on this host (`berth image base`): Debian with mmdebstrap from the host's
+   * mirror, or busybox; unpacked, then tagged `tag` (default localhost/debian:<suite>[-<hash>]
+   * or localhost/busybox:latest).
+   */
+  async makeBase(req: { kind: 'debian' | 'busybox'; suite?: string; include?: string[]; tag?: string; log: (line: string) => void; signal?: AbortSignal }): Promise<ImageDetail & { cached: boolean }> {
+    const suite = req.suite ?? 'bookworm';
+    const include = [...new Set(req.include ?? [])].sort();
+    let tag = req.tag !== undefined ? tagRef(parseRef(req.tag)) : undefined;
+    if (req.tag !== undefined && !tag) throw invalidArgument(`tag "${req.tag}" pins a digest; give a name with a tag, e.g. "localhost/debian:slim"`);
+    if (req.kind === 'busybox' && (req.suite !== undefined || include.length)) throw invalidArgument('suite and include apply to kind "debian" only');
+    tag ??=
+      req.kind === 'busybox'
+        ? 'localhost/busybox:latest'
+        : `localhost/debian:${suite}${include.length ? `-${createHash('sha256').update(include.join(',')).digest('hex').slice(0, 8)}` : ''}`;
+    const res = req.kind === 'busybox' ? await this.base.busybox(req.log) : await this.base.debian({ suite, include, log: req.log, ...(req.signal ? { signal: req.signal } : {}) });
+    const lease = this.store.lease([res.digest]);
+    try {
+      await this.rootfs.ensure(res.digest);
+      const parsed = parseManifest(await this.store.readBlob(res.digest), undefined, `manifest ${res.digest}`);
+      this.store.setTag(tag, res.digest, parsed.mediaType);
+    } finally {
+      lease.release();
+    }
+    return { ...(await this.inspect(tag)), cached: res.cached };
+  }
+
+  /**
+   * The manifest digest of an image a build starts from: from the store, else "busybox" made on
+   * this host (as docker.io/library/busybox:latest), else pulled from its registry.
+   */
+  private async ensureLocal(input: string, log: (line: string) => void): Promise<string> {
+    const ref = parseRef(input);
+    const have = await this.manifestFor(ref);
+    if (have) return have;
+    if (BUILTIN_REFS.has(input)) {
+      log('making busybox from the host\'s busybox-static');
+      return (await this.makeBase({ kind: 'busybox', tag: 'docker.io/library/busybox:latest', log })).digest;
+    }
+    log(`pulling ${formatRef(ref)}`);
+    return (await this.pull({ ref: input })).digest;
+  }
+
+  /** Build a Dockerfile (buildah, see build.ts) and import the result as `tag`. */
+  async build(req: BuildRequest & { tag: string }): Promise<ImageDetail> {
+    const tag = tagRef(parseRef(req.tag));
+    if (!tag) throw invalidArgument(`tag "${req.tag}" pins a digest; give a name with a tag, e.g. "app:v1"`);
+    const cacheTag = `localhost/berth-build/${createHash('sha256').update(tag).digest('hex').slice(0, 16)}:latest`;
+    const [img] = await this.builder.build(
+      req,
+      cacheTag,
+      (archive) => this.importArchive(archive, { tag }),
+      async (configDigest) => {
+        const current = this.store.getTag(tag);
+        if (!current) return undefined;
+        try {
+          const { manifest } = await this.rootfs.load(current.digest);
+          return manifest.config.digest === configDigest ? [await this.inspect(tag)] : undefined;
+        } catch {
+          return undefined;
+        }
+      },
+    );
+    req.log(`tagged ${tag} (${img!.digest})`);
+    return img!;
+  }
+
+  /** Point `target` at the image `source` names (both references; the target's tag is created or moved). */
+  async tag(source: string, target: string): Promise<ImageDetail> {
+    if (BUILTIN_REFS.has(source)) throw failedPrecondition('the built-in "busybox" is not an OCI image and cannot be tagged; build one with `berth image base busybox`');
+    const digest = await this.manifestFor(parseRef(source));
+    if (!digest) throw notFound(`image "${source}" is not on this host; see \`berth image ls\``);
+    const key = tagRef(parseRef(target));
+    if (!key) throw invalidArgument(`target "${target}" pins a digest; give a name with a tag, e.g. "127.0.0.1:5000/team/app:v2"`);
+    const parsed = parseManifest(await this.store.readBlob(digest), undefined, `manifest ${digest}`);
+    this.store.setTag(key, digest, parsed.mediaType);
+    return this.inspect(key);
+  }
+
+  /**
+   * Push a local image to the registry its reference names. Blobs the registry already has in
+   * another repository of this host's images (same registry) are mounted instead of uploaded.
+   */
+  async push(req: PullRequest): Promise<PushResult> {
+    if (BUILTIN_REFS.has(req.ref)) throw failedPrecondition('the built-in "busybox" cannot be pushed; build an OCI image with `berth image base busybox` and push that');
+    const ref = parseRef(req.ref);
+    const digest = await this.manifestFor(ref);
+    if (!digest) throw notFound(`image "${req.ref}" is not on this host; tag a local image with that name first (\`berth image tag SRC ${req.ref}\`)`);
+    const mountFrom = await this.mountSource(ref, digest);
+    try {
+      return await this.client(ref.registry, req.credentials).push(this.store, digest, ref, {
+        ...(req.onProgress ? { onProgress: req.onProgress } : {}),
+        ...(req.signal ? { signal: req.signal } : {}),
+        ...(mountFrom ? { mountFrom } : {}),
+      });
+    } catch (e) {
+      if (e instanceof BerthError && (e.code === 'unauthenticated' || e.code === 'permission_denied')) throw failedPrecondition(e.message);
+      throw e;
+    }
+  }
+
+  /** Another repository on the same registry that holds a tag of an image sharing a layer with `digest`. */
+  private async mountSource(ref: ImageRef, digest: string): Promise<string | undefined> {
+    const { manifest } = await this.rootfs.load(digest);
+    const layers = new Set(manifest.layers.map((l) => l.digest));
+    for (const t of this.store.listTags()) {
+      const r = parseRef(t.ref);
+      if (r.registry !== ref.registry || r.repository === ref.repository) continue;
+      try {
+        const other = await this.rootfs.load(t.digest);
+        if (other.manifest.layers.some((l) => layers.has(l.digest))) return r.repository;
+      } catch {
+        /* not an image */
+      }
+    }
+    return undefined;
   }
 
   close(): void {
@@ -247,11 +397,7 @@ export class ImageService implements ImageCatalog {
   async pull(req: PullRequest): Promise<ImageDetail> {
     if (BUILTIN_REFS.has(req.ref)) return this.inspect(req.ref);
     const ref = parseRef(req.ref);
-    const creds = req.credentials;
-    const client = new RegistryClient({
-      ...this.registryOpts,
-      ...(creds ? { credentials: (r: string) => (r === ref.registry ? creds : this.registryOpts.credentials?.(r)) } : {}),
-    });
+    const client = this.client(ref.registry, req.credentials);
     let res;
     try {
       res = await client.pull(this.store, ref, { ...(req.onProgress ? { onProgress: req.onProgress } : {}), ...(req.signal ? { signal: req.signal } : {}) });
@@ -262,6 +408,48 @@ export class ImageService implements ImageCatalog {
     }
     await this.rootfs.ensure(res.digest);
     return this.inspect(formatRef(ref));
+  }
+
+  /**
+   * Import a `docker save` archive, an OCI archive or an OCI layout (as a tar): blobs are stored
+   * verified, every image is unpacked (refusing hostile layers), and only then tagged with the
+   * names the archive gives, or `tag` (for an archive of one image).
+   */
+  async importArchive(input: Readable, opts: { tag?: string } = {}): Promise<ImageDetail[]> {
+    const tag = opts.tag !== undefined ? tagRef(parseRef(opts.tag)) : undefined;
+    if (opts.tag !== undefined && !tag) throw invalidArgument(`tag "${opts.tag}" pins a digest; give a name with a tag, e.g. "app:v1"`);
+    const lease = this.store.lease();
+    try {
+      const images = await readArchive(this.store, input, lease);
+      if (tag && images.length !== 1) throw invalidArgument(`the archive holds ${images.length} images; a tag can only be given for an archive of one image`);
+      const named = images.map((img) => {
+        const names = tag ? [tag] : img.names;
+        if (!names.length) {
+          throw invalidArgument(
+            img.bareTags.length
+              ? `image ${img.digest} of the archive is named only by the tag "${img.bareTags[0]}", without a repository; give the name to import it as (\`--tag app:${img.bareTags[0]}\`, ?tag=)`
+              : `image ${img.digest} of the archive has no name; give one to import it as (\`--tag app:v1\`, ?tag=)`,
+          );
+        }
+        return { ...img, names };
+      });
+      for (const img of named) await this.rootfs.ensure(img.digest);
+      for (const img of named) for (const n of img.names) this.store.setTag(n, img.digest, img.mediaType);
+      return Promise.all(named.map((img) => this.inspect(img.names[0]!)));
+    } finally {
+      lease.release();
+    }
+  }
+
+  /** An image as an archive stream (OCI archive, or `docker save` format). */
+  async exportArchive(input: string, format: ArchiveFormat): Promise<Readable> {
+    if (BUILTIN_REFS.has(input)) throw failedPrecondition('the built-in "busybox" is not an OCI image and cannot be exported; build one with `berth image base busybox`');
+    const ref = parseRef(input);
+    const digest = await this.manifestFor(ref);
+    if (!digest) throw notFound(`image "${input}" is not on this host; see \`berth image ls\``);
+    const parsed = parseManifest(await this.store.readBlob(digest), undefined, `manifest ${digest}`);
+    const name = tagRef(ref);
+    return writeArchive(this.store, { digest, mediaType: parsed.mediaType, ...(name ? { name } : {}) }, format);
   }
 
   /**

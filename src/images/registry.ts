@@ -492,6 +492,17 @@ export class RegistryClient {
     }
   }
 
+  /**
+   * Check that the registry accepts the configured credentials (`berth login`): GET /v2/ with the
+   * challenge's scheme (HTTP Basic, or a bearer token fetched with the credentials).
+   */
+  async checkLogin(registry: string, signal?: AbortSignal): Promise<void> {
+    const res = await this.request(registry, '/v2/', { scopes: [], ...(signal ? { signal } : {}) });
+    await res.body?.cancel().catch(() => undefined);
+    if (res.status === 401) throw unauthenticated(`registry ${registry} refused the credentials; check the user name and password`);
+    if (!res.ok) throw unavailable(`registry ${registry} answered GET /v2/ with HTTP ${res.status}; is it an OCI registry?`);
+  }
+
   // ------------------------------------------------------------------------------------------
   // Push
 

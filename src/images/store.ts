@@ -157,9 +157,19 @@ export class ImageStore {
     return digest;
   }
 
-  private async write(digest: string, open: () => Promise<BlobSource> | BlobSource, opts: IngestOptions): Promise<number> {
-    const what = opts.what ?? `blob ${digest}`;
-    const tmp = path.join(this.ingestDir, `${digest.slice(7, 19)}-${process.pid}-${randomBytes(6).toString('hex')}`);
+  /**
+   * Store a blob whose digest is not known in advance (a file of an archive that names blobs by
+   * something else): written and hashed, then named by its digest. Returns digest and size.
+   */
+  async putStream(source: BlobSource, opts: IngestOptions = {}): Promise<{ digest: string; size: number }> {
+    let digest = '';
+    const size = await this.write(undefined, () => source, opts, (d) => (digest = d));
+    return { digest, size };
+  }
+
+  private async write(expected: string | undefined, open: () => Promise<BlobSource> | BlobSource, opts: IngestOptions, named?: (digest: string) => void): Promise<number> {
+    const what = opts.what ?? `blob ${expected ?? ''}`;
+    const tmp = path.join(this.ingestDir, `${(expected ?? 'sha256:unknown-----').slice(7, 19)}-${process.pid}-${randomBytes(6).toString('hex')}`);
     const fh = await fsp.open(tmp, 'wx', 0o644);
     let closed = false;
     try {
@@ -178,11 +188,12 @@ export class ImageStore {
         throw invalidArgument(`${what}: got ${n} bytes but its descriptor declares ${opts.size}; the download was cut short or the registry is broken, nothing was stored`);
       }
       const actual = `sha256:${hash.digest('hex')}`;
-      if (actual !== digest) throw new DigestMismatchError(what, digest, actual, n);
+      if (expected !== undefined && actual !== expected) throw new DigestMismatchError(what, expected, actual, n);
       await fh.sync();
       await fh.close();
       closed = true;
-      await fsp.rename(tmp, this.blobPath(digest));
+      await fsp.rename(tmp, this.blobPath(actual));
+      named?.(actual);
       return n;
     } finally {
       if (!closed) await fh.close().catch(() => undefined);

@@ -4,7 +4,7 @@
 // of it (bearer-token auth, injected failures); and builders for layers and images.
 import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import http from 'node:http';
 import net, { type AddressInfo } from 'node:net';
 import { tmpdir } from 'node:os';
@@ -224,6 +224,8 @@ export function makeImage(layers: BuiltLayer[], cfg: { Env?: string[]; Cmd?: str
       os: 'linux',
       config: cfg,
       rootfs: { type: 'layers', diff_ids: layers.map((l) => l.diffId) },
+      // One entry per layer, as every real builder writes (buildah refuses bases without it).
+      history: layers.map((_l, i) => ({ created: '2026-01-01T00:00:00Z', created_by: `berth test layer ${i}` })),
     }),
   );
   const mediaType = opts.docker ? MT.dockerManifest : MT.ociManifest;
@@ -265,4 +267,33 @@ export async function busyboxLayer(): Promise<BuiltLayer> {
     { name: 'dev/', type: 'directory' },
   ];
   return gzipLayer(await makeTar(entries));
+}
+
+/**
+ * What a workload start does on the host for its rootfs, timed in ms: resolve the image (which
+ * unpacks only when the shared tree is missing), make the writable layer's folders, mount the
+ * overlay (runc mounts the same one for the runc driver); then unmount (not timed).
+ */
+export async function prepareRootfs(s: { resolve(ref: string): Promise<{ rootfs: string }> }, ref: string, dir: string): Promise<number> {
+  const t0 = performance.now();
+  const img = await s.resolve(ref);
+  for (const d of ['upper', 'work', 'merged']) mkdirSync(path.join(dir, d), { recursive: true, mode: 0o700 });
+  execFileSync('mount', ['-t', 'overlay', 'overlay', '-o', `lowerdir=${img.rootfs},upperdir=${dir}/upper,workdir=${dir}/work`, `${dir}/merged`]);
+  const ms = performance.now() - t0;
+  execFileSync('umount', [`${dir}/merged`]);
+  return ms;
+}
+
+/**
+ * Run skopeo with `args`, keeping its blob-info cache (root's is /var/lib/containers/cache) off the
+ * host: it runs in a private mount namespace with a throw-away directory mounted there.
+ */
+export function skopeo(args: string[]): string {
+  if (!existsSync('/var/lib/containers')) mkdirSync('/var/lib/containers', { mode: 0o700 });
+  const shadow = mkdtempSync(path.join(tmpdir(), 'berth-skopeo-'));
+  try {
+    return execFileSync('unshare', ['-m', '--propagation', 'private', 'sh', '-c', `mount --bind "${shadow}" /var/lib/containers && exec skopeo "$@"`, 'sh', ...args], { encoding: 'utf8', maxBuffer: 1 << 26 });
+  } finally {
+    rmSync(shadow, { recursive: true, force: true });
+  }
 }
