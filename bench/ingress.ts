@@ -10,7 +10,7 @@
 // --backend node: the replica is a node:http server instead (slower per request, like many real apps).
 // Usage: node dist/bench/ingress.js [--backend go|node] [--runs 5] [--duration 10] [--connections 50] [--pin] [--write BENCHMARKS.md]
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { mkdtempSync, rmSync } from 'node:fs';
 import { createServer, type AddressInfo } from 'node:net';
 import { cpus } from 'node:os';
 import { join, resolve } from 'node:path';
@@ -18,6 +18,7 @@ import { parseArgs } from 'node:util';
 import pino from 'pino';
 import { Ingress } from '../src/ingress/ingress.js';
 import { updateBenchmarks } from './report.js';
+import { runWrk, type WrkResult } from './wrk.js';
 
 const { values } = parseArgs({
   options: {
@@ -75,49 +76,9 @@ async function startPrinting(cmd: string[], cpu: string | undefined): Promise<{ 
   return { proc, addr };
 }
 
-interface WrkResult {
-  rps: number;
-  p50: number;
-  p99: number;
-  errors: number;
-  /** CPU time per request (µs) of the backend and of the proxy: independent of how busy the host is. */
-  backendUs: number;
-  proxyUs: number;
-}
 
-/** user+system CPU time of a process (all threads) in µs. */
-function cpuUs(pid: number | undefined): number {
-  if (!pid) return 0;
-  const f = readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1]!.split(' ');
-  return ((Number(f[11]) + Number(f[12])) * 1e6) / CLK_TCK;
-}
-const CLK_TCK = Number(spawnSync('getconf', ['CLK_TCK'], { encoding: 'utf8' }).stdout.trim()) || 100;
-
-/** wrk's "1.23ms" / "456.00us" / "1.01s" → ms. */
-function toMs(s: string): number {
-  const m = /^([\d.]+)(us|ms|s|m)$/.exec(s.trim());
-  if (!m) throw new Error(`cannot read wrk latency "${s}"`);
-  const x = Number(m[1]);
-  return m[2] === 'us' ? x / 1000 : m[2] === 'ms' ? x : m[2] === 's' ? x * 1000 : x * 60_000;
-}
-
-function wrk(url: string, host: string | undefined, seconds: number, pids: { backend?: number; proxy?: number } = {}): WrkResult {
-  const b0 = cpuUs(pids.backend);
-  const p0 = cpuUs(pids.proxy);
-  const args = ['-t2', `-c${CONNS}`, `-d${seconds}s`, '--latency', ...(host ? ['-H', `Host: ${host}`] : []), url];
-  const argv = PIN ? ['taskset', '-c', '0', 'wrk', ...args] : ['wrk', ...args];
-  const r = spawnSync(argv[0]!, argv.slice(1), { encoding: 'utf8', timeout: (seconds + 30) * 1000 });
-  if (r.status !== 0) throw new Error(`wrk failed: ${r.stderr}${r.stdout}`);
-  const out = r.stdout;
-  const rps = Number(/Requests\/sec:\s+([\d.]+)/.exec(out)?.[1]);
-  const p50 = toMs(/^\s+50%\s+(\S+)/m.exec(out)?.[1] ?? '');
-  const p99 = toMs(/^\s+99%\s+(\S+)/m.exec(out)?.[1] ?? '');
-  const sock = /Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)/.exec(out);
-  const non2xx = Number(/Non-2xx or 3xx responses: (\d+)/.exec(out)?.[1] ?? 0);
-  const errors = non2xx + (sock ? sock.slice(1).reduce((a, b) => a + Number(b), 0) : 0);
-  const requests = Number(/(\d+) requests in/.exec(out)?.[1]) || 1;
-  return { rps, p50, p99, errors, backendUs: (cpuUs(pids.backend) - b0) / requests, proxyUs: (cpuUs(pids.proxy) - p0) / requests };
-}
+const wrk = (url: string, host: string | undefined, seconds: number, pids: { backend?: number; proxy?: number } = {}): WrkResult =>
+  runWrk(url, { host, seconds, connections: CONNS, pin: PIN, pids });
 
 async function main(): Promise<void> {
   need('wrk', 'wrk');

@@ -1,0 +1,95 @@
+// Benchmark (issue 5 acceptance 5 as written): a Berth service's replica, reached through berthd's
+// ingress vs directly (host → the replica's address on its project network), wrk 10 s × 50
+// connections, interleaved in the same run, medians over --runs. The replica is what the service
+// runs: busybox httpd serving a small file (it closes the connection after each request, like many
+// simple servers). bench/ingress.ts measures the other extreme: a trivial keep-alive Go server on
+// loopback, where the proxy's own cost dominates.
+// Usage: node dist/bench/service-ingress.js [--runs 5] [--duration 10] [--connections 50] [--write BENCHMARKS.md]
+import { mkdtempSync } from 'node:fs';
+import { cpus, loadavg } from 'node:os';
+import { parseArgs } from 'node:util';
+import { TestDaemon, sleep } from '../test/harness.js';
+import { freePort } from '../test/ingress-helpers.js';
+import { updateBenchmarks } from './report.js';
+import { runWrk, type WrkResult } from './wrk.js';
+
+const { values } = parseArgs({
+  options: { runs: { type: 'string', default: '5' }, duration: { type: 'string', default: '10' }, connections: { type: 'string', default: '50' }, write: { type: 'string' } },
+});
+const RUNS = Number(values.runs);
+const DURATION = Number(values.duration);
+const CONNS = Number(values.connections);
+const HOST = 'web.default.berth.localhost';
+const median = (xs: number[]) => {
+  const s = [...xs].sort((a, b) => a - b);
+  const m = s.length >> 1;
+  return s.length % 2 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
+};
+
+async function main(): Promise<void> {
+  const httpPort = await freePort();
+  const d = new TestDaemon(mkdtempSync('/tmp/berth-bench-'));
+  d.args = ['--ingress-http', `127.0.0.1:${httpPort}`, '--ingress-https', 'off'];
+  await d.start();
+  try {
+    const spec = {
+      image: 'busybox',
+      command: ['sh', '-c', 'mkdir -p /tmp/www && echo hello > /tmp/www/index.html && trap "exit 0" TERM; httpd -f -p 8080 -h /tmp/www & wait'],
+      ports: [{ port: 8080, protocol: 'http', public: true }],
+      replicas: 1,
+    };
+    const c = await d.api('POST', '/v1/projects/default/services', { name: 'web', spec });
+    if (c.status !== 201) throw new Error(JSON.stringify(c.body));
+    let ip = '';
+    for (let i = 0; i < 300 && !ip; i++) {
+      const s = (await d.api('GET', '/v1/projects/default/services/web')).body;
+      ip = s.status.instances.find((x: any) => x.ready)?.ip ?? '';
+      await sleep(100);
+    }
+    if (!ip) throw new Error('the replica did not become ready');
+    const replicaPid: number = (await d.api('GET', '/v1/projects/default/workloads?labelSelector=berth.dev/service=web')).body.items[0].status.pid;
+    const proxyPid: number | undefined = (await d.api('GET', '/v1/ingress')).body.proxy.pid ?? undefined;
+    const direct = `http://${ip}:8080/index.html`;
+    const viaIngress = `http://127.0.0.1:${httpPort}/index.html`;
+    // Warm up both paths (and wait for the ingress to learn the replica from DNS).
+    for (let i = 0; i < 100; i++) {
+      const w = runWrk(viaIngress, { host: HOST, seconds: 1, connections: 2 });
+      if (w.errors === 0 && w.rps > 0) break;
+      await sleep(200);
+    }
+    runWrk(direct, { seconds: 2, connections: CONNS });
+    const res: { direct: WrkResult[]; ingress: WrkResult[] } = { direct: [], ingress: [] };
+    for (let i = 0; i < RUNS; i++) {
+      res.direct.push(runWrk(direct, { seconds: DURATION, connections: CONNS, pids: { backend: replicaPid } }));
+      res.ingress.push(runWrk(viaIngress, { host: HOST, seconds: DURATION, connections: CONNS, pids: { backend: replicaPid, ...(proxyPid ? { proxy: proxyPid } : {}) } }));
+    }
+    const m = (k: 'direct' | 'ingress', f: keyof WrkResult) => median(res[k].map((r) => r[f]));
+    const f1 = (x: number) => x.toFixed(1);
+    const f2 = (x: number) => x.toFixed(2);
+    const lines = [
+      `Host: ${cpus().length} × ${cpus()[0]?.model ?? 'cpu'}, load average ${loadavg().map((x) => x.toFixed(1)).join(' ')} at the end. ${RUNS} interleaved runs of wrk -t2 -c${CONNS} -d${DURATION}s, medians. The replica: busybox httpd in a runc workload (one service replica), reached at its address on the project network; through the ingress: Caddy, route by Host, backends from Berth's DNS.`,
+      '',
+      '| path | req/s | p50 | p99 | errors | share of direct |',
+      '|---|---|---|---|---|---|',
+      `| direct (host → replica ${ip}:8080) | ${m('direct', 'rps').toFixed(0)} | ${f2(m('direct', 'p50'))} ms | ${f2(m('direct', 'p99'))} ms | ${m('direct', 'errors')} | 100 % |`,
+      `| through the ingress (Host: ${HOST}) | ${m('ingress', 'rps').toFixed(0)} | ${f2(m('ingress', 'p50'))} ms | ${f2(m('ingress', 'p99'))} ms | ${m('ingress', 'errors')} | **${f1((100 * m('ingress', 'rps')) / m('direct', 'rps'))} %** (target ≥ 80 %) |`,
+      `| added p99 | | | **${f2(m('ingress', 'p99') - m('direct', 'p99'))} ms** (target ≤ 2 ms) | | |`,
+      '',
+      `CPU per request: replica ${f1(m('direct', 'backendUs'))} µs direct; through the ingress replica ${f1(m('ingress', 'backendUs'))} µs + proxy ${f1(m('ingress', 'proxyUs'))} µs.`,
+    ];
+    const text = lines.join('\n');
+    console.log(text);
+    if (values.write) {
+      updateBenchmarks(values.write, 'service-ingress', 'Ingress in front of a real service replica (issue 5 acceptance 5)', `node dist/bench/service-ingress.js --runs ${RUNS} --duration ${DURATION} --connections ${CONNS} --write BENCHMARKS.md`, text);
+    }
+  } finally {
+    await d.api('DELETE', '/v1/projects/default/services/web').catch(() => undefined);
+    for (let i = 0; i < 200 && (await d.api('GET', '/v1/projects/default/services/web')).status === 200; i++) await sleep(100);
+    await d.destroy();
+  }
+}
+
+void main().catch((e) => {
+  console.error(e);
+  process.exit(1);
+});
