@@ -113,7 +113,7 @@ const TERMINAL_RUN_PHASES = new Set(['succeeded', 'failed', 'cancelled']);
 // ---------------------------------------------------------------------------------------------
 // Errors and exit
 
-class UsageError extends Error {}
+export class UsageError extends Error {}
 /** An error raised by the CLI itself, printed like an API error. */
 export class CliError extends ApiError {
   constructor(code: string, message: string) {

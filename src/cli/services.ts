@@ -5,6 +5,7 @@ import { Option, type Command } from 'commander';
 import { age, printJson, printTable } from './format.js';
 import {
   CliError,
+  UsageError,
   P,
   act,
   addCommon,
@@ -214,6 +215,38 @@ export function registerServices(program: Command): void {
       if (f.wait) return waitDeploy(ctx, name!, cur.status.revisions.at(-1)?.number);
       if (ctx.json) printJson(s);
       else process.stdout.write(`${name}: deploying\n`);
+    }),
+  );
+
+  // ---- berth domain: a service's extra host names (spec.domains; no new revision)
+  const domain = program.command('domain').description("custom host names of services, served by the ingress (ACME certificates when berthd has --acme-*)");
+  const setDomains = async (ctx: Ctx, name: string, f: (d: string[]) => string[]) => {
+    const cur = await ctx.client.request<Service & { resourceVersion: number }>('GET', SV(ctx, name));
+    const domains = f(cur.spec.domains ?? []);
+    return ctx.client.request<Service>('PUT', SV(ctx, name), { spec: { ...cur.spec, domains }, resourceVersion: cur.resourceVersion });
+  };
+  addCommon(domain.command('add').description('serve a service at a host name too').argument('<service>').argument('<host>')).action(
+    act(async (ctx, [name, host]) => {
+      const s = await setDomains(ctx, name!, (d) => [...new Set([...d, host!.toLowerCase()])]);
+      if (ctx.json) printJson(s);
+      else process.stdout.write(`${host} → ${name}\n`);
+    }),
+  );
+  addCommon(domain.command('rm').description('stop serving a service at a host name').argument('<service>').argument('<host>')).action(
+    act(async (ctx, [name, host]) => {
+      const cur = await ctx.client.request<Service>('GET', SV(ctx, name!));
+      if (!(cur.spec.domains ?? []).includes(host!.toLowerCase())) throw new UsageError(`${name} has no domain ${host}; berth domain ls shows them`);
+      const s = await setDomains(ctx, name!, (d) => d.filter((x) => x !== host!.toLowerCase()));
+      if (ctx.json) printJson(s);
+      else process.stdout.write(`${host} removed from ${name}\n`);
+    }),
+  );
+  addCommon(domain.command('ls').description("every service's host names")).action(
+    act(async (ctx) => {
+      const list = await ctx.client.request<{ items: Service[] }>('GET', `${P(ctx)}/services`);
+      const rows = list.items.flatMap((s) => (s.spec.domains ?? []).map((d) => [d, s.name])) as unknown[][];
+      if (ctx.json) return printJson({ items: rows.map(([host, service]) => ({ host, service })) });
+      printTable(['HOST', 'SERVICE'], rows);
     }),
   );
 

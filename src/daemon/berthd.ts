@@ -145,7 +145,7 @@ export class Daemon {
 
   /** Ingress routes of every service with a public http port (backends: ready replicas). */
   serviceRoutes(): IngressRoute[] {
-    return serviceRoutes(this.store, (name, project) => this.ingress.hostFor(name, project), (project) => this.network.dnsServerFor(project));
+    return serviceRoutes(this.store, (name, project) => this.ingress.hostFor(name, project), (project) => this.network.dnsServerFor(project), this.config.ingress?.acme !== undefined);
   }
 
   private takeLock(): void {

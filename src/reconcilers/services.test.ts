@@ -67,6 +67,13 @@ test('routes and DNS: ready replicas only; public http ports only; base domain a
       { id: 'service/default/web', hosts: ['web.default.apps.test', 'www.example.com'], backends: [{ address: '10.0.0.2', port: 8080 }, { address: '10.0.0.4', port: 8080 }], tls: 'local' },
       { id: 'service/other/web', hosts: ['web.other.apps.test'], backends: [], tls: 'local' },
     ]);
+    // With the project's DNS known the proxy follows the replicas by name; with ACME, custom
+    // domains get a route of their own with publicly trusted certificates.
+    const withDns = serviceRoutes(store, (name, project) => `${name}.${project}.apps.test`, (p) => (p === 'default' ? '10.0.0.1:53' : undefined), true);
+    assert.deepEqual(withDns[0]!.dynamic, { name: 'web.default.internal', port: 8080, resolvers: ['10.0.0.1:53'], refreshMs: 500 });
+    assert.deepEqual(withDns[0]!.hosts, ['web.default.apps.test']);
+    assert.deepEqual([withDns[1]!.id, withDns[1]!.hosts, withDns[1]!.tls], ['service/default/web/domains', ['www.example.com'], 'acme']);
+    assert.equal(withDns[2]!.dynamic, undefined, 'no DNS for that project yet: static backends');
     const dns = serviceNameProvider(store);
     assert.deepEqual(dns('default', 'web'), ['10.0.0.2', '10.0.0.4']);
     assert.deepEqual(dns('other', 'web'), []);

@@ -365,21 +365,30 @@ function allServices(store: ResourceStore): ServiceResource[] {
  * Ingress routes: one per service with a public http port (its first one): hosts
  * `<service>.<project>.<baseDomain>` plus spec.domains, backends = the READY replicas' ip:port.
  */
-export function serviceRoutes(store: ResourceStore, hostFor: (name: string, project: string) => string, dnsServerFor: (project: string) => string | undefined = () => undefined): IngressRoute[] {
+export function serviceRoutes(
+  store: ResourceStore,
+  hostFor: (name: string, project: string) => string,
+  dnsServerFor: (project: string) => string | undefined = () => undefined,
+  /** berthd has an ACME account: custom domains get their certificates from it. */
+  acme = false,
+): IngressRoute[] {
   const routes: IngressRoute[] = [];
   for (const s of allServices(store)) {
     if (s.deletionRequestedAt) continue;
     const port = s.spec.ports.find((p) => p.public && p.protocol === 'http');
     if (!port) continue;
     const dns = dnsServerFor(s.project);
-    routes.push({
+    const route: IngressRoute = {
       id: `service/${s.project}/${s.name}`,
-      hosts: [hostFor(s.name, s.project), ...(s.spec.domains ?? [])],
+      hosts: [hostFor(s.name, s.project), ...(acme ? [] : s.spec.domains ?? [])],
       backends: s.status.instances.filter((i) => i.ready && i.ip).map((i) => ({ address: i.ip!, port: port.port })),
       tls: 'local',
       // The proxy follows the ready set through Berth's DNS (no config load per replica change).
       ...(dns ? { dynamic: { name: `${s.name}.${s.project}.internal`, port: port.port, resolvers: [dns], refreshMs: DNS_REFRESH_MS } } : {}),
-    });
+    };
+    routes.push(route);
+    // Custom domains: publicly trusted certificates (ACME) when berthd has an ACME account.
+    if (acme && s.spec.domains?.length) routes.push({ ...route, id: `${route.id}/domains`, hosts: [...s.spec.domains], tls: 'acme' });
   }
   return routes;
 }
