@@ -43,7 +43,7 @@ func notifySIGCHLD(ch chan os.Signal) { signal.Notify(ch, unix.SIGCHLD) }
 
 func (a *Agent) capabilities() []string {
 	caps := []string{"run", "stdin", "signal", "list", "file.read", "file.write", "file.stat",
-		"file.list", "file.mkdir", "file.remove", "file.rename", "ping", "shutdown"}
+		"file.list", "file.mkdir", "file.remove", "file.rename", "ping", "shutdown", "tty", "resize", "watch", "cancel"}
 	if a.reaper != nil {
 		caps = append(caps, "reaper")
 	}
@@ -108,6 +108,12 @@ func (a *Agent) dispatch(c *conn, req *Request) {
 		}
 	case "signal":
 		reply(M{}, a.signal(req))
+	case "resize":
+		reply(M{}, a.resize(req))
+	case "cancel":
+		reply(M{}, a.cancel(c, req))
+	case "watch":
+		reply(nil, a.watch(c, req))
 	case "shutdown":
 		a.shutdown(c, req)
 	case "run":
