@@ -6,6 +6,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -157,13 +158,23 @@ func join(dir, name string) string {
 
 func (w *watcher) loop() {
 	defer w.f.Close()
-	buf := make([]byte, 64<<10)
+	buf := make([]byte, 256<<10)
 	for {
-		n, err := w.f.Read(buf)
+		n, err := w.f.Read(buf[:64<<10])
 		if err != nil {
 			w.c.cancels.take(w.id)
 			w.c.send(M{"id": w.id, "type": "eof"})
 			return
+		}
+		// A rename's MOVED_TO may come in the next read: wait a moment for it, so the pair is one event.
+		for endsWithMovedFrom(buf[:n]) && n+(64<<10) <= len(buf) {
+			w.f.SetReadDeadline(time.Now().Add(20 * time.Millisecond))
+			m, err := w.f.Read(buf[n : n+64<<10])
+			w.f.SetReadDeadline(time.Time{})
+			if err != nil {
+				break
+			}
+			n += m
 		}
 		evs, ended := w.parse(buf[:n])
 		for len(evs) > 0 {
@@ -177,6 +188,19 @@ func (w *watcher) loop() {
 			return
 		}
 	}
+}
+
+func endsWithMovedFrom(b []byte) bool {
+	var last uint32
+	for len(b) >= inotifyHead {
+		last = binary.NativeEndian.Uint32(b[4:])
+		next := inotifyHead + int(binary.NativeEndian.Uint32(b[12:]))
+		if next > len(b) {
+			break
+		}
+		b = b[next:]
+	}
+	return last&unix.IN_MOVED_FROM != 0
 }
 
 // parse turns one read of inotify events into protocol events; a MOVED_FROM/MOVED_TO pair (same

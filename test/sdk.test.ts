@@ -3,7 +3,7 @@
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { createHash, randomBytes } from 'node:crypto';
-import { Sandbox, FailedPreconditionError, InvalidArgumentError, NotFoundError, PermissionDeniedError, TimeoutError } from '../sdk/src/index.js';
+import { Sandbox, type FilesystemEvent, FailedPreconditionError, InvalidArgumentError, NotFoundError, PermissionDeniedError, TimeoutError } from '../sdk/src/index.js';
 import { TestDaemon } from './harness.js';
 
 let d: TestDaemon;
@@ -120,6 +120,71 @@ for (const isolation of ['gvisor', 'microvm', 'container'] as const) {
       assert.deepEqual((await sbx.files.list('/data/x/y')).map((e) => e.name), ['h.txt']);
       await sbx.files.remove('/data');
       assert.equal(await sbx.files.exists('/data'), false);
+    });
+
+    test('pty: an interactive shell on a terminal (tty is /dev/pts/N), resize, input, kill', { timeout: 60_000 }, async (t) => {
+      if (skip) return t.skip(skip);
+      let out = '';
+      const waitFor = async (re: RegExp) => {
+        const deadline = Date.now() + 10_000;
+        while (!re.test(out)) {
+          assert.ok(Date.now() < deadline, `no ${re} in the terminal output ${JSON.stringify(out)}`);
+          await new Promise((r) => setTimeout(r, 20));
+        }
+      };
+      const term = await sbx.pty.create({ cols: 80, rows: 24, cmd: ['/bin/sh'], envs: { PS1: '$ ' }, onData: (d) => (out += Buffer.from(d).toString()) });
+      assert.ok(term.pid > 0);
+      await term.sendInput('tty; stty size; echo "TERM=$TERM"\n');
+      await waitFor(/\/dev\/pts\/\d+\r?\n/);
+      await waitFor(/\r?\n24 80\r?\n/);
+      await waitFor(/TERM=xterm-256color/);
+      await term.resize({ cols: 132, rows: 43 });
+      await term.sendInput('stty size\n');
+      await waitFor(/\r?\n43 132\r?\n/);
+      assert.ok((await sbx.commands.list()).some((p) => p.id === term.id), 'the terminal is a listed process');
+      await term.sendInput('exit 3\n');
+      assert.equal((await term.wait()).exitCode, 3);
+      const other = await sbx.pty.create({ cmd: ['/bin/sh'], onData: () => undefined });
+      await other.kill();
+      assert.equal((await other.wait()).exitCode, 137);
+      const bg = await sbx.commands.start('sleep 30');
+      await assert.rejects(sbx.pty.resize(bg.id, { cols: 10, rows: 10 }), FailedPreconditionError);
+      await sbx.commands.kill(bg.id);
+      await assert.rejects(sbx.pty.sendInput('p-000000000000', 'x'), NotFoundError);
+      await assert.rejects(sbx.pty.resize(term.id, { cols: 0, rows: 10 }), InvalidArgumentError);
+    });
+
+    test('files.watch: create, write, rename, remove with sandbox paths, recursive; stop ends it', { timeout: 60_000 }, async (t) => {
+      if (skip) return t.skip(skip);
+      await sbx.files.makeDir('/w/sub');
+      const evs: FilesystemEvent[] = [];
+      const shown = () => evs.map((e) => `${e.type} ${e.path}${e.to ? `>${e.to}` : ''}${e.dir ? '/' : ''}`);
+      const h = await sbx.files.watch('/w', (e) => evs.push(e), { recursive: true });
+      await sbx.files.write('/w/a.txt', 'x');
+      await sbx.commands.run('echo y > /w/sub/b; mv /w/a.txt /w/c.txt; rm /w/c.txt; mkdir /w/n; sleep 0.2; echo z > /w/n/d');
+      const want = ['create /w/a.txt', 'write /w/a.txt', 'create /w/sub/b', 'write /w/sub/b', 'rename /w/a.txt>/w/c.txt', 'remove /w/c.txt', 'create /w/n/', 'create /w/n/d'];
+      const deadline = Date.now() + 10_000;
+      while (!want.every((w) => shown().includes(w))) {
+        assert.ok(Date.now() < deadline, `events ${JSON.stringify(shown())}, want ${JSON.stringify(want)}`);
+        await new Promise((r) => setTimeout(r, 20));
+      }
+      assert.ok(shown().indexOf('create /w/a.txt') < shown().indexOf('rename /w/a.txt>/w/c.txt'), 'in order');
+      h.stop();
+      const n = evs.length;
+      await sbx.files.write('/w/after', 'z');
+      await new Promise((r) => setTimeout(r, 300));
+      assert.equal(evs.length, n, 'no events after stop()');
+      const flat: FilesystemEvent[] = [];
+      const h2 = await sbx.files.watch('/w', (e) => flat.push(e));
+      await sbx.files.write('/w/sub/deep', 'q');
+      await sbx.files.write('/w/top', 'q');
+      for (let i = 0; i < 250 && !flat.some((e) => e.path === '/w/top'); i++) await new Promise((r) => setTimeout(r, 20));
+      h2.stop();
+      assert.ok(flat.some((e) => e.path === '/w/top'));
+      assert.ok(!flat.some((e) => e.path === '/w/sub/deep'), 'not recursive: no events from sub-directories');
+      await assert.rejects(sbx.files.watch('/no/such/dir', () => undefined), NotFoundError);
+      await assert.rejects(sbx.files.watch('/../etc', () => undefined), PermissionDeniedError);
+      await sbx.files.remove('/w');
     });
 
     test('typed errors; every call takes a timeout and an AbortSignal', async (t) => {

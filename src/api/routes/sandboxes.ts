@@ -68,6 +68,10 @@ const CommandBody = z
     stdin: z.string().max(1 << 20).optional().openapi({ description: 'Text written to the command’s stdin, then closed' }),
     timeoutMs: z.number().int().min(1).max(86_400_000).optional().openapi({ description: 'The command is killed (SIGKILL) after this long' }),
     background: z.boolean().default(false).openapi({ description: 'Answer at once with the process id; the output is discarded' }),
+    pty: z
+      .strictObject({ cols: z.number().int().min(1).max(1000).default(80), rows: z.number().int().min(1).max(1000).default(24) })
+      .optional()
+      .openapi({ description: 'Run on a pseudo-terminal of this size (an interactive shell): its output (stdout and stderr, as a terminal mixes them) comes as pty events {data: base64}; type into it with POST …/processes/{id}/input, resize it with POST …/processes/{id}/resize. TERM defaults to xterm-256color' }),
   })
   .openapi('SandboxCommand');
 const SignalBody = z.strictObject({ signal: z.string().regex(/^SIG[A-Z0-9]+$/, { message: 'signal must be a name such as "SIGTERM"' }).default('SIGTERM') });
@@ -76,6 +80,9 @@ const WriteQuery = z.strictObject({ path: Path, mode: z.string().regex(/^[0-7]{3
 const MkdirBody = z.strictObject({ path: Path, parents: z.boolean().default(false), mode: z.number().int().min(0).max(0o7777).optional() });
 const RemoveBody = z.strictObject({ path: Path, recursive: z.boolean().default(false) });
 const RenameBody = z.strictObject({ path: Path, to: Path });
+const InputBody = z.strictObject({ data: z.string().max(1 << 20).regex(/^[A-Za-z0-9+/]*={0,2}$/, { message: 'data is base64' }).openapi({ description: 'Bytes to type (base64)' }) }).openapi('ProcessInput');
+const ResizeBody = z.strictObject({ cols: z.number().int().min(1).max(1000), rows: z.number().int().min(1).max(1000) }).openapi('PtyResize');
+const WatchQuery = z.strictObject({ path: Path, recursive: z.enum(['true', 'false']).default('false') });
 const ProcParams = ProjectNameParams.extend({ proc: z.string().regex(/^[a-z0-9-]{1,64}$/).openapi({ param: { name: 'proc', in: 'path' } }) });
 
 const AGENT_TIMEOUT_MS = 30_000;
@@ -314,12 +321,13 @@ export function registerSandboxRoutes(app: OpenAPIHono<AppEnv>, ctx: ApiContext)
       path: `${base}/{name}/commands`,
       tags,
       request: { params: ProjectNameParams, body: body(CommandBody) },
-      responses: { 200: { description: 'NDJSON events: started {id, pid}, stdout {data}, stderr {data}, exit {exitCode, signal?, oomKilled?, timedOut?}; or, for background, one JSON object {id, pid}', content: { 'application/x-ndjson': { schema: z.string() } } }, ...errorResponses },
+      responses: { 200: { description: 'NDJSON events: started {id, pid}, stdout {data}, stderr {data} (or, with pty, pty {data: base64}), exit {exitCode, signal?, oomKilled?, timedOut?}; or, for background, one JSON object {id, pid}', content: { 'application/x-ndjson': { schema: z.string() } } }, ...errorResponses },
     }),
     async (c) => {
       const { project, name } = c.req.valid('param');
       useProject(ctx, c, project);
       const b = c.req.valid('json');
+      if (b.pty && (b.background || b.stdin !== undefined)) throw new BerthError('invalid_argument', 'a pty command streams its output and takes input from POST …/processes/{id}/input: drop background and stdin');
       const { s, agent } = await agentOf(project, name);
       const args = typeof b.cmd === 'string' ? ['/bin/sh', '-c', b.cmd] : b.cmd;
       const [uid, gid] = b.user ? b.user.split(':').map(Number) : [undefined, undefined];
@@ -328,9 +336,10 @@ export function registerSandboxRoutes(app: OpenAPIHono<AppEnv>, ctx: ApiContext)
         id: procId,
         type: 'run',
         args,
-        env: { ...(s.spec.env ?? {}), ...(b.env ?? {}) },
+        env: { ...(b.pty ? { TERM: 'xterm-256color' } : {}), ...(s.spec.env ?? {}), ...(b.env ?? {}) },
         cwd: b.cwd ?? '/',
         stdin: b.stdin !== undefined,
+        ...(b.pty ? { tty: true, cols: b.pty.cols, rows: b.pty.rows } : {}),
         ...(uid !== undefined ? { uid, gid: gid ?? uid } : {}),
       };
       const queue: string[] = [];
@@ -346,6 +355,8 @@ export function registerSandboxRoutes(app: OpenAPIHono<AppEnv>, ctx: ApiContext)
         if (f.type === 'started') {
           started?.(Number(f.pid));
           push({ type: 'started', id: procId, pid: f.pid });
+        } else if (b.pty && f.type === 'stdout') {
+          push({ type: 'pty', data: String(f.data ?? '') }); // raw terminal bytes, base64 as the agent sent them
         } else if (f.type === 'stdout' || f.type === 'stderr') {
           push({ type: f.type, data: decoders[f.type].write(Buffer.from(String(f.data ?? ''), 'base64')) });
         }
@@ -423,6 +434,28 @@ export function registerSandboxRoutes(app: OpenAPIHono<AppEnv>, ctx: ApiContext)
       useProject(ctx, c, project);
       const { agent } = await agentOf(project, name);
       await call(agent, { type: 'signal', proc, sig: c.req.valid('json').signal, group: true });
+      return c.json({} as never, 200);
+    },
+  );
+
+  app.openapi(
+    createRoute({ method: 'post', path: `${base}/{name}/processes/{proc}/input`, tags, request: { params: ProcParams, body: body(InputBody) }, responses: { 200: json(z.object({})), ...errorResponses } }),
+    async (c) => {
+      const { project, name, proc } = c.req.valid('param');
+      useProject(ctx, c, project);
+      const { agent } = await agentOf(project, name);
+      await call(agent, { type: 'stdin', proc, data: c.req.valid('json').data });
+      return c.json({} as never, 200);
+    },
+  );
+
+  app.openapi(
+    createRoute({ method: 'post', path: `${base}/{name}/processes/{proc}/resize`, tags, request: { params: ProcParams, body: body(ResizeBody) }, responses: { 200: json(z.object({})), ...errorResponses } }),
+    async (c) => {
+      const { project, name, proc } = c.req.valid('param');
+      useProject(ctx, c, project);
+      const { agent } = await agentOf(project, name);
+      await call(agent, { type: 'resize', proc, ...c.req.valid('json') });
       return c.json({} as never, 200);
     },
   );
@@ -513,6 +546,55 @@ export function registerSandboxRoutes(app: OpenAPIHono<AppEnv>, ctx: ApiContext)
       }
       if (pendingLen > 0 || first) await send(Buffer.concat(pending));
       return c.json({ path, written } as never, 200);
+    },
+  );
+
+  app.openapi(
+    createRoute({
+      method: 'get',
+      path: `${base}/{name}/files/watch`,
+      tags,
+      request: { params: ProjectNameParams, query: WatchQuery },
+      responses: { 200: { description: 'NDJSON, until the caller disconnects: ready {}, then one line per change {type: create|write|chmod|remove|rename|overflow, path, to?, dir?}; end {reason} when the directory itself goes away', content: { 'application/x-ndjson': { schema: z.string() } } }, ...errorResponses },
+    }),
+    async (c) => {
+      const { project, name } = c.req.valid('param');
+      useProject(ctx, c, project);
+      const q = c.req.valid('query');
+      const { agent } = await agentOf(project, name);
+      const id = `w-${randomBytes(6).toString('hex')}`;
+      const queue: string[] = [];
+      let wake: (() => void) | undefined;
+      let ready: () => void = () => undefined;
+      const readyP = new Promise<void>((r) => (ready = r));
+      const watching = agent.request({ id, type: 'watch', path: q.path, recursive: q.recursive === 'true' }, 86_400_000, undefined, (f) => {
+        if (f.type === 'ready') ready();
+        else if (f.type === 'events') for (const e of (f.events as unknown[]) ?? []) queue.push(JSON.stringify(e) + '\n');
+        wake?.();
+      });
+      await Promise.race([readyP, watching.then(() => undefined, (e: unknown) => Promise.reject(agentError(e)))]);
+      let ended = false;
+      watching.then(
+        (f) => queue.push(JSON.stringify({ type: 'end', reason: String(f.reason ?? 'watch cancelled') }) + '\n'),
+        (e: unknown) => queue.push(JSON.stringify({ type: 'error', message: (e as Error).message }) + '\n'),
+      ).finally(() => {
+        ended = true;
+        wake?.();
+      });
+      c.header('content-type', 'application/x-ndjson');
+      return stream(c, async (out) => {
+        out.onAbort(() => {
+          if (!ended) void agent.request({ type: 'cancel', target: id }, 5000).catch(() => undefined);
+          wake?.();
+        });
+        await out.write(JSON.stringify({ type: 'ready' }) + '\n');
+        for (;;) {
+          while (queue.length) await out.write(queue.shift()!);
+          if (ended || out.aborted) break;
+          await new Promise<void>((r) => (wake = r));
+          wake = undefined;
+        }
+      }) as never;
     },
   );
 
