@@ -240,6 +240,54 @@ for (const isolation of ['gvisor', 'microvm', 'container'] as const) {
       t.diagnostic(`${isolation}: pause ${pauseMs.toFixed(1)} ms, resume ${resumeMs.toFixed(1)} ms (API round trip included); counter ${c1} → ${c2} → ${c3}`);
     });
 
+    test('autoPause: idle → paused (processes frozen, clock stopped); the next call resumes it transparently', { timeout: 90_000 }, async (t) => {
+      if (skip) return t.skip(skip);
+      const s = await Sandbox.create({ ...conn, isolation, timeoutMs: 120_000, autoPause: { idleMs: 1500 } });
+      try {
+        const counter = async () => {
+          for (let k = 0; k < 20; k++) {
+            const v = Number((await s.files.read('/tmp/c')).trim());
+            if (v > 0) return v;
+            await new Promise((r) => setTimeout(r, 20));
+          }
+          return 0;
+        };
+        // An open command stream is activity: a command longer than idleMs completes (a paused
+        // sandbox would never finish it, as nothing would wake it).
+        assert.equal((await s.commands.run('sleep 2.5; echo awake')).stdout, 'awake\n');
+        await s.commands.start('i=0; while :; do i=$((i+1)); echo $i > /tmp/c; sleep 0.1; done');
+        await new Promise((r) => setTimeout(r, 300));
+        const c0 = await counter();
+        const t0 = performance.now();
+        const end0 = Date.parse((await s.getInfo()).endAt!);
+        let info = await s.getInfo(); // reading the sandbox's info is not activity
+        while (info.state !== 'paused') {
+          assert.ok(performance.now() - t0 < 15_000, `not auto-paused: ${JSON.stringify(info)}`);
+          await new Promise((r) => setTimeout(r, 100));
+          info = await s.getInfo();
+        }
+        const pausedAfter = performance.now() - t0;
+        await new Promise((r) => setTimeout(r, 2000));
+        const w0 = performance.now();
+        const c1 = await counter(); // this call wakes it
+        const wakeMs = performance.now() - w0;
+        const elapsed = (performance.now() - t0) / 1000;
+        info = await s.getInfo();
+        assert.equal(info.state, 'running');
+        assert.ok(c1 - c0 < elapsed * 10 - 10, `the counter was frozen while paused (${c0} → ${c1} in ${elapsed.toFixed(1)} s)`);
+        assert.ok(Date.parse(info.endAt!) - end0 >= 1500, `the paused time was added to the life time (${end0} → ${info.endAt})`);
+        await new Promise((r) => setTimeout(r, 500));
+        assert.ok((await counter()) > c1, 'the counter continues');
+        t.diagnostic(`${isolation}: auto-paused ${pausedAfter.toFixed(0)} ms after the last call (idleMs 1500); first call after it answered in ${wakeMs.toFixed(0)} ms; counter ${c0} → ${c1}`);
+        // An explicit pause is not undone by calls.
+        await s.pause();
+        await assert.rejects(s.commands.run('true'), FailedPreconditionError);
+        await Sandbox.resume(s.sandboxId, conn);
+      } finally {
+        await s.kill();
+      }
+    });
+
     test('limits: a fork bomb, a memory hog and a disk filler stay inside the sandbox, which reports why', { timeout: 180_000 }, async (t) => {
       if (skip) return t.skip(skip);
       const { spawnSync } = await import('node:child_process');

@@ -44,6 +44,12 @@ export interface CreateOptions extends ConnectionOptions, CallOptions {
   fromTemplate?: string;
   /** Name of the sandbox (its id); generated when absent. */
   name?: string;
+  /**
+   * Pause by itself after `idleMs` without a command, file or terminal call (an open command or
+   * terminal counts as activity); the next such call resumes it transparently. Paused time does not
+   * count toward `timeoutMs`.
+   */
+  autoPause?: { idleMs: number };
 }
 
 export interface SandboxInfo {
@@ -571,6 +577,7 @@ export class Sandbox {
       ...(o.timeoutMs !== undefined ? { timeoutMs: o.timeoutMs } : {}),
       ...(o.envs ? { env: o.envs } : {}),
       ...(o.fromTemplate ? { template: o.fromTemplate } : {}),
+      ...(o.autoPause ? { autoPause: { idleMs: o.autoPause.idleMs } } : {}),
     };
     const resources = { ...(o.cpuMillis ? { cpuMillis: o.cpuMillis } : {}), ...(o.memoryMiB ? { memoryMiB: o.memoryMiB } : {}), ...(o.pids ? { pids: o.pids } : {}), ...(o.diskMiB ? { diskMiB: o.diskMiB } : {}) };
     if (Object.keys(resources).length) spec.resources = resources;

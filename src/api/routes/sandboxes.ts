@@ -10,7 +10,7 @@ import { join } from 'node:path';
 import { StringDecoder } from 'node:string_decoder';
 import type { AgentChannel, AgentFrame } from '../../core/driver.js';
 import { BerthError, failedPrecondition, type ErrorCode } from '../../core/errors.js';
-import { SANDBOX, SANDBOXTEMPLATE, initialSandboxStatus, type SandboxResource, type SandboxSpecT, type SandboxStatusT, type SandboxTemplateSpecT, type SandboxTemplateStatusT } from '../../reconcilers/sandboxes.js';
+import { SANDBOX, SANDBOXTEMPLATE, initialSandboxStatus, sandboxActivity, type SandboxResource, type SandboxSpecT, type SandboxStatusT, type SandboxTemplateSpecT, type SandboxTemplateStatusT } from '../../reconcilers/sandboxes.js';
 import type { AppEnv } from '../app.js';
 import type { ApiContext } from '../context.js';
 import { Isolation, Labels, ListQuery, Name, Resources, listOf } from '../schemas.js';
@@ -34,6 +34,10 @@ export const SandboxSpec = z
     timeoutMs: z.number().int().min(1000).max(86_400_000).default(300_000).openapi({ description: 'The sandbox is killed this long after it started (extend with POST …/timeout); time paused does not count' }),
     state: z.enum(['running', 'paused']).default('running').openapi({ description: 'Desired state; change it with POST …/pause and …/resume' }),
     template: Name.optional().openapi({ description: 'Start from this template (a snapshot of a sandbox: memory, processes, files) instead of booting; its image, isolation and resources apply' }),
+    autoPause: z
+      .strictObject({ idleMs: z.number().int().min(1000).max(86_400_000) })
+      .optional()
+      .openapi({ description: 'Pause by itself after idleMs without a command, file or terminal call (an open command or terminal stream counts as activity): processes frozen, no CPU used, life time stopped. The next command, file or terminal call resumes it transparently (status.autoPaused says why it is paused); POST …/pause and …/resume work as usual' }),
   })
   .openapi('SandboxSpec');
 
@@ -109,7 +113,8 @@ function claimFromPool(ctx: ApiContext, project: string, b: z.infer<typeof Creat
     const member = poolMembers(ctx.store, pool).find((m) => m.status.phase === 'running' && !m.deletionRequestedAt && m.status.startedAt);
     if (!member) continue;
     const elapsed = Date.now() - Date.parse(member.status.startedAt!) - (member.status.pausedTotalMs ?? 0);
-    const spec: SandboxSpecT = { ...member.spec, timeoutMs: elapsed + b.spec.timeoutMs, ...(b.spec.env ? { env: b.spec.env } : {}) };
+    const spec: SandboxSpecT = { ...member.spec, timeoutMs: elapsed + b.spec.timeoutMs, ...(b.spec.env ? { env: b.spec.env } : {}), ...(b.spec.autoPause ? { autoPause: b.spec.autoPause } : {}) };
+    sandboxActivity.touch(member.id);
     ctx.store.updateSpec(member.id, { spec, labels: b.labels ?? {} }, member.resourceVersion);
     const r = ctx.store.updateStatus(member.id, { ...member.status, expiresAt: new Date(Date.now() + b.spec.timeoutMs).toISOString() }) as SandboxResource;
     ctx.store.addEvent(member.id, 'Claimed', `claimed from warm pool ${pool.name}`);
@@ -125,10 +130,19 @@ export function registerSandboxRoutes(app: OpenAPIHono<AppEnv>, ctx: ApiContext)
   const base = '/v1/projects/{project}/sandboxes';
 
   /** A running sandbox and its agent connection. */
-  const agentOf = async (project: string, name: string): Promise<{ s: SandboxResource; agent: AgentChannel }> => {
-    const s = getLive<SandboxSpecT, SandboxStatusT>(ctx, SANDBOX, project, name) as SandboxResource;
+  const agentOf = async (project: string, name: string, signal?: AbortSignal): Promise<{ s: SandboxResource; agent: AgentChannel }> => {
+    let s = getLive<SandboxSpecT, SandboxStatusT>(ctx, SANDBOX, project, name) as SandboxResource;
+    sandboxActivity.touch(s.id);
+    if (s.status.phase === 'paused' && s.status.autoPaused) {
+      // Paused for being idle: this call wakes it (the reconciler resumes it on seeing the activity).
+      ctx.kick(SANDBOX, s.id);
+      const deadline = Date.now() + 60_000;
+      while (s.status.phase === 'paused' && Date.now() < deadline && !signal?.aborted) {
+        s = (await waitForChange(ctx, s.id, s.resourceVersion, deadline - Date.now(), signal)) as SandboxResource;
+      }
+    }
     if (s.status.phase !== 'running' || !s.status.task) {
-      throw failedPrecondition(`sandbox "${name}" is ${s.status.phase}${s.status.reason ? ` (${s.status.reason})` : ''}; only a running sandbox takes commands and file calls`);
+      throw failedPrecondition(`sandbox "${name}" is ${s.status.phase}${s.status.reason ? ` (${s.status.reason})` : ''}; only a running sandbox takes commands and file calls${s.status.phase === 'paused' ? ' (resume it with POST …/resume)' : ''}`);
     }
     const driver = ctx.drivers.byName(s.status.task.driver);
     if (!driver?.agent) throw failedPrecondition(`the ${s.status.task.driver} driver cannot reach a sandbox agent`);
@@ -137,6 +151,14 @@ export function registerSandboxRoutes(app: OpenAPIHono<AppEnv>, ctx: ApiContext)
     } catch (e) {
       throw agentError(e);
     }
+  };
+  /** Holds the sandbox busy (no auto-pause) until the returned function is called. */
+  const hold = (id: string) => {
+    const release = sandboxActivity.hold(id);
+    return () => {
+      release();
+      ctx.kick(SANDBOX, id);
+    };
   };
   const call = async (agent: AgentChannel, req: Record<string, unknown>, signal?: AbortSignal, onEvent?: (f: AgentFrame) => void | Promise<void>) => {
     try {
@@ -241,7 +263,8 @@ export function registerSandboxRoutes(app: OpenAPIHono<AppEnv>, ctx: ApiContext)
         if (s.status.phase !== from && s.status.phase !== want) throw failedPrecondition(`sandbox "${name}" is ${s.status.phase}; only a ${from} sandbox can ${op}`);
         const driver = s.status.task ? ctx.drivers.byName(s.status.task.driver) : undefined;
         if (!driver?.pause) throw failedPrecondition(`isolation "${s.spec.isolation}" cannot pause sandboxes on this host`);
-        if (s.status.phase !== want) {
+        if (op === 'resume') sandboxActivity.touch(s.id); // also wakes an auto-paused sandbox
+        if (s.status.phase !== want || s.spec.state !== want || s.status.autoPaused) {
           s = ctx.store.updateSpec(s.id, { spec: { ...s.spec, state: want } }) as SandboxResource;
           ctx.kick(SANDBOX, s.id);
           const deadline = Date.now() + 60_000;
@@ -328,7 +351,7 @@ export function registerSandboxRoutes(app: OpenAPIHono<AppEnv>, ctx: ApiContext)
       useProject(ctx, c, project);
       const b = c.req.valid('json');
       if (b.pty && (b.background || b.stdin !== undefined)) throw new BerthError('invalid_argument', 'a pty command streams its output and takes input from POST …/processes/{id}/input: drop background and stdin');
-      const { s, agent } = await agentOf(project, name);
+      const { s, agent } = await agentOf(project, name, c.req.raw.signal);
       const args = typeof b.cmd === 'string' ? ['/bin/sh', '-c', b.cmd] : b.cmd;
       const [uid, gid] = b.user ? b.user.split(':').map(Number) : [undefined, undefined];
       const procId = `p-${randomBytes(6).toString('hex')}`;
@@ -382,6 +405,8 @@ export function registerSandboxRoutes(app: OpenAPIHono<AppEnv>, ctx: ApiContext)
         return c.json({ id: procId, pid: first } as never, 200) as never;
       }
       let ended = false;
+      const release = hold(s.id); // an open command or terminal keeps the sandbox from auto-pausing
+      done.finally(release).catch(() => undefined);
       done.then(
         (f) => {
           clearTimeout(timer);
