@@ -79,6 +79,15 @@ for (const isolation of ['gvisor', 'microvm', 'container']) {
       assert.equal(c.out, 'HELLO SANDBOX');
       const missing = await fetch(`${d.addr}${S}/${name}/commands`, { method: 'POST', headers: { authorization: `Bearer ${d.token}`, 'content-type': 'application/json' }, body: JSON.stringify({ cmd: ['/no/such/program'] }) });
       assert.ok(missing.status === 404 || missing.status === 400, `missing program → ${missing.status}`);
+      for (const bad of [{ cmd: 'sh', pty: { cols: 80, rows: 24 }, background: true }, { cmd: 'sh', pty: { cols: 80, rows: 24 }, stdin: 'x' }, { cmd: 'sh', pty: { cols: 0, rows: 24 } }]) {
+        const r = await d.api('POST', `${S}/${name}/commands`, bad);
+        assert.equal(r.status, 400, JSON.stringify(bad));
+        assert.equal(r.body.error.code, 'invalid_argument');
+      }
+      const noProc = await d.api('POST', `${S}/${name}/processes/p-nope/resize`, { cols: 10, rows: 10 });
+      assert.equal(noProc.status, 404, JSON.stringify(noProc.body));
+      const badInput = await d.api('POST', `${S}/${name}/processes/p-nope/input`, { data: 'not base64!' });
+      assert.equal(badInput.status, 400);
     });
 
     test('commands: timeout kills; background processes can be listed and signalled', { timeout: 60_000 }, async (t) => {
@@ -199,6 +208,8 @@ test('bad input is refused clearly and creates nothing', async () => {
     [{ spec: { timeoutMs: 5 } }, /timeoutMs/],
     [{ spec: { unknownField: 1 } }, /unknownField|unrecognized/i],
     [{ name: 'Bad Name' }, /name/],
+    [{ spec: { autoPause: { idleMs: 10 } } }, /idleMs/],
+    [{ spec: { autoPause: { idle: 1000 } } }, /idle/],
   ] as const) {
     const r = await d.api('POST', S, body);
     assert.equal(r.status, 400, JSON.stringify(r.body));
