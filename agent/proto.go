@@ -63,6 +63,9 @@ type Request struct {
 
 	// shutdown
 	Poweroff bool `json:"poweroff"`
+
+	// suspend
+	TimeoutMs int64 `json:"timeoutMs"`
 }
 
 // M is an outgoing frame.

@@ -328,10 +328,10 @@ for (const isolation of ['gvisor', 'microvm', 'container'] as const) {
       await hazard('fork bomb', 'b() { b | b & }; b; sleep 3; kill -9 -1 2>/dev/null; true', () => undefined);
     });
 
-    test('snapshot → template → forks that continue its processes and files (microVM)', { timeout: 120_000 }, async (t) => {
+    test('snapshot → template → forks that continue its processes and files (microVM, gVisor)', { timeout: 120_000 }, async (t) => {
       if (skip) return t.skip(skip);
       const tpl = `tpl-${isolation.slice(0, 2)}-${tag}`;
-      if (isolation !== 'microvm') {
+      if (isolation === 'container') {
         await assert.rejects(sbx.snapshot(tpl), FailedPreconditionError);
         return;
       }
@@ -341,6 +341,9 @@ for (const isolation of ['gvisor', 'microvm', 'container'] as const) {
       const snap = await sbx.snapshot(tpl);
       t.diagnostic(`snapshot: ${snap.snapshotMs} ms, ${(snap.bytes / 2 ** 20).toFixed(1)} MiB`);
       assert.equal((await sbx.commands.run('echo still here')).stdout, 'still here\n', 'the parent keeps running');
+      const p1 = Number((await sbx.files.read('/tmp/fc')).trim() || 0);
+      await new Promise((r) => setTimeout(r, 400));
+      assert.ok(Number((await sbx.files.read('/tmp/fc')).trim() || 0) > p1, "the parent's counter keeps counting");
       const forks: Sandbox[] = [];
       try {
         for (let i = 0; i < 2; i++) {

@@ -634,7 +634,7 @@ export class Sandbox {
 
   /**
    * Snapshot of the sandbox (memory, running processes, files) as a template for new sandboxes
-   * (Sandbox.create({ fromTemplate })); the sandbox keeps running. microVM sandboxes only, for now.
+   * (Sandbox.create({ fromTemplate })); the sandbox keeps running. microVM and gVisor sandboxes.
    */
   async snapshot(template: string, o: CallOptions = {}): Promise<{ template: string; snapshotMs: number; bytes: number }> {
     const r = await this.api.json<{ name: string; status: { snapshotMs: number; bytes: number } }>(`/sandboxes/${this.sandboxId}/snapshot`, { method: 'POST', json: { template } }, { requestTimeoutMs: o.requestTimeoutMs ?? 300_000, ...(o.signal ? { signal: o.signal } : {}) });

@@ -293,7 +293,7 @@ export function registerSandboxRoutes(app: OpenAPIHono<AppEnv>, ctx: ApiContext)
       const s = getLive<SandboxSpecT, SandboxStatusT>(ctx, SANDBOX, project, name) as SandboxResource;
       if (!['running', 'paused'].includes(s.status.phase) || !s.status.task) throw failedPrecondition(`sandbox "${name}" is ${s.status.phase}; only a running or paused sandbox can be snapshotted`);
       const driver = ctx.drivers.byName(s.status.task.driver);
-      if (!driver?.snapshot) throw failedPrecondition(`snapshots are not available for isolation "${s.spec.isolation}" yet (they are for microvm)`);
+      if (!driver?.snapshot) throw failedPrecondition(`snapshots are not available for isolation "${s.spec.isolation}" yet (they are for microvm and gvisor)`);
       if (ctx.store.find(SANDBOXTEMPLATE, project, template)) throw new BerthError('already_exists', `template "${template}" already exists in project "${project}"; delete it or pick another name`);
       const tpl = ctx.store.create<SandboxTemplateSpecT, SandboxTemplateStatusT>(SANDBOXTEMPLATE, {
         project,
