@@ -369,9 +369,18 @@ for (const isolation of ['gvisor', 'microvm', 'container'] as const) {
         }
         assert.equal(await forks[0]!.files.read('/tmp/mine'), 'fork 0', 'forks do not share their writes');
         assert.equal(await sbx.files.exists('/tmp/mine'), false, 'nor with the parent');
+        // A paused sandbox can be snapshotted too, and stays paused.
+        await sbx.pause();
+        await sbx.snapshot(`${tpl}-p`);
+        assert.equal((await sbx.getInfo()).state, 'paused');
+        await Sandbox.resume(sbx.sandboxId, conn);
+        assert.equal((await sbx.commands.run('echo resumed')).stdout, 'resumed\n');
+        const fp = await Sandbox.create({ ...conn, fromTemplate: `${tpl}-p`, timeoutMs: 60_000 });
+        forks.push(fp);
+        assert.equal(await fp.files.read('/tmp/origin'), 'from the parent');
       } finally {
         for (const f of forks) await f.kill();
-        await fetch(`${d.addr}/v1/projects/default/sandbox-templates/${tpl}`, { method: 'DELETE', headers: { authorization: `Bearer ${d.token}` } });
+        for (const x of [tpl, `${tpl}-p`]) await fetch(`${d.addr}/v1/projects/default/sandbox-templates/${x}`, { method: 'DELETE', headers: { authorization: `Bearer ${d.token}` } });
       }
     });
 

@@ -103,15 +103,17 @@ export class GvisorDriver extends OciRuntimeDriver {
     const t0 = performance.now();
     mkdirSync(dest, { recursive: true, mode: 0o700 });
     const sock = join(dir, 'run', 'agent.sock');
-    await (await this.agent(handle.id, 2000)).request({ type: 'suspend', timeoutMs: 300_000 }, 5000);
-    for (let i = 0; existsSync(sock); i++) {
-      if (i > 2500) throw new Error('the agent did not close its socket for the checkpoint');
-      await sleep(2);
-    }
+    // A paused sandbox's agent cannot answer "suspend": let it run for that moment.
     const wasPaused = (await this.runtimeState(handle.id))?.status === 'paused';
+    if (wasPaused) await this.resume(handle);
     try {
+      await (await this.agent(handle.id, 2000)).request({ type: 'suspend', timeoutMs: 120_000 }, 5000);
+      for (let i = 0; existsSync(sock); i++) {
+        if (i > 2500) throw new Error('the agent did not close its socket for the checkpoint');
+        await sleep(2);
+      }
       // Frozen while the files are copied, so that they match the memory image.
-      if (!wasPaused) await this.pause(handle);
+      await this.pause(handle);
       const layer = existsSync(join(dir, 'disk', 'upper')) ? join(dir, 'disk') : dir;
       const cp = await run('cp', ['-a', '--reflink=auto', join(layer, 'upper'), join(dest, 'upper')], { timeoutMs: 300_000 });
       if (cp.code !== 0) throw new Error(`copying the writable layer: ${cp.stderr.trim()}`);
@@ -119,8 +121,9 @@ export class GvisorDriver extends OciRuntimeDriver {
       const r = await this.rt(['checkpoint', '--leave-running', `--image-path=${join(dest, 'image')}`, handle.id], 300_000);
       if (r.code !== 0) throw new Error(`runsc checkpoint: ${(r.stderr || r.stdout).trim().split('\n')[0]}`);
     } finally {
-      if (!wasPaused) await this.resume(handle).catch(() => undefined);
       writeFileSync(join(dir, 'run', 'agent.resume'), '');
+      if (wasPaused) await this.pause(handle).catch(() => undefined);
+      else await this.resume(handle).catch(() => undefined);
     }
     let bytes = 0;
     for (const f of readdirSync(join(dest, 'image'))) bytes += statSync(join(dest, 'image', f)).size;
