@@ -224,7 +224,7 @@ async function main(): Promise<void> {
       await d.api('DELETE', `${P}/bench`);
       while ((await d.api('GET', `${P}/bench`)).status !== 404) await sleep(100);
 
-      if (tier === 'microvm') {
+      if (tier !== 'container') {
         console.error(`${tier}: from a snapshot template, ${runs} sequential`);
         const parent = await berthOnce(d, spec, '?pool=none');
         const snap = await d.api('POST', `${S}/${parent.name}/snapshot`, { template: 'bench' });

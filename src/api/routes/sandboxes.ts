@@ -118,7 +118,7 @@ function claimFromPool(ctx: ApiContext, project: string, b: z.infer<typeof Creat
     ctx.store.updateSpec(member.id, { spec, labels: b.labels ?? {} }, member.resourceVersion);
     const r = ctx.store.updateStatus(member.id, { ...member.status, expiresAt: new Date(Date.now() + b.spec.timeoutMs).toISOString() }) as SandboxResource;
     ctx.store.addEvent(member.id, 'Claimed', `claimed from warm pool ${pool.name}`);
-    ctx.store.updateStatus(pool.id, { ...pool.status, claimed: (pool.status.claimed ?? 0) + 1 });
+    ctx.store.updateStatus(pool.id, { ...pool.status, claimed: (pool.status.claimed ?? 0) + 1, lastClaimAt: new Date().toISOString() });
     ctx.kick(SANDBOX, member.id);
     ctx.kick(SANDBOXPOOL, pool.id);
     return r;
