@@ -37,7 +37,7 @@ export const SandboxSpec = z
     autoPause: z
       .strictObject({ idleMs: z.number().int().min(1000).max(86_400_000) })
       .optional()
-      .openapi({ description: 'Pause by itself after idleMs without a command, file or terminal call (an open command or terminal stream counts as activity): processes frozen, no CPU used, life time stopped. The next command, file or terminal call resumes it transparently (status.autoPaused says why it is paused); POST …/pause and …/resume work as usual' }),
+      .openapi({ description: 'Pause by itself after idleMs without a command, file or terminal call (an open command, terminal or file transfer counts as activity): processes frozen, no CPU used, life time stopped. The next command, file or terminal call resumes it transparently (status.autoPaused says why it is paused); POST …/pause and …/resume work as usual' }),
   })
   .openapi('SandboxSpec');
 
@@ -499,7 +499,7 @@ export function registerSandboxRoutes(app: OpenAPIHono<AppEnv>, ctx: ApiContext)
       const { project, name } = c.req.valid('param');
       useProject(ctx, c, project);
       const { path } = c.req.valid('query');
-      const { agent } = await agentOf(project, name);
+      const { s, agent } = await agentOf(project, name);
       // The status line waits for the agent's first answer, so that a missing file, a directory or
       // a path outside the sandbox is a clean 4xx rather than a broken stream. Symlinks are
       // followed, confined to the sandbox's root (the agent resolves them with RESOLVE_IN_ROOT).
@@ -515,6 +515,7 @@ export function registerSandboxRoutes(app: OpenAPIHono<AppEnv>, ctx: ApiContext)
         else chunks.push(b);
         firstFrame();
       });
+      reading.finally(hold(s.id)).catch(() => undefined); // a long download keeps the sandbox from auto-pausing
       await Promise.race([first, reading.then(() => undefined, (e: unknown) => Promise.reject(agentError(e)))]);
       c.header('content-type', 'application/octet-stream');
       return stream(c, async (out) => {
@@ -541,38 +542,47 @@ export function registerSandboxRoutes(app: OpenAPIHono<AppEnv>, ctx: ApiContext)
       const { project, name } = c.req.valid('param');
       useProject(ctx, c, project);
       const { path, mode } = c.req.valid('query');
-      const { agent } = await agentOf(project, name);
-      // Streamed in chunks: the upload is never held in memory as a whole.
-      let written = 0;
-      let first = true;
-      const send = async (buf: Buffer) => {
-        await call(agent, { type: 'file.write', path, data: buf.toString('base64'), append: !first, ...(first && mode ? { mode: parseInt(mode, 8) } : {}) });
-        first = false;
-        written += buf.length;
-      };
-      const reader = c.req.raw.body?.getReader();
-      let pending: Buffer[] = [];
-      let pendingLen = 0;
-      if (reader) {
-        for (;;) {
-          const { value, done } = await reader.read();
-          if (value) {
-            pending.push(Buffer.from(value));
-            pendingLen += value.length;
-            while (pendingLen >= WRITE_CHUNK) {
-              const all = Buffer.concat(pending);
-              await send(all.subarray(0, WRITE_CHUNK));
-              pending = [all.subarray(WRITE_CHUNK)];
-              pendingLen = all.length - WRITE_CHUNK;
-            }
-          }
-          if (done) break;
-        }
+      const { s, agent } = await agentOf(project, name);
+      const release = hold(s.id); // a long upload keeps the sandbox from auto-pausing
+      try {
+        return c.json((await upload(agent, path, mode, c.req.raw.body)) as never, 200);
+      } finally {
+        release();
       }
-      if (pendingLen > 0 || first) await send(Buffer.concat(pending));
-      return c.json({ path, written } as never, 200);
     },
   );
+
+  /** Streams a request body into a file in chunks: the upload is never held in memory as a whole. */
+  const upload = async (agent: AgentChannel, path: string, mode: string | undefined, body: ReadableStream<Uint8Array> | null) => {
+    let written = 0;
+    let first = true;
+    const send = async (buf: Buffer) => {
+      await call(agent, { type: 'file.write', path, data: buf.toString('base64'), append: !first, ...(first && mode ? { mode: parseInt(mode, 8) } : {}) });
+      first = false;
+      written += buf.length;
+    };
+    const reader = body?.getReader();
+    let pending: Buffer[] = [];
+    let pendingLen = 0;
+    if (reader) {
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (value) {
+          pending.push(Buffer.from(value));
+          pendingLen += value.length;
+          while (pendingLen >= WRITE_CHUNK) {
+            const all = Buffer.concat(pending);
+            await send(all.subarray(0, WRITE_CHUNK));
+            pending = [all.subarray(WRITE_CHUNK)];
+            pendingLen = all.length - WRITE_CHUNK;
+          }
+        }
+        if (done) break;
+      }
+    }
+    if (pendingLen > 0 || first) await send(Buffer.concat(pending));
+    return { path, written };
+  };
 
   app.openapi(
     createRoute({
