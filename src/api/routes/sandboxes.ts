@@ -84,7 +84,7 @@ const WriteQuery = z.strictObject({ path: Path, mode: z.string().regex(/^[0-7]{3
 const MkdirBody = z.strictObject({ path: Path, parents: z.boolean().default(false), mode: z.number().int().min(0).max(0o7777).optional() });
 const RemoveBody = z.strictObject({ path: Path, recursive: z.boolean().default(false) });
 const RenameBody = z.strictObject({ path: Path, to: Path });
-const InputBody = z.strictObject({ data: z.string().max(1 << 20).regex(/^[A-Za-z0-9+/]*={0,2}$/, { message: 'data is base64' }).openapi({ description: 'Bytes to type (base64)' }) }).openapi('ProcessInput');
+const InputBody = z.strictObject({ data: z.string().max(1 << 19).regex(/^[A-Za-z0-9+/]*={0,2}$/, { message: 'data is base64' }).openapi({ description: 'Bytes to type (base64, at most 512 KiB of text: send more in several calls)' }) }).openapi('ProcessInput');
 const ResizeBody = z.strictObject({ cols: z.number().int().min(1).max(1000), rows: z.number().int().min(1).max(1000) }).openapi('PtyResize');
 const WatchQuery = z.strictObject({ path: Path, recursive: z.enum(['true', 'false']).default('false') });
 const ProcParams = ProjectNameParams.extend({ proc: z.string().regex(/^[a-z0-9-]{1,64}$/).openapi({ param: { name: 'proc', in: 'path' } }) });
