@@ -537,7 +537,10 @@ export class Pty {
 
   /** Types into the terminal of process `id` (text is sent as UTF-8). */
   async sendInput(id: string, data: string | Uint8Array, o: CallOptions = {}): Promise<void> {
-    await this.api.fetch(`/sandboxes/${this.name}/processes/${id}/input`, { method: 'POST', json: { data: Buffer.from(data).toString('base64') } }, o);
+    const bytes = Buffer.from(data);
+    for (let off = 0; off < bytes.length || off === 0; off += 384 * 1024) {
+      await this.api.fetch(`/sandboxes/${this.name}/processes/${id}/input`, { method: 'POST', json: { data: bytes.subarray(off, off + 384 * 1024).toString('base64') } }, o);
+    }
   }
 
   /** Changes the terminal's size (the program gets SIGWINCH). */
