@@ -52,14 +52,14 @@ func (a *Agent) suspend(c *conn, req *Request) {
 	}
 	os.Remove(filepath.Join(filepath.Dir(s.path), resumeFile)) // a stale one would end the suspension at once
 	c.send(M{"id": req.ID, "type": "ok"})
-	s.suspended <- wait
-	s.l.Close() // unlinks the socket; the accept loop waits for the resume file
-	conns := s.conns
-	s.conns = nil
-	s.mu.Unlock()
-	for cc := range conns {
+	// Connections first, then the listener: once the socket file is gone, no host socket is left.
+	for cc := range s.conns {
 		cc.close()
 	}
+	s.conns = nil
+	s.suspended <- wait
+	s.l.Close() // unlinks the socket; the accept loop waits for the resume file
+	s.mu.Unlock()
 }
 
 // serveUnix listens on a unix socket and serves each connection concurrently; after a suspend it

@@ -180,6 +180,29 @@ test('a sandbox past its timeout is killed and its host resources freed', { time
   assert.equal((await d.api('DELETE', `${S}/short`)).status, 202);
 });
 
+test('gVisor: a snapshot cut short by a daemon crash is undone (the sandbox runs again)', { timeout: 60_000 }, async (t) => {
+  if (!tiers.includes('gvisor')) return t.skip('gvisor is not installed on this host');
+  const r = await d.api('POST', S, { name: 'half-snap', spec: { isolation: 'gvisor', timeoutMs: 60_000 } });
+  assert.equal(r.body.status.phase, 'running');
+  const { spawnSync } = await import('node:child_process');
+  const runsc = process.env.BERTH_RUNSC ?? '/usr/local/lib/berth/runsc';
+  const gv = `${d.dataDir}/runtime/gvisor`;
+  // What a snapshot leaves while it runs: its marker and a frozen sandbox. (Its agent's suspension
+  // ends with the resume file that the same undo writes; see agent/suspend_test.go for that part.)
+  writeFileSync(`${gv}/tasks/${r.body.id}/snapshotting`, 'running');
+  assert.equal(spawnSync(runsc, [`--root=${gv}/runsc`, 'pause', r.body.id]).status, 0);
+  // The next reconcile (a timeout change kicks one) finds the marker and undoes it.
+  assert.equal((await d.api('POST', `${S}/half-snap/timeout`, { timeoutMs: 60_000 })).status, 200);
+  await sleep(1000);
+  let out = '';
+  for (let i = 0; i < 100 && out !== 'back\n'; i++) {
+    await sleep(100);
+    out = await run('half-snap', { cmd: 'echo back' }).then((x) => x.out, () => '');
+  }
+  assert.equal(out, 'back\n');
+  assert.equal((await d.api('DELETE', `${S}/half-snap`)).status, 202);
+});
+
 test('a token scoped to one project cannot see or touch another project’s sandboxes', { timeout: 60_000 }, async (t) => {
   const tier = ['gvisor', 'container', 'microvm'].find((x) => tiers.includes(x));
   if (!tier) return t.skip('no isolation tier');

@@ -11,9 +11,9 @@
 //   systrap); never KVM unless a probe proves it works (the PVM-only /dev/kvm hangs it).
 // - A pids limit in the host cgroup counts the Sentry's own threads and kills the whole sandbox
 //   when reached, so pids is not offered as a limit; memory needs ≥ 32 MiB for the Sentry itself.
-import { copyFileSync, existsSync, mkdirSync, readdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { copyFileSync, existsSync, mkdirSync, readFileSync, readdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import type { DriverCapabilities, Fingerprint, TaskConfig, TaskHandle } from '../../core/driver.js';
+import type { DriverCapabilities, Fingerprint, TaskConfig, TaskHandle, TaskStatus } from '../../core/driver.js';
 import { BerthError, invalidArgument } from '../../core/errors.js';
 import { run, sleep } from '../../lib/exec.js';
 import { isMountPoint } from '../../lib/host.js';
@@ -46,6 +46,8 @@ export class GvisorDriver extends OciRuntimeDriver {
     minMemoryMiB: GVISOR_MIN_MEMORY_MIB,
   };
   readonly platform: string;
+  /** Sandboxes being snapshotted by this process. */
+  private readonly snapshotting = new Set<string>();
 
   constructor(opts: GvisorDriverOptions) {
     const path = opts.runtimePath ?? findRunsc() ?? BERTH_RUNSC;
@@ -105,6 +107,10 @@ export class GvisorDriver extends OciRuntimeDriver {
     const sock = join(dir, 'run', 'agent.sock');
     // A paused sandbox's agent cannot answer "suspend": let it run for that moment.
     const wasPaused = (await this.runtimeState(handle.id))?.status === 'paused';
+    // If berthd dies half-way, inspect() finds this marker and undoes what the snapshot changed.
+    const marker = join(dir, 'snapshotting');
+    writeFileSync(marker, wasPaused ? 'paused' : 'running');
+    this.snapshotting.add(handle.id);
     if (wasPaused) await this.resume(handle);
     try {
       await (await this.agent(handle.id, 2000)).request({ type: 'suspend', timeoutMs: 120_000 }, 5000);
@@ -121,13 +127,28 @@ export class GvisorDriver extends OciRuntimeDriver {
       const r = await this.rt(['checkpoint', '--leave-running', `--image-path=${join(dest, 'image')}`, handle.id], 300_000);
       if (r.code !== 0) throw new Error(`runsc checkpoint: ${(r.stderr || r.stdout).trim().split('\n')[0]}`);
     } finally {
-      writeFileSync(join(dir, 'run', 'agent.resume'), '');
-      if (wasPaused) await this.pause(handle).catch(() => undefined);
-      else await this.resume(handle).catch(() => undefined);
+      await this.endSnapshot(handle, wasPaused);
+      this.snapshotting.delete(handle.id);
     }
     let bytes = 0;
     for (const f of readdirSync(join(dest, 'image'))) bytes += statSync(join(dest, 'image', f)).size;
     return { ms: performance.now() - t0, bytes };
+  }
+
+  /** Lets the agent listen again and the sandbox run (or stay paused) after a snapshot; removes its marker. */
+  private async endSnapshot(handle: TaskHandle, wasPaused: boolean): Promise<void> {
+    const dir = this.taskDir(handle.id);
+    writeFileSync(join(dir, 'run', 'agent.resume'), '');
+    if (wasPaused) await this.pause(handle).catch(() => undefined);
+    else await this.resume(handle).catch(() => undefined);
+    rmSync(join(dir, 'snapshotting'), { force: true });
+  }
+
+  /** A snapshot cut short by a crash of berthd left the sandbox frozen and its agent deaf: undo that first. */
+  override async inspect(h: TaskHandle): Promise<TaskStatus> {
+    const marker = join(this.taskDir(h.id), 'snapshotting');
+    if (!this.snapshotting.has(h.id) && existsSync(marker)) await this.endSnapshot(h, readFileSync(marker, 'utf8') === 'paused');
+    return super.inspect(h);
   }
 
   protected override restoreImage(from: string): string {
