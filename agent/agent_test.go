@@ -87,7 +87,6 @@ func TestRunErrors(t *testing.T) {
 	}{
 		{M{"type": "run", "args": []string{}}, CodeInvalidArgument},
 		{M{"type": "run", "args": []string{"no-such-command-xyz"}}, CodeNotFound},
-		{M{"type": "run", "args": []string{"/bin/sh"}, "tty": true}, CodeInvalidArgument},
 		{M{"type": "run", "args": []string{"/bin/sh"}, "cwd": "/no/such/dir"}, CodeNotFound},
 	} {
 		if f := cl.do(tc.req); f.Type() != "error" || f.Str("code") != tc.code {

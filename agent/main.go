@@ -86,14 +86,7 @@ func (a *Agent) Listen(spec string) error {
 		a.Serve(stdio{os.Stdin, os.Stdout})
 		return nil
 	case strings.HasPrefix(spec, "unix:"):
-		path := strings.TrimPrefix(spec, "unix:")
-		os.Remove(path)
-		l, err := net.Listen("unix", path)
-		if err != nil {
-			return err
-		}
-		os.Chmod(path, 0o600)
-		return a.ServeListener(l)
+		return a.serveUnix(strings.TrimPrefix(spec, "unix:"))
 	case strings.HasPrefix(spec, "vport:"):
 		return a.serveVport(strings.TrimPrefix(spec, "vport:"))
 	}

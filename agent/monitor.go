@@ -5,7 +5,7 @@ package main
 // that either can supervise a container:
 //
 //	-c/-u/-n ID  -r RUNTIME  -b BUNDLE  -p CTR_PIDFILE  -P MONITOR_PIDFILE  -l k8s-file:LOG
-//	--log-size-max N  --exit-dir DIR  --persist-dir DIR  --runtime-arg ARG …  (others ignored)
+//	--log-size-max N  --exit-dir DIR  --persist-dir DIR  --runtime-arg ARG …  --restore DIR  (others ignored)
 //	env _OCI_SYNCPIPE=3: one JSON line {"data": <container pid>} (or {"data": -1, "message": …})
 //
 // It runs `RUNTIME [args] create --bundle BUNDLE --pid-file CTR_PIDFILE ID` with the container's
@@ -35,6 +35,7 @@ import (
 
 type monitorArgs struct {
 	id, runtime, bundle, ctrPid, monPid, log, exitDir, persistDir string
+	restore                                                       string // --restore DIR: `RUNTIME restore --image-path DIR --detach` instead of create
 	logMax                                                        int64
 	runtimeArgs                                                   []string
 }
@@ -76,6 +77,8 @@ func parseMonitorArgs(args []string) (*monitorArgs, error) {
 			m.exitDir, err = val()
 		case "--persist-dir":
 			m.persistDir, err = val()
+		case "--restore":
+			m.restore, err = val()
 		case "--runtime-arg":
 			v, err = val()
 			m.runtimeArgs = append(m.runtimeArgs, v)
@@ -133,7 +136,12 @@ func monitorMain(args []string) {
 	errR, errW, _ := os.Pipe()
 	// The runtime's own error messages (before the container exists) are told apart from the
 	// container's output by reading stderr into a buffer until create has exited.
-	cmd := exec.Command(m.runtime, append(append([]string{}, m.runtimeArgs...), "create", "--bundle", m.bundle, "--pid-file", m.ctrPid, m.id)...)
+	verb := []string{"create"}
+	if m.restore != "" {
+		// A checkpoint (runsc): restored and running when the command exits, like create+start.
+		verb = []string{"restore", "--image-path", m.restore, "--detach"}
+	}
+	cmd := exec.Command(m.runtime, append(append(append([]string{}, m.runtimeArgs...), verb...), "--bundle", m.bundle, "--pid-file", m.ctrPid, m.id)...)
 	cmd.Stdout, cmd.Stderr = outW, errW
 	cmd.SysProcAttr = &syscall.SysProcAttr{}
 	createErr := cmd.Start()

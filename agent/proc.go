@@ -42,6 +42,7 @@ type proc struct {
 	stdinCh     chan stdinReq // nil when started without stdin
 	stdinClosed bool
 	stdinW      *os.File
+	pty         *os.File // the terminal's master, for tty processes
 }
 
 // procTable holds the running processes by request id.
@@ -213,9 +214,6 @@ func (a *Agent) run(c *conn, req *Request) error {
 	if len(req.Args) == 0 || req.Args[0] == "" {
 		return errf(CodeInvalidArgument, "args must not be empty")
 	}
-	if req.TTY {
-		return errf(CodeInvalidArgument, "tty is not supported in protocol v1")
-	}
 	if req.ID == "" {
 		return errf(CodeInvalidArgument, "run needs an id")
 	}
@@ -231,7 +229,11 @@ func (a *Agent) run(c *conn, req *Request) error {
 		return err
 	}
 
-	sys := &syscall.SysProcAttr{Setpgid: true}
+	sys := &syscall.SysProcAttr{Setpgid: !req.TTY}
+	if req.TTY {
+		// A session of its own with the terminal as controlling tty (its pgid is its pid too).
+		sys.Setsid, sys.Setctty, sys.Ctty = true, true, 0
+	}
 	if a.root.Path != "/" {
 		sys.Chroot = a.root.Path
 	}
@@ -253,19 +255,35 @@ func (a *Agent) run(c *conn, req *Request) error {
 		cwd = "/"
 	}
 
-	stdinR, stdinW, err := os.Pipe()
-	if err != nil {
-		return err
+	var stdinR, stdinW, outR, outW, errR, errW, master *os.File
+	var files []*os.File
+	if req.TTY {
+		var slave *os.File
+		if master, slave, err = a.openPty(req.Cols, req.Rows); err != nil {
+			return err
+		}
+		files = []*os.File{slave, slave, slave}
+		defer slave.Close()
+	} else {
+		if stdinR, stdinW, err = os.Pipe(); err != nil {
+			return err
+		}
+		if outR, outW, err = os.Pipe(); err != nil {
+			return err
+		}
+		if errR, errW, err = os.Pipe(); err != nil {
+			return err
+		}
+		files = []*os.File{stdinR, outW, errW}
 	}
-	outR, outW, err := os.Pipe()
-	if err != nil {
-		return err
+	closeAll := func(fs ...*os.File) {
+		for _, f := range fs {
+			if f != nil {
+				f.Close()
+			}
+		}
 	}
-	errR, errW, err := os.Pipe()
-	if err != nil {
-		return err
-	}
-	attr := &os.ProcAttr{Dir: cwd, Env: env, Files: []*os.File{stdinR, outW, errW}, Sys: sys}
+	attr := &os.ProcAttr{Dir: cwd, Env: env, Files: files, Sys: sys}
 	ooms0 := a.oomKillCount()
 	var p *os.Process
 	var reaped chan syscall.WaitStatus
@@ -274,17 +292,17 @@ func (a *Agent) run(c *conn, req *Request) error {
 	} else {
 		p, err = os.StartProcess(path, req.Args, attr)
 	}
-	stdinR.Close()
-	outW.Close()
-	errW.Close()
+	closeAll(stdinR, outW, errW)
 	if err != nil {
-		stdinW.Close()
-		outR.Close()
-		errR.Close()
+		closeAll(stdinW, outR, errR, master)
 		return err
 	}
-	pr := &proc{id: req.ID, args: req.Args, p: p, started: time.Now(), c: c}
-	if req.Stdin {
+	pr := &proc{id: req.ID, args: req.Args, p: p, started: time.Now(), c: c, pty: master}
+	if master != nil {
+		// The terminal is both ends: input is written to the master, output read from it.
+		stdinW, outR = master, master
+	}
+	if req.Stdin || master != nil {
 		pr.stdinW = stdinW
 		pr.stdinCh = make(chan stdinReq, stdinQueue)
 		go pr.stdinLoop()
@@ -301,9 +319,12 @@ func (a *Agent) run(c *conn, req *Request) error {
 
 	var wg sync.WaitGroup
 	exited := make(chan struct{})
-	wg.Add(2)
+	wg.Add(1)
 	go pr.pump(&wg, outR, "stdout", exited)
-	go pr.pump(&wg, errR, "stderr", exited)
+	if errR != nil {
+		wg.Add(1)
+		go pr.pump(&wg, errR, "stderr", exited)
+	}
 	go func() {
 		ws := a.wait(p, reaped)
 		close(exited)
@@ -367,7 +388,11 @@ func (pr *proc) stdinLoop() {
 			_, err = pr.stdinW.Write(r.buf)
 		}
 		if err == nil && r.eof {
-			err = pr.stdinW.Close()
+			if pr.pty != nil {
+				_, err = pr.stdinW.Write([]byte{4}) // a terminal has no end of input: EOF is Ctrl-D
+			} else {
+				err = pr.stdinW.Close()
+			}
 		}
 		if err != nil {
 			if errors.Is(err, os.ErrClosed) || errors.Is(err, syscall.EPIPE) {

@@ -38,6 +38,8 @@ type Request struct {
 	GID   *uint32           `json:"gid"`
 	Stdin bool              `json:"stdin"`
 	TTY   bool              `json:"tty"`
+	Cols  uint16            `json:"cols"` // run with tty, resize
+	Rows  uint16            `json:"rows"`
 
 	// stdin, signal
 	Proc  string `json:"proc"`
@@ -56,11 +58,17 @@ type Request struct {
 	Parents   bool    `json:"parents"`
 	Recursive bool    `json:"recursive"`
 
+	// cancel
+	Target string `json:"target"`
+
 	// shutdown
 	Poweroff bool `json:"poweroff"`
 
 	// net.configure (VM mode: a VM restored from a snapshot takes over its new address)
 	Net *netConfig `json:"net"`
+
+	// suspend
+	TimeoutMs int64 `json:"timeoutMs"`
 }
 
 // M is an outgoing frame.
@@ -103,9 +111,10 @@ func readFrame(r io.Reader) ([]byte, error) {
 
 // conn is one client connection; send is safe for concurrent use.
 type conn struct {
-	rw     io.ReadWriteCloser
-	mu     sync.Mutex // serialises writes so frames never interleave
-	closed atomic.Bool
+	rw      io.ReadWriteCloser
+	mu      sync.Mutex // serialises writes so frames never interleave
+	closed  atomic.Bool
+	cancels cancels // long-running requests (watches) that "cancel" can end
 }
 
 func (c *conn) send(m M) error {
@@ -139,5 +148,6 @@ func (c *conn) sendError(id string, err error) {
 func (c *conn) close() {
 	if c.closed.CompareAndSwap(false, true) {
 		c.rw.Close() // also unblocks a send stuck in Write
+		c.cancels.all()
 	}
 }

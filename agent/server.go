@@ -28,6 +28,7 @@ type Agent struct {
 	reconnect time.Duration
 	cgroupFD  int      // >= 0: processes started by "run" go into this cgroup (VM sandbox mode)
 	exitPort  *os.File // VM sandbox mode: a shutdown writes the exit record here
+	listen    listenState
 }
 
 func NewAgent(root *Root, reap, poweroff bool) *Agent {
@@ -43,7 +44,7 @@ func notifySIGCHLD(ch chan os.Signal) { signal.Notify(ch, unix.SIGCHLD) }
 
 func (a *Agent) capabilities() []string {
 	caps := []string{"run", "stdin", "signal", "list", "file.read", "file.write", "file.stat",
-		"file.list", "file.mkdir", "file.remove", "file.rename", "ping", "shutdown"}
+		"file.list", "file.mkdir", "file.remove", "file.rename", "ping", "shutdown", "tty", "resize", "watch", "cancel", "suspend"}
 	if a.reaper != nil {
 		caps = append(caps, "reaper")
 	}
@@ -56,6 +57,8 @@ func (a *Agent) capabilities() []string {
 // Serve handles one connection until it closes or breaks the framing rules.
 func (a *Agent) Serve(rw io.ReadWriteCloser) {
 	c := &conn{rw: rw}
+	a.listen.track(c)
+	defer a.listen.untrack(c)
 	defer c.close()
 	for {
 		payload, err := readFrame(rw)
@@ -108,8 +111,16 @@ func (a *Agent) dispatch(c *conn, req *Request) {
 		}
 	case "signal":
 		reply(M{}, a.signal(req))
+	case "resize":
+		reply(M{}, a.resize(req))
+	case "cancel":
+		reply(M{}, a.cancel(c, req))
+	case "watch":
+		reply(nil, a.watch(c, req))
 	case "shutdown":
 		a.shutdown(c, req)
+	case "suspend":
+		a.suspend(c, req)
 	case "run":
 		reply(nil, a.run(c, req))
 	case "hello":

@@ -3,7 +3,7 @@
 //   …/commands {cmd: "echo ready"} until the first stdout event; bare = `runc run` / `runsc run` of
 //   a bundle with the same config (echo ready) / a bare QEMU boot of the driver's command line →
 //   first output. p50 and p99 over --runs sequential creations and --concurrent at once; cold, from
-//   a warm pool, and (microVM) from a snapshot template. Density: idle sandboxes started one by one
+//   a warm pool, and (microVM, gVisor) from a snapshot template. Density: idle sandboxes started one by one
 //   until a bound, MemAvailable < 2 GiB, or a failure.
 // Usage: node dist/bench/sandboxes.js [--runs 100] [--concurrent 20] [--tiers gvisor,microvm,container]
 //        [--vm-runs N] [--density-max N] [--write BENCHMARKS.md]   (as root)
@@ -224,7 +224,7 @@ async function main(): Promise<void> {
       await d.api('DELETE', `${P}/bench`);
       while ((await d.api('GET', `${P}/bench`)).status !== 404) await sleep(100);
 
-      if (tier === 'microvm') {
+      if (tier !== 'container') {
         console.error(`${tier}: from a snapshot template, ${runs} sequential`);
         const parent = await berthOnce(d, spec, '?pool=none');
         const snap = await d.api('POST', `${S}/${parent.name}/snapshot`, { template: 'bench' });

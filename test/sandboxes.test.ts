@@ -79,6 +79,15 @@ for (const isolation of ['gvisor', 'microvm', 'container']) {
       assert.equal(c.out, 'HELLO SANDBOX');
       const missing = await fetch(`${d.addr}${S}/${name}/commands`, { method: 'POST', headers: { authorization: `Bearer ${d.token}`, 'content-type': 'application/json' }, body: JSON.stringify({ cmd: ['/no/such/program'] }) });
       assert.ok(missing.status === 404 || missing.status === 400, `missing program → ${missing.status}`);
+      for (const bad of [{ cmd: 'sh', pty: { cols: 80, rows: 24 }, background: true }, { cmd: 'sh', pty: { cols: 80, rows: 24 }, stdin: 'x' }, { cmd: 'sh', pty: { cols: 0, rows: 24 } }]) {
+        const r = await d.api('POST', `${S}/${name}/commands`, bad);
+        assert.equal(r.status, 400, JSON.stringify(bad));
+        assert.equal(r.body.error.code, 'invalid_argument');
+      }
+      const noProc = await d.api('POST', `${S}/${name}/processes/p-nope/resize`, { cols: 10, rows: 10 });
+      assert.equal(noProc.status, 404, JSON.stringify(noProc.body));
+      const badInput = await d.api('POST', `${S}/${name}/processes/p-nope/input`, { data: 'not base64!' });
+      assert.equal(badInput.status, 400);
     });
 
     test('commands: timeout kills; background processes can be listed and signalled', { timeout: 60_000 }, async (t) => {
@@ -171,6 +180,29 @@ test('a sandbox past its timeout is killed and its host resources freed', { time
   assert.equal((await d.api('DELETE', `${S}/short`)).status, 202);
 });
 
+test('gVisor: a snapshot cut short by a daemon crash is undone (the sandbox runs again)', { timeout: 60_000 }, async (t) => {
+  if (!tiers.includes('gvisor')) return t.skip('gvisor is not installed on this host');
+  const r = await d.api('POST', S, { name: 'half-snap', spec: { isolation: 'gvisor', timeoutMs: 60_000 } });
+  assert.equal(r.body.status.phase, 'running');
+  const { spawnSync } = await import('node:child_process');
+  const runsc = process.env.BERTH_RUNSC ?? '/usr/local/lib/berth/runsc';
+  const gv = `${d.dataDir}/runtime/gvisor`;
+  // What a snapshot leaves while it runs: its marker and a frozen sandbox. (Its agent's suspension
+  // ends with the resume file that the same undo writes; see agent/suspend_test.go for that part.)
+  writeFileSync(`${gv}/tasks/${r.body.id}/snapshotting`, 'running');
+  assert.equal(spawnSync(runsc, [`--root=${gv}/runsc`, 'pause', r.body.id]).status, 0);
+  // The next reconcile (a timeout change kicks one) finds the marker and undoes it.
+  assert.equal((await d.api('POST', `${S}/half-snap/timeout`, { timeoutMs: 60_000 })).status, 200);
+  await sleep(1000);
+  let out = '';
+  for (let i = 0; i < 100 && out !== 'back\n'; i++) {
+    await sleep(100);
+    out = await run('half-snap', { cmd: 'echo back' }).then((x) => x.out, () => '');
+  }
+  assert.equal(out, 'back\n');
+  assert.equal((await d.api('DELETE', `${S}/half-snap`)).status, 202);
+});
+
 test('a token scoped to one project cannot see or touch another project’s sandboxes', { timeout: 60_000 }, async (t) => {
   const tier = ['gvisor', 'container', 'microvm'].find((x) => tiers.includes(x));
   if (!tier) return t.skip('no isolation tier');
@@ -199,6 +231,8 @@ test('bad input is refused clearly and creates nothing', async () => {
     [{ spec: { timeoutMs: 5 } }, /timeoutMs/],
     [{ spec: { unknownField: 1 } }, /unknownField|unrecognized/i],
     [{ name: 'Bad Name' }, /name/],
+    [{ spec: { autoPause: { idleMs: 10 } } }, /idleMs/],
+    [{ spec: { autoPause: { idle: 1000 } } }, /idle/],
   ] as const) {
     const r = await d.api('POST', S, body);
     assert.equal(r.status, 400, JSON.stringify(r.body));

@@ -44,6 +44,12 @@ export interface CreateOptions extends ConnectionOptions, CallOptions {
   fromTemplate?: string;
   /** Name of the sandbox (its id); generated when absent. */
   name?: string;
+  /**
+   * Pause by itself after `idleMs` without a command, file or terminal call (an open command or
+   * terminal counts as activity); the next such call resumes it transparently. Paused time does not
+   * count toward `timeoutMs`.
+   */
+  autoPause?: { idleMs: number };
 }
 
 export interface SandboxInfo {
@@ -183,6 +189,31 @@ const infoOf = (r: SandboxResource): SandboxInfo => ({
   ...(r.status.expiresAt ? { endAt: r.status.expiresAt } : {}),
   ...(r.status.reason ? { reason: r.status.reason } : {}),
 });
+
+/** Calls fn with each JSON line of an NDJSON body until it ends. */
+async function readLines(body: ReadableStream<Uint8Array>, fn: (line: Record<string, unknown>) => void): Promise<void> {
+  const reader = body.getReader();
+  const dec = new TextDecoder();
+  let buf = '';
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (value) buf += dec.decode(value, { stream: true });
+    let nl: number;
+    while ((nl = buf.indexOf('\n')) >= 0) {
+      const line = buf.slice(0, nl);
+      buf = buf.slice(nl + 1);
+      if (line) fn(JSON.parse(line) as Record<string, unknown>);
+    }
+    if (done) return;
+  }
+}
+
+/** One signal that fires when any of the given ones does, or after timeoutMs (> 0). */
+function anySignal(signals: (AbortSignal | undefined)[], timeoutMs = 0): AbortSignal {
+  const all = signals.filter((x): x is AbortSignal => !!x);
+  if (timeoutMs > 0) all.push(AbortSignal.timeout(timeoutMs));
+  return AbortSignal.any(all);
+}
 
 // --- commands ------------------------------------------------------------------------------------
 
@@ -361,6 +392,166 @@ export class Files {
   async rename(oldPath: string, newPath: string, o: CallOptions = {}): Promise<void> {
     await this.api.fetch(`/sandboxes/${this.name}/files/rename`, { method: 'POST', json: { path: oldPath, to: newPath } }, o);
   }
+
+  /**
+   * Watches a directory: onEvent gets every change below it (with `recursive`, in sub-directories
+   * too) until stop(), `timeoutMs` (the watch's life time; default: none) or `signal`. Resolves once
+   * the watch is in place, so changes made after it resolves are never missed.
+   */
+  async watch(path: string, onEvent: (e: FilesystemEvent) => void, o: WatchOptions = {}): Promise<WatchHandle> {
+    const stop = new AbortController();
+    const signal = anySignal([stop.signal, o.signal], o.timeoutMs);
+    // requestTimeoutMs bounds the setup only; the stream itself lasts as long as the watch.
+    const setup = setTimeout(() => stop.abort(new TimeoutError(`watch was not in place within ${o.requestTimeoutMs ?? 60_000} ms`, 'timeout')), o.requestTimeoutMs ?? 60_000);
+    let ready!: () => void;
+    const readyP = new Promise<void>((r) => (ready = r));
+    try {
+      const res = await this.api.fetch(`/sandboxes/${this.name}/files/watch?${this.q(path)}&recursive=${o.recursive ? 'true' : 'false'}`, { method: 'GET' }, { requestTimeoutMs: 0, signal });
+      const done = readLines(res.body!, (ev) => {
+        if (ev.type === 'ready') ready();
+        else if (ev.type === 'end') o.onExit?.();
+        else if (ev.type === 'error') o.onExit?.(new UnavailableError(String(ev.message), 'unavailable'));
+        else onEvent(ev as unknown as FilesystemEvent);
+      }).catch((e: unknown) => {
+        if (signal.aborted) o.onExit?.(); // stopped, timed out or aborted by the caller
+        else o.onExit?.(e as Error);
+      });
+      await Promise.race([readyP, done]);
+      if (stop.signal.aborted) throw stop.signal.reason;
+    } finally {
+      clearTimeout(setup);
+    }
+    return { stop: () => stop.abort(new SandboxError('watch stopped', 'aborted')) };
+  }
+}
+
+export interface FilesystemEvent {
+  type: 'create' | 'write' | 'chmod' | 'remove' | 'rename' | 'overflow';
+  /** Path inside the sandbox (for a rename: the old one). */
+  path: string;
+  /** rename: the new path. */
+  to?: string;
+  /** The entry is a directory. */
+  dir?: boolean;
+}
+
+export interface WatchOptions extends CallOptions {
+  /** Watch sub-directories too (also those created later). */
+  recursive?: boolean;
+  /** Life time of the watch; default: until stop() or signal. */
+  timeoutMs?: number;
+  /** Called when the watch ends by itself (the directory was removed) or breaks (error). */
+  onExit?: (err?: Error) => void;
+}
+
+export interface WatchHandle {
+  stop(): void;
+}
+
+// --- pseudo-terminals ----------------------------------------------------------------------------
+
+export interface PtyCreateOptions extends CallOptions {
+  cols?: number;
+  rows?: number;
+  /** Terminal output (stdout and stderr as a terminal mixes them), raw bytes. */
+  onData: (data: Uint8Array) => void;
+  /** Program to run; default a login shell, ["/bin/sh", "-l"]. */
+  cmd?: string[];
+  envs?: Record<string, string>;
+  cwd?: string;
+  user?: string;
+  /** The terminal's process is killed after this long; default: no limit. */
+  timeoutMs?: number;
+}
+
+export interface PtyResult {
+  exitCode: number;
+  signal?: string;
+  timedOut?: boolean;
+}
+
+/** A running process on a pseudo-terminal. */
+export class PtyHandle {
+  constructor(
+    private readonly pty: Pty,
+    /** Process id (for pty.sendInput, pty.resize, pty.kill and commands.kill). */
+    readonly id: string,
+    readonly pid: number,
+    private readonly done: Promise<PtyResult>,
+  ) {}
+
+  sendInput(data: string | Uint8Array, o?: CallOptions): Promise<void> {
+    return this.pty.sendInput(this.id, data, o);
+  }
+
+  resize(size: { cols: number; rows: number }, o?: CallOptions): Promise<void> {
+    return this.pty.resize(this.id, size, o);
+  }
+
+  kill(o?: CallOptions): Promise<void> {
+    return this.pty.kill(this.id, o);
+  }
+
+  /** Resolves when the process exits. */
+  wait(): Promise<PtyResult> {
+    return this.done;
+  }
+}
+
+export class Pty {
+  constructor(
+    private readonly api: Api,
+    private readonly name: string,
+  ) {}
+
+  /** Starts a program (a shell by default) on a new pseudo-terminal; resolves once it runs. */
+  async create(o: PtyCreateOptions): Promise<PtyHandle> {
+    const body = {
+      cmd: o.cmd ?? ['/bin/sh', '-l'],
+      pty: { cols: o.cols ?? 80, rows: o.rows ?? 24 },
+      ...(o.envs ? { env: o.envs } : {}),
+      ...(o.cwd ? { cwd: o.cwd } : {}),
+      ...(o.user ? { user: o.user } : {}),
+      ...(o.timeoutMs !== undefined ? { timeoutMs: o.timeoutMs } : {}),
+    };
+    const res = await this.api.fetch(`/sandboxes/${this.name}/commands`, { method: 'POST', json: body, keepTimer: true } as RequestInit & { json: unknown }, { requestTimeoutMs: o.requestTimeoutMs ?? 0, ...(o.signal ? { signal: o.signal } : {}) });
+    let started!: (p: { id: string; pid: number }) => void;
+    const startedP = new Promise<{ id: string; pid: number }>((r) => (started = r));
+    const result: PtyResult = { exitCode: -1 };
+    const done = readLines(res.body!, (ev) => {
+      if (ev.type === 'started') started({ id: String(ev.id), pid: Number(ev.pid) });
+      else if (ev.type === 'pty') o.onData(Buffer.from(String(ev.data ?? ''), 'base64'));
+      else if (ev.type === 'exit') {
+        result.exitCode = Number(ev.exitCode);
+        if (ev.signal) result.signal = String(ev.signal);
+        if (ev.timedOut) result.timedOut = true;
+      } else if (ev.type === 'error') throw new UnavailableError(String(ev.message ?? 'the terminal stream broke'), 'unavailable');
+    }).then(() => {
+      if (result.exitCode < 0) throw new UnavailableError('the terminal stream ended without an exit status', 'unavailable');
+      return result;
+    });
+    const p = await Promise.race([startedP, done.then(() => Promise.reject(new UnavailableError('the terminal ended before it started', 'unavailable')))]);
+    done.catch(() => undefined); // the caller sees failures through wait()
+    return new PtyHandle(this, p.id, p.pid, done);
+  }
+
+  /** Types into the terminal of process `id` (text is sent as UTF-8). */
+  async sendInput(id: string, data: string | Uint8Array, o: CallOptions = {}): Promise<void> {
+    const bytes = Buffer.from(data);
+    for (let off = 0; off < bytes.length || off === 0; off += 384 * 1024) {
+      await this.api.fetch(`/sandboxes/${this.name}/processes/${id}/input`, { method: 'POST', json: { data: bytes.subarray(off, off + 384 * 1024).toString('base64') } }, o);
+    }
+  }
+
+  /** Changes the terminal's size (the program gets SIGWINCH). */
+  async resize(id: string, size: { cols: number; rows: number }, o: CallOptions = {}): Promise<void> {
+    await this.api.fetch(`/sandboxes/${this.name}/processes/${id}/resize`, { method: 'POST', json: { cols: size.cols, rows: size.rows } }, o);
+  }
+
+  /** Kills the terminal's process group (SIGKILL). */
+  async kill(id: string, o: CallOptions = {}): Promise<void> {
+    await this.api.fetch(`/sandboxes/${this.name}/processes/${id}/signal`, { method: 'POST', json: { signal: 'SIGKILL' } }, o);
+  }
 }
 
 // --- the sandbox ---------------------------------------------------------------------------------
@@ -368,6 +559,7 @@ export class Files {
 export class Sandbox {
   readonly commands: Commands;
   readonly files: Files;
+  readonly pty: Pty;
 
   private constructor(
     private readonly api: Api,
@@ -376,6 +568,7 @@ export class Sandbox {
   ) {
     this.commands = new Commands(api, sandboxId);
     this.files = new Files(api, sandboxId);
+    this.pty = new Pty(api, sandboxId);
   }
 
   /** Creates a sandbox and resolves once it runs. */
@@ -387,6 +580,7 @@ export class Sandbox {
       ...(o.timeoutMs !== undefined ? { timeoutMs: o.timeoutMs } : {}),
       ...(o.envs ? { env: o.envs } : {}),
       ...(o.fromTemplate ? { template: o.fromTemplate } : {}),
+      ...(o.autoPause ? { autoPause: { idleMs: o.autoPause.idleMs } } : {}),
     };
     const resources = { ...(o.cpuMillis ? { cpuMillis: o.cpuMillis } : {}), ...(o.memoryMiB ? { memoryMiB: o.memoryMiB } : {}), ...(o.pids ? { pids: o.pids } : {}), ...(o.diskMiB ? { diskMiB: o.diskMiB } : {}) };
     if (Object.keys(resources).length) spec.resources = resources;
@@ -443,7 +637,7 @@ export class Sandbox {
 
   /**
    * Snapshot of the sandbox (memory, running processes, files) as a template for new sandboxes
-   * (Sandbox.create({ fromTemplate })); the sandbox keeps running. microVM sandboxes only, for now.
+   * (Sandbox.create({ fromTemplate })); the sandbox keeps running. microVM and gVisor sandboxes.
    */
   async snapshot(template: string, o: CallOptions = {}): Promise<{ template: string; snapshotMs: number; bytes: number }> {
     const r = await this.api.json<{ name: string; status: { snapshotMs: number; bytes: number } }>(`/sandboxes/${this.sandboxId}/snapshot`, { method: 'POST', json: { template } }, { requestTimeoutMs: o.requestTimeoutMs ?? 300_000, ...(o.signal ? { signal: o.signal } : {}) });

@@ -31,6 +31,8 @@ export interface SandboxSpecT {
   network?: { mode?: 'project' | 'none'; egress?: EgressPolicy | undefined } | undefined;
   /** Ports served through the ingress as preview URLs; private ones need the sandbox's access token. */
   ports?: { port: number; public: boolean }[] | undefined;
+  /** Pause by itself after idleMs without API activity (commands, files, terminals); the next call resumes it. */
+  autoPause?: { idleMs: number } | undefined;
 }
 
 export const SANDBOXTEMPLATE = 'sandboxtemplate';
@@ -52,6 +54,8 @@ export interface SandboxTemplateStatusT {
 export interface SandboxStatusT {
   phase: 'pending' | 'starting' | 'running' | 'paused' | 'stopping' | 'stopped' | 'failed';
   pausedAt?: string;
+  /** Paused by autoPause (not by a caller): the next command, file or terminal call resumes it. */
+  autoPaused?: boolean;
   /** Time spent paused so far (added to the life time). */
   pausedTotalMs?: number;
   startedAt?: string;
@@ -67,6 +71,50 @@ export interface SandboxStatusT {
 }
 
 export type SandboxResource = Resource<SandboxSpecT, SandboxStatusT>;
+
+/**
+ * API activity per sandbox (in memory: after a daemon restart a sandbox counts as active from the
+ * moment it is first seen). The API touches a sandbox on every command, file and terminal call and
+ * holds it busy while a command's or terminal's stream is open; autoPause acts on what it records.
+ */
+export class SandboxActivity {
+  private readonly last = new Map<string, number>();
+  private readonly busy = new Map<string, number>();
+
+  touch(id: string): void {
+    this.last.set(id, Date.now());
+  }
+
+  /** Marks a stream open; the returned function closes it (idempotent); then kick the reconciler. */
+  hold(id: string): () => void {
+    this.touch(id);
+    this.busy.set(id, (this.busy.get(id) ?? 0) + 1);
+    let done = false;
+    return () => {
+      if (done) return;
+      done = true;
+      this.touch(id);
+      const n = (this.busy.get(id) ?? 1) - 1;
+      if (n > 0) this.busy.set(id, n);
+      else this.busy.delete(id);
+    };
+  }
+
+  /** When the sandbox was last used (first seen: now); Infinity while a stream is open. */
+  lastUsed(id: string): number {
+    if (this.busy.has(id)) return Infinity;
+    if (!this.last.has(id)) this.touch(id);
+    return this.last.get(id)!;
+  }
+
+  forget(id: string): void {
+    this.last.delete(id);
+    this.busy.delete(id);
+  }
+}
+
+export const sandboxActivity = new SandboxActivity();
+
 
 export const initialSandboxStatus = (): SandboxStatusT => ({ phase: 'pending', accessToken: randomBytes(24).toString('base64url') });
 
@@ -128,6 +176,7 @@ export function makeSandboxReconciler(deps: { store: ResourceStore; drivers: Dri
       }
       for (const d of drivers.all()) await d.destroy(id, { force: true });
       store.remove(id);
+      sandboxActivity.forget(id);
       log.info({ sandbox: s.name, project: s.project, id }, 'sandbox deleted');
       return;
     }
@@ -147,19 +196,26 @@ export function makeSandboxReconciler(deps: { store: ResourceStore; drivers: Dri
         store.addEvent(id, 'Adopted', 'running sandbox adopted after a daemon restart');
       }
       const want = s.spec.state ?? 'running';
+      const pause = async (auto: boolean) => {
+        const t0 = performance.now();
+        const at = new Date().toISOString(); // before freezing: a call that comes meanwhile wakes it again
+        await taskDriver.pause!(st.task!);
+        save({ phase: 'paused', pausedAt: at, expiresAt: undefined, autoPaused: auto || undefined }, s.generation);
+        store.addEvent(id, auto ? 'AutoPaused' : 'Paused', `processes frozen in ${(performance.now() - t0).toFixed(1)} ms${auto ? ` after ${s.spec.autoPause!.idleMs} ms without activity` : ''}`);
+      };
       if (want === 'paused' && st.phase !== 'paused') {
         if (!taskDriver.pause) return void save({ message: `isolation "${s.spec.isolation}" cannot pause` }, s.generation);
-        const t0 = performance.now();
-        await taskDriver.pause(st.task!);
-        save({ phase: 'paused', pausedAt: new Date().toISOString(), expiresAt: undefined }, s.generation);
-        store.addEvent(id, 'Paused', `processes frozen in ${(performance.now() - t0).toFixed(1)} ms`);
+        await pause(false);
         return;
       }
-      if (want === 'running' && st.phase === 'paused') {
+      if (want === 'paused' && st.autoPaused) save({ autoPaused: undefined }, s.generation); // now paused by the caller
+      // Auto-paused: stays so until a call comes (the API touches the sandbox, then kicks this).
+      const woken = !st.autoPaused || (st.pausedAt !== undefined && sandboxActivity.lastUsed(id) >= Date.parse(st.pausedAt));
+      if (want === 'running' && st.phase === 'paused' && woken) {
         const t0 = performance.now();
         await taskDriver.resume!(st.task!);
         const pausedMs = st.pausedAt ? Date.now() - Date.parse(st.pausedAt) : 0;
-        save({ phase: 'running', pausedAt: undefined, pausedTotalMs: (st.pausedTotalMs ?? 0) + pausedMs });
+        save({ phase: 'running', pausedAt: undefined, autoPaused: undefined, pausedTotalMs: (st.pausedTotalMs ?? 0) + pausedMs });
         store.addEvent(id, 'Resumed', `resumed in ${(performance.now() - t0).toFixed(1)} ms after ${pausedMs} ms paused`);
       }
       if (st.phase === 'paused') {
@@ -170,6 +226,15 @@ export function makeSandboxReconciler(deps: { store: ResourceStore; drivers: Dri
       const expIso = new Date(exp).toISOString();
       if (st.expiresAt !== expIso || s.observedGeneration < s.generation) save({ expiresAt: expIso }, s.generation);
       if (Date.now() >= exp) return end('stopped', 'Timeout', `killed after its timeout of ${s.spec.timeoutMs} ms`);
+      // While a stream is open lastUsed is Infinity: the API kicks this again when it closes.
+      if (s.spec.autoPause && taskDriver.pause) {
+        const idleAt = sandboxActivity.lastUsed(id) + s.spec.autoPause.idleMs;
+        if (Date.now() >= idleAt) {
+          await pause(true);
+          return { requeueAfterMs: 0 }; // a call that came while freezing wakes it at once
+        }
+        if (idleAt < exp) return { requeueAfterMs: idleAt - Date.now() };
+      }
       return { requeueAfterMs: exp - Date.now() };
     }
 

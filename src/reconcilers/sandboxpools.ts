@@ -1,9 +1,11 @@
 // Warm pools: per image, tier and limits, keep `size` sandboxes started and unclaimed, so that a
 // matching create is answered at once by claiming one (api/routes/sandboxes.ts). Members are
 // ordinary sandboxes labelled berth.dev/pool=<pool>; claiming removes the label, and this
-// reconciler starts a replacement in the background. Failed members are replaced, extras removed.
+// reconciler starts a replacement in the background (REFILL_QUIET_MS after the last claim, at most
+// REFILL_CONCURRENCY at a time). Failed members are replaced, extras removed.
 import type { Logger } from 'pino';
 import { randomBytes } from 'node:crypto';
+import { cpus } from 'node:os';
 import type { Resource, ResourceStore } from '../store/resources.js';
 import type { ReconcileResult } from './controller.js';
 import { SANDBOX, initialSandboxStatus, type SandboxSpecT, type SandboxStatusT } from './sandboxes.js';
@@ -12,6 +14,13 @@ export const SANDBOXPOOL = 'sandboxpool';
 export const POOL_LABEL = 'berth.dev/pool';
 /** A pool member's life time until it is claimed (the claim sets the caller's). */
 export const POOL_MEMBER_TIMEOUT_MS = 86_400_000;
+/**
+ * Refills wait this long after the last claim, so that they do not compete for the CPU with the
+ * sandboxes just handed out (their first commands) while claims come in; see BENCHMARKS.md.
+ */
+export const REFILL_QUIET_MS = 1000;
+/** Members started at once: booting more at a time is no faster on a busy host, and every boot slows claims. */
+export const REFILL_CONCURRENCY = Math.max(1, Math.floor(cpus().length / 2));
 
 export interface SandboxPoolSpecT {
   image: string;
@@ -24,6 +33,8 @@ export interface SandboxPoolStatusT {
   ready: number;
   starting: number;
   claimed: number;
+  /** When a member was last claimed (refills wait REFILL_QUIET_MS after it). */
+  lastClaimAt?: string;
 }
 
 export type SandboxPoolResource = Resource<SandboxPoolSpecT, SandboxPoolStatusT>;
@@ -66,7 +77,10 @@ export function makeSandboxPoolReconciler(deps: { store: ResourceStore; log: Log
       const order = [...live].sort((a, b) => Number(a.status.phase === 'running') - Number(b.status.phase === 'running'));
       for (const m of order.slice(0, surplus)) remove(m);
     }
-    for (let i = live.length; i < pool.spec.size; i++) {
+    const quietFor = pool.status.lastClaimAt ? Date.now() - Date.parse(pool.status.lastClaimAt) : Infinity;
+    const starting = live.filter((m) => m.status.phase !== 'running').length;
+    const canStart = quietFor >= REFILL_QUIET_MS ? Math.max(0, REFILL_CONCURRENCY - starting) : 0;
+    for (let i = live.length; i < Math.min(pool.spec.size, live.length + canStart); i++) {
       const s = store.create<SandboxSpecT, SandboxStatusT>(SANDBOX, {
         project: pool.project,
         name: `sbx-${randomBytes(5).toString('hex')}`,
@@ -79,10 +93,11 @@ export function makeSandboxPoolReconciler(deps: { store: ResourceStore; log: Log
     }
     const kept = poolMembers(store, pool).filter((m) => !m.deletionRequestedAt);
     const ready = kept.filter((m) => m.status.phase === 'running').length;
-    const status: SandboxPoolStatusT = { ready, starting: kept.length - ready, claimed: pool.status.claimed ?? 0 };
+    const status: SandboxPoolStatusT = { ready, starting: kept.length - ready, claimed: pool.status.claimed ?? 0, ...(pool.status.lastClaimAt ? { lastClaimAt: pool.status.lastClaimAt } : {}) };
     if (JSON.stringify(status) !== JSON.stringify(pool.status) || pool.observedGeneration < pool.generation) store.updateStatus(id, status, pool.generation);
     if (live.length < pool.spec.size) log.debug({ pool: pool.name, ready, want: pool.spec.size }, 'warm pool refilling');
     // Members change phase on their own: look again soon while the pool is not full of ready ones.
+    if (quietFor < REFILL_QUIET_MS && live.length < pool.spec.size) return { requeueAfterMs: Math.min(250, REFILL_QUIET_MS - quietFor) };
     return { requeueAfterMs: ready < pool.spec.size ? 250 : 5000 };
   };
 }

@@ -10,7 +10,7 @@ import { join } from 'node:path';
 import { StringDecoder } from 'node:string_decoder';
 import type { AgentChannel, AgentFrame } from '../../core/driver.js';
 import { BerthError, failedPrecondition, type ErrorCode } from '../../core/errors.js';
-import { SANDBOX, SANDBOXTEMPLATE, initialSandboxStatus, previewHost, type SandboxResource, type SandboxSpecT, type SandboxStatusT, type SandboxTemplateSpecT, type SandboxTemplateStatusT } from '../../reconcilers/sandboxes.js';
+import { SANDBOX, SANDBOXTEMPLATE, initialSandboxStatus, previewHost, sandboxActivity, type SandboxResource, type SandboxSpecT, type SandboxStatusT, type SandboxTemplateSpecT, type SandboxTemplateStatusT } from '../../reconcilers/sandboxes.js';
 import type { AppEnv } from '../app.js';
 import type { ApiContext } from '../context.js';
 import { Isolation, Labels, ListQuery, Name, NetworkSpec, Resources, listOf } from '../schemas.js';
@@ -45,6 +45,10 @@ export const SandboxSpec = z
     template: Name.optional().openapi({ description: 'Start from this template (a snapshot of a sandbox: memory, processes, files) instead of booting; its image, isolation and resources apply' }),
     network: NetworkSpec.optional().openapi({ description: "Default: on the project's network with egress deny-all (DNS only); allow destinations with an allowlist" }),
     ports: z.array(PortSpec).max(16).optional().openapi({ description: 'Ports served as preview URLs through the ingress (also: POST …/ports)' }),
+    autoPause: z
+      .strictObject({ idleMs: z.number().int().min(1000).max(86_400_000) })
+      .optional()
+      .openapi({ description: 'Pause by itself after idleMs without a command, file or terminal call (an open command, terminal or file transfer counts as activity): processes frozen, no CPU used, life time stopped. The next command, file or terminal call resumes it transparently (status.autoPaused says why it is paused); POST …/pause and …/resume work as usual' }),
   })
   .openapi('SandboxSpec');
 
@@ -79,6 +83,10 @@ const CommandBody = z
     stdin: z.string().max(1 << 20).optional().openapi({ description: 'Text written to the command’s stdin, then closed' }),
     timeoutMs: z.number().int().min(1).max(86_400_000).optional().openapi({ description: 'The command is killed (SIGKILL) after this long' }),
     background: z.boolean().default(false).openapi({ description: 'Answer at once with the process id; the output is discarded' }),
+    pty: z
+      .strictObject({ cols: z.number().int().min(1).max(1000).default(80), rows: z.number().int().min(1).max(1000).default(24) })
+      .optional()
+      .openapi({ description: 'Run on a pseudo-terminal of this size (an interactive shell): its output (stdout and stderr, as a terminal mixes them) comes as pty events {data: base64}; type into it with POST …/processes/{id}/input, resize it with POST …/processes/{id}/resize. TERM defaults to xterm-256color' }),
   })
   .openapi('SandboxCommand');
 const SignalBody = z.strictObject({ signal: z.string().regex(/^SIG[A-Z0-9]+$/, { message: 'signal must be a name such as "SIGTERM"' }).default('SIGTERM') });
@@ -87,6 +95,9 @@ const WriteQuery = z.strictObject({ path: Path, mode: z.string().regex(/^[0-7]{3
 const MkdirBody = z.strictObject({ path: Path, parents: z.boolean().default(false), mode: z.number().int().min(0).max(0o7777).optional() });
 const RemoveBody = z.strictObject({ path: Path, recursive: z.boolean().default(false) });
 const RenameBody = z.strictObject({ path: Path, to: Path });
+const InputBody = z.strictObject({ data: z.string().max(1 << 19).regex(/^[A-Za-z0-9+/]*={0,2}$/, { message: 'data is base64' }).openapi({ description: 'Bytes to type (base64, at most 512 KiB of text: send more in several calls)' }) }).openapi('ProcessInput');
+const ResizeBody = z.strictObject({ cols: z.number().int().min(1).max(1000), rows: z.number().int().min(1).max(1000) }).openapi('PtyResize');
+const WatchQuery = z.strictObject({ path: Path, recursive: z.enum(['true', 'false']).default('false') });
 const ProcParams = ProjectNameParams.extend({ proc: z.string().regex(/^[a-z0-9-]{1,64}$/).openapi({ param: { name: 'proc', in: 'path' } }) });
 
 const AGENT_TIMEOUT_MS = 30_000;
@@ -113,11 +124,12 @@ function claimFromPool(ctx: ApiContext, project: string, b: z.infer<typeof Creat
     const member = poolMembers(ctx.store, pool).find((m) => m.status.phase === 'running' && !m.deletionRequestedAt && m.status.startedAt);
     if (!member) continue;
     const elapsed = Date.now() - Date.parse(member.status.startedAt!) - (member.status.pausedTotalMs ?? 0);
-    const spec: SandboxSpecT = { ...member.spec, timeoutMs: elapsed + b.spec.timeoutMs, ...(b.spec.env ? { env: b.spec.env } : {}) };
+    const spec: SandboxSpecT = { ...member.spec, timeoutMs: elapsed + b.spec.timeoutMs, ...(b.spec.env ? { env: b.spec.env } : {}), ...(b.spec.autoPause ? { autoPause: b.spec.autoPause } : {}) };
+    sandboxActivity.touch(member.id);
     ctx.store.updateSpec(member.id, { spec, labels: b.labels ?? {} }, member.resourceVersion);
     const r = ctx.store.updateStatus(member.id, { ...member.status, expiresAt: new Date(Date.now() + b.spec.timeoutMs).toISOString() }) as SandboxResource;
     ctx.store.addEvent(member.id, 'Claimed', `claimed from warm pool ${pool.name}`);
-    ctx.store.updateStatus(pool.id, { ...pool.status, claimed: (pool.status.claimed ?? 0) + 1 });
+    ctx.store.updateStatus(pool.id, { ...pool.status, claimed: (pool.status.claimed ?? 0) + 1, lastClaimAt: new Date().toISOString() });
     ctx.kick(SANDBOX, member.id);
     ctx.kick(SANDBOXPOOL, pool.id);
     return r;
@@ -129,10 +141,19 @@ export function registerSandboxRoutes(app: OpenAPIHono<AppEnv>, ctx: ApiContext)
   const base = '/v1/projects/{project}/sandboxes';
 
   /** A running sandbox and its agent connection. */
-  const agentOf = async (project: string, name: string): Promise<{ s: SandboxResource; agent: AgentChannel }> => {
-    const s = getLive<SandboxSpecT, SandboxStatusT>(ctx, SANDBOX, project, name) as SandboxResource;
+  const agentOf = async (project: string, name: string, signal?: AbortSignal): Promise<{ s: SandboxResource; agent: AgentChannel }> => {
+    let s = getLive<SandboxSpecT, SandboxStatusT>(ctx, SANDBOX, project, name) as SandboxResource;
+    sandboxActivity.touch(s.id);
+    if (s.status.phase === 'paused' && s.status.autoPaused) {
+      // Paused for being idle: this call wakes it (the reconciler resumes it on seeing the activity).
+      ctx.kick(SANDBOX, s.id);
+      const deadline = Date.now() + 60_000;
+      while (s.status.phase === 'paused' && Date.now() < deadline && !signal?.aborted) {
+        s = (await waitForChange(ctx, s.id, s.resourceVersion, deadline - Date.now(), signal)) as SandboxResource;
+      }
+    }
     if (s.status.phase !== 'running' || !s.status.task) {
-      throw failedPrecondition(`sandbox "${name}" is ${s.status.phase}${s.status.reason ? ` (${s.status.reason})` : ''}; only a running sandbox takes commands and file calls`);
+      throw failedPrecondition(`sandbox "${name}" is ${s.status.phase}${s.status.reason ? ` (${s.status.reason})` : ''}; only a running sandbox takes commands and file calls${s.status.phase === 'paused' ? ' (resume it with POST …/resume)' : ''}`);
     }
     const driver = ctx.drivers.byName(s.status.task.driver);
     if (!driver?.agent) throw failedPrecondition(`the ${s.status.task.driver} driver cannot reach a sandbox agent`);
@@ -141,6 +162,14 @@ export function registerSandboxRoutes(app: OpenAPIHono<AppEnv>, ctx: ApiContext)
     } catch (e) {
       throw agentError(e);
     }
+  };
+  /** Holds the sandbox busy (no auto-pause) until the returned function is called. */
+  const hold = (id: string) => {
+    const release = sandboxActivity.hold(id);
+    return () => {
+      release();
+      ctx.kick(SANDBOX, id);
+    };
   };
   const call = async (agent: AgentChannel, req: Record<string, unknown>, signal?: AbortSignal, onEvent?: (f: AgentFrame) => void | Promise<void>) => {
     try {
@@ -297,7 +326,8 @@ export function registerSandboxRoutes(app: OpenAPIHono<AppEnv>, ctx: ApiContext)
         if (s.status.phase !== from && s.status.phase !== want) throw failedPrecondition(`sandbox "${name}" is ${s.status.phase}; only a ${from} sandbox can ${op}`);
         const driver = s.status.task ? ctx.drivers.byName(s.status.task.driver) : undefined;
         if (!driver?.pause) throw failedPrecondition(`isolation "${s.spec.isolation}" cannot pause sandboxes on this host`);
-        if (s.status.phase !== want) {
+        if (op === 'resume') sandboxActivity.touch(s.id); // also wakes an auto-paused sandbox
+        if (s.status.phase !== want || s.spec.state !== want || s.status.autoPaused) {
           s = ctx.store.updateSpec(s.id, { spec: { ...s.spec, state: want } }) as SandboxResource;
           ctx.kick(SANDBOX, s.id);
           const deadline = Date.now() + 60_000;
@@ -326,7 +356,7 @@ export function registerSandboxRoutes(app: OpenAPIHono<AppEnv>, ctx: ApiContext)
       const s = getLive<SandboxSpecT, SandboxStatusT>(ctx, SANDBOX, project, name) as SandboxResource;
       if (!['running', 'paused'].includes(s.status.phase) || !s.status.task) throw failedPrecondition(`sandbox "${name}" is ${s.status.phase}; only a running or paused sandbox can be snapshotted`);
       const driver = ctx.drivers.byName(s.status.task.driver);
-      if (!driver?.snapshot) throw failedPrecondition(`snapshots are not available for isolation "${s.spec.isolation}" yet (they are for microvm)`);
+      if (!driver?.snapshot) throw failedPrecondition(`snapshots are not available for isolation "${s.spec.isolation}" yet (they are for microvm and gvisor)`);
       if (ctx.store.find(SANDBOXTEMPLATE, project, template)) throw new BerthError('already_exists', `template "${template}" already exists in project "${project}"; delete it or pick another name`);
       const tpl = ctx.store.create<SandboxTemplateSpecT, SandboxTemplateStatusT>(SANDBOXTEMPLATE, {
         project,
@@ -377,13 +407,14 @@ export function registerSandboxRoutes(app: OpenAPIHono<AppEnv>, ctx: ApiContext)
       path: `${base}/{name}/commands`,
       tags,
       request: { params: ProjectNameParams, body: body(CommandBody) },
-      responses: { 200: { description: 'NDJSON events: started {id, pid}, stdout {data}, stderr {data}, exit {exitCode, signal?, oomKilled?, timedOut?}; or, for background, one JSON object {id, pid}', content: { 'application/x-ndjson': { schema: z.string() } } }, ...errorResponses },
+      responses: { 200: { description: 'NDJSON events: started {id, pid}, stdout {data}, stderr {data} (or, with pty, pty {data: base64}), exit {exitCode, signal?, oomKilled?, timedOut?}; or, for background, one JSON object {id, pid}', content: { 'application/x-ndjson': { schema: z.string() } } }, ...errorResponses },
     }),
     async (c) => {
       const { project, name } = c.req.valid('param');
       useProject(ctx, c, project);
       const b = c.req.valid('json');
-      const { s, agent } = await agentOf(project, name);
+      if (b.pty && (b.background || b.stdin !== undefined)) throw new BerthError('invalid_argument', 'a pty command streams its output and takes input from POST …/processes/{id}/input: drop background and stdin');
+      const { s, agent } = await agentOf(project, name, c.req.raw.signal);
       const args = typeof b.cmd === 'string' ? ['/bin/sh', '-c', b.cmd] : b.cmd;
       const [uid, gid] = b.user ? b.user.split(':').map(Number) : [undefined, undefined];
       const procId = `p-${randomBytes(6).toString('hex')}`;
@@ -391,9 +422,10 @@ export function registerSandboxRoutes(app: OpenAPIHono<AppEnv>, ctx: ApiContext)
         id: procId,
         type: 'run',
         args,
-        env: { ...(s.spec.env ?? {}), ...(b.env ?? {}) },
+        env: { ...(b.pty ? { TERM: 'xterm-256color' } : {}), ...(s.spec.env ?? {}), ...(b.env ?? {}) },
         cwd: b.cwd ?? '/',
         stdin: b.stdin !== undefined,
+        ...(b.pty ? { tty: true, cols: b.pty.cols, rows: b.pty.rows } : {}),
         ...(uid !== undefined ? { uid, gid: gid ?? uid } : {}),
       };
       const queue: string[] = [];
@@ -409,6 +441,8 @@ export function registerSandboxRoutes(app: OpenAPIHono<AppEnv>, ctx: ApiContext)
         if (f.type === 'started') {
           started?.(Number(f.pid));
           push({ type: 'started', id: procId, pid: f.pid });
+        } else if (b.pty && f.type === 'stdout') {
+          push({ type: 'pty', data: String(f.data ?? '') }); // raw terminal bytes, base64 as the agent sent them
         } else if (f.type === 'stdout' || f.type === 'stderr') {
           push({ type: f.type, data: decoders[f.type].write(Buffer.from(String(f.data ?? ''), 'base64')) });
         }
@@ -434,6 +468,8 @@ export function registerSandboxRoutes(app: OpenAPIHono<AppEnv>, ctx: ApiContext)
         return c.json({ id: procId, pid: first } as never, 200) as never;
       }
       let ended = false;
+      const release = hold(s.id); // an open command or terminal keeps the sandbox from auto-pausing
+      done.finally(release).catch(() => undefined);
       done.then(
         (f) => {
           clearTimeout(timer);
@@ -490,6 +526,28 @@ export function registerSandboxRoutes(app: OpenAPIHono<AppEnv>, ctx: ApiContext)
     },
   );
 
+  app.openapi(
+    createRoute({ method: 'post', path: `${base}/{name}/processes/{proc}/input`, tags, request: { params: ProcParams, body: body(InputBody) }, responses: { 200: json(z.object({})), ...errorResponses } }),
+    async (c) => {
+      const { project, name, proc } = c.req.valid('param');
+      useProject(ctx, c, project);
+      const { agent } = await agentOf(project, name);
+      await call(agent, { type: 'stdin', proc, data: c.req.valid('json').data });
+      return c.json({} as never, 200);
+    },
+  );
+
+  app.openapi(
+    createRoute({ method: 'post', path: `${base}/{name}/processes/{proc}/resize`, tags, request: { params: ProcParams, body: body(ResizeBody) }, responses: { 200: json(z.object({})), ...errorResponses } }),
+    async (c) => {
+      const { project, name, proc } = c.req.valid('param');
+      useProject(ctx, c, project);
+      const { agent } = await agentOf(project, name);
+      await call(agent, { type: 'resize', proc, ...c.req.valid('json') });
+      return c.json({} as never, 200);
+    },
+  );
+
   // --- files ------------------------------------------------------------------------------------
 
   app.openapi(
@@ -504,7 +562,7 @@ export function registerSandboxRoutes(app: OpenAPIHono<AppEnv>, ctx: ApiContext)
       const { project, name } = c.req.valid('param');
       useProject(ctx, c, project);
       const { path } = c.req.valid('query');
-      const { agent } = await agentOf(project, name);
+      const { s, agent } = await agentOf(project, name);
       // The status line waits for the agent's first answer, so that a missing file, a directory or
       // a path outside the sandbox is a clean 4xx rather than a broken stream. Symlinks are
       // followed, confined to the sandbox's root (the agent resolves them with RESOLVE_IN_ROOT).
@@ -520,6 +578,7 @@ export function registerSandboxRoutes(app: OpenAPIHono<AppEnv>, ctx: ApiContext)
         else chunks.push(b);
         firstFrame();
       });
+      reading.finally(hold(s.id)).catch(() => undefined); // a long download keeps the sandbox from auto-pausing
       await Promise.race([first, reading.then(() => undefined, (e: unknown) => Promise.reject(agentError(e)))]);
       c.header('content-type', 'application/octet-stream');
       return stream(c, async (out) => {
@@ -546,36 +605,94 @@ export function registerSandboxRoutes(app: OpenAPIHono<AppEnv>, ctx: ApiContext)
       const { project, name } = c.req.valid('param');
       useProject(ctx, c, project);
       const { path, mode } = c.req.valid('query');
-      const { agent } = await agentOf(project, name);
-      // Streamed in chunks: the upload is never held in memory as a whole.
-      let written = 0;
-      let first = true;
-      const send = async (buf: Buffer) => {
-        await call(agent, { type: 'file.write', path, data: buf.toString('base64'), append: !first, ...(first && mode ? { mode: parseInt(mode, 8) } : {}) });
-        first = false;
-        written += buf.length;
-      };
-      const reader = c.req.raw.body?.getReader();
-      let pending: Buffer[] = [];
-      let pendingLen = 0;
-      if (reader) {
-        for (;;) {
-          const { value, done } = await reader.read();
-          if (value) {
-            pending.push(Buffer.from(value));
-            pendingLen += value.length;
-            while (pendingLen >= WRITE_CHUNK) {
-              const all = Buffer.concat(pending);
-              await send(all.subarray(0, WRITE_CHUNK));
-              pending = [all.subarray(WRITE_CHUNK)];
-              pendingLen = all.length - WRITE_CHUNK;
-            }
-          }
-          if (done) break;
-        }
+      const { s, agent } = await agentOf(project, name);
+      const release = hold(s.id); // a long upload keeps the sandbox from auto-pausing
+      try {
+        return c.json((await upload(agent, path, mode, c.req.raw.body)) as never, 200);
+      } finally {
+        release();
       }
-      if (pendingLen > 0 || first) await send(Buffer.concat(pending));
-      return c.json({ path, written } as never, 200);
+    },
+  );
+
+  /** Streams a request body into a file in chunks: the upload is never held in memory as a whole. */
+  const upload = async (agent: AgentChannel, path: string, mode: string | undefined, body: ReadableStream<Uint8Array> | null) => {
+    let written = 0;
+    let first = true;
+    const send = async (buf: Buffer) => {
+      await call(agent, { type: 'file.write', path, data: buf.toString('base64'), append: !first, ...(first && mode ? { mode: parseInt(mode, 8) } : {}) });
+      first = false;
+      written += buf.length;
+    };
+    const reader = body?.getReader();
+    let pending: Buffer[] = [];
+    let pendingLen = 0;
+    if (reader) {
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (value) {
+          pending.push(Buffer.from(value));
+          pendingLen += value.length;
+          while (pendingLen >= WRITE_CHUNK) {
+            const all = Buffer.concat(pending);
+            await send(all.subarray(0, WRITE_CHUNK));
+            pending = [all.subarray(WRITE_CHUNK)];
+            pendingLen = all.length - WRITE_CHUNK;
+          }
+        }
+        if (done) break;
+      }
+    }
+    if (pendingLen > 0 || first) await send(Buffer.concat(pending));
+    return { path, written };
+  };
+
+  app.openapi(
+    createRoute({
+      method: 'get',
+      path: `${base}/{name}/files/watch`,
+      tags,
+      request: { params: ProjectNameParams, query: WatchQuery },
+      responses: { 200: { description: 'NDJSON, until the caller disconnects: ready {}, then one line per change {type: create|write|chmod|remove|rename|overflow, path, to?, dir?}; end {reason} when the directory itself goes away', content: { 'application/x-ndjson': { schema: z.string() } } }, ...errorResponses },
+    }),
+    async (c) => {
+      const { project, name } = c.req.valid('param');
+      useProject(ctx, c, project);
+      const q = c.req.valid('query');
+      const { agent } = await agentOf(project, name);
+      const id = `w-${randomBytes(6).toString('hex')}`;
+      const queue: string[] = [];
+      let wake: (() => void) | undefined;
+      let ready: () => void = () => undefined;
+      const readyP = new Promise<void>((r) => (ready = r));
+      const watching = agent.request({ id, type: 'watch', path: q.path, recursive: q.recursive === 'true' }, 86_400_000, undefined, (f) => {
+        if (f.type === 'ready') ready();
+        else if (f.type === 'events') for (const e of (f.events as unknown[]) ?? []) queue.push(JSON.stringify(e) + '\n');
+        wake?.();
+      });
+      await Promise.race([readyP, watching.then(() => undefined, (e: unknown) => Promise.reject(agentError(e)))]);
+      let ended = false;
+      watching.then(
+        (f) => queue.push(JSON.stringify({ type: 'end', reason: String(f.reason ?? 'watch cancelled') }) + '\n'),
+        (e: unknown) => queue.push(JSON.stringify({ type: 'error', message: (e as Error).message }) + '\n'),
+      ).finally(() => {
+        ended = true;
+        wake?.();
+      });
+      c.header('content-type', 'application/x-ndjson');
+      return stream(c, async (out) => {
+        out.onAbort(() => {
+          if (!ended) void agent.request({ type: 'cancel', target: id }, 5000).catch(() => undefined);
+          wake?.();
+        });
+        await out.write(JSON.stringify({ type: 'ready' }) + '\n');
+        for (;;) {
+          while (queue.length) await out.write(queue.shift()!);
+          if (ended || out.aborted) break;
+          await new Promise<void>((r) => (wake = r));
+          wake = undefined;
+        }
+      }) as never;
     },
   );
 

@@ -11,11 +11,11 @@
 //   systrap); never KVM unless a probe proves it works (the PVM-only /dev/kvm hangs it).
 // - A pids limit in the host cgroup counts the Sentry's own threads and kills the whole sandbox
 //   when reached, so pids is not offered as a limit; memory needs ≥ 32 MiB for the Sentry itself.
-import { existsSync, mkdirSync, readdirSync, rmSync } from 'node:fs';
+import { copyFileSync, existsSync, mkdirSync, readFileSync, readdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import type { DriverCapabilities, Fingerprint, TaskConfig } from '../../core/driver.js';
-import { invalidArgument } from '../../core/errors.js';
-import { run } from '../../lib/exec.js';
+import type { DriverCapabilities, Fingerprint, TaskConfig, TaskHandle, TaskStatus } from '../../core/driver.js';
+import { BerthError, invalidArgument } from '../../core/errors.js';
+import { run, sleep } from '../../lib/exec.js';
 import { isMountPoint } from '../../lib/host.js';
 import { OciRuntimeDriver, type OciDriverOptions } from '../oci/driver.js';
 import type { OciBuildOptions } from '../oci/ocispec.js';
@@ -46,6 +46,8 @@ export class GvisorDriver extends OciRuntimeDriver {
     minMemoryMiB: GVISOR_MIN_MEMORY_MIB,
   };
   readonly platform: string;
+  /** Sandboxes being snapshotted by this process. */
+  private readonly snapshotting = new Set<string>();
 
   constructor(opts: GvisorDriverOptions) {
     const path = opts.runtimePath ?? findRunsc() ?? BERTH_RUNSC;
@@ -93,6 +95,72 @@ export class GvisorDriver extends OciRuntimeDriver {
       const r = await run('umount', [rootfs], { timeoutMs: 10_000 });
       if (r.code !== 0) await run('umount', i === 19 ? ['-l', rootfs] : [rootfs], { timeoutMs: 10_000 });
     }
+  }
+
+  /**
+   * Snapshot of a running sandbox into `dest` (`runsc checkpoint --leave-running`): its memory and
+   * processes (image/), its writable layer as it was at that instant (upper/). The sandbox is
+   * paused meanwhile and continues afterwards (a fork, not a move). gVisor cannot save a socket
+   * bound to a host path, so the guest agent first closes its socket and connections and listens
+   * again once told to (agent "suspend"; a restored copy is told by its own start).
+   */
+  async snapshot(handle: TaskHandle, dest: string): Promise<{ ms: number; bytes: number }> {
+    if (handle.state?.sandbox !== true) throw new BerthError('failed_precondition', 'only sandboxes can be snapshotted');
+    if (this.monitorArgv.length === 1) throw new BerthError('failed_precondition', 'gVisor snapshots need the Berth monitor (unset BERTH_MONITOR=conmon)');
+    const dir = this.taskDir(handle.id);
+    const t0 = performance.now();
+    mkdirSync(dest, { recursive: true, mode: 0o700 });
+    const sock = join(dir, 'run', 'agent.sock');
+    // A paused sandbox's agent cannot answer "suspend": let it run for that moment.
+    const wasPaused = (await this.runtimeState(handle.id))?.status === 'paused';
+    // If berthd dies half-way, inspect() finds this marker and undoes what the snapshot changed.
+    const marker = join(dir, 'snapshotting');
+    writeFileSync(marker, wasPaused ? 'paused' : 'running');
+    this.snapshotting.add(handle.id);
+    if (wasPaused) await this.resume(handle);
+    try {
+      await (await this.agent(handle.id, 2000)).request({ type: 'suspend', timeoutMs: 120_000 }, 5000);
+      for (let i = 0; existsSync(sock); i++) {
+        if (i > 2500) throw new Error('the agent did not close its socket for the checkpoint');
+        await sleep(2);
+      }
+      // Frozen while the files are copied, so that they match the memory image.
+      await this.pause(handle);
+      const layer = existsSync(join(dir, 'disk', 'upper')) ? join(dir, 'disk') : dir;
+      const cp = await run('cp', ['-a', '--reflink=auto', join(layer, 'upper'), join(dest, 'upper')], { timeoutMs: 300_000 });
+      if (cp.code !== 0) throw new Error(`copying the writable layer: ${cp.stderr.trim()}`);
+      copyFileSync(join(dir, 'bundle', 'config.json'), join(dest, 'config.json'));
+      const r = await this.rt(['checkpoint', '--leave-running', `--image-path=${join(dest, 'image')}`, handle.id], 300_000);
+      if (r.code !== 0) throw new Error(`runsc checkpoint: ${(r.stderr || r.stdout).trim().split('\n')[0]}`);
+    } finally {
+      await this.endSnapshot(handle, wasPaused);
+      this.snapshotting.delete(handle.id);
+    }
+    let bytes = 0;
+    for (const f of readdirSync(join(dest, 'image'))) bytes += statSync(join(dest, 'image', f)).size;
+    return { ms: performance.now() - t0, bytes };
+  }
+
+  /** Lets the agent listen again and the sandbox run (or stay paused) after a snapshot; removes its marker. */
+  private async endSnapshot(handle: TaskHandle, wasPaused: boolean): Promise<void> {
+    const dir = this.taskDir(handle.id);
+    writeFileSync(join(dir, 'run', 'agent.resume'), '');
+    if (wasPaused) await this.pause(handle).catch(() => undefined);
+    else await this.resume(handle).catch(() => undefined);
+    rmSync(join(dir, 'snapshotting'), { force: true });
+  }
+
+  /** A snapshot cut short by a crash of berthd left the sandbox frozen and its agent deaf: undo that first. */
+  override async inspect(h: TaskHandle): Promise<TaskStatus> {
+    const marker = join(this.taskDir(h.id), 'snapshotting');
+    if (!this.snapshotting.has(h.id) && existsSync(marker)) await this.endSnapshot(h, readFileSync(marker, 'utf8') === 'paused');
+    return super.inspect(h);
+  }
+
+  protected override restoreImage(from: string): string {
+    const image = join(from, 'image');
+    if (!existsSync(join(image, 'checkpoint.img'))) throw invalidArgument(`${from} is not a gVisor snapshot (no image/checkpoint.img)`);
+    return image;
   }
 
   override async destroy(id: string, opts: { force?: boolean; keepData?: boolean } = {}): Promise<void> {

@@ -362,8 +362,9 @@ export class MicroVmDriver implements RuntimeDriver {
     const wasRunning = status.status === 'running';
     // QEMU caps migration at 128 MiB/s by default: a local file can take far more.
     await qmp(sock, 'migrate-set-parameters', { 'max-bandwidth': 64 * 2 ** 30 });
-    if (handle.state?.sandbox === true) {
-      // Less page cache, fewer pages for QEMU to write into the snapshot.
+    if (handle.state?.sandbox === true && wasRunning) {
+      // Less page cache, fewer pages for QEMU to write into the snapshot. (Not when paused: the
+      // stopped guest would keep the request half-read in its port, and every fork would inherit it.)
       const agent = await this.agent(handle.id, 2000).catch(() => undefined);
       await agent?.request({ type: 'run', args: ['/bin/sh', '-c', 'sync; echo 3 > /proc/sys/vm/drop_caches'], env: {} }, 10_000).catch(() => undefined);
     }

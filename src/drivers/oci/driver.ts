@@ -190,6 +190,11 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
   /** Undo prepareRootfs (idempotent). */
   protected async releaseRootfs(_dir: string): Promise<void> {}
 
+  /** The checkpoint image to restore a task from (start with TaskConfig.restoreFrom); drivers that can restore override it. */
+  protected restoreImage(_from: string): string {
+    throw invalidArgument(`the ${this.name} driver cannot start a task from a snapshot`);
+  }
+
   /** Start a created container (`<runtime> start`), launched without a fork of berthd (launcher.ts). */
   protected async startCreated(id: string, _pid: number, _early?: EarlyStart): Promise<void> {
     const r = await this.rtLaunched(['start', id]);
@@ -260,23 +265,30 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
         await mountDisk(join(dir, 'disk.ext4'), layer);
       }
       for (const d of ['upper', 'work']) mkdirSync(join(layer, d), { recursive: true, mode: 0o700 });
+      // From a checkpoint: the files as they were when it was taken (the memory image refers to them).
+      if (cfg.restoreFrom) await run('cp', ['-a', '--reflink=auto', `${join(cfg.restoreFrom, 'upper')}/.`, join(layer, 'upper')], { timeoutMs: 300_000 }).then((r) => {
+        if (r.code !== 0) throw new Error(`copying the snapshot's files: ${r.stderr.trim()}`);
+      });
       // The overlay's root directory takes the upper layer's owner and mode: give it the image's
       // (a 0700 root would keep non-root processes from reaching anything).
       const rootSt = statSync(cfg.imageRootfs);
       chmodSync(join(layer, 'upper'), rootSt.mode & 0o7777);
       chownSync(join(layer, 'upper'), rootSt.uid, rootSt.gid);
       mkdirSync(bundle, { recursive: true, mode: 0o700 });
+      // A restored agent was suspended for the checkpoint: this file tells it to listen again (agent/suspend.go).
+      if (cfg.restoreFrom && sandbox) writeFileSync(join(dir, 'run', 'agent.resume'), '');
       const pre = (await this.prepareRootfs(cfg, dir)) ?? [];
       writeFileSync(join(bundle, 'config.json'), JSON.stringify(config));
       let pid: number;
-      const early = this.beginStart(cfg.id);
+      const restore = cfg.restoreFrom ? this.restoreImage(cfg.restoreFrom) : undefined;
+      const early = restore ? undefined : this.beginStart(cfg.id);
       try {
-        pid = await this.spawnConmon(cfg.id, bundle, dir, pre);
+        pid = await this.spawnConmon(cfg.id, bundle, dir, pre, restore);
       } catch (e) {
         early?.cancel();
         throw e;
       }
-      await this.startCreated(cfg.id, pid, early);
+      if (!restore) await this.startCreated(cfg.id, pid, early); // a restore runs it already
       const monitorPid = Number(readFileSync(join(dir, 'conmon.pid'), 'utf8').trim());
       this.ensureWatcher();
       if (sandbox) await (await this.agent(cfg.id, 10_000)).request({ type: 'hello' }, 10_000);
@@ -321,7 +333,7 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
   }
 
   /** Starts conmon, which runs `<runtime> create`; resolves with the container's PID from conmon's sync pipe. */
-  private spawnConmon(id: string, bundle: string, dir: string, pre: string[]): Promise<number> {
+  private spawnConmon(id: string, bundle: string, dir: string, pre: string[], restore?: string): Promise<number> {
     const args = [
       '--api-version', '1',
       '-c', id, '-u', id, '-n', id,
@@ -337,6 +349,7 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
       ...this.globalArgs().flatMap((a) => ['--runtime-arg', a]),
       '--log-level', 'error',
       '--syslog',
+      ...(restore ? ['--restore', restore] : []),
     ];
     return new Promise((resolve, reject) => {
       // conmon writes some marker files (e.g. `oom`) relative to its working directory. Its
