@@ -169,6 +169,9 @@ async function main(): Promise<void> {
       }
       const runs = tier === 'microvm' ? VM_RUNS : RUNS;
       const spec = { isolation: tier, resources: { memoryMiB: 128 }, timeoutMs: 600_000 };
+      // Cold starts are compared with bare runtimes that have no network: like for like, without one.
+      // (Warm-pool members and snapshot forks keep the default network: it is set up before the claim.)
+      const coldSpec = { ...spec, network: { mode: 'none' } };
       const label =
         tier === 'microvm'
           ? `microvm (QEMU ${fp.version}, ${(fp.attributes.accel ?? '?').toUpperCase()})`
@@ -190,15 +193,15 @@ async function main(): Promise<void> {
 
       console.error(`${tier}: cold, ${runs} sequential (bare and Berth interleaved)`);
       await bare();
-      await kill(d, [(await berthOnce(d, spec, '?pool=none')).name]);
+      await kill(d, [(await berthOnce(d, coldSpec, '?pool=none')).name]);
       for (let i = 0; i < runs; i++) {
         r.bare.push(await bare());
-        const b = await berthOnce(d, spec, '?pool=none');
+        const b = await berthOnce(d, coldSpec, '?pool=none');
         r.coldSeq.push(b.ms);
         await kill(d, [b.name]);
       }
       console.error(`${tier}: cold, ${CONC} at once`);
-      const conc = await Promise.all(Array.from({ length: CONC }, () => berthOnce(d, spec, '?pool=none')));
+      const conc = await Promise.all(Array.from({ length: CONC }, () => berthOnce(d, coldSpec, '?pool=none')));
       r.coldConc = conc.map((x) => x.ms);
       await kill(d, conc.map((x) => x.name));
 
