@@ -9,6 +9,7 @@ import https from 'node:https';
 import tls from 'node:tls';
 import { createServer, type AddressInfo, type Socket } from 'node:net';
 import { join } from 'node:path';
+import { TestDaemon } from './harness.js';
 
 export async function freePort(): Promise<number> {
   const s = createServer();
@@ -242,4 +243,14 @@ export class Pebble {
     }
     rmSync(this.dir, { recursive: true, force: true });
   }
+}
+
+/** A test daemon with the ingress on two free loopback ports. */
+export async function startWithIngress(): Promise<{ d: TestDaemon; httpPort: number; httpsPort: number }> {
+  const httpPort = await freePort();
+  const httpsPort = await freePort();
+  const d = new TestDaemon(mkdtempSync('/tmp/berth-test-'));
+  d.args = ['--ingress-http', `127.0.0.1:${httpPort}`, '--ingress-https', `127.0.0.1:${httpsPort}`];
+  await d.start();
+  return { d, httpPort, httpsPort };
 }

@@ -4,9 +4,8 @@
 // with the port and with the sandbox.
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { mkdtempSync } from 'node:fs';
-import { TestDaemon } from './harness.js';
-import { eventually, freePort, get, getTls } from './ingress-helpers.js';
+import type { TestDaemon } from './harness.js';
+import { eventually, get, getTls, startWithIngress } from './ingress-helpers.js';
 
 let d: TestDaemon;
 let httpPort = 0;
@@ -14,11 +13,7 @@ let httpsPort = 0;
 let tiers: string[] = [];
 
 before(async () => {
-  httpPort = await freePort();
-  httpsPort = await freePort();
-  d = new TestDaemon(mkdtempSync('/tmp/berth-test-'));
-  d.args = ['--ingress-http', `127.0.0.1:${httpPort}`, '--ingress-https', `127.0.0.1:${httpsPort}`];
-  await d.start();
+  ({ d, httpPort, httpsPort } = await startWithIngress());
   tiers = (await d.api('GET', '/v1/info')).body.drivers.filter((x: any) => x.healthy).map((x: any) => x.isolation);
 });
 after(async () => {

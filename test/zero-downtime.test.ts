@@ -5,9 +5,8 @@
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
-import { mkdtempSync } from 'node:fs';
-import { TestDaemon, sleep } from './harness.js';
-import { eventually, freePort, get, getTls } from './ingress-helpers.js';
+import { sleep, type TestDaemon } from './harness.js';
+import { eventually, get, getTls, startWithIngress } from './ingress-helpers.js';
 
 let d: TestDaemon;
 let httpPort = 0;
@@ -15,11 +14,7 @@ let httpsPort = 0;
 const HOST = 'web.default.berth.localhost';
 
 before(async () => {
-  httpPort = await freePort();
-  httpsPort = await freePort();
-  d = new TestDaemon(mkdtempSync('/tmp/berth-test-'));
-  d.args = ['--ingress-http', `127.0.0.1:${httpPort}`, '--ingress-https', `127.0.0.1:${httpsPort}`];
-  await d.start();
+  ({ d, httpPort, httpsPort } = await startWithIngress());
 });
 after(async () => {
   await d.api('DELETE', '/v1/projects/default/services/web').catch(() => undefined);

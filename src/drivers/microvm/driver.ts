@@ -328,17 +328,7 @@ export class MicroVmDriver implements RuntimeDriver {
       const cgroups = this.makeCgroups(cfg.id, size);
       pid = await this.launch(dir, args, cgroups, net?.netns);
       await this.awaitAgent(cfg.id, dir, pid, cfg.sandbox === true);
-      const handle: TaskHandle = {
-        driver: this.name,
-        id: cfg.id,
-        pid,
-        monitorPid: pid,
-        startedAt: new Date().toISOString(),
-        ...(net ? { network: { ip: net.ip } } : {}),
-        ...(cfg.sandbox ? { state: { sandbox: true } } : {}),
-      };
-      this.track(handle);
-      return handle;
+      return this.tracked(cfg, pid, net);
     } catch (e) {
       if (pid && this.isRunning(cfg.id)) await this.killVm(cfg.id, pid);
       await this.destroy(cfg.id, { force: true, keepData: restart });
@@ -435,22 +425,27 @@ export class MicroVmDriver implements RuntimeDriver {
       await this.awaitAgent(cfg.id, dir, pid, cfg.sandbox === true);
       // The guest still has the snapshotted sandbox's address and MAC: give it this task's.
       if (net) await (await this.agent(cfg.id, 10_000)).request({ type: 'net.configure', net: guestNet(net) }, 10_000);
-      const handle: TaskHandle = {
-        driver: this.name,
-        id: cfg.id,
-        pid,
-        monitorPid: pid,
-        startedAt: new Date().toISOString(),
-        ...(net ? { network: { ip: net.ip } } : {}),
-        ...(cfg.sandbox ? { state: { sandbox: true } } : {}),
-      };
-      this.track(handle);
-      return handle;
+      return this.tracked(cfg, pid, net);
     } catch (e) {
       if (pid && this.isRunning(cfg.id)) await this.killVm(cfg.id, pid);
       await this.destroy(cfg.id, { force: true });
       throw e;
     }
+  }
+
+  /** The handle of a VM that just started (booted or restored), watched for its exit. */
+  private tracked(cfg: TaskConfig, pid: number, net: NetworkAttachment | undefined): TaskHandle {
+    const handle: TaskHandle = {
+      driver: this.name,
+      id: cfg.id,
+      pid,
+      monitorPid: pid,
+      startedAt: new Date().toISOString(),
+      ...(net ? { network: { ip: net.ip } } : {}),
+      ...(cfg.sandbox ? { state: { sandbox: true } } : {}),
+    };
+    this.track(handle);
+    return handle;
   }
 
   private writeConfig(dir: string, cfg: TaskConfig, net?: NetworkAttachment): void {
