@@ -194,8 +194,9 @@ test('run -d, ps, logs, stop, rm', { skip }, async () => {
   assert.ok(s, 'ps -o json lists sleeper');
   assert.equal(s.status.phase, 'running');
   const table = await ok(['ps']);
-  assert.match(table.stdout, /^NAME\s+PHASE\s+EXIT\s+IMAGE\s+ISOLATION\s+PID\s+AGE$/m);
-  assert.match(table.stdout, /^sleeper\s+running\s+-\s+busybox\s+container\s+\d+\s+\d+[smhd]$/m);
+  assert.match(table.stdout, /^NAME\s+PHASE\s+EXIT\s+IMAGE\s+ISOLATION\s+ADDRESS\s+PID\s+AGE$/m);
+  // With its address on the project network.
+  assert.match(table.stdout, /^sleeper\s+running\s+-\s+busybox\s+container\s+\d+\.\d+\.\d+\.\d+\s+\d+\s+\d+[smhd]$/m);
 
   // The output may take a moment to reach the log file.
   let logs: Result = { code: null, stdout: '', stderr: '' };
