@@ -40,10 +40,22 @@ echo "==> berth run --isolation microvm busybox -- …   (the same image in its 
 berth run --isolation microvm --memory 64 -e HOST_KERNEL="$(uname -r)" busybox -- sh -c 'echo "Hello from a microVM! kernel inside: $(uname -r), host kernel: $HOST_KERNEL, $(head -1 /proc/meminfo | tr -s " ")"' \
   || echo "(the microVM tier is not usable on this host: see berth info)"
 echo
+echo "==> berth service create … demo busybox   (2 replicas on the project network, behind the ingress, health-checked)"
+berth service rm demo >/dev/null 2>&1 || true
+if berth service create --public-port 8080 -r 2 --readiness http:8080/index.html --wait demo busybox -- \
+    sh -c 'echo "hello from replica $(hostname)" > /tmp/index.html; trap "exit 0" TERM; httpd -f -p 8080 -h /tmp & wait'; then
+  port=$(berth ingress status -o json | node -e 'const s=JSON.parse(require("fs").readFileSync(0,"utf8")); console.log((s.http||":80").split(":").pop())')
+  for _ in 1 2 3 4; do busybox wget -qO- --header "Host: demo.default.berth.localhost" "http://127.0.0.1:$port/index.html" || true; done
+  berth service ls
+fi
+echo
 cat <<TXT
 ==> Done. berthd keeps running in the background (pid $(cat "$BERTH_DATA_DIR/berthd.pid")), log: $BERTH_DATA_DIR/berthd.log
 Next, with the CLI (alias berth="node $(pwd)/dist/src/cli/main.js"):
-  berth run -d --name web busybox -- httpd -f -p 8080      # a long-running workload
+  berth run -d --name web busybox -- httpd -f -p 8080      # a long-running workload (DNS name: web)
+  berth run busybox -- wget -qO- http://web:8080/          # reach it by name from the project network
+  berth service deploy -e V=2 --wait demo                  # rolling deploy of the demo service
+  berth service inspect demo && berth service rm demo
   berth ps -a                                              # list workloads
   berth logs -f web                                        # follow its output
   berth stop web && berth rm web
