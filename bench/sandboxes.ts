@@ -286,7 +286,7 @@ async function main(): Promise<void> {
     '**Create → first byte of `echo` output.** Berth: `POST /sandboxes` (answers once running) then `POST …/commands` until the first stdout event. ' +
       'Bare: the runtime alone (`runc run` / `runsc run` of a bundle with the same config running `echo ready`, including its bundle and overlay set-up; for the microVM a bare QEMU boot of the driver\'s command line) → first output. Warm: claimed from a warm pool of the same spec.',
     '',
-    '| tier | bare p50 | bare p99 | cold p50 | cold p99 | cold p50 / bare p50 (target ≤ 1.2×) | cold, 20 at once p50 / p99 | warm pool p50 (target ≤ 30 ms) | warm p99 | warm, 20 at once p50 / p99 | from a snapshot p50 / p99 (target ≤ 300 ms) |',
+    `| tier | bare p50 | bare p99 | cold p50 | cold p99 | cold p50 / bare p50 (target ≤ 1.2×) | cold, ${CONC} at once p50 / p99 | warm pool p50 (target ≤ 30 ms) | warm p99 | warm, ${CONC} at once p50 / p99 | from a snapshot p50 / p99 (target ≤ 300 ms) |`,
     '|---|---|---|---|---|---|---|---|---|---|---|',
   ];
   for (const [, r] of results) {

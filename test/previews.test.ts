@@ -6,6 +6,7 @@ import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import type { TestDaemon } from './harness.js';
 import { eventually, get, getTls, startWithIngress } from './ingress-helpers.js';
+import { Sandbox } from '../sdk/src/index.js';
 
 let d: TestDaemon;
 let httpPort = 0;
@@ -74,8 +75,10 @@ for (const tier of ['container', 'gvisor']) {
     assert.equal((await d.api('POST', `/v1/projects/default/sandboxes/${name}/resume`)).status, 200);
     await eventually(() => get(httpPort, host, '/index.html'), (r) => r.status === 200);
 
-    // Removed: the ingress no longer knows the host.
-    assert.equal((await d.api('DELETE', `/v1/projects/default/sandboxes/${name}/ports/3000`)).status, 204);
+    // The SDK's view of the same (sandbox.ports), then removed: the ingress no longer knows the host.
+    const sbx = await Sandbox.connect(name, { apiUrl: d.addr, apiKey: d.token });
+    assert.deepEqual((await sbx.ports.list()).map((p) => [p.port, p.public, p.url]), [[3000, true, exp.body.url]]);
+    await sbx.ports.remove(3000);
     assert.equal((await d.api('DELETE', `/v1/projects/default/sandboxes/${name}/ports/3000`)).status, 404);
     await eventually(() => get(httpPort, host, '/index.html'), (r) => r.status !== 200 && r.status !== 503);
     assert.equal((await d.api('POST', `/v1/projects/default/sandboxes/${name}/ports`, { port: 3000 })).status, 200);

@@ -554,12 +554,44 @@ export class Pty {
   }
 }
 
+/** A port of the sandbox served through Berth's ingress. */
+export interface PortPreview {
+  port: number;
+  public: boolean;
+  /** https://<port>-<sandbox>.<project>.<base-domain>/ */
+  url: string;
+  /** For a private port: send it as the `x-berth-token` header, or open `url?berth_token=<token>` once. */
+  token?: string;
+}
+
+export class Ports {
+  constructor(
+    private readonly api: Api,
+    private readonly name: string,
+  ) {}
+
+  /** Serves `port` at a preview URL (idempotent; `public: true` drops the token requirement). */
+  expose(port: number, o: CallOptions & { public?: boolean } = {}): Promise<PortPreview> {
+    return this.api.json<PortPreview>(`/sandboxes/${this.name}/ports`, { method: 'POST', json: { port, public: o.public ?? false } }, o);
+  }
+
+  async list(o: CallOptions = {}): Promise<PortPreview[]> {
+    return (await this.api.json<{ items: PortPreview[] }>(`/sandboxes/${this.name}/ports`, { method: 'GET' }, o)).items;
+  }
+
+  async remove(port: number, o: CallOptions = {}): Promise<void> {
+    await this.api.fetch(`/sandboxes/${this.name}/ports/${port}`, { method: 'DELETE' }, o);
+  }
+}
+
 // --- the sandbox ---------------------------------------------------------------------------------
 
 export class Sandbox {
   readonly commands: Commands;
   readonly files: Files;
   readonly pty: Pty;
+  /** Preview URLs of the sandbox's ports (through Berth's ingress). */
+  readonly ports: Ports;
 
   private constructor(
     private readonly api: Api,
@@ -569,6 +601,7 @@ export class Sandbox {
     this.commands = new Commands(api, sandboxId);
     this.files = new Files(api, sandboxId);
     this.pty = new Pty(api, sandboxId);
+    this.ports = new Ports(api, sandboxId);
   }
 
   /** Creates a sandbox and resolves once it runs. */
