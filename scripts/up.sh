@@ -29,7 +29,7 @@ for _ in $(seq 1 100); do [ -S "$BERTH_DATA_DIR/berthd.sock" ] && [ -f "$BERTH_D
 echo "==> berth info"
 berth info
 echo
-echo "==> berth run busybox -- sh -c '…'   (a container on runc, 64 MiB / half a core, supervised by conmon)"
+echo "==> berth run busybox -- sh -c '…'   (a container on runc, 64 MiB / half a core, supervised by its monitor)"
 berth run --memory 64 --cpus 0.5 --pids 64 busybox -- sh -c 'echo "Hello from Berth!"; echo "kernel: $(uname -r), hostname: $(hostname), user: $(id -u)"; echo "memory limit: $(( $(cat /sys/fs/cgroup/memory/memory.limit_in_bytes 2>/dev/null || cat /sys/fs/cgroup/memory.max) / 1048576 )) MiB"; ls /'
 echo
 echo "==> berth run --isolation gvisor busybox -- …   (the same image under gVisor's user-space kernel)"
