@@ -8,17 +8,11 @@ import type { Readable } from 'node:stream';
 import { relative, resolve } from 'node:path';
 import { ApiError, type BerthClient } from './client.js';
 import { printJson } from './format.js';
+import type { LayerProgress } from './main.js';
 
 export interface CliCtx {
   client: BerthClient;
   json: boolean;
-}
-interface LayerProgress {
-  digest: string;
-  kind: 'config' | 'layer';
-  size: number;
-  bytes: number;
-  status: string;
 }
 
 /** What main.ts lends these commands (its helpers, so that flags and errors look the same everywhere). */

@@ -1063,7 +1063,7 @@ function registerTokens(program: Command): void {
   );
 }
 
-interface LayerProgress {
+export interface LayerProgress {
   digest: string;
   kind: 'config' | 'layer';
   size: number;
