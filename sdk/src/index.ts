@@ -262,33 +262,23 @@ export class Commands {
       { requestTimeoutMs: o.requestTimeoutMs ?? 0, ...(o.signal ? { signal: o.signal } : {}) },
     );
     const result: CommandResult = { exitCode: -1, stdout: '', stderr: '' };
-    const reader = res.body!.getReader();
-    const dec = new TextDecoder();
-    let buf = '';
-    for (;;) {
-      const { value, done } = await reader.read();
-      if (value) buf += dec.decode(value, { stream: true });
-      let nl: number;
-      while ((nl = buf.indexOf('\n')) >= 0) {
-        const ev = JSON.parse(buf.slice(0, nl)) as { type: string; data?: string; exitCode?: number; signal?: string; timedOut?: boolean; oomKilled?: boolean; message?: string };
-        buf = buf.slice(nl + 1);
-        if (ev.type === 'stdout') {
-          result.stdout += ev.data ?? '';
-          o.onStdout?.(ev.data ?? '');
-        } else if (ev.type === 'stderr') {
-          result.stderr += ev.data ?? '';
-          o.onStderr?.(ev.data ?? '');
-        } else if (ev.type === 'exit') {
-          result.exitCode = ev.exitCode ?? -1;
-          if (ev.signal) result.signal = ev.signal;
-          if (ev.timedOut) result.timedOut = true;
-          if (ev.oomKilled) result.oomKilled = true;
-        } else if (ev.type === 'error') {
-          throw new UnavailableError(ev.message ?? 'the command stream broke', 'unavailable');
-        }
+    await readLines(res.body!, (line) => {
+      const ev = line as { type: string; data?: string; exitCode?: number; signal?: string; timedOut?: boolean; oomKilled?: boolean; message?: string };
+      if (ev.type === 'stdout') {
+        result.stdout += ev.data ?? '';
+        o.onStdout?.(ev.data ?? '');
+      } else if (ev.type === 'stderr') {
+        result.stderr += ev.data ?? '';
+        o.onStderr?.(ev.data ?? '');
+      } else if (ev.type === 'exit') {
+        result.exitCode = ev.exitCode ?? -1;
+        if (ev.signal) result.signal = ev.signal;
+        if (ev.timedOut) result.timedOut = true;
+        if (ev.oomKilled) result.oomKilled = true;
+      } else if (ev.type === 'error') {
+        throw new UnavailableError(ev.message ?? 'the command stream broke', 'unavailable');
       }
-      if (done) break;
-    }
+    });
     if (result.exitCode < 0) throw new UnavailableError('the command stream ended without an exit status', 'unavailable');
     return result;
   }
