@@ -186,7 +186,11 @@ export class Daemon {
       if (n.ownerId && n.kind === WORKLOAD) this.controllers.jobRuns.enqueue(n.ownerId);
       if (n.ownerId && n.kind === JOBRUN) this.controllers.jobs.enqueue(n.ownerId);
       // Sandboxes own preview routes (their address changes as they start, pause and end).
-      if (n.kind === SANDBOX) void this.ingress.sync().catch(() => undefined);
+      if (n.kind === SANDBOX) {
+        // Only a sandbox with exposed ports, or one that is gone, can change a route.
+        const s = this.store.getById<{ ports?: unknown[] }>(n.id);
+        if (!s || s.spec.ports?.length) void this.ingress.sync().catch(() => undefined);
+      }
       if (n.ownerId && n.kind === WORKLOAD) this.controllers.services.enqueue(n.ownerId);
     });
     for (const fp of await this.drivers.fingerprintAll()) this.log.info({ driver: fp.driver, healthy: fp.healthy, reason: fp.reason }, 'driver fingerprint');

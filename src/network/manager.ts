@@ -195,6 +195,8 @@ export class NetworkManager {
 
   /** Removes everything attach() created for the task (only if `driver` owns it, when given). Idempotent. */
   detach(taskId: string, driver?: string): Promise<void> {
+    // Every driver destroy comes here: a task that never had a network waits for no lock.
+    if (!this.row(taskId) && !existsSync(this.netnsPath(taskId))) return Promise.resolve();
     return this.locked(async () => {
       const row = this.row(taskId);
       if (driver && row && row.driver !== driver) return;
