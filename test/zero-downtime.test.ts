@@ -48,10 +48,17 @@ async function waitSvc(pred: (s: any) => boolean, timeoutMs = 60_000): Promise<a
 }
 const settled = (rev: number) => (s: any) => s.status.currentRevision === rev && s.status.targetRevision === rev && s.status.readyReplicas === 2 && s.status.instances.length === 2;
 
-/** wrk against the ingress for `seconds`; resolves with its counts. */
+/**
+ * wrk against the ingress for `seconds`; resolves with its counts.
+ * 4 connections, not more: busybox httpd listens with a backlog of 9 and closes every connection, so
+ * when more connect at once than it accepts (a starved CPU during a deploy), the kernel drops SYNs
+ * (TcpExtListenOverflows in the replica's namespace) and the client retransmits after 1 s, 3 s — a
+ * wrk "timeout" that is the toy server's, not the deploy's. With 4 in flight through the proxy, at
+ * most 4 connections wait on any replica: a failed request here can only come from routing.
+ */
 function wrk(seconds: number): Promise<{ requests: number; errors: number; non2xx: number; text: string }> {
   return new Promise((resolve, reject) => {
-    const p = spawn('wrk', ['-t2', '-c16', `-d${seconds}s`, '-H', `Host: ${HOST}`, `http://127.0.0.1:${httpPort}/index.html`]);
+    const p = spawn('wrk', ['-t2', '-c4', `-d${seconds}s`, '-H', `Host: ${HOST}`, `http://127.0.0.1:${httpPort}/index.html`]);
     let text = '';
     p.stdout.setEncoding('utf8').on('data', (x: string) => (text += x));
     p.stderr.setEncoding('utf8').on('data', (x: string) => (text += x));
