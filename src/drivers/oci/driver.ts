@@ -146,6 +146,14 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
     return [`--root=${this.root}`];
   }
 
+  /**
+   * True when the monitor creates and starts the container with one runtime process
+   * (`<runtime> run --detach`, Berth's own monitor only): no `<runtime> start` afterwards.
+   */
+  protected runsOnCreate(): boolean {
+    return false;
+  }
+
   /** Processes a start launches (conmon; plus `<runtime> start` unless the driver starts it itself). */
   protected launchesPerStart(): number {
     return 2;
@@ -288,7 +296,7 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
         early?.cancel();
         throw e;
       }
-      if (!restore) await this.startCreated(cfg.id, pid, early); // a restore runs it already
+      if (!restore && !this.runsOnCreate()) await this.startCreated(cfg.id, pid, early); // a restore (or run) runs it already
       const monitorPid = Number(readFileSync(join(dir, 'conmon.pid'), 'utf8').trim());
       this.ensureWatcher();
       if (sandbox) await (await this.agent(cfg.id, 10_000)).request({ type: 'hello' }, 10_000);
@@ -349,7 +357,7 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
       ...this.globalArgs().flatMap((a) => ['--runtime-arg', a]),
       '--log-level', 'error',
       '--syslog',
-      ...(restore ? ['--restore', restore] : []),
+      ...(restore ? ['--restore', restore] : this.runsOnCreate() ? ['--run'] : []),
     ];
     return new Promise((resolve, reject) => {
       // conmon writes some marker files (e.g. `oom`) relative to its working directory. Its
