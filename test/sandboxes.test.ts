@@ -5,7 +5,7 @@
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { createHash, randomBytes } from 'node:crypto';
-import { rmSync, writeFileSync } from 'node:fs';
+import { existsSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { TestDaemon, sleep } from './harness.js';
 
 let d: TestDaemon;
@@ -240,6 +240,33 @@ test('bad input is refused clearly and creates nothing', async () => {
     assert.match(r.body.error.message, re);
   }
   assert.equal((await d.api('GET', S)).body.items.length, before);
+});
+
+test('microVM warm-pool members boot at the lowest CPU priority; a claim gives the sandbox full priority', { timeout: 180_000 }, async (t) => {
+  if (!tiers.includes('microvm')) return t.skip('no microvm tier');
+  const P = '/v1/projects/default/sandbox-pools';
+  const v2 = existsSync('/sys/fs/cgroup/cgroup.controllers');
+  const priority = (id: string) =>
+    readFileSync(v2 ? `/sys/fs/cgroup/${d.cgroupParent}/${id}/cpu.weight` : `/sys/fs/cgroup/cpu/${d.cgroupParent}/${id}/cpu.shares`, 'utf8').trim();
+  const spec = { isolation: 'microvm', resources: { memoryMiB: 128 } };
+  assert.equal((await d.api('PUT', `${P}/bg`, { spec: { ...spec, size: 1 } })).status, 200);
+  const deadline = Date.now() + 120_000;
+  while ((await d.api('GET', `${P}/bg`)).body.status.ready < 1) {
+    assert.ok(Date.now() < deadline, 'the pool never had a ready member');
+    await sleep(200);
+  }
+  const member = (await d.api('GET', `${S}?labelSelector=berth.dev/pool=bg`)).body.items[0];
+  assert.equal(priority(member.id), v2 ? '1' : '2', 'an unclaimed member takes only CPU time nothing else wants');
+  assert.equal(member.status.background, undefined, 'internal, not shown');
+  const r = await d.api('POST', S, { spec });
+  assert.equal(r.status, 201);
+  assert.equal(r.body.id, member.id, 'claimed from the pool');
+  assert.equal(priority(member.id), v2 ? '100' : '1024', 'a claimed sandbox runs at the default priority');
+  assert.equal((await run(r.body.name, { cmd: 'echo up' })).out, 'up\n');
+  assert.equal((await d.api('DELETE', `${P}/bg`)).status, 202);
+  while ((await d.api('GET', `${P}/bg`)).status !== 404) await sleep(100);
+  await d.deleteAllSandboxes();
+  assert.deepEqual(d.hostResidue(), []);
 });
 
 test('warm pool: a matching create claims a started sandbox at once; the pool refills; deleting it kills the unclaimed', { timeout: 180_000 }, async (t) => {

@@ -96,6 +96,11 @@ export interface TaskConfig {
   sandbox?: boolean;
   /** Start from a snapshot taken by the same driver's snapshot() (a folder), instead of booting. */
   restoreFrom?: string;
+  /**
+   * Start with the lowest CPU priority (a warm-pool member): it boots on CPU time that nothing else
+   * wants, until setBackground(id, false). Drivers without setBackground ignore it.
+   */
+  background?: boolean;
   /** On its project's network; absent: loopback only. */
   network?: TaskNetwork;
 }
@@ -199,6 +204,8 @@ export interface RuntimeDriver {
    * continues exactly where it stopped. Undefined for drivers that cannot.
    */
   pause?(handle: TaskHandle): Promise<void>;
+  /** Lowest CPU priority on or off (cgroup cpu.weight 1 / cpu.shares 2, or the default); synchronous and cheap. */
+  setBackground?(id: string, background: boolean): void;
   resume?(handle: TaskHandle): Promise<void>;
   /**
    * Runs a command inside a running task, as the task's user namespace sees it (service health

@@ -69,6 +69,8 @@ export interface SandboxStatusT {
   network?: { ip: string; dnsName: string } | undefined;
   /** Token that opens the sandbox's private preview URLs (header x-berth-token or ?berth_token=). */
   accessToken?: string;
+  /** Runs at the lowest CPU priority (an unclaimed warm-pool member); internal, not shown. */
+  background?: boolean;
 }
 
 export type SandboxResource = Resource<SandboxSpecT, SandboxStatusT>;
@@ -196,6 +198,11 @@ export function makeSandboxReconciler(deps: { store: ResourceStore; drivers: Dri
         save({ phase: 'running', task: handle, pid: obs.pid ?? handle.pid, startedAt: st.startedAt ?? handle.startedAt, network: networkStatus(handle, s.name, s.project) });
         store.addEvent(id, 'Adopted', 'running sandbox adopted after a daemon restart');
       }
+      if (st.background && !s.labels[POOL_LABEL]) {
+        // Claimed (the API lowered it already; this covers a claim that a crash interrupted).
+        taskDriver.setBackground?.(id, false);
+        save({ background: undefined });
+      }
       const want = s.spec.state ?? 'running';
       const pause = async (auto: boolean) => {
         const t0 = performance.now();
@@ -264,6 +271,7 @@ export function makeSandboxReconciler(deps: { store: ResourceStore; drivers: Dri
         hostname: s.name,
         labels: s.labels,
         sandbox: true,
+        ...(s.labels[POOL_LABEL] ? { background: true } : {}),
         ...netOf(taskNetworkFor(s.spec, s.project, s.name, { policy: 'deny-all' })),
       });
     } catch (e) {
@@ -276,7 +284,7 @@ export function makeSandboxReconciler(deps: { store: ResourceStore; drivers: Dri
     }
     if (s.labels[POOL_LABEL]) await warmUp(driver, id, log);
     const exp = Date.parse(handle.startedAt) + s.spec.timeoutMs;
-    save({ phase: 'running', task: handle, pid: handle.pid, startedAt: handle.startedAt, expiresAt: new Date(exp).toISOString(), network: networkStatus(handle, s.name, s.project) }, s.generation);
+    save({ phase: 'running', task: handle, pid: handle.pid, startedAt: handle.startedAt, expiresAt: new Date(exp).toISOString(), network: networkStatus(handle, s.name, s.project), ...(s.labels[POOL_LABEL] && driver.setBackground ? { background: true } : {}) }, s.generation);
     store.addEvent(id, 'Started', `sandbox started (isolation ${s.spec.isolation}, pid ${handle.pid})`);
     return { requeueAfterMs: Math.max(0, exp - Date.now()) };
   };

@@ -19,7 +19,7 @@ import { admitRunSpec, waitForChange } from './workloads.js';
 import { SANDBOXPOOL, poolMatches, poolMembers, type SandboxPoolSpecT, type SandboxPoolStatusT } from '../../reconcilers/sandboxpools.js';
 
 const tags = ['sandboxes'];
-const HIDDEN = ['task'];
+const HIDDEN = ['task', 'background'];
 const sandboxView = (s: SandboxResource) => view(s, HIDDEN);
 
 const EnvMap = z.record(z.string().regex(/^[A-Za-z_][A-Za-z0-9_]*$/, { message: 'environment variable names are letters, digits and "_"' }), z.string().max(131072));
@@ -127,7 +127,10 @@ function claimFromPool(ctx: ApiContext, project: string, b: z.infer<typeof Creat
     const spec: SandboxSpecT = { ...member.spec, timeoutMs: elapsed + b.spec.timeoutMs, ...(b.spec.env ? { env: b.spec.env } : {}), ...(b.spec.autoPause ? { autoPause: b.spec.autoPause } : {}) };
     sandboxActivity.touch(member.id);
     ctx.store.updateSpec(member.id, { spec, labels: b.labels ?? {} }, member.resourceVersion);
-    const r = ctx.store.updateStatus(member.id, { ...member.status, expiresAt: new Date(Date.now() + b.spec.timeoutMs).toISOString() }) as SandboxResource;
+    // Full CPU priority from now on: the caller's first command must not wait behind the pool's refills.
+    if (member.status.background && member.status.task) ctx.drivers.byName(member.status.task.driver)?.setBackground?.(member.id, false);
+    const { background: _bg, ...status } = member.status;
+    const r = ctx.store.updateStatus(member.id, { ...status, expiresAt: new Date(Date.now() + b.spec.timeoutMs).toISOString() }) as SandboxResource;
     ctx.store.addEvent(member.id, 'Claimed', `claimed from warm pool ${pool.name}`);
     ctx.store.updateStatus(pool.id, { ...pool.status, claimed: (pool.status.claimed ?? 0) + 1, lastClaimAt: new Date().toISOString() });
     ctx.kick(SANDBOX, member.id);

@@ -83,6 +83,8 @@ export interface VmMachine {
   net?: boolean;
 }
 
+type CgroupSize = { memoryMiB: number; vcpus: number; background?: boolean | undefined };
+
 /** The QEMU command line of one task (pure; the driver adds nothing else). */
 export function buildQemuArgs(o: VmMachine & { dir: string; mac?: string | undefined }): string[] {
   // (Not init_on_free=1: it shrinks snapshots by a third but makes the guest write every page it
@@ -325,7 +327,7 @@ export class MicroVmDriver implements RuntimeDriver {
       // What a snapshot of this VM needs to be restored: the same machine (paths aside).
       writeFileSync(join(dir, 'vm.json'), JSON.stringify(machine));
       const args = buildQemuArgs({ dir, ...machine, mac: net?.mac });
-      const cgroups = this.makeCgroups(cfg.id, size);
+      const cgroups = this.makeCgroups(cfg.id, { ...size, background: cfg.background });
       pid = await this.launch(dir, args, cgroups, net?.netns);
       await this.awaitAgent(cfg.id, dir, pid, cfg.sandbox === true);
       return this.tracked(cfg, pid, net);
@@ -406,7 +408,7 @@ export class MicroVmDriver implements RuntimeDriver {
       writeFileSync(join(dir, 'vm.json'), JSON.stringify(machine));
       const net = await this.joinNetwork(cfg);
       const args = [...buildQemuArgs({ dir, ...machine, mac: net?.mac }), '-incoming', `exec:cat '${join(src, 'memory')}'`];
-      const cgroups = this.makeCgroups(cfg.id, { memoryMiB: machine.memoryMiB, vcpus: machine.vcpus });
+      const cgroups = this.makeCgroups(cfg.id, { memoryMiB: machine.memoryMiB, vcpus: machine.vcpus, background: cfg.background });
       pid = await this.launch(dir, args, cgroups, net?.netns);
       // The snapshot was taken with the vCPUs stopped, so the loaded VM waits paused: once the
       // memory is in, let it run. Its agent is already up and answers at once.
@@ -461,24 +463,40 @@ export class MicroVmDriver implements RuntimeDriver {
     return net;
   }
 
-  /** The task's host cgroups, one per controller used: memory (guest RAM + QEMU) and cpu (vCPUs). */
-  private cgroupPlan(id: string): { dir: string; files: (size: { memoryMiB: number; vcpus: number }) => [string, string][] }[] {
-    const out: { dir: string; files: (size: { memoryMiB: number; vcpus: number }) => [string, string][] }[] = [];
+  /**
+   * The task's host cgroups, one per controller used: memory (guest RAM + QEMU) and cpu (vCPUs,
+   * and the priority: a background VM — a warm-pool member booting — gets cpu.weight 1 / cpu.shares 2
+   * so that it takes only CPU time nothing else wants, e.g. not from a claimed sandbox's command).
+   */
+  private cgroupPlan(id: string): { dir: string; files: (size: CgroupSize) => [string, string][] }[] {
+    const out: { dir: string; files: (size: CgroupSize) => [string, string][] }[] = [];
     const mem = (s: { memoryMiB: number }) => (s.memoryMiB + QEMU_OVERHEAD_MIB) * 2 ** 20;
     for (const h of cgroupHierarchies()) {
       const dir = join(h, this.cgroupParent, id);
       if (h === '/sys/fs/cgroup') {
-        out.push({ dir, files: (s) => [['memory.max', String(mem(s))], ['cpu.max', `${s.vcpus * 100000} 100000`]] });
+        out.push({ dir, files: (s) => [['memory.max', String(mem(s))], ['cpu.max', `${s.vcpus * 100000} 100000`], ['cpu.weight', s.background ? '1' : '100']] });
         continue;
       }
       const ctrls = h.split('/').pop()!.split(',');
       if (ctrls.includes('memory')) out.push({ dir, files: (s) => [['memory.limit_in_bytes', String(mem(s))]] });
-      else if (ctrls.includes('cpu')) out.push({ dir, files: (s) => [['cpu.cfs_period_us', '100000'], ['cpu.cfs_quota_us', String(s.vcpus * 100000)]] });
+      else if (ctrls.includes('cpu')) out.push({ dir, files: (s) => [['cpu.cfs_period_us', '100000'], ['cpu.cfs_quota_us', String(s.vcpus * 100000)], ['cpu.shares', s.background ? '2' : '1024']] });
     }
     return out;
   }
 
-  private makeCgroups(id: string, size: { memoryMiB: number; vcpus: number }): string[] {
+  setBackground(id: string, background: boolean): void {
+    for (const h of cgroupHierarchies()) {
+      const v2 = h === '/sys/fs/cgroup';
+      if (!v2 && !h.split('/').pop()!.split(',').includes('cpu')) continue;
+      try {
+        writeFileSync(join(h, this.cgroupParent, id, v2 ? 'cpu.weight' : 'cpu.shares'), v2 ? (background ? '1' : '100') : background ? '2' : '1024');
+      } catch {
+        /* the task is gone */
+      }
+    }
+  }
+
+  private makeCgroups(id: string, size: CgroupSize): string[] {
     const dirs: string[] = [];
     for (const cg of this.cgroupPlan(id)) {
       if (cg.dir.startsWith('/sys/fs/cgroup/') && existsSync('/sys/fs/cgroup/cgroup.controllers')) {
