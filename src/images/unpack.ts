@@ -26,14 +26,14 @@ import { execFile } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
 import fs, { constants as fsc, promises as fsp } from 'node:fs';
 import path from 'node:path';
-import { Transform, type Readable } from 'node:stream';
+import { PassThrough, Transform, type Readable, type Writable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { Worker, type MessagePort } from 'node:worker_threads';
 import { promisify } from 'node:util';
 import zlib from 'node:zlib';
 import tar from 'tar-stream';
 import { BerthError, failedPrecondition, invalidArgument } from '../core/errors.js';
-import { layerCompression, parseConfig, parseManifest, type ImageConfigDoc, type Manifest } from './oci.js';
+import { layerCompression, parseConfig, parseManifest, type Descriptor, type ImageConfigDoc, type Manifest } from './oci.js';
 import type { ImageStore } from './store.js';
 
 const execFileP = promisify(execFile);
@@ -605,6 +605,79 @@ export async function applyLayer(root: string, layer: LayerInput): Promise<Unpac
   return stats;
 }
 
+/**
+ * The layers of a pull in progress, for the unpack that runs alongside it (ImageService.pull):
+ * the layer that unpack waits for is streamed to it while it downloads (next to the store's
+ * write, see LayerTee), and a layer whose download began earlier (or that was already stored)
+ * is read from the store once it is stored. Layers are applied in order, so one is streamed at
+ * a time.
+ */
+export class LayerFeed {
+  private wanted: { digest: string; give: (s: Readable) => void } | undefined;
+  private readonly given: PassThrough[] = [];
+  private closed = false;
+  private readonly storedWaits = new Map<string, { promise: Promise<void>; resolve: () => void; reject: (e: unknown) => void }>();
+  private failure: unknown;
+
+  constructor(private readonly store: ImageStore) {}
+
+  private storedWait(digest: string) {
+    let w = this.storedWaits.get(digest);
+    if (!w) {
+      let resolve!: () => void;
+      let reject!: (e: unknown) => void;
+      const promise = new Promise<void>((res, rej) => ((resolve = res), (reject = rej)));
+      promise.catch(() => undefined);
+      w = { promise, resolve, reject };
+      if (this.failure !== undefined) reject(this.failure);
+      this.storedWaits.set(digest, w);
+    }
+    return w;
+  }
+
+  /** The pull stored (verified) this layer blob, or found it stored. */
+  stored(digest: string): void {
+    this.storedWait(digest).resolve();
+  }
+
+  /** The pull failed: whatever waits fails with it. */
+  fail(e: unknown): void {
+    this.failure ??= e;
+    for (const w of this.storedWaits.values()) w.reject(e);
+  }
+
+  /** LayerTee.open: a stream for the layer the unpack is waiting for, if this is it. */
+  open(d: Descriptor): Writable | undefined {
+    if (this.closed || this.wanted?.digest !== d.digest) return undefined;
+    const s = new PassThrough({ highWaterMark: 4 << 20 });
+    s.on('error', () => undefined); // the unpack reading it sees the error through its pipeline
+    this.given.push(s);
+    this.wanted.give(s);
+    this.wanted = undefined;
+    return s;
+  }
+
+  /**
+   * The unpack is over (done or failed): no more streams, and those it did not read to the end
+   * are destroyed, so that their downloads never wait on a reader that is gone.
+   */
+  close(): void {
+    this.closed = true;
+    this.wanted = undefined;
+    for (const s of this.given) s.destroy();
+  }
+
+  /** Layer `d`'s compressed bytes: streamed from its download, or from the store. */
+  async source(d: Descriptor): Promise<Readable> {
+    const stored = this.storedWait(d.digest).promise;
+    const streamed = new Promise<Readable>((give) => (this.wanted = { digest: d.digest, give }));
+    const first = await Promise.race([streamed, stored.then(() => undefined)]);
+    if (first) return first;
+    if (this.wanted?.digest === d.digest) this.wanted = undefined;
+    return this.store.openBlob(d.digest);
+  }
+}
+
 export interface UnpackedImage {
   manifestDigest: string;
   rootfs: string;
@@ -641,17 +714,42 @@ export class RootfsCache {
   /** The rootfs of the image, unpacking it first if needed (once, even with concurrent callers). */
   async ensure(manifestDigest: string): Promise<UnpackedImage> {
     const { manifest, config } = await this.load(manifestDigest);
-    const final = this.pathFor(manifestDigest);
+    return { manifestDigest, rootfs: await this.once(manifestDigest, manifest, config), manifest, config };
+  }
+
+  /**
+   * Unpack an image while it is being pulled: each layer's bytes come from `feed` (streamed as
+   * they download, or read from the store), and the tree is renamed into place only once
+   * `verified` resolves (every blob stored under its verified digest); before that nothing can
+   * use it, and if `verified` rejects it is removed.
+   */
+  ensureWhilePulling(manifestDigest: string, manifest: Manifest, config: ImageConfigDoc, feed: LayerFeed, verified: Promise<unknown>): Promise<string> {
+    return this.once(manifestDigest, manifest, config, { feed, verified });
+  }
+
+  private once(manifestDigest: string, manifest: Manifest, config: ImageConfigDoc, from?: { feed: LayerFeed; verified: Promise<unknown> }): Promise<string> {
     let p = this.inflight.get(manifestDigest);
     if (!p) {
-      p = this.unpack(manifestDigest, manifest, config, final);
+      p = this.unpack(manifestDigest, manifest, config, this.pathFor(manifestDigest), from);
       this.inflight.set(manifestDigest, p);
       p.finally(() => this.inflight.delete(manifestDigest)).catch(() => undefined);
     }
-    return { manifestDigest, rootfs: await p, manifest, config };
+    return p;
   }
 
-  private async unpack(manifestDigest: string, manifest: Manifest, config: ImageConfigDoc, final: string): Promise<string> {
+  private async unpack(manifestDigest: string, manifest: Manifest, config: ImageConfigDoc, final: string, from?: { feed: LayerFeed; verified: Promise<unknown> }): Promise<string> {
+    if (!from) return this.unpackOnce(manifestDigest, manifest, config, final);
+    // Asked for before the first await, i.e. before the pull starts downloading it: streamed.
+    const first = manifest.layers[0] ? from.feed.source(manifest.layers[0]) : undefined;
+    first?.catch(() => undefined);
+    try {
+      return await this.unpackOnce(manifestDigest, manifest, config, final, { ...from, first });
+    } finally {
+      from.feed.close();
+    }
+  }
+
+  private async unpackOnce(manifestDigest: string, manifest: Manifest, config: ImageConfigDoc, final: string, from?: { feed: LayerFeed; verified: Promise<unknown>; first: Promise<Readable> | undefined }): Promise<string> {
     try {
       if ((await fsp.lstat(final)).isDirectory()) return final;
     } catch (e) {
@@ -661,7 +759,7 @@ export class RootfsCache {
     const lease = this.store.lease([manifestDigest, manifest.config.digest, ...manifest.layers.map((l) => l.digest)]);
     const tmp = path.join(this.dir, `.tmp-${manifestDigest.slice(7, 19)}-${process.pid}-${randomBytes(6).toString('hex')}`);
     try {
-      for (const l of manifest.layers) {
+      for (const l of from ? [] : manifest.layers) {
         if (!(await this.store.hasBlob(l.digest))) throw failedPrecondition(`layer ${l.digest} of image ${manifestDigest} is missing from the image store; pull the image again`);
       }
       await fsp.mkdir(tmp, 0o755);
@@ -669,8 +767,10 @@ export class RootfsCache {
       for (const [i, l] of manifest.layers.entries()) {
         const compression = layerCompression(l.mediaType);
         if (!compression) throw invalidArgument(`layer ${l.digest} of image ${manifestDigest} has media type "${l.mediaType.slice(0, 100)}", which is not a layer Berth can unpack (tar, tar+gzip, tar+zstd)`);
-        await applyLayer(tmp, { stream: this.store.openBlob(l.digest), compression, diffId: config.rootfs.diff_ids[i]!, name: l.digest, worker: l.size >= WORKER_MIN_BYTES });
+        const stream = !from ? this.store.openBlob(l.digest) : i === 0 && from.first ? await from.first : await from.feed.source(l);
+        await applyLayer(tmp, { stream, compression, diffId: config.rootfs.diff_ids[i]!, name: l.digest, worker: l.size >= WORKER_MIN_BYTES });
       }
+      if (from) await from.verified;
       try {
         await fsp.rename(tmp, final);
       } catch (e) {
