@@ -429,7 +429,8 @@ interface Batch {
   buf: Uint8Array;
 }
 type WireError = { hostile: [string, string, string] } | { berth: [BerthError['code'], string, Record<string, unknown> | undefined] } | { message: string; code?: string };
-type FromWorker = { ack: true } | { done: UnpackStats } | { error: WireError };
+/** ack: a batch is applied; its buffer comes back for the next one. */
+type FromWorker = { ack: Uint8Array } | { done: UnpackStats } | { error: WireError };
 
 const BATCH_BYTES = 1 << 20;
 /** Compressed layers from this size on are applied in a worker thread. */
@@ -460,6 +461,8 @@ class WorkerSink implements EntrySink {
   private batch: Batch = { ops: [], buf: new Uint8Array(BATCH_BYTES) };
   private used = 0;
   private inflight = 0;
+  /** Batch buffers the worker gave back (reused: fresh ones cost page faults). */
+  private readonly free: Uint8Array[] = [];
   private failure: Error | undefined;
   private wake: (() => void) | undefined;
   private done: ((s: UnpackStats) => void) | undefined;
@@ -467,7 +470,10 @@ class WorkerSink implements EntrySink {
   constructor(root: string, layer: string) {
     this.worker = new Worker(new URL('./unpack-worker.js', import.meta.url), { workerData: { root, layer } });
     this.worker.on('message', (m: FromWorker) => {
-      if ('ack' in m) this.inflight--;
+      if ('ack' in m) {
+        this.inflight--;
+        this.free.push(m.ack);
+      }
       else if ('error' in m) this.failure ??= fromWire(m.error);
       else this.done?.(m.done);
       this.wake?.();
@@ -487,7 +493,7 @@ class WorkerSink implements EntrySink {
     const { ops, buf } = this.batch;
     this.worker.postMessage({ ops, buf }, [buf.buffer as ArrayBuffer]);
     this.inflight++;
-    this.batch = { ops: [], buf: new Uint8Array(BATCH_BYTES) };
+    this.batch = { ops: [], buf: this.free.pop() ?? new Uint8Array(BATCH_BYTES) };
     this.used = 0;
     while (this.inflight >= MAX_INFLIGHT && !this.failure) await new Promise<void>((r) => (this.wake = r));
     if (this.failure) throw this.failure;
@@ -552,7 +558,7 @@ export function serveLayerWorker(port: MessagePort, data: { root: string; layer:
           if (Array.isArray(op)) sink.data(m.buf.subarray(op[0], op[0] + op[1]));
           else await sink.entry(op);
         }
-        port.postMessage({ ack: true } satisfies FromWorker);
+        port.postMessage({ ack: m.buf } satisfies FromWorker, [m.buf.buffer as ArrayBuffer]);
       } catch (e) {
         await fail(e);
       }
