@@ -1,7 +1,8 @@
 // Benchmark: images. In the same run, against a docker-registry on 127.0.0.1:
 //   1. pull + unpack of three images made with `berth image base` (busybox; slim Debian bookworm;
-//      Debian with postgresql), through Berth (ImageService.pull: registry → verified store →
-//      unpacked rootfs, in-process, a fresh data dir per run) vs `skopeo copy docker://… oci:…`
+//      Debian with postgresql), through Berth (ImageService.pull: registry → verified store, and
+//      the layers unpacked as they download, the rootfs used only once every blob is verified;
+//      in-process, a fresh data dir per run) vs `skopeo copy docker://… oci:…`
 //      followed by `umoci unpack` (a fresh directory per run). Runs interleaved, medians, ratio.
 //   2. rootfs preparation of a second workload of each image (resolve + writable layer + overlay
 //      mount; no unpack), median.
@@ -146,7 +147,7 @@ async function main(): Promise<void> {
       '',
       '### Pull + unpack: Berth vs skopeo copy + umoci unpack',
       '',
-      'Berth = `ImageService.pull` in-process (what POST /v1/images/pull runs): manifest and blobs verified into a fresh store, then the layers unpacked into the shared rootfs. Baseline = `skopeo copy docker://… oci:DIR:img` then `umoci unpack --image DIR:img BUNDLE` (skopeo runs in a private mount namespace so its blob-info cache stays off the host; that costs it ~2 ms). Images made with `berth image base`, one gzip layer each. Ratio = Berth / baseline (target ≤ 1.0×).',
+      'Berth = `ImageService.pull` in-process (what POST /v1/images/pull runs): manifest and blobs verified into a fresh store; each layer is unpacked while it downloads (big layers: the files written by a worker thread while the main thread inflates and hashes), into a temporary tree that becomes the shared rootfs only once every blob is verified. Baseline = `skopeo copy docker://… oci:DIR:img` then `umoci unpack --image DIR:img BUNDLE` (skopeo runs in a private mount namespace so its blob-info cache stays off the host; that costs it ~2 ms). Images made with `berth image base`, one gzip layer each. Ratio = Berth / baseline (target ≤ 1.0×).',
       '',
       '| image | compressed | Berth | skopeo + umoci | ratio |',
       '|---|---|---|---|---|',

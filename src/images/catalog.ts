@@ -16,7 +16,7 @@ import { CredentialStore } from './credentials.js';
 import { BaseImages } from './base.js';
 import { Builder, type BuildRequest } from './build.js';
 import type { PushResult } from './registry.js';
-import { RootfsCache } from './unpack.js';
+import { LayerFeed, RootfsCache } from './unpack.js';
 
 export interface ImageConfig {
   env: Record<string, string>;
@@ -398,14 +398,41 @@ export class ImageService implements ImageCatalog {
     if (BUILTIN_REFS.has(req.ref)) return this.inspect(req.ref);
     const ref = parseRef(req.ref);
     const client = this.client(ref.registry, req.credentials);
+    // The layers are unpacked while they download (into a temporary tree that is renamed into
+    // place only after the pull verified and stored every blob); see LayerFeed.
+    const feed = new LayerFeed(this.store);
+    let unpacking: Promise<string> | undefined;
+    let verify!: { resolve: () => void; reject: (e: unknown) => void };
+    const verified = new Promise<void>((resolve, reject) => (verify = { resolve, reject }));
+    verified.catch(() => undefined);
     let res;
     try {
-      res = await client.pull(this.store, ref, { ...(req.onProgress ? { onProgress: req.onProgress } : {}), ...(req.signal ? { signal: req.signal } : {}) });
+      res = await client.pull(this.store, ref, {
+        onProgress: (p) => {
+          if (p.kind === 'layer' && (p.status === 'done' || p.status === 'exists')) feed.stored(p.digest);
+          req.onProgress?.(p);
+        },
+        tee: {
+          start: (digest, manifest, config) => {
+            unpacking = this.rootfs.ensureWhilePulling(digest, manifest, config, feed, verified);
+            unpacking.catch(() => undefined);
+          },
+          open: (d) => feed.open(d),
+        },
+        ...(req.signal ? { signal: req.signal } : {}),
+      });
     } catch (e) {
+      verify.reject(e);
+      feed.fail(e);
+      await unpacking?.catch(() => undefined);
       // The registry refused us: not the caller's Berth token, so not a 401/403 of Berth's API.
       if (e instanceof BerthError && (e.code === 'unauthenticated' || e.code === 'permission_denied')) throw failedPrecondition(e.message);
       throw e;
     }
+    verify.resolve();
+    // If the unpack alongside failed (a hostile layer, or a download that was retried), this
+    // unpacks from the verified store and gives the authoritative error; otherwise it is done.
+    await unpacking?.catch(() => undefined);
     await this.rootfs.ensure(res.digest);
     return this.inspect(formatRef(ref));
   }

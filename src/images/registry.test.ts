@@ -3,10 +3,11 @@
 // tampered content come from a small proxy in front of it.
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { mkdtemp, readdir, rm } from 'node:fs/promises';
+import { mkdtemp, readFile, readdir, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { BerthError } from '../core/errors.js';
+import { ImageService } from './catalog.js';
 import { MT } from './oci.js';
 import { parseRef } from './ref.js';
 import { RegistryClient, parseChallenge, type LayerProgress } from './registry.js';
@@ -292,6 +293,43 @@ describe('registry client against docker-registry (anonymous)', { skip }, () => 
       assert.deepEqual(await readdir(store.blobsDir), [], 'nothing verified-but-unreferenced left after GC');
     } finally {
       await store.cleanup();
+      await proxy.stop();
+    }
+  });
+
+  test('ImageService.pull unpacks while downloading, but a layer that fails verification leaves no rootfs (even when it unpacks fine)', async () => {
+    const img = await sampleImage('streamed');
+    await pushImage(new RegistryClient(fast), img, `${reg.host}/streamed/app:1`);
+    // The first layer (the one streamed into the unpack) with a gzip header MTIME byte changed:
+    // the same tar inside (so the unpack and the diff_id check succeed), but not the blob whose
+    // digest the manifest names.
+    let tamper = true;
+    const proxy = await startProxy(reg.host, (req, res) => {
+      if (!tamper || !req.url?.includes(`/blobs/${img.layers[0]!.digest}`)) return false;
+      const evil = Buffer.from(img.layers[0]!.blob);
+      evil[5] = evil[5]! ^ 0xff;
+      res.writeHead(200, { 'content-length': String(evil.length) }).end(evil);
+      return true;
+    });
+    const dir = await mkdtemp(path.join(tmpdir(), 'berth-reg-svc-'));
+    const svc = new ImageService(dir);
+    try {
+      const ref = `${proxy.host}/streamed/app:1`;
+      await assert.rejects(svc.pull({ ref }), (e: unknown) => e instanceof DigestMismatchError);
+      assert.deepEqual(await readdir(path.join(dir, 'rootfs')).catch(() => []), [], 'no rootfs tree, not even a temporary one');
+      assert.equal(await svc.store.hasBlob(img.layers[0]!.digest), false);
+      assert.equal(svc.store.getTag(ref), undefined);
+      tamper = false;
+      const pulled = await svc.pull({ ref });
+      assert.equal(pulled.digest, img.manifestDigest);
+      assert.equal(pulled.unpacked, true);
+      const { rootfs } = await svc.resolve(ref);
+      assert.equal(await readFile(path.join(rootfs, 'etc/hello'), 'utf8'), 'hello streamed\n');
+      assert.equal((await readFile(path.join(rootfs, 'bin/app'), 'utf8')).length, 'streamed '.length * 20_000);
+      assert.deepEqual(await readdir(path.join(dir, 'rootfs')), [img.manifestDigest.slice(7)]);
+    } finally {
+      svc.close();
+      await rm(dir, { recursive: true, force: true });
       await proxy.stop();
     }
   });

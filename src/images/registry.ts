@@ -7,10 +7,10 @@
 //
 // Credentials are only ever put in Authorization headers: they appear in no error message and no
 // log line (errors name the registry and the repository, never a header or a token).
-import type { Readable } from 'node:stream';
+import type { Readable, Writable } from 'node:stream';
 import { BerthError, invalidArgument, notFound, permissionDenied, unauthenticated, unavailable } from '../core/errors.js';
 import { DOCKER_HUB_API_HOST, DEFAULT_REGISTRY, formatRef, repoName, type ImageRef } from './ref.js';
-import { MANIFEST_ACCEPT, MAX_MANIFEST_BYTES, hostPlatform, parseConfig, parseManifest, type Descriptor, type Manifest } from './oci.js';
+import { MANIFEST_ACCEPT, MAX_MANIFEST_BYTES, hostPlatform, parseConfig, parseManifest, type Descriptor, type ImageConfigDoc, type Manifest } from './oci.js';
 import { DigestMismatchError, type ImageStore } from './store.js';
 import { createHash } from 'node:crypto';
 
@@ -50,6 +50,19 @@ export interface RegistryClientOptions {
 export interface PullOptions {
   onProgress?: (p: LayerProgress) => void;
   signal?: AbortSignal;
+  /** Lets the caller unpack the layers while they download (see LayerFeed in unpack.ts). */
+  tee?: LayerTee;
+}
+
+export interface LayerTee {
+  /** Called once the manifest and config are verified, before any layer is fetched. */
+  start(manifestDigest: string, manifest: Manifest, config: ImageConfigDoc): void;
+  /**
+   * Called when a layer's download starts: a stream that gets its bytes as they arrive (besides
+   * the store), or undefined. It ends when the download does, or is destroyed with an error when
+   * the download fails; the bytes are verified by the store only after the end.
+   */
+  open(d: Descriptor): Writable | undefined;
 }
 
 export interface PullResult {
@@ -212,6 +225,32 @@ async function errorDetail(res: Response): Promise<string> {
     return text.replace(/\s+/g, ' ').trim().slice(0, 200);
   } catch {
     return '';
+  }
+}
+
+/**
+ * The chunks of `body`, also written to `sink` (waiting while it is full). A sink that is
+ * destroyed (its reader failed) gets no more; the download goes on into the store regardless.
+ */
+async function* teeTo(body: AsyncIterable<Uint8Array>, sink: Writable): AsyncGenerator<Uint8Array> {
+  let complete = false;
+  try {
+    for await (const c of body) {
+      if (!sink.destroyed && !sink.write(c)) {
+        await new Promise<void>((resolve) => {
+          const go = () => {
+            sink.off('drain', go).off('close', go);
+            resolve();
+          };
+          sink.on('drain', go).on('close', go);
+        });
+      }
+      yield c;
+    }
+    complete = true;
+  } finally {
+    if (complete) sink.end();
+    else sink.destroy(new Error('the download was interrupted'));
   }
 }
 
@@ -427,7 +466,9 @@ export class RegistryClient {
             }
             if (!res.body) throw unavailable(`registry ${ref.registry} sent no body for ${what}`);
             report(0, 'downloading');
-            return res.body as unknown as AsyncIterable<Uint8Array>;
+            const body = res.body as unknown as AsyncIterable<Uint8Array>;
+            const sink = kind === 'layer' ? opts.tee?.open(d) : undefined;
+            return sink ? teeTo(body, sink) : body;
           },
           { size: d.size, what, onBytes: (n) => report(n, 'downloading') },
         );
@@ -475,6 +516,7 @@ export class RegistryClient {
       if (config.rootfs.diff_ids.length !== manifest.layers.length) {
         throw invalidArgument(`image ${formatRef(ref)} is inconsistent: its manifest lists ${manifest.layers.length} layers but its config ${config.rootfs.diff_ids.length}`);
       }
+      opts.tee?.start(got.digest, manifest, config);
       for (const l of manifest.layers) opts.onProgress?.({ ref: formatRef(ref), digest: l.digest, kind: 'layer', size: l.size, bytes: 0, status: 'waiting' });
       await mapLimit(manifest.layers, this.opts.concurrency, (l) => this.pullBlob(store, ref, l, 'layer', opts));
       await store.putBytes(got.bytes, got.digest);

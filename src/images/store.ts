@@ -114,7 +114,7 @@ export class ImageStore {
   }
 
   openBlob(digest: string): ReadStream {
-    return createReadStream(this.blobPath(digest));
+    return createReadStream(this.blobPath(digest), { highWaterMark: 1 << 20 });
   }
 
   /**

@@ -1,6 +1,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
 import { lstat, mkdir, mkdtemp, readdir, readFile, readlink, rm, stat, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
@@ -20,9 +21,9 @@ async function withTmp(fn: (dir: string) => Promise<void>): Promise<void> {
   }
 }
 
-async function apply(root: string, entries: EntrySpec[], diffId?: string) {
+async function apply(root: string, entries: EntrySpec[], diffId?: string, worker = false) {
   const bytes = await makeTar(entries);
-  return applyLayer(root, { stream: Readable.from([bytes]), compression: 'none', name: 'sha256:test', ...(diffId ? { diffId } : {}) });
+  return applyLayer(root, { stream: Readable.from([bytes]), compression: 'none', name: 'sha256:test', worker, ...(diffId ? { diffId } : {}) });
 }
 
 /** Sorted listing "path type" of a tree, without following symlinks. */
@@ -39,10 +40,12 @@ async function tree(root: string): Promise<string[]> {
   return out.sort();
 }
 
-test('applyLayer: files, directories, modes, owners, symlinks, hardlinks, fifos', async () => {
+for (const worker of [false, true]) test(`applyLayer${worker ? ' (worker thread)' : ''}: files, directories, modes, owners, symlinks, hardlinks, fifos`, async () => {
   await withTmp(async (dir) => {
     const root = path.join(dir, 'root');
     await mkdir(root);
+    // Bigger than the worker's 1 MiB batches: its bytes travel in several.
+    const big = randomBytes(2.5 * 2 ** 20 + 7);
     const stats = await apply(root, [
       { name: './', type: 'directory', mode: 0o755 },
       { name: 'etc/', type: 'directory', mode: 0o755 },
@@ -55,8 +58,12 @@ test('applyLayer: files, directories, modes, owners, symlinks, hardlinks, fifos'
       { name: 'tmp/', type: 'directory', mode: 0o1777 },
       { name: 'run/pipe', type: 'fifo', mode: 0o600 },
       { name: 'deep/a/b/c', content: 'implicit parents' },
-    ]);
-    assert.equal(stats.entries, 11);
+      { name: 'big', content: big },
+      { name: 'after-big', content: 'next' },
+    ], undefined, worker);
+    assert.equal(stats.entries, 13);
+    assert.ok((await readFile(path.join(root, 'big'))).equals(big));
+    assert.equal(await readFile(path.join(root, 'after-big'), 'utf8'), 'next');
     assert.equal(await readFile(path.join(root, 'etc/motd'), 'utf8'), 'hello\n');
     const motd = await stat(path.join(root, 'etc/motd'));
     assert.equal(motd.mode & 0o7777, 0o640);
@@ -154,8 +161,9 @@ const HOSTILE: Hostile[] = [
   { name: 'block device', entries: () => [{ name: 'dev/sda', type: 'block-device' }], message: /device node/ },
 ];
 
-for (const h of HOSTILE) {
-  test(`applyLayer refuses a hostile layer: ${h.name}`, async () => {
+// Inline, and in the worker thread that big layers are applied in.
+for (const [h, worker] of HOSTILE.flatMap((h) => [[h, false], [h, true]] as const)) {
+  test(`applyLayer refuses a hostile layer${worker ? ' (worker thread)' : ''}: ${h.name}`, async () => {
     await withTmp(async (dir) => {
       const outside = path.join(dir, 'outside');
       const root = path.join(dir, 'root');
@@ -163,7 +171,7 @@ for (const h of HOSTILE) {
       await mkdir(root);
       await writeFile(path.join(outside, 'victim'), 'original');
       const before = await tree(dir);
-      await assert.rejects(apply(root, h.entries(outside)), (e: unknown) => {
+      await assert.rejects(apply(root, h.entries(outside), undefined, worker), (e: unknown) => {
         assert.ok(e instanceof HostileLayerError, `expected HostileLayerError, got ${String(e)}`);
         assert.equal(e.code, 'invalid_argument');
         assert.match(e.message, h.message);

@@ -1,7 +1,10 @@
 // Rootfs materialization: an image's layers are applied in order, once, into a directory named by
 // the manifest digest (<dir>/<hex>), which workloads then share read-only (runc and gVisor mount a
 // per-workload overlay over it). The tree is built in a temporary sibling and renamed into place,
-// so a rootfs directory that exists is complete.
+// so a rootfs directory that exists is complete. A pull unpacks while it downloads (LayerFeed):
+// the layer being applied is streamed from its download, and the tree is renamed into place only
+// after the pull has verified every blob against its digest and stored it; a tree built from
+// bytes that then fail verification is removed unused.
 //
 // Tar parsing is tar-stream's; applying entries is Berth's own code on purpose: layer semantics
 // (OCI whiteouts ".wh.<name>" and opaque directories ".wh..wh..opq", replacing a directory by a
@@ -22,23 +25,31 @@
 // The file system calls of one entry are synchronous on purpose: a layer has thousands of small
 // entries, and a round trip through libuv's thread pool per call made unpacking several times
 // slower than umoci's; the event loop still gets a turn between entries and between chunks.
+// For big layers those calls run in a worker thread (WorkerSink), in the order the entries
+// come, while this thread inflates, hashes and parses the next ones: measured on the postgresql
+// image, the two halves take about as long as each other (see BENCHMARKS.md, images).
 import { execFile } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
 import fs, { constants as fsc, promises as fsp } from 'node:fs';
 import path from 'node:path';
-import { Transform, type Readable } from 'node:stream';
+import { PassThrough, Transform, type Readable, type Writable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
+import { Worker, type MessagePort } from 'node:worker_threads';
 import { promisify } from 'node:util';
 import zlib from 'node:zlib';
 import tar from 'tar-stream';
 import { BerthError, failedPrecondition, invalidArgument } from '../core/errors.js';
-import { layerCompression, parseConfig, parseManifest, type ImageConfigDoc, type Manifest } from './oci.js';
+import { layerCompression, parseConfig, parseManifest, type Descriptor, type ImageConfigDoc, type Manifest } from './oci.js';
 import type { ImageStore } from './store.js';
 
 const execFileP = promisify(execFile);
 
 export class HostileLayerError extends BerthError {
-  constructor(layer: string, entry: string, why: string) {
+  constructor(
+    readonly layer: string,
+    readonly entry: string,
+    readonly why: string,
+  ) {
     super('invalid_argument', `layer ${layer} is refused: entry "${entry.slice(0, 200)}" ${why}; nothing outside the image store was written and the image was not unpacked`, { layer, entry: entry.slice(0, 200) });
     this.name = 'HostileLayerError';
   }
@@ -52,6 +63,11 @@ export interface LayerInput {
   diffId?: string;
   /** Name for messages (the layer's digest). */
   name: string;
+  /**
+   * Apply the entries in a worker thread while this thread inflates, hashes and parses (see
+   * applyLayer); worth its start-up (~30 ms) for big layers only. Default: inline.
+   */
+  worker?: boolean;
 }
 
 export interface UnpackStats {
@@ -60,13 +76,21 @@ export interface UnpackStats {
   xattrsSkipped: number;
 }
 
+/**
+ * Inflate in 256 KiB pieces (one thread-pool round trip each; zlib's default 16 KiB made
+ * inflating 2.5× slower) and let it run up to 8 MiB ahead of the entries being written, so
+ * that inflating (in the thread pool) overlaps the file system calls (on the main thread).
+ */
+const INFLATE_OPTS: zlib.ZlibOptions & { highWaterMark: number } = { chunkSize: 256 << 10, highWaterMark: 8 << 20 };
+
 const WH_PREFIX = '.wh.';
 const WH_OPAQUE = '.wh..wh..opq';
 const isRoot = process.getuid?.() === 0;
 /** The process umask (read once; setting it to read it would race with the thread pool). */
 const UMASK = process.umask();
 /** Whether an entry owned by uid:gid needs a chown (files Berth creates as root are root's already). */
-const needsChown = (h: tar.Header) => isRoot && ((h.uid ?? 0) !== 0 || (h.gid ?? 0) !== 0 || process.getegid?.() !== 0);
+const EGID = process.getegid?.();
+const needsChown = (h: tar.Header) => isRoot && ((h.uid ?? 0) !== 0 || (h.gid ?? 0) !== 0 || EGID !== 0);
 
 /** Split a tar entry name into components; refuses absolute paths and "..". [] = the root itself. */
 function components(name: string, layer: string, what = 'path'): string[] {
@@ -81,6 +105,15 @@ function zstdDecompress(layer: string): Transform {
   const make = (zlib as unknown as { createZstdDecompress?: () => Transform }).createZstdDecompress;
   if (!make) throw failedPrecondition(`layer ${layer} is zstd-compressed, which needs Node.js 22.15 or newer for berthd; re-push the image with gzip layers or upgrade Node.js`);
   return make();
+}
+
+interface OpenFile {
+  fd: number;
+  h: tar.Header;
+  abs: string;
+  mode: number;
+  /** Created with its final mode (no fchmod needed). */
+  direct: boolean;
 }
 
 class LayerApplier {
@@ -192,8 +225,8 @@ class LayerApplier {
     }
   }
 
-  async apply(entry: tar.Extract extends AsyncIterable<infer S> ? S : never): Promise<void> {
-    const h = entry.header;
+  /** Apply one entry; a regular file is returned open, for write() and close() with its bytes. */
+  async apply(h: tar.Header): Promise<OpenFile | undefined> {
     const name = h.name;
     this.stats.entries++;
     const parts = components(name, this.layer);
@@ -206,13 +239,13 @@ class LayerApplier {
       if (type !== 'directory') throw new HostileLayerError(this.layer, name, 'replaces the image root with something that is not a directory');
       fs.chmodSync(this.root, (h.mode ?? 0o755) & 0o7777);
       await this.owner(this.root, h);
-      return;
+      return undefined;
     }
     const base = parts[parts.length - 1]!;
     const parentParts = parts.slice(0, -1);
     if (base.startsWith(WH_PREFIX)) {
       const parent = await this.dirs(parentParts, name, base === WH_OPAQUE);
-      if (parent === undefined) return; // nothing below to hide
+      if (parent === undefined) return undefined; // nothing below to hide
       if (base === WH_OPAQUE) {
         this.markAdded(parent);
         for (const child of fs.readdirSync(this.abs(parent))) await this.removeLower(parent === '' ? child : `${parent}/${child}`);
@@ -221,7 +254,7 @@ class LayerApplier {
         if (hidden === '' || hidden === '.' || hidden === '..') throw new HostileLayerError(this.layer, name, 'is a whiteout that names no file');
         await this.removeLower(parent === '' ? hidden : `${parent}/${hidden}`);
       }
-      return;
+      return undefined;
     }
     const parent = (await this.dirs(parentParts, name, true))!;
     const rel = parent === '' ? base : `${parent}/${base}`;
@@ -260,20 +293,8 @@ class LayerApplier {
           await this.clear(rel, false); // an entry of a lower layer (or an earlier one of this layer)
           fd = fs.openSync(abs, flags, direct ? mode : 0o600);
         }
-        try {
-          for await (const chunk of entry) {
-            const b = chunk as Buffer;
-            for (let off = 0; off < b.length; ) off += fs.writeSync(fd, b, off);
-          }
-          const chown = needsChown(h);
-          if (chown) fs.fchownSync(fd, h.uid ?? 0, h.gid ?? 0);
-          if (!direct || chown) fs.fchmodSync(fd, mode); // after chown, which clears set-id bits
-          if (h.mtime) fs.futimesSync(fd, h.mtime, h.mtime);
-        } finally {
-          fs.closeSync(fd);
-        }
-        await this.xattrs(abs, h);
-        break;
+        this.markAdded(rel);
+        return { fd, h, abs, mode, direct };
       }
       case 'symlink': {
         const target = h.linkname ?? '';
@@ -320,6 +341,24 @@ class LayerApplier {
         throw new HostileLayerError(this.layer, name, `has tar type "${type}", which an image layer may not contain`);
     }
     this.markAdded(rel);
+    return undefined;
+  }
+
+  write(f: OpenFile, b: Uint8Array): void {
+    for (let off = 0; off < b.length; ) off += fs.writeSync(f.fd, b, off);
+  }
+
+  /** Owner, mode and times of a file whose bytes are written, then its xattrs. */
+  async close(f: OpenFile): Promise<void> {
+    try {
+      const chown = needsChown(f.h);
+      if (chown) fs.fchownSync(f.fd, f.h.uid ?? 0, f.h.gid ?? 0);
+      if (!f.direct || chown) fs.fchmodSync(f.fd, f.mode); // after chown, which clears set-id bits
+      if (f.h.mtime) fs.futimesSync(f.fd, f.h.mtime, f.h.mtime);
+    } finally {
+      fs.closeSync(f.fd);
+    }
+    await this.xattrs(f.abs, f.h);
   }
 
   async finish(): Promise<void> {
@@ -334,7 +373,6 @@ class LayerApplier {
   }
 }
 
-/** Apply one layer on top of the tree at `root` (which Berth owns and nobody else writes). */
 function lutimesQuiet(abs: string, t: Date): void {
   try {
     fs.lutimesSync(abs, t, t);
@@ -343,8 +381,204 @@ function lutimesQuiet(abs: string, t: Date): void {
   }
 }
 
+/**
+ * Where parsed entries go: to a LayerApplier in this thread, or in a worker thread. entry()
+ * starts an entry (ending the one before), data() carries a file's bytes, finish() ends the layer.
+ */
+interface EntrySink {
+  entry(h: tar.Header): Promise<void>;
+  data(b: Uint8Array): void | Promise<void>;
+  finish(): Promise<UnpackStats>;
+  /** After a failure: close what is open, stop the worker. */
+  abort(): Promise<void>;
+}
+
+/** Applies the entries in this thread. */
+class InlineSink implements EntrySink {
+  private readonly applier: LayerApplier;
+  private file: OpenFile | undefined;
+
+  constructor(root: string, layer: string) {
+    this.applier = new LayerApplier(root, layer);
+  }
+
+  private async endFile(): Promise<void> {
+    const f = this.file;
+    this.file = undefined;
+    if (f) await this.applier.close(f);
+  }
+
+  async entry(h: tar.Header): Promise<void> {
+    await this.endFile();
+    this.file = await this.applier.apply(h);
+  }
+
+  data(b: Uint8Array): void {
+    if (this.file) this.applier.write(this.file, b); // bytes of a directory or link entry are ignored
+  }
+
+  async finish(): Promise<UnpackStats> {
+    await this.endFile();
+    await this.applier.finish();
+    return this.applier.stats;
+  }
+
+  async abort(): Promise<void> {
+    if (this.file) fs.closeSync(this.file.fd);
+    this.file = undefined;
+  }
+}
+
+/** Batches travelling to the worker: entry headers and [offset, length] of file bytes in `buf`. */
+interface Batch {
+  ops: (tar.Header | [number, number])[];
+  buf: Uint8Array;
+}
+type WireError = { hostile: [string, string, string] } | { berth: [BerthError['code'], string, Record<string, unknown> | undefined] } | { message: string; code?: string };
+/** ack: a batch is applied; its buffer comes back for the next one. */
+type FromWorker = { ack: Uint8Array } | { done: UnpackStats } | { error: WireError };
+
+const BATCH_BYTES = 1 << 20;
+/** Compressed layers from this size on are applied in a worker thread. */
+const WORKER_MIN_BYTES = 4 << 20;
+/** Batches sent but not yet applied (bounds the memory between the two threads). */
+const MAX_INFLIGHT = 8;
+
+function toWire(e: unknown): WireError {
+  if (e instanceof HostileLayerError) return { hostile: [e.layer, e.entry, e.why] };
+  if (e instanceof BerthError) return { berth: [e.code, e.message, e.details] };
+  const code = (e as NodeJS.ErrnoException)?.code;
+  return { message: (e as Error)?.message ?? String(e), ...(code ? { code } : {}) };
+}
+
+function fromWire(w: WireError): Error {
+  if ('hostile' in w) return new HostileLayerError(...w.hostile);
+  if ('berth' in w) return new BerthError(...w.berth);
+  return Object.assign(new Error(w.message), w.code ? { code: w.code } : {});
+}
+
+/**
+ * Applies the entries in a worker thread (unpack-worker.ts running serveLayerWorker), so that
+ * the file system calls there overlap inflating, hashing and tar parsing here: on a big layer
+ * the two take about as long as each other.
+ */
+class WorkerSink implements EntrySink {
+  private readonly worker: Worker;
+  private batch: Batch = { ops: [], buf: new Uint8Array(BATCH_BYTES) };
+  private used = 0;
+  private inflight = 0;
+  /** Batch buffers the worker gave back (reused: fresh ones cost page faults). */
+  private readonly free: Uint8Array[] = [];
+  private failure: Error | undefined;
+  private wake: (() => void) | undefined;
+  private done: ((s: UnpackStats) => void) | undefined;
+
+  constructor(root: string, layer: string) {
+    this.worker = new Worker(new URL('./unpack-worker.js', import.meta.url), { workerData: { root, layer } });
+    this.worker.on('message', (m: FromWorker) => {
+      if ('ack' in m) {
+        this.inflight--;
+        this.free.push(m.ack);
+      }
+      else if ('error' in m) this.failure ??= fromWire(m.error);
+      else this.done?.(m.done);
+      this.wake?.();
+    });
+    this.worker.on('error', (e) => {
+      this.failure ??= e;
+      this.wake?.();
+    });
+    this.worker.on('exit', () => {
+      this.failure ??= new Error('the unpack worker thread exited');
+      this.wake?.();
+    });
+  }
+
+  private async flush(): Promise<void> {
+    if (!this.batch.ops.length) return;
+    const { ops, buf } = this.batch;
+    this.worker.postMessage({ ops, buf }, [buf.buffer as ArrayBuffer]);
+    this.inflight++;
+    this.batch = { ops: [], buf: this.free.pop() ?? new Uint8Array(BATCH_BYTES) };
+    this.used = 0;
+    while (this.inflight >= MAX_INFLIGHT && !this.failure) await new Promise<void>((r) => (this.wake = r));
+    if (this.failure) throw this.failure;
+  }
+
+  async entry(h: tar.Header): Promise<void> {
+    if (this.failure) throw this.failure;
+    this.batch.ops.push(h);
+    if (this.batch.ops.length >= 4096) await this.flush();
+  }
+
+  async data(b: Uint8Array): Promise<void> {
+    for (let off = 0; off < b.length; ) {
+      if (this.used === BATCH_BYTES) await this.flush();
+      const n = Math.min(b.length - off, BATCH_BYTES - this.used);
+      this.batch.buf.set(b.subarray(off, off + n), this.used);
+      this.batch.ops.push([this.used, n]);
+      this.used += n;
+      off += n;
+    }
+  }
+
+  async finish(): Promise<UnpackStats> {
+    await this.flush();
+    const done = new Promise<UnpackStats>((resolve) => (this.done = resolve));
+    this.worker.postMessage('end');
+    while (!this.failure) {
+      const r = await Promise.race([done, new Promise<void>((w) => (this.wake = w))]);
+      if (r) {
+        await this.worker.terminate();
+        return r;
+      }
+    }
+    await this.worker.terminate();
+    throw this.failure;
+  }
+
+  async abort(): Promise<void> {
+    await this.worker.terminate();
+  }
+}
+
+/** The worker thread's side of WorkerSink: applies batches in order, acknowledging each. */
+export function serveLayerWorker(port: MessagePort, data: { root: string; layer: string }): void {
+  const sink = new InlineSink(data.root, data.layer);
+  let failed = false;
+  let queue = Promise.resolve();
+  const fail = async (e: unknown) => {
+    failed = true;
+    await sink.abort();
+    port.postMessage({ error: toWire(e) } satisfies FromWorker);
+  };
+  port.on('message', (m: Batch | 'end') => {
+    queue = queue.then(async () => {
+      if (failed) return;
+      try {
+        if (m === 'end') {
+          port.postMessage({ done: await sink.finish() } satisfies FromWorker);
+          return;
+        }
+        for (const op of m.ops) {
+          if (Array.isArray(op)) sink.data(m.buf.subarray(op[0], op[0] + op[1]));
+          else await sink.entry(op);
+        }
+        port.postMessage({ ack: m.buf } satisfies FromWorker, [m.buf.buffer as ArrayBuffer]);
+      } catch (e) {
+        await fail(e);
+      }
+    });
+  });
+}
+
+/**
+ * Apply one layer on top of the tree at `root` (which Berth owns and nobody else writes): this
+ * thread inflates (in the thread pool), hashes and parses the tar; the entries are applied here
+ * or, for big layers, in a worker thread.
+ */
 export async function applyLayer(root: string, layer: LayerInput): Promise<UnpackStats> {
-  const applier = new LayerApplier(root, layer.name);
+  const sink: EntrySink = layer.worker ? new WorkerSink(root, layer.name) : new InlineSink(root, layer.name);
   const hash = createHash('sha256');
   const hasher = new Transform({
     transform(chunk: Buffer, _enc, cb) {
@@ -354,18 +588,21 @@ export async function applyLayer(root: string, layer: LayerInput): Promise<Unpac
   });
   const extract = tar.extract();
   const stages: NodeJS.ReadWriteStream[] = [];
-  if (layer.compression === 'gzip') stages.push(zlib.createGunzip());
+  if (layer.compression === 'gzip') stages.push(zlib.createGunzip(INFLATE_OPTS));
   else if (layer.compression === 'zstd') stages.push(zstdDecompress(layer.name));
   const piped = pipeline([layer.stream, ...stages, hasher, extract as unknown as NodeJS.WritableStream]);
   let pipeError: unknown;
   piped.catch((e) => (pipeError ??= e));
+  let stats: UnpackStats;
   try {
     for await (const entry of extract) {
-      await applier.apply(entry);
-      entry.resume(); // drain what apply() did not read (directories, links)
+      await sink.entry(entry.header);
+      for await (const chunk of entry) await sink.data(chunk as Buffer);
     }
     await piped;
+    stats = await sink.finish();
   } catch (e) {
+    await sink.abort();
     extract.destroy();
     layer.stream.destroy();
     await piped.catch(() => undefined);
@@ -373,12 +610,84 @@ export async function applyLayer(root: string, layer: LayerInput): Promise<Unpac
     const cause = pipeError ?? e;
     throw invalidArgument(`layer ${layer.name} is not a valid ${layer.compression === 'none' ? '' : `${layer.compression}-compressed `}tar archive (${(cause as Error).message}); the image cannot be unpacked`);
   }
-  await applier.finish();
   const diffId = `sha256:${hash.digest('hex')}`;
   if (layer.diffId !== undefined && diffId !== layer.diffId) {
     throw invalidArgument(`layer ${layer.name}: its uncompressed content hashes to ${diffId} but the image config declares ${layer.diffId}; the image is corrupted or tampered with`);
   }
-  return applier.stats;
+  return stats;
+}
+
+/**
+ * The layers of a pull in progress, for the unpack that runs alongside it (ImageService.pull):
+ * the layer that unpack waits for is streamed to it while it downloads (next to the store's
+ * write, see LayerTee), and a layer whose download began earlier (or that was already stored)
+ * is read from the store once it is stored. Layers are applied in order, so one is streamed at
+ * a time.
+ */
+export class LayerFeed {
+  private wanted: { digest: string; give: (s: Readable) => void } | undefined;
+  private readonly given: PassThrough[] = [];
+  private closed = false;
+  private readonly storedWaits = new Map<string, { promise: Promise<void>; resolve: () => void; reject: (e: unknown) => void }>();
+  private failure: unknown;
+
+  constructor(private readonly store: ImageStore) {}
+
+  private storedWait(digest: string) {
+    let w = this.storedWaits.get(digest);
+    if (!w) {
+      let resolve!: () => void;
+      let reject!: (e: unknown) => void;
+      const promise = new Promise<void>((res, rej) => ((resolve = res), (reject = rej)));
+      promise.catch(() => undefined);
+      w = { promise, resolve, reject };
+      if (this.failure !== undefined) reject(this.failure);
+      this.storedWaits.set(digest, w);
+    }
+    return w;
+  }
+
+  /** The pull stored (verified) this layer blob, or found it stored. */
+  stored(digest: string): void {
+    this.storedWait(digest).resolve();
+  }
+
+  /** The pull failed: whatever waits fails with it. */
+  fail(e: unknown): void {
+    this.failure ??= e;
+    for (const w of this.storedWaits.values()) w.reject(e);
+  }
+
+  /** LayerTee.open: a stream for the layer the unpack is waiting for, if this is it. */
+  open(d: Descriptor): Writable | undefined {
+    if (this.closed || this.wanted?.digest !== d.digest) return undefined;
+    const s = new PassThrough({ highWaterMark: 4 << 20 });
+    s.on('error', () => undefined); // the unpack reading it sees the error through its pipeline
+    this.given.push(s);
+    this.wanted.give(s);
+    this.wanted = undefined;
+    return s;
+  }
+
+  /**
+   * The unpack is over (done or failed): no more streams, and those it did not read to the end
+   * are destroyed, so that their downloads never wait on a reader that is gone.
+   */
+  close(): void {
+    this.closed = true;
+    this.wanted = undefined;
+    for (const s of this.given) s.destroy();
+  }
+
+  /** Layer `d`'s compressed bytes: streamed from its download, or from the store. */
+  async source(d: Descriptor): Promise<Readable> {
+    const stored = this.storedWait(d.digest).promise;
+    const streamed = new Promise<Readable>((give) => (this.wanted = { digest: d.digest, give }));
+    const first = await Promise.race([streamed, stored.then(() => undefined)]);
+    if (first) return first;
+    if (this.wanted?.digest === d.digest) this.wanted = undefined;
+    return this.store.openBlob(d.digest);
+  }
 }
 
 export interface UnpackedImage {
@@ -417,17 +726,42 @@ export class RootfsCache {
   /** The rootfs of the image, unpacking it first if needed (once, even with concurrent callers). */
   async ensure(manifestDigest: string): Promise<UnpackedImage> {
     const { manifest, config } = await this.load(manifestDigest);
-    const final = this.pathFor(manifestDigest);
+    return { manifestDigest, rootfs: await this.once(manifestDigest, manifest, config), manifest, config };
+  }
+
+  /**
+   * Unpack an image while it is being pulled: each layer's bytes come from `feed` (streamed as
+   * they download, or read from the store), and the tree is renamed into place only once
+   * `verified` resolves (every blob stored under its verified digest); before that nothing can
+   * use it, and if `verified` rejects it is removed.
+   */
+  ensureWhilePulling(manifestDigest: string, manifest: Manifest, config: ImageConfigDoc, feed: LayerFeed, verified: Promise<unknown>): Promise<string> {
+    return this.once(manifestDigest, manifest, config, { feed, verified });
+  }
+
+  private once(manifestDigest: string, manifest: Manifest, config: ImageConfigDoc, from?: { feed: LayerFeed; verified: Promise<unknown> }): Promise<string> {
     let p = this.inflight.get(manifestDigest);
     if (!p) {
-      p = this.unpack(manifestDigest, manifest, config, final);
+      p = this.unpack(manifestDigest, manifest, config, this.pathFor(manifestDigest), from);
       this.inflight.set(manifestDigest, p);
       p.finally(() => this.inflight.delete(manifestDigest)).catch(() => undefined);
     }
-    return { manifestDigest, rootfs: await p, manifest, config };
+    return p;
   }
 
-  private async unpack(manifestDigest: string, manifest: Manifest, config: ImageConfigDoc, final: string): Promise<string> {
+  private async unpack(manifestDigest: string, manifest: Manifest, config: ImageConfigDoc, final: string, from?: { feed: LayerFeed; verified: Promise<unknown> }): Promise<string> {
+    if (!from) return this.unpackOnce(manifestDigest, manifest, config, final);
+    // Asked for before the first await, i.e. before the pull starts downloading it: streamed.
+    const first = manifest.layers[0] ? from.feed.source(manifest.layers[0]) : undefined;
+    first?.catch(() => undefined);
+    try {
+      return await this.unpackOnce(manifestDigest, manifest, config, final, { ...from, first });
+    } finally {
+      from.feed.close();
+    }
+  }
+
+  private async unpackOnce(manifestDigest: string, manifest: Manifest, config: ImageConfigDoc, final: string, from?: { feed: LayerFeed; verified: Promise<unknown>; first: Promise<Readable> | undefined }): Promise<string> {
     try {
       if ((await fsp.lstat(final)).isDirectory()) return final;
     } catch (e) {
@@ -437,7 +771,7 @@ export class RootfsCache {
     const lease = this.store.lease([manifestDigest, manifest.config.digest, ...manifest.layers.map((l) => l.digest)]);
     const tmp = path.join(this.dir, `.tmp-${manifestDigest.slice(7, 19)}-${process.pid}-${randomBytes(6).toString('hex')}`);
     try {
-      for (const l of manifest.layers) {
+      for (const l of from ? [] : manifest.layers) {
         if (!(await this.store.hasBlob(l.digest))) throw failedPrecondition(`layer ${l.digest} of image ${manifestDigest} is missing from the image store; pull the image again`);
       }
       await fsp.mkdir(tmp, 0o755);
@@ -445,8 +779,10 @@ export class RootfsCache {
       for (const [i, l] of manifest.layers.entries()) {
         const compression = layerCompression(l.mediaType);
         if (!compression) throw invalidArgument(`layer ${l.digest} of image ${manifestDigest} has media type "${l.mediaType.slice(0, 100)}", which is not a layer Berth can unpack (tar, tar+gzip, tar+zstd)`);
-        await applyLayer(tmp, { stream: this.store.openBlob(l.digest), compression, diffId: config.rootfs.diff_ids[i]!, name: l.digest });
+        const stream = !from ? this.store.openBlob(l.digest) : i === 0 && from.first ? await from.first : await from.feed.source(l);
+        await applyLayer(tmp, { stream, compression, diffId: config.rootfs.diff_ids[i]!, name: l.digest, worker: l.size >= WORKER_MIN_BYTES });
       }
+      if (from) await from.verified;
       try {
         await fsp.rename(tmp, final);
       } catch (e) {
