@@ -72,7 +72,9 @@ async function sh(project: string, sandbox: string, cmd: string): Promise<{ out:
   const res = await fetch(`${d.addr}/v1/projects/${project}/sandboxes/${sandbox}/commands`, {
     method: 'POST',
     headers: { authorization: `Bearer ${d.token}`, 'content-type': 'application/json' },
-    body: JSON.stringify({ cmd, timeoutMs: 20_000 }),
+    // 60 s: some probes wait out their 5 s `timeout` (dropped, as they should be) and a microVM under
+    // TCG on a loaded 2-core host once needed more than 20 s for the whole line (CI, session 4).
+    body: JSON.stringify({ cmd, timeoutMs: 60_000 }),
   });
   const text = await res.text();
   assert.equal(res.status, 200, text);
