@@ -1,4 +1,4 @@
-// The ingress end to end through a real berthd and a real Caddy: routing by Host over HTTP, HTTPS
+// The ingress end to end through a real berthd and a real HAProxy: routing by Host over HTTP, HTTPS
 // (client trusts Berth's local CA) and HTTP/2, load balancing, a dead backend costs no request,
 // WebSockets, the access token, certificates from pebble over ACME, and the proxy process's life:
 // adopted after kill -9 of berthd, restarted when it dies, gone after a graceful stop.
@@ -59,9 +59,9 @@ test("HTTPS with a certificate from Berth's local CA (served by the API, kept 06
   assert.equal(pem.status, 200);
   ca = pem.body as string;
   assert.match(ca, /BEGIN CERTIFICATE/);
-  const pki = join(d.dataDir, 'ingress', 'caddy', 'pki', 'authorities', 'local');
-  assert.equal(statSync(join(pki, 'root.key')).mode & 0o777, 0o600);
-  assert.equal(readFileSync(join(pki, 'root.crt'), 'utf8'), ca);
+  const pki = join(d.dataDir, 'ingress', 'pki');
+  assert.equal(statSync(join(pki, 'ca.key')).mode & 0o777, 0o600);
+  assert.equal(readFileSync(join(pki, 'ca.crt'), 'utf8'), ca);
   const r = await eventually(() => getTls(httpsPort, HOST, ca), (x) => x.status === 200);
   assert.match(r.body, /^[AB] \/$/);
   assert.match(r.issuer, /Berth Local CA/);
@@ -190,7 +190,7 @@ test('a proxy that dies is restarted with the routes; a stale pid file naming an
   await d.kill9();
   process.kill(fresh, 'SIGKILL');
   while (proxyPids(d.dataDir).length) await sleep(20);
-  writeFileSync(join(d.dataDir, 'ingress', 'caddy.pid'), `${process.pid}\n`);
+  writeFileSync(join(d.dataDir, 'ingress', 'haproxy.pid'), `${process.pid}\n`);
   await d.start(); // would kill this test process if it signalled by pid without checking
   assert.equal(proxyPids(d.dataDir).length, 1);
   assert.equal((await get(httpPort, HOST)).body, 'B /');
@@ -224,7 +224,7 @@ test('graceful stop stops the proxy and leaves no process or runtime file; the C
   // Routes of a deleted owner leave nothing: neither the route nor its certificate.
   await putRoutes([]);
   assert.equal((await get(httpPort, HOST)).status, 404);
-  assert.deepEqual(spawnSync('ls', [join(d.dataDir, 'ingress', 'caddy', 'certificates', 'local')], { encoding: 'utf8' }).stdout.trim(), '');
+  assert.deepEqual(spawnSync('ls', [join(d.dataDir, 'ingress', 'certs', 'local')], { encoding: 'utf8' }).stdout.trim(), '');
 });
 
 test('bad ingress flags are rejected with clear errors', () => {
