@@ -59,6 +59,7 @@ export class HaproxyProcess {
   /** True when this berthd found the process running from an earlier berthd (crash) and kept it. */
   adopted = false;
   private child: ChildProcess | undefined;
+  private logStart = 0;
   private exitListeners: (() => void)[] = [];
 
   constructor(
@@ -150,6 +151,7 @@ export class HaproxyProcess {
     }
     // Output goes to a file, not a pipe: HAProxy must outlive a berthd crash without dying of EPIPE.
     const fd = openSync(p.logFile, 'a', 0o600);
+    this.logStart = statSync(p.logFile).size;
     let child: ChildProcess;
     try {
       // Not detached: HAProxy stays in berthd's session. It still outlives a SIGKILL of berthd
@@ -201,14 +203,15 @@ export class HaproxyProcess {
   /** The reason a start failed, in Berth's words where HAProxy's are cryptic. */
   private startError(): string {
     const tail = this.logTail();
-    const bind = /cannot bind socket \(([^)]*)\) \[([^\]]*)\]/.exec(tail);
+    const bind = /cannot bind socket \(([^)]*)\)(?: for)? \[([^\]]*)\]/.exec(tail);
     if (bind) return `cannot listen on ${bind[2]}: ${bind[1]!.toLowerCase()} (free the port or pick another with --ingress-http/--ingress-https)`;
     return tail;
   }
 
+  /** The last lines HAProxy wrote since this berthd started it. */
   logTail(): string {
     try {
-      return readFileSync(this.paths.logFile, 'utf8').trim().split('\n').slice(-5).join('\n');
+      return readFileSync(this.paths.logFile, 'utf8').slice(this.logStart).trim().split('\n').slice(-5).join('\n');
     } catch {
       return '(no log)';
     }
@@ -252,7 +255,7 @@ export class HaproxyProcess {
     for (;;) {
       const now = await this.procs().catch(() => undefined);
       if (now && now.reloads > before.reloads && now.workers.some((w) => !before.workers.includes(w))) return;
-      if (!this.running()) throw unavailable(`HAProxy exited during a reload: ${this.logTail()}`);
+      if (!pidAlive(this.pid)) throw unavailable(`HAProxy exited during a reload: ${this.logTail()}`);
       if (Date.now() > deadline) throw unavailable(`HAProxy did not load the new config within 15 s: ${this.logTail()}`);
       await sleep(20);
     }
