@@ -37,7 +37,7 @@ export interface HaproxyFiles {
 /** A refused connection is retried this many times, each on another replica (redispatch). */
 export const RETRIES = 3;
 /** Server slots per DNS-discovered service (the most replicas one service can have behind the ingress). */
-export const DNS_SLOTS = 32;
+export const DNS_SLOTS = 128; // spec.replicas ≤ 100, plus a deploy's surge
 /** How long a request may wait for a replica slot (maxConnectionsPerReplica) before a 503. */
 export const QUEUE_TIMEOUT = '30s';
 const TEXT = 'content-type "text/plain; charset=utf-8"';
