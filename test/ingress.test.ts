@@ -8,6 +8,10 @@ import { spawnSync } from 'node:child_process';
 import { mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { createServer, type AddressInfo } from 'node:net';
+import http from 'node:http';
+import pino from 'pino';
+import { Ingress } from '../src/ingress/ingress.js';
+import { DnsServer } from '../src/network/dns.js';
 import { BERTHD, TestDaemon, sleep } from './harness.js';
 import { Backend, Pebble, eventually, freePort, get, getH2, getTls, proxyPids, wsEcho } from './ingress-helpers.js';
 
@@ -288,4 +292,49 @@ test('certificates from an ACME server (pebble on loopback, challenges validated
     await pebble.stop();
   }
   assert.deepEqual(proxyPids(e.dataDir), []);
+});
+
+test("DNS-discovered replicas (services): one that leaves Berth's DNS answer gets no request 1 s later; one that joins gets some; no reload", { timeout: 60_000 }, async () => {
+  const port = await freePort();
+  const hits = new Map<string, number[]>([['127.0.0.1', []], ['127.0.0.2', []]]);
+  const servers = [...hits.keys()].map((ip) => http.createServer((_req, res) => (hits.get(ip)!.push(Date.now()), res.end(ip))));
+  await Promise.all(servers.map((srv, i) => new Promise<void>((r) => srv.listen(port, [...hits.keys()][i], () => r()))));
+  let ips = ['127.0.0.1', '127.0.0.2'];
+  const log = pino({ level: 'silent' });
+  const dns = new DnsServer((name) => (name === 'web.p.internal' ? ips : undefined), [], log);
+  const dnsPort = await dns.listen('127.0.0.1', 0);
+  const dir = mkdtempSync('/tmp/berth-test-');
+  const hp = await freePort();
+  const ing = new Ingress({ dir: join(dir, 'ingress'), settings: { http: { host: '127.0.0.1', port: hp }, https: undefined, baseDomain: 'berth.localhost', acme: undefined }, log });
+  const host = 'web.p.berth.localhost';
+  try {
+    await ing.start();
+    ing.register('services', () => [{ id: 'service/p/web', hosts: [host], backends: [], tls: 'none', dynamic: { name: 'web.p.internal', port, resolvers: [`127.0.0.1:${dnsPort}`], refreshMs: 500 } }]);
+    await ing.sync();
+    const master = ing.status().proxy.pid!;
+    const workers = () => readFileSync(`/proc/${master}/task/${master}/children`, 'utf8').trim();
+    const worker = workers();
+    await eventually(() => get(hp, host), () => hits.get('127.0.0.1')!.length > 0 && hits.get('127.0.0.2')!.length > 0);
+    // Leaves: requests keep succeeding, and none reaches it once 1 s has passed.
+    ips = ['127.0.0.1'];
+    const left = Date.now();
+    while (Date.now() - left < 2500) assert.equal((await get(hp, host)).status, 200);
+    const late = hits.get('127.0.0.2')!.filter((t) => t - left > 1000);
+    assert.deepEqual(late, [], 'requests reached a replica more than 1 s after it left the DNS answer');
+    // None left: 503 within a second; back: served again.
+    ips = [];
+    await eventually(() => get(hp, host), (r) => r.status === 503, 1500);
+    ips = ['127.0.0.1', '127.0.0.2'];
+    const joined = Date.now();
+    const before = hits.get('127.0.0.2')!.length;
+    await eventually(() => get(hp, host), () => hits.get('127.0.0.2')!.length > before, 3000);
+    console.log(`# a replica joining got its first request after ${Date.now() - joined} ms`);
+    assert.equal(workers(), worker, 'replicas came and went without a reload');
+  } finally {
+    await ing.stop();
+    dns.close();
+    for (const srv of servers) srv.close();
+    rmSync(dir, { recursive: true, force: true });
+  }
+  assert.deepEqual(spawnSync('pgrep', ['-f', dir]).stdout.toString().trim(), '');
 });
