@@ -66,6 +66,7 @@ async function main(): Promise<void> {
     for (let i = 0; i < RUNS; i++) {
       res.direct.push(runWrk(direct, { seconds: DURATION, connections: CONNS, pids: { backend: replicaPid } }));
       res.ingress.push(runWrk(viaIngress, { host: HOST, seconds: DURATION, connections: CONNS, pids: { backend: replicaPid, ...(proxyPid ? { proxy: proxyPid } : {}) } }));
+      console.error(`run ${i + 1}/${RUNS}: direct ${res.direct[i]!.rps.toFixed(0)} req/s p99 ${res.direct[i]!.p99.toFixed(1)} ms; ingress ${res.ingress[i]!.rps.toFixed(0)} req/s p99 ${res.ingress[i]!.p99.toFixed(1)} ms`);
     }
     const m = (k: 'direct' | 'ingress', f: keyof WrkResult) => median(res[k].map((r) => r[f]));
     const f1 = (x: number) => x.toFixed(1);
@@ -78,6 +79,8 @@ async function main(): Promise<void> {
       `| direct (host → replica ${ip}:8080) | ${m('direct', 'rps').toFixed(0)} | ${f2(m('direct', 'p50'))} ms | ${f2(m('direct', 'p99'))} ms | ${m('direct', 'errors')} | 100 % |`,
       `| through the ingress (Host: ${HOST}) | ${m('ingress', 'rps').toFixed(0)} | ${f2(m('ingress', 'p50'))} ms | ${f2(m('ingress', 'p99'))} ms | ${m('ingress', 'errors')} | **${f1((100 * m('ingress', 'rps')) / m('direct', 'rps'))} %** (target ≥ 80 %) |`,
       `| added p99 | | | **${f2(m('ingress', 'p99') - m('direct', 'p99'))} ms** (target ≤ 2 ms) | | |`,
+      '',
+      `Each run (req/s direct → through the ingress, ratio): ${res.direct.map((r, i) => `${r.rps.toFixed(0)} → ${res.ingress[i]!.rps.toFixed(0)} (${((100 * res.ingress[i]!.rps) / r.rps).toFixed(0)} %)`).join('; ')}.`,
       '',
       `CPU per request: replica ${f1(m('direct', 'backendUs'))} µs direct; through the ingress replica ${f1(m('ingress', 'backendUs'))} µs + proxy ${f1(m('ingress', 'proxyUs'))} µs.`,
     ];
