@@ -33,6 +33,9 @@ export class CertStore {
 
   /** The CA (once per data dir) and the certificate for unknown SNI names. */
   async ensureCa(): Promise<void> {
+    // Temporary directories of a berthd that crashed while making a certificate.
+    const pki = join(this.dir, 'pki');
+    if (existsSync(pki)) for (const f of readdirSync(pki)) if (f.startsWith('.')) rmSync(join(pki, f), { recursive: true, force: true });
     if (!existsSync(this.caCert) || !existsSync(this.caKey)) {
       const dir = join(this.dir, 'pki');
       mkdirSync(dir, { recursive: true, mode: 0o700 });

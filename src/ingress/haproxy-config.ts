@@ -103,8 +103,9 @@ export function buildHaproxyConfig(routes: IngressRoute[], s: IngressSettings, p
     'defaults',
     '  mode http',
     '  timeout connect 5s',
-    '  timeout client 60s',
-    '  timeout server 60s',
+    // Idle limits, generous for slow responses and event streams; a slow request header is cut at 30 s.
+    '  timeout client 5m',
+    '  timeout server 5m',
     '  timeout tunnel 1h',
     '  timeout http-request 30s',
     '  timeout http-keep-alive 60s',

@@ -113,6 +113,7 @@ export class HaproxyProcess {
   /** Adopt a live HAProxy left by an earlier berthd, or start one with the config already written. */
   async ensure(): Promise<'running' | 'adopted' | 'started'> {
     if (this.running()) return 'running';
+    await this.stopLegacyCaddy();
     const stale = this.recordedPid();
     if (stale !== undefined) {
       this.pid = stale;
@@ -130,8 +131,11 @@ export class HaproxyProcess {
 
   /** Check a config (`haproxy -c`) before it is loaded: a bad one is reported and the running one kept. */
   async check(): Promise<void> {
-    const r = await run(this.bin, ['-c', '-q', '-f', this.paths.config], { cwd: this.paths.dir });
-    if (r.code !== 0) throw unavailable(`HAProxy rejected the ingress config: ${(r.stderr || r.stdout).trim().split('\n').slice(-5).join(' ')}`);
+    const r = await run(this.bin, ['-c', '-f', this.paths.config], { cwd: this.paths.dir });
+    if (r.code !== 0) {
+      const alerts = `${r.stdout}\n${r.stderr}`.split('\n').filter((l) => l.includes('[ALERT]'));
+      throw unavailable(`HAProxy rejected the ingress config: ${alerts.slice(0, 5).join(' ') || r.stderr.trim()}`);
+    }
   }
 
   private async start(): Promise<void> {
@@ -276,6 +280,32 @@ export class HaproxyProcess {
     const deadline = Date.now() + graceMs;
     while (this.isOurs(pid) && Date.now() < deadline) await sleep(25);
     if (signal('SIGKILL')) while (this.isOurs(pid)) await sleep(10);
+  }
+
+  /**
+   * A Caddy left running by a Berth from before the switch to HAProxy (same data dir) would hold
+   * the ingress ports: end it (by its pid file, after checking its command line names this data
+   * dir's boot config) and remove its runtime files. Its certificate storage (ingress/caddy) stays.
+   */
+  async stopLegacyCaddy(): Promise<void> {
+    const dir = this.paths.dir;
+    const [pidFile, boot] = [join(dir, 'caddy.pid'), join(dir, 'caddy-boot.json')];
+    if (!existsSync(pidFile)) return;
+    const pid = Number(readFileSync(pidFile, 'utf8').trim());
+    const isCaddy = () => {
+      try {
+        return readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0').includes(boot);
+      } catch {
+        return false;
+      }
+    };
+    if (Number.isInteger(pid) && pid > 0 && isCaddy()) {
+      this.log.warn({ pid }, 'ingress: stopping the Caddy an earlier Berth ran (the ingress is HAProxy now)');
+      process.kill(pid, 'SIGTERM');
+      for (let i = 0; i < 200 && isCaddy(); i++) await sleep(25);
+      if (isCaddy()) process.kill(pid, 'SIGKILL');
+    }
+    for (const f of [pidFile, boot, join(dir, 'admin.sock')]) rmSync(f, { force: true });
   }
 
   /** Stop HAProxy (master and workers) and remove its runtime files. */
