@@ -8,6 +8,7 @@ import { existsSync, mkdirSync, readFileSync, renameSync, writeFileSync } from '
 import { dirname } from 'node:path';
 import type { Logger } from 'pino';
 import { conflict, failedPrecondition, invalidArgument, unavailable } from '../core/errors.js';
+import { sleep } from '../lib/exec.js';
 import { AcmeIssuer } from './acme.js';
 import { CertStore } from './certs.js';
 import { buildHaproxyConfig, type HaproxyFiles } from './haproxy-config.js';
@@ -211,6 +212,14 @@ export class Ingress {
     }
     this.syncing = this.syncOnce().finally(() => (this.syncing = undefined));
     return this.syncing;
+  }
+
+  /** Resolves once no apply is running or queued (at most timeoutMs): status() then shows the changes made so far. */
+  async settled(timeoutMs = 5_000): Promise<void> {
+    const deadline = Date.now() + timeoutMs;
+    while ((this.syncing || this.pending) && Date.now() < deadline) {
+      await Promise.race([(this.pending ?? this.syncing)!.catch(() => undefined), sleep(deadline - Date.now())]);
+    }
   }
 
   private async syncOnce(): Promise<void> {
