@@ -1,4 +1,4 @@
-// The Node.js candidate for the ingress data plane, measured by bench/ingress.ts against Caddy:
+// The Node.js candidate for the ingress data plane, measured by bench/ingress.ts against the ingress (HAProxy):
 // the leanest reverse proxy Node can be (node:http server, keep-alive agent, streams piped, round
 // robin), so its figure is an upper bound for any Node proxy with routing, retries and TLS on top.
 // Usage: node dist/bench/ingress-node-proxy.js <listen host:port> <backend host:port>...

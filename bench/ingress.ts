@@ -1,10 +1,10 @@
 // Benchmark: the ingress data plane. wrk (10 s, 50 connections, 2 threads) against the same small
 // HTTP server (bench/ingress-backend, Go net/http, one replica on loopback), in the same run:
 //   direct       wrk → backend
-//   caddy http   wrk → Berth's ingress (Caddy, configured by src/ingress exactly as berthd does) → backend
-//   caddy https  the same over TLS (HTTP/1.1 + keep-alive, local-CA certificate)
+//   ingress http   wrk → Berth's ingress (HAProxy, configured by src/ingress exactly as berthd does) → backend
+//   ingress https  the same over TLS (HTTP/1.1 + keep-alive, local-CA certificate)
 //   node http    wrk → the leanest Node.js proxy (bench/ingress-node-proxy.ts) → backend
-// Runs are interleaved (direct, caddy, caddy-tls, node, direct, …) and each figure is the median
+// Runs are interleaved (direct, ingress http, ingress https, node, direct, …) and each figure is the median
 // over --runs. Throughput is a ratio against direct; latency is p99(target) − p99(direct).
 // --pin: wrk on CPU 0, backend and proxy on CPU 1 (the proxy then has to share the backend's core).
 // --backend node: the replica is a node:http server instead (slower per request, like many real apps).
@@ -18,7 +18,7 @@ import { parseArgs } from 'node:util';
 import pino from 'pino';
 import { Ingress } from '../src/ingress/ingress.js';
 import { updateBenchmarks } from './report.js';
-import { runWrk, type WrkResult } from './wrk.js';
+import { haproxyVersion, haproxyWorker, runWrk, type WrkResult } from './wrk.js';
 
 const { values } = parseArgs({
   options: {
@@ -82,7 +82,7 @@ const wrk = (url: string, host: string | undefined, seconds: number, pids: { bac
 
 async function main(): Promise<void> {
   need('wrk', 'wrk');
-  need('caddy', 'caddy');
+  need('haproxy', 'haproxy');
   if (BACKEND === 'go') need('go', 'golang (or the Go toolchain setup.sh installs)');
   if (PIN) need('taskset', 'util-linux');
   const tmp = mkdtempSync('/tmp/berth-bench-ingress-');
@@ -109,19 +109,21 @@ async function main(): Promise<void> {
     await ingress.start();
     // 127.0.0.1 as a host too: wrk sends SNI and Host from its URL, and cannot resolve *.localhost.
     await ingress.setRoutes([{ id: 'bench', hosts: [HOST, '127.0.0.1'], backends: [{ address: bHost, port: Number(bPort) }], tls: 'local' }]);
-    const caddyPid = ingress.status().proxy.pid!;
-    if (PIN) spawnSync('taskset', ['-a', '-cp', '1', String(caddyPid)]);
+    const master = ingress.status().proxy.pid!;
+    if (PIN) spawnSync('taskset', ['-a', '-cp', '1', String(master)]);
+    const proxyPid = haproxyWorker(master)!;
+    if (PIN) spawnSync('taskset', ['-a', '-cp', '1', String(proxyPid)]);
 
     const node = await startPrinting([process.execPath, join(ROOT, 'dist', 'bench', 'ingress-node-proxy.js'), '127.0.0.1:0', backend.addr], PIN ? '1' : undefined);
     children.push(node.proc);
 
     const targets: { name: string; url: string; host?: string; proxy?: number }[] = [
       { name: 'direct', url: `http://${backend.addr}/` },
-      { name: 'caddy http', url: `http://127.0.0.1:${httpPort}/`, host: HOST, proxy: caddyPid },
-      { name: 'caddy https', url: `https://127.0.0.1:${httpsPort}/`, proxy: caddyPid },
+      { name: 'ingress http', url: `http://127.0.0.1:${httpPort}/`, host: HOST, proxy: proxyPid },
+      { name: 'ingress https', url: `https://127.0.0.1:${httpsPort}/`, proxy: proxyPid },
       { name: 'node http', url: `http://${node.addr}/`, host: HOST, proxy: node.proc.pid! },
     ];
-    // The first TLS request waits for the local CA to issue the certificate: wait for it, then warm up.
+    // The route's certificate is made before the route is applied; still, wait for HTTPS, then warm up.
     const deadline = Date.now() + 20_000;
     for (let w = wrk(targets[2]!.url, undefined, 1); w.rps === 0 || w.errors > 0; w = wrk(targets[2]!.url, undefined, 1)) {
       if (Date.now() > deadline) throw new Error('the HTTPS route did not answer within 20 s');
@@ -150,11 +152,10 @@ async function main(): Promise<void> {
       const cpu = `${med(t.name, 'backendUs').toFixed(0)} / ${t.proxy ? med(t.name, 'proxyUs').toFixed(0) : '—'}`;
       return `| ${t.name} | ${rps.toFixed(0)} | ${(ratio * 100).toFixed(1)} % | ${med(t.name, 'p50').toFixed(2)} | ${p99.toFixed(2)} | ${t.name === 'direct' ? '—' : `${added >= 0 ? '+' : ''}${added.toFixed(2)}`} | ${cpu} | ${errors} | ${verdict} |`;
     });
-    const caddyVersion = spawnSync('caddy', ['version'], { encoding: 'utf8' }).stdout.trim().split(' ')[0];
     const text = [
       `Host: ${cpus().length} × ${cpus()[0]?.model ?? 'CPU'}, shared by wrk, the backend and the proxy${PIN ? ' (pinned: wrk on CPU 0; backend and proxy on CPU 1)' : ' (not pinned)'}.`,
       `wrk ${DURATION} s, ${CONNS} connections, 2 threads, keep-alive; backend: ${BACKEND === 'go' ? 'Go net/http "hello" server (bench/ingress-backend)' : 'Node.js node:http "hello" server (bench/ingress-node-backend.ts)'}, one replica on loopback;`,
-      `Caddy ${caddyVersion} configured by src/ingress (round robin, retries, passive health checks); medians of ${RUNS} interleaved runs.`,
+      `HAProxy ${haproxyVersion()} configured by src/ingress (nbthread 1, round robin, retries + redispatch, keep-alive to the backend); medians of ${RUNS} interleaved runs.`,
       '',
       '| path | req/s | of direct | p50 ms | p99 ms | added p99 ms | CPU µs/req backend / proxy | errors | target |',
       '|---|---:|---:|---:|---:|---:|---:|---:|---|',

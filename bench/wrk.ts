@@ -55,3 +55,14 @@ export function runWrk(
   const requests = Number(/(\d+) requests in/.exec(out)?.[1]) || 1;
   return { rps, p50, p99, errors, backendUs: (cpuUs(pids.backend) - b0) / requests, proxyUs: (cpuUs(pids.proxy) - p0) / requests };
 }
+
+/** HAProxy's current worker (the child of its master that serves); the master itself idles. */
+export function haproxyWorker(masterPid: number | undefined): number | undefined {
+  if (!masterPid) return undefined;
+  const kids = readFileSync(`/proc/${masterPid}/task/${masterPid}/children`, 'utf8').trim().split(/\s+/).filter(Boolean).map(Number);
+  return kids.at(-1);
+}
+
+export function haproxyVersion(): string {
+  return /version (\S+)/.exec(spawnSync('haproxy', ['-v'], { encoding: 'utf8' }).stdout)?.[1] ?? '?';
+}

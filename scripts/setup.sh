@@ -16,7 +16,7 @@ fi
 # for workload networks the CNI plugins (bridge, host-local, loopback), nftables and util-linux's
 # unshare/nsenter.
 APT_PACKAGES=(runc conmon busybox-static golang-github-containers-common iproute2 build-essential python3 attr docker-registry apache2-utils
-  qemu-system-x86 linux-image-cloud-amd64 cpio e2fsprogs containernetworking-plugins nftables util-linux caddy pebble wrk
+  qemu-system-x86 linux-image-cloud-amd64 cpio e2fsprogs containernetworking-plugins nftables util-linux haproxy pebble wrk
   mmdebstrap buildah skopeo umoci)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
@@ -31,9 +31,9 @@ if [ ${#missing[@]} -gt 0 ]; then
   if [[ " ${missing[*]} " == *" docker-registry "* ]] && command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
     systemctl disable --now docker-registry >/dev/null 2>&1 || true
   fi
-  # Same for Caddy: berthd runs its own (the ingress); the packaged one would hold ports 80/443.
-  if [[ " ${missing[*]} " == *" caddy "* ]] && command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
-    systemctl disable --now caddy >/dev/null 2>&1 || true
+  # Same for HAProxy: berthd runs its own (the ingress); the packaged service must never hold ports.
+  if [[ " ${missing[*]} " == *" haproxy "* ]] && command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
+    systemctl disable --now haproxy >/dev/null 2>&1 || true
   fi
 fi
 

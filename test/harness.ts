@@ -165,12 +165,12 @@ export class TestDaemon {
           if (cmd.includes(this.dataDir)) found.push(`monitor process ${pid}`);
         }
         if (cmd.includes('qemu-system') && cmd.includes(this.dataDir)) found.push(`microVM process ${pid}`);
-        if (cmd.split('\0').some((a) => a.endsWith('caddy')) && cmd.includes(this.dataDir)) found.push(`proxy process ${pid}`);
+        if (cmd.split('\0')[0]!.endsWith('haproxy') && cmd.includes(this.dataDir)) found.push(`proxy process ${pid}`);
       } catch {
         /* raced */
       }
     }
-    for (const f of ['caddy.pid', 'admin.sock', 'caddy-boot.json']) if (existsSync(join(this.dataDir, 'ingress', f))) found.push(`ingress ${f}`);
+    for (const f of ['haproxy.pid', 'master.sock', 'worker.sock', 'haproxy.cfg', 'hosts.map', 'hosts-tls.map', 'crt-list', 'acme.sock']) if (existsSync(join(this.dataDir, 'ingress', f))) found.push(`ingress ${f}`);
     for (const dir of cgroupParentDirs(this.cgroupParent)) {
       if (existsSync(dir)) for (const f of readdirSync(dir, { withFileTypes: true })) if (f.isDirectory()) found.push(`cgroup ${join(dir, f.name)}`);
     }
@@ -212,7 +212,7 @@ export class TestDaemon {
       try {
         const cmd = readFileSync(`/proc/${pid}/cmdline`, 'utf8');
         if (cmd.includes('qemu-system') && cmd.includes(join(this.dataDir, 'runtime', 'microvm'))) process.kill(Number(pid), 'SIGKILL');
-        if (cmd.split('\0').some((a) => a.endsWith('caddy')) && cmd.includes(join(this.dataDir, 'ingress'))) process.kill(Number(pid), 'SIGKILL');
+        if (cmd.split('\0')[0]!.endsWith('haproxy') && cmd.includes(join(this.dataDir, 'ingress'))) process.kill(Number(pid), 'SIGKILL');
       } catch {
         /* raced */
       }

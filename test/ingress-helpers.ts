@@ -160,12 +160,20 @@ export async function eventually<T>(f: () => Promise<T>, ok: (x: T) => boolean, 
   }
 }
 
-/** Caddy processes serving this data dir. */
+/** HAProxy masters serving this data dir (its workers, children of the master, are not counted). */
 export function proxyPids(dataDir: string): number[] {
-  const out = spawnSync('pgrep', ['-x', 'caddy'], { encoding: 'utf8' }).stdout.split('\n').filter(Boolean).map(Number);
-  return out.filter((pid) => {
+  const all = spawnSync('pgrep', ['-x', 'haproxy'], { encoding: 'utf8' }).stdout.split('\n').filter(Boolean).map(Number);
+  const ours = all.filter((pid) => {
     try {
       return readFileSync(`/proc/${pid}/cmdline`, 'utf8').includes(join(dataDir, 'ingress'));
+    } catch {
+      return false;
+    }
+  });
+  const ppid = (pid: number) => Number(/^PPid:\s+(\d+)/m.exec(readFileSync(`/proc/${pid}/status`, 'utf8'))?.[1]);
+  return ours.filter((pid) => {
+    try {
+      return !ours.includes(ppid(pid));
     } catch {
       return false;
     }

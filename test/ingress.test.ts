@@ -1,4 +1,4 @@
-// The ingress end to end through a real berthd and a real Caddy: routing by Host over HTTP, HTTPS
+// The ingress end to end through a real berthd and a real HAProxy: routing by Host over HTTP, HTTPS
 // (client trusts Berth's local CA) and HTTP/2, load balancing, a dead backend costs no request,
 // WebSockets, the access token, certificates from pebble over ACME, and the proxy process's life:
 // adopted after kill -9 of berthd, restarted when it dies, gone after a graceful stop.
@@ -8,6 +8,10 @@ import { spawnSync } from 'node:child_process';
 import { mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { createServer, type AddressInfo } from 'node:net';
+import http from 'node:http';
+import pino from 'pino';
+import { Ingress } from '../src/ingress/ingress.js';
+import { DnsServer } from '../src/network/dns.js';
 import { BERTHD, TestDaemon, sleep } from './harness.js';
 import { Backend, Pebble, eventually, freePort, get, getH2, getTls, proxyPids, wsEcho } from './ingress-helpers.js';
 
@@ -59,9 +63,9 @@ test("HTTPS with a certificate from Berth's local CA (served by the API, kept 06
   assert.equal(pem.status, 200);
   ca = pem.body as string;
   assert.match(ca, /BEGIN CERTIFICATE/);
-  const pki = join(d.dataDir, 'ingress', 'caddy', 'pki', 'authorities', 'local');
-  assert.equal(statSync(join(pki, 'root.key')).mode & 0o777, 0o600);
-  assert.equal(readFileSync(join(pki, 'root.crt'), 'utf8'), ca);
+  const pki = join(d.dataDir, 'ingress', 'pki');
+  assert.equal(statSync(join(pki, 'ca.key')).mode & 0o777, 0o600);
+  assert.equal(readFileSync(join(pki, 'ca.crt'), 'utf8'), ca);
   const r = await eventually(() => getTls(httpsPort, HOST, ca), (x) => x.status === 200);
   assert.match(r.body, /^[AB] \/$/);
   assert.match(r.issuer, /Berth Local CA/);
@@ -190,7 +194,7 @@ test('a proxy that dies is restarted with the routes; a stale pid file naming an
   await d.kill9();
   process.kill(fresh, 'SIGKILL');
   while (proxyPids(d.dataDir).length) await sleep(20);
-  writeFileSync(join(d.dataDir, 'ingress', 'caddy.pid'), `${process.pid}\n`);
+  writeFileSync(join(d.dataDir, 'ingress', 'haproxy.pid'), `${process.pid}\n`);
   await d.start(); // would kill this test process if it signalled by pid without checking
   assert.equal(proxyPids(d.dataDir).length, 1);
   assert.equal((await get(httpPort, HOST)).body, 'B /');
@@ -224,7 +228,7 @@ test('graceful stop stops the proxy and leaves no process or runtime file; the C
   // Routes of a deleted owner leave nothing: neither the route nor its certificate.
   await putRoutes([]);
   assert.equal((await get(httpPort, HOST)).status, 404);
-  assert.deepEqual(spawnSync('ls', [join(d.dataDir, 'ingress', 'caddy', 'certificates', 'local')], { encoding: 'utf8' }).stdout.trim(), '');
+  assert.deepEqual(spawnSync('ls', [join(d.dataDir, 'ingress', 'certs', 'local')], { encoding: 'utf8' }).stdout.trim(), '');
 });
 
 test('bad ingress flags are rejected with clear errors', () => {
@@ -288,4 +292,50 @@ test('certificates from an ACME server (pebble on loopback, challenges validated
     await pebble.stop();
   }
   assert.deepEqual(proxyPids(e.dataDir), []);
+});
+
+test("DNS-discovered replicas (services): one that leaves Berth's DNS answer gets no request 1 s later; one that joins gets some; no reload", { timeout: 60_000 }, async () => {
+  const port = await freePort();
+  const hits = new Map<string, number[]>([['127.0.0.1', []], ['127.0.0.2', []]]);
+  const servers = [...hits.keys()].map((ip) => http.createServer((_req, res) => (hits.get(ip)!.push(Date.now()), res.end(ip))));
+  await Promise.all(servers.map((srv, i) => new Promise<void>((r) => srv.listen(port, [...hits.keys()][i], () => r()))));
+  let ips = ['127.0.0.1', '127.0.0.2'];
+  const log = pino({ level: 'silent' });
+  const dns = new DnsServer((name) => (name === 'web.p.internal' ? ips : undefined), [], log);
+  const dnsPort = await dns.listen('127.0.0.1', 0);
+  const dir = mkdtempSync('/tmp/berth-test-');
+  const hp = await freePort();
+  const ing = new Ingress({ dir: join(dir, 'ingress'), settings: { http: { host: '127.0.0.1', port: hp }, https: undefined, baseDomain: 'berth.localhost', acme: undefined }, log });
+  const host = 'web.p.berth.localhost';
+  try {
+    await ing.start();
+    ing.register('services', () => [{ id: 'service/p/web', hosts: [host], backends: [], tls: 'none', dynamic: { name: 'web.p.internal', port, resolvers: [`127.0.0.1:${dnsPort}`], refreshMs: 500 } }]);
+    await ing.sync();
+    const master = ing.status().proxy.pid!;
+    const workers = () => readFileSync(`/proc/${master}/task/${master}/children`, 'utf8').trim();
+    const worker = workers();
+    await eventually(() => get(hp, host), () => hits.get('127.0.0.1')!.length > 0 && hits.get('127.0.0.2')!.length > 0);
+    // Leaves: requests keep succeeding, and none reaches it once 1 s has passed.
+    ips = ['127.0.0.1'];
+    const left = Date.now();
+    while (Date.now() - left < 2500) assert.equal((await get(hp, host)).status, 200);
+    const late = hits.get('127.0.0.2')!.filter((t) => t - left > 1000);
+    assert.deepEqual(late, [], 'requests reached a replica more than 1 s after it left the DNS answer');
+    console.log(`# the replica that left got its last request ${Math.max(0, ...hits.get('127.0.0.2')!.map((t) => t - left))} ms after it left`);
+    // None left: 503 (within a few resolutions); back: served again.
+    ips = [];
+    await eventually(() => get(hp, host), (r) => r.status === 503, 3000);
+    ips = ['127.0.0.1', '127.0.0.2'];
+    const joined = Date.now();
+    const before = hits.get('127.0.0.2')!.length;
+    await eventually(() => get(hp, host), () => hits.get('127.0.0.2')!.length > before, 3000);
+    console.log(`# a replica joining got its first request after ${Date.now() - joined} ms`);
+    assert.equal(workers(), worker, 'replicas came and went without a reload');
+  } finally {
+    await ing.stop();
+    dns.close();
+    for (const srv of servers) srv.close();
+    rmSync(dir, { recursive: true, force: true });
+  }
+  assert.deepEqual(spawnSync('pgrep', ['-f', dir]).stdout.toString().trim(), '');
 });

@@ -166,6 +166,7 @@ describe('services', () => {
       [{ ...spec('v1'), deploy: { maxSurge: 0, maxUnavailable: 0 } }, /cannot both be 0/],
       [{ ...spec('v1'), network: { mode: 'none' } }, /need a network/],
       [{ ...spec('v1'), domains: ['Not A Host'] }, /domains/],
+      [{ ...spec('v1'), maxConnectionsPerReplica: 0 }, /maxConnectionsPerReplica/],
       [{ ...spec('v1'), ports: [{ port: 8080, protocol: 'udp' }] }, /protocol/],
       [{ ...spec('v1'), bogus: 1 }, /unknown field/],
     ];

@@ -328,6 +328,10 @@ export const ServiceSpec = z
     }),
     deploy: DeployStrategy.default({ strategy: 'rolling', maxSurge: 1, maxUnavailable: 0, progressDeadlineMs: 60_000, drainMs: 2000 }),
     domains: z.array(z.string().max(253).regex(HOST_RE, { message: 'domains are lower-case host names such as "www.example.com"' })).max(32).optional(),
+    maxConnectionsPerReplica: z.number().int().min(1).max(100_000).optional().openapi({
+      description:
+        'At most this many connections from the ingress to one replica at a time; requests beyond it wait in the ingress queue (up to 30 s) instead of overflowing a replica\'s accept queue. Default: unlimited',
+    }),
   })
   .superRefine((s, ctx) => {
     const seen = new Set<number>();

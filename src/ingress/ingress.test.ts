@@ -1,9 +1,9 @@
 // Unit tests of the ingress's pure parts: flags, route checks, the union of providers, and the
-// Caddy config they produce. (The data plane itself is tested end to end in test/ingress.test.ts.)
+// HAProxy config they produce. (The data plane itself is tested end to end in test/ingress.test.ts.)
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import pino from 'pino';
-import { buildCaddyConfig } from './caddy-config.js';
+import { buildHaproxyConfig, quoteLf } from './haproxy-config.js';
 import { Ingress } from './ingress.js';
 import { routeProblems, settingsFromFlags, type IngressRoute } from './types.js';
 
@@ -60,23 +60,54 @@ test('setRoutes: static routes cannot take a host a provider owns, and need the 
   await assert.rejects(off.setRoutes([route('static/x', ['x.test'])]), /the ingress is off/);
 });
 
-test('buildCaddyConfig: deterministic, tls none only on HTTP, ACME only for acme hosts, never a public CA by default', () => {
+const paths = { workerSocket: '/d/worker.sock', hostsMap: '/d/hosts.map', tlsHostsMap: '/d/hosts-tls.map', crtList: '/d/crt-list', defaultCert: '/d/certs/default.pem', acmeSocket: '/d/acme.sock' };
+
+test('buildHaproxyConfig: deterministic; tls none only on HTTP; certificates only for hosts that have one; ACME challenges routed to berthd', () => {
   const s = { ...settingsFromFlags(flags), acme: { directory: 'https://acme.test/dir', email: 'a@b.test' } };
-  const paths = { adminSocket: '/d/admin.sock', storage: '/d/caddy' };
-  const routes = [route('b', ['plain.test'], { tls: 'none' }), route('a', ['a.test']), route('c', ['c.test'], { tls: 'acme' })];
-  const cfg = buildCaddyConfig(routes, s, paths) as any;
-  assert.equal(JSON.stringify(cfg), JSON.stringify(buildCaddyConfig([...routes].reverse(), s, paths)));
-  const hostsOf = (srv: string) => cfg.apps.http.servers[srv].routes.flatMap((r: any) => r.match?.[0].host ?? []);
-  assert.deepEqual(hostsOf('http'), ['a.test', 'plain.test', 'c.test']);
-  assert.deepEqual(hostsOf('https'), ['a.test', 'c.test']);
-  const policies = cfg.apps.tls.automation.policies;
-  assert.deepEqual(policies[0], { subjects: ['a.test'], issuers: [{ module: 'internal', ca: 'local' }] });
-  assert.deepEqual(policies[1].subjects, ['c.test']);
-  assert.equal(policies[1].issuers[0].ca, 'https://acme.test/dir');
-  assert.deepEqual(policies.at(-1), { issuers: [{ module: 'internal', ca: 'local' }] });
-  assert.equal(cfg.admin.listen, 'unix//d/admin.sock');
-  assert.deepEqual([cfg.apps.http.http_port, cfg.apps.http.https_port], [80, 443]);
-  const proxy = cfg.apps.http.servers.http.routes[0].handle[0];
-  assert.equal(proxy.handler, 'reverse_proxy');
-  assert.ok(proxy.load_balancing.try_duration, 'refused connections are retried on another backend');
+  const routes = [route('b', ['plain.test'], { tls: 'none' }), route('a', ['a.test', 'www.a.test']), route('c', ['c.test'], { tls: 'acme' })];
+  const certs = new Map([['a.test', '/d/certs/local/a.test.pem'], ['www.a.test', '/d/certs/local/www.a.test.pem'], ['plain.test', '/x.pem']]);
+  const f = buildHaproxyConfig(routes, s, paths, { threads: 1 }, certs);
+  assert.deepEqual(f, buildHaproxyConfig([...routes].reverse(), s, paths, { threads: 1 }, new Map([...certs].reverse())));
+  assert.equal(f.hostsMap, 'a.test r0\nc.test r2\nplain.test r1\nwww.a.test r0\n');
+  assert.equal(f.tlsHostsMap, 'a.test r0\nc.test r2\nwww.a.test r0\n');
+  // plain.test is tls none (no certificate even if a file exists); c.test has no ACME certificate yet.
+  assert.equal(f.crtList, '/d/certs/local/a.test.pem a.test\n/d/certs/local/www.a.test.pem www.a.test\n');
+  assert.match(f.config, /^ {2}bind 0\.0\.0\.0:80$/m);
+  assert.match(f.config, /^ {2}bind 0\.0\.0\.0:443 ssl crt \/d\/certs\/default\.pem crt-list \/d\/crt-list alpn h2,http\/1\.1$/m);
+  assert.match(f.config, /use_backend acme_challenge if \{ path_beg \/\.well-known\/acme-challenge\/ \}/);
+  assert.match(f.config, /server berthd unix@\/d\/acme\.sock/);
+  assert.match(f.config, /^ {2}nbthread 1$/m);
+  // A refused connection is retried on another server.
+  assert.match(f.config, /^ {2}retries \d+$/m);
+  assert.match(f.config, /^ {2}option redispatch 1$/m);
+  assert.match(f.config, /^ {2}retry-on conn-failure empty-response$/m);
+  assert.match(f.config, /^ {2}server s0 10\.88\.0\.2:8080 check /m);
+  const noAcme = buildHaproxyConfig(routes.slice(0, 2), settingsFromFlags({ ...flags, ingressHttps: 'off' }), paths, { threads: 2 }, certs);
+  assert.doesNotMatch(noAcme.config, /acme|frontend https/);
+  assert.match(noAcme.config, /nbthread 2/);
+});
+
+test('buildHaproxyConfig: empty route answers 503, token guard, per-replica limit, DNS-discovered replicas', () => {
+  const s = settingsFromFlags(flags);
+  const token = 'sbx_0123456789abcdefXYZ';
+  const routes = [
+    route('p/empty "x" 100%', ['empty.test'], { backends: [] }),
+    route('p/guarded', ['g.test'], { auth: { token } }),
+    route('p/svc', ['svc.test'], { maxConnsPerBackend: 8, dynamic: { name: 'web.p.internal', port: 8080, resolvers: ['10.88.0.1:53'], refreshMs: 500 } }),
+  ];
+  const { config } = buildHaproxyConfig(routes, s, paths, { threads: 1 }, new Map());
+  assert.match(config, /http-request return status 503 .*\(route p\/empty \\"x\\" 100%%\)/);
+  assert.match(config, new RegExp(`acl tok_hdr req.hdr\\(x-berth-token\\) -m str ${token}`));
+  assert.match(config, /http-request return status 401 .* unless tok_hdr \|\| tok_cookie \|\| tok_query/);
+  assert.match(config, new RegExp(`Set-Cookie "berth_token=${token}; Path=/; HttpOnly; SameSite=Lax"`));
+  assert.match(config, /^ {2}http-request del-header x-berth-token$/m);
+  assert.match(config, /^resolvers dns0\n {2}nameserver ns0 10\.88\.0\.1:53$/m);
+  assert.match(config, /^ {2}timeout resolve 500ms$/m);
+  assert.match(config, /server-template s 1-\d+ web\.p\.internal:8080 resolvers dns0 resolve-prefer ipv4 init-addr none maxconn 8 check/);
+  assert.equal(quoteLf('a\nb"c\\d%e'), 'ab\\"c\\\\d%%e');
+});
+
+test('routeProblems: maxConnsPerBackend must be a positive integer', () => {
+  assert.deepEqual(routeProblems(route('a', ['x.test'], { maxConnsPerBackend: 8 }), false), []);
+  assert.match(routeProblems(route('a', ['x.test'], { maxConnsPerBackend: 0 }), false).join(), /maxConnsPerBackend/);
 });

@@ -1,15 +1,18 @@
 // The ingress: HTTP/HTTPS entry point that routes Host names to workload backends.
 // The desired set of routes is the union of what registered providers return (services own
 // theirs, sandboxes theirs); sync() computes it and hands the whole set to the data plane
-// (Caddy, chosen on measurements: see BENCHMARKS.md "Ingress"). Level-triggered and idempotent:
+// (HAProxy, chosen on measurements: see BENCHMARKS.md "Ingress"). Level-triggered and idempotent:
 // an unchanged set is not reloaded, a failed apply is retried, and a proxy that died or was left
 // by a crashed berthd is restarted or adopted and gets the full set again.
-import { existsSync, mkdirSync, readdirSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
-import { dirname, join } from 'node:path';
+import { existsSync, mkdirSync, readFileSync, renameSync, writeFileSync } from 'node:fs';
+import { dirname } from 'node:path';
 import type { Logger } from 'pino';
 import { conflict, failedPrecondition, invalidArgument, unavailable } from '../core/errors.js';
-import { buildCaddyConfig } from './caddy-config.js';
-import { CaddyProcess } from './caddy-process.js';
+import { sleep } from '../lib/exec.js';
+import { AcmeIssuer } from './acme.js';
+import { CertStore } from './certs.js';
+import { buildHaproxyConfig, type HaproxyFiles } from './haproxy-config.js';
+import { HaproxyProcess } from './haproxy-process.js';
 import { routeProblems, type IngressRoute, type IngressSettings } from './types.js';
 
 export type RouteProvider = () => IngressRoute[];
@@ -19,8 +22,10 @@ export interface IngressOptions {
   dir: string;
   settings: IngressSettings;
   log: Logger;
-  /** Caddy binary (default $BERTH_CADDY or `caddy` on PATH). */
-  caddyBin?: string;
+  /** HAProxy binary (default $BERTH_HAPROXY or `haproxy` on PATH). */
+  haproxyBin?: string;
+  /** HAProxy worker threads (default 1: measured best on a 2-core host, BENCHMARKS.md "Ingress"). */
+  threads?: number;
   /** How often the proxy process is checked (and restarted if it died). */
   watchMs?: number;
   /** Where setRoutes() keeps the static routes across restarts (default: not kept). */
@@ -33,7 +38,7 @@ export interface IngressStatus {
   https: string | null;
   baseDomain: string;
   acme: { directory: string; email: string } | null;
-  proxy: { kind: 'caddy'; pid: number | null; running: boolean; adopted: boolean };
+  proxy: { kind: 'haproxy'; pid: number | null; running: boolean; adopted: boolean };
   routes: { id: string; hosts: string[]; backends: number; tls: string; auth: boolean }[];
   /** Routes left out of the applied set, with the reason (bad field, host already taken). */
   rejected: { id: string; reason: string }[];
@@ -45,7 +50,9 @@ const STATIC = 'static';
 
 export class Ingress {
   private readonly providers = new Map<string, RouteProvider>();
-  private readonly caddy: CaddyProcess;
+  private readonly proxy: HaproxyProcess;
+  private readonly certs: CertStore;
+  private readonly acme: AcmeIssuer | undefined;
   private applied: string | undefined;
   private appliedRoutes: IngressRoute[] = [];
   private rejected: { id: string; reason: string }[] = [];
@@ -58,12 +65,15 @@ export class Ingress {
   private retry: NodeJS.Timeout | undefined;
 
   constructor(readonly opts: IngressOptions) {
-    this.caddy = new CaddyProcess(opts.dir, opts.caddyBin ?? process.env.BERTH_CADDY ?? 'caddy', opts.log);
+    this.proxy = new HaproxyProcess(opts.dir, opts.haproxyBin ?? process.env.BERTH_HAPROXY ?? 'haproxy', opts.log);
+    this.certs = new CertStore(opts.dir);
+    const acme = opts.settings.acme;
+    this.acme = acme ? new AcmeIssuer(acme, opts.dir, this.proxy.paths.acmeSocket, this.certs, opts.log, () => void this.sync().catch(() => undefined)) : undefined;
     if (opts.staticFile && existsSync(opts.staticFile)) {
       const routes = JSON.parse(readFileSync(opts.staticFile, 'utf8')) as IngressRoute[];
       this.providers.set(STATIC, () => routes);
     }
-    this.caddy.onExit(() => {
+    this.proxy.onExit(() => {
       if (!this.started) return;
       this.applied = undefined;
       void this.sync().catch(() => undefined);
@@ -85,7 +95,7 @@ export class Ingress {
    */
   async start(): Promise<void> {
     if (!this.enabled) {
-      await this.caddy.stop();
+      await this.proxy.stop();
       return;
     }
     this.started = true;
@@ -96,7 +106,7 @@ export class Ingress {
       throw unavailable(`the ingress did not start: ${(e as Error).message}`);
     }
     this.watch = setInterval(() => {
-      if (!this.caddy.running()) {
+      if (!this.proxy.running()) {
         this.applied = undefined;
         void this.sync().catch(() => undefined);
       }
@@ -110,7 +120,8 @@ export class Ingress {
     clearInterval(this.watch);
     clearTimeout(this.retry);
     await this.syncing?.catch(() => undefined);
-    await this.caddy.stop();
+    await this.acme?.close();
+    await this.proxy.stop();
     this.applied = undefined;
   }
 
@@ -203,25 +214,37 @@ export class Ingress {
     return this.syncing;
   }
 
+  /** Resolves once no apply is running or queued (at most timeoutMs): status() then shows the changes made so far. */
+  async settled(timeoutMs = 5_000): Promise<void> {
+    const deadline = Date.now() + timeoutMs;
+    while ((this.syncing || this.pending) && Date.now() < deadline) {
+      await Promise.race([(this.pending ?? this.syncing)!.catch(() => undefined), sleep(deadline - Date.now())]);
+    }
+  }
+
   private async syncOnce(): Promise<void> {
     clearTimeout(this.retry);
     const { routes, rejected } = this.desired();
     for (const r of rejected) if (!this.rejected.some((o) => o.id === r.id && o.reason === r.reason)) this.opts.log.warn(r, 'ingress: route rejected');
     this.rejected = rejected;
-    const config = buildCaddyConfig(routes, this.opts.settings, { adminSocket: this.caddy.paths.adminSocket, storage: this.caddy.paths.storage });
-    const text = JSON.stringify(config);
     try {
-      const how = await this.caddy.ensure();
-      if (how !== 'running' || text !== this.applied) {
-        await this.caddy.load(config);
-        this.applied = text;
-        this.opts.log.debug({ routes: routes.length }, 'ingress: routes applied');
+      const files = await this.render(routes);
+      const text = JSON.stringify(files);
+      const changed = text !== this.applied;
+      if (changed || !this.proxy.running()) {
+        this.write(files);
+        await this.proxy.check();
       }
+      const how = await this.proxy.ensure();
+      if (how === 'adopted' || (how === 'running' && changed)) await this.proxy.reload();
+      if (how !== 'running' || changed) this.opts.log.debug({ routes: routes.length, how }, 'ingress: routes applied');
+      this.applied = text;
       this.appliedRoutes = routes;
       this.lastSyncAt = new Date();
       this.lastError = undefined;
       this.forgetCertificates(routes);
     } catch (e) {
+      this.applied = undefined;
       this.lastError = (e as Error).message;
       this.opts.log.error({ err: this.lastError }, 'ingress: applying routes failed; retrying');
       if (this.started) {
@@ -232,23 +255,39 @@ export class Ingress {
     }
   }
 
+  /** Certificates for the routes (local ones made now, ACME ones ordered), then the proxy's files. */
+  private async render(routes: IngressRoute[]): Promise<HaproxyFiles> {
+    await this.certs.ensureCa();
+    const certs = new Map<string, string>();
+    const tlsHosts = (tls: string) => routes.filter((r) => r.tls === tls).flatMap((r) => r.hosts);
+    if (this.opts.settings.https) for (const h of tlsHosts('local')) certs.set(h, await this.certs.ensureLocal(h));
+    if (this.acme) {
+      await this.acme.listen();
+      this.acme.want(tlsHosts('acme'));
+      for (const h of tlsHosts('acme')) if (this.certs.valid(this.certs.file('acme', h), 0)) certs.set(h, this.certs.file('acme', h));
+    }
+    const p = this.proxy.paths;
+    return buildHaproxyConfig(routes, this.opts.settings, { ...p, defaultCert: this.certs.defaultCert }, { threads: this.opts.threads ?? 1 }, certs);
+  }
+
+  /** The map files and the crt-list first, the config last: each replaced atomically. */
+  private write(files: HaproxyFiles): void {
+    const p = this.proxy.paths;
+    writeFileAtomic(p.hostsMap, files.hostsMap);
+    writeFileAtomic(p.tlsHostsMap, files.tlsHostsMap);
+    writeFileAtomic(p.crtList, files.crtList);
+    writeFileAtomic(p.config, files.config);
+  }
+
   /** Certificates of hosts no route has any more: removed, so a deleted owner leaves nothing. */
   private forgetCertificates(routes: IngressRoute[]): void {
-    const live = new Set(routes.filter((r) => r.tls !== 'none').flatMap((r) => r.hosts));
-    const root = join(this.caddy.paths.storage, 'certificates');
-    if (!existsSync(root)) return;
-    for (const issuer of readdirSync(root)) {
-      for (const host of readdirSync(join(root, issuer))) {
-        if (!live.has(host)) rmSync(join(root, issuer, host), { recursive: true, force: true });
-      }
-    }
+    for (const issuer of ['local', 'acme'] as const) this.certs.forget(issuer, new Set(routes.filter((r) => r.tls === issuer).flatMap((r) => r.hosts)));
   }
 
   /** Berth's local CA certificate (PEM): clients trust it to reach `tls: local` hosts over HTTPS. */
   caCertPem(): string {
-    const file = join(this.caddy.paths.storage, 'pki', 'authorities', 'local', 'root.crt');
     try {
-      return readFileSync(file, 'utf8');
+      return this.certs.caPem();
     } catch {
       if (!this.enabled) throw failedPrecondition('the ingress is off (berthd --ingress-http off --ingress-https off), so there is no local CA; turn the ingress on');
       throw unavailable('the local CA is not created yet; retry once the ingress has started');
@@ -264,7 +303,7 @@ export class Ingress {
       https: addr(s.https),
       baseDomain: s.baseDomain,
       acme: s.acme ? { directory: s.acme.directory, email: s.acme.email } : null,
-      proxy: { kind: 'caddy', pid: this.caddy.pid ?? null, running: this.caddy.running(), adopted: this.caddy.adopted },
+      proxy: { kind: 'haproxy', pid: this.proxy.pid ?? null, running: this.proxy.running(), adopted: this.proxy.adopted },
       routes: this.appliedRoutes.map((r) => ({ id: r.id, hosts: r.hosts, backends: r.backends.length, tls: r.tls, auth: Boolean(r.auth) })),
       rejected: this.rejected,
       lastSyncAt: this.lastSyncAt?.toISOString() ?? null,

@@ -25,11 +25,15 @@ export interface IngressRoute {
   auth?: { token: string };
   /**
    * Backends found by the proxy itself from DNS A records of `name` (Berth's DNS answers a
-   * service's ready replicas), refreshed every `refreshMs`: replicas come and go without a config
-   * load, which in Caddy 2.6 would close relayed WebSockets and race idle keep-alive connections.
-   * `backends` is then unused.
+   * service's ready replicas), asked every `refreshMs`: replicas come and go without a reload.
+   * `backends` is then unused (it still says how many replicas are ready, for status).
    */
   dynamic?: { name: string; port: number; resolvers: string[]; refreshMs: number };
+  /**
+   * At most this many connections to one backend at a time; requests beyond it wait in the
+   * ingress's queue instead of overflowing a replica's accept queue. Unset = unlimited.
+   */
+  maxConnsPerBackend?: number;
 }
 
 export interface ListenAddr {
@@ -83,6 +87,7 @@ export function routeProblems(r: IngressRoute, acme: boolean): string[] {
   if (!['local', 'acme', 'none'].includes(r.tls)) p.push(`tls "${r.tls}" must be local, acme or none`);
   if (r.tls === 'acme' && !acme) p.push('tls "acme" needs berthd started with --acme-directory and --acme-email; use tls "local" otherwise');
   if (r.auth && (typeof r.auth.token !== 'string' || !TOKEN.test(r.auth.token))) p.push('auth.token must be 16-256 characters of A-Z a-z 0-9 _ -');
+  if (r.maxConnsPerBackend !== undefined && !(Number.isInteger(r.maxConnsPerBackend) && r.maxConnsPerBackend >= 1 && r.maxConnsPerBackend <= 100_000)) p.push('maxConnsPerBackend must be an integer 1-100000');
   if (r.dynamic) {
     if (!isHostname(r.dynamic.name)) p.push(`dynamic.name "${r.dynamic.name}" must be a DNS name`);
     if (!Number.isInteger(r.dynamic.port) || r.dynamic.port < 1 || r.dynamic.port > 65535) p.push(`dynamic.port ${r.dynamic.port} must be 1-65535`);

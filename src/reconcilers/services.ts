@@ -383,6 +383,7 @@ export function serviceRoutes(
       hosts: [hostFor(s.name, s.project), ...(acme ? [] : s.spec.domains ?? [])],
       backends: s.status.instances.filter((i) => i.ready && i.ip).map((i) => ({ address: i.ip!, port: port.port })),
       tls: 'local',
+      ...(s.spec.maxConnectionsPerReplica ? { maxConnsPerBackend: s.spec.maxConnectionsPerReplica } : {}),
       // The proxy follows the ready set through Berth's DNS (no config load per replica change).
       ...(dns ? { dynamic: { name: `${s.name}.${s.project}.internal`, port: port.port, resolvers: [dns], refreshMs: DNS_REFRESH_MS } } : {}),
     };

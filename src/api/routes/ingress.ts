@@ -19,8 +19,9 @@ const Routes = z.strictObject({ routes: z.array(Route).max(10_000) }).openapi('I
 const Status = z.record(z.string(), z.unknown()).openapi('IngressStatus');
 
 export function registerIngressRoutes(app: OpenAPIHono<AppEnv>, ctx: ApiContext): void {
-  app.openapi(createRoute({ method: 'get', path: '/v1/ingress', tags: ['ingress'], responses: { 200: json(Status), ...errorResponses } }), (c) => {
+  app.openapi(createRoute({ method: 'get', path: '/v1/ingress', tags: ['ingress'], responses: { 200: json(Status), ...errorResponses } }), async (c) => {
     requireAdmin(c); // it lists every project's host names
+    await ctx.ingress.settled(); // a change already under way (a reload) is shown applied
     return c.json(ctx.ingress.status() as never, 200);
   });
   app.openapi(
