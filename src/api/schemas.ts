@@ -300,7 +300,7 @@ export const ServicePort = z
     name: Name.optional(),
     port: Port.openapi({ description: 'Port the replicas listen on' }),
     protocol: z.enum(['http', 'tcp']).default('http'),
-    public: z.boolean().default(false).openapi({ description: 'Served by the ingress (http ports) at <service>.<project>.<base domain> and spec.domains' }),
+    public: z.boolean().default(false).openapi({ description: 'Served by the ingress at <service>.<project>.<base domain> and spec.domains (http ports only; one per service)' }),
   })
   .openapi('ServicePort');
 
@@ -338,6 +338,22 @@ export const ServiceSpec = z
     for (const [i, p] of s.ports.entries()) {
       if (seen.has(p.port)) ctx.addIssue({ code: 'custom', path: ['ports', i, 'port'], message: `port ${p.port} is listed twice; list each port once` });
       seen.add(p.port);
+      // The ingress serves http only (by Host name); a public tcp port would need a host port of its own.
+      if (p.public && p.protocol === 'tcp') {
+        ctx.addIssue({
+          code: 'custom',
+          path: ['ports', i, 'public'],
+          message: `tcp port ${p.port} cannot be public: the ingress routes http by host name only. Reach it from the project's workloads at <service>:${p.port}, or set protocol "http"`,
+        });
+      }
+    }
+    const publicHttp = s.ports.filter((p) => p.public && p.protocol === 'http');
+    if (publicHttp.length > 1) {
+      ctx.addIssue({
+        code: 'custom',
+        path: ['ports'],
+        message: `only one http port of a service can be public (the ingress sends <service>.<project>.<base domain> to one port); keep ${publicHttp[0]!.port} public and set public: false on ${publicHttp.slice(1).map((p) => p.port).join(', ')}`,
+      });
     }
     if (s.network?.mode === 'none') ctx.addIssue({ code: 'custom', path: ['network', 'mode'], message: 'services need a network: remove network.mode or set it to "project"' });
   })

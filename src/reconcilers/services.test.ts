@@ -48,6 +48,17 @@ test('readiness: given, implied TCP on the first port, or none', () => {
   assert.equal(own.readiness?.periodMs, 5000);
 });
 
+test('ports: a public tcp port and a second public http port are refused with the fix in the message', () => {
+  const tcp = ServiceSpec.safeParse({ image: 'busybox', ports: [{ port: 5432, protocol: 'tcp', public: true }] });
+  assert.equal(tcp.success, false);
+  assert.deepEqual(tcp.error!.issues[0]!.path, ['ports', 0, 'public']);
+  assert.match(tcp.error!.issues[0]!.message, /tcp port 5432 cannot be public.*<service>:5432/);
+  const two = ServiceSpec.safeParse({ image: 'busybox', ports: [{ port: 80, public: true }, { port: 81, public: true }, { port: 82 }] });
+  assert.equal(two.success, false);
+  assert.match(two.error!.issues[0]!.message, /keep 80 public and set public: false on 81/);
+  assert.equal(ServiceSpec.safeParse({ image: 'busybox', ports: [{ port: 80, public: true }, { port: 81 }, { port: 5432, protocol: 'tcp' }] }).success, true);
+});
+
 test('routes and DNS: ready replicas only; public http ports only; base domain and custom domains', () => {
   withStore((store) => {
     const mk = (name: string, spec: unknown, ready: boolean[], project = 'default') => {
@@ -59,7 +70,7 @@ test('routes and DNS: ready replicas only; public http ports only; base domain a
       store.updateStatus(s.id, st);
     };
     mk('web', { image: 'busybox', ports: [{ port: 8080, public: true }], domains: ['www.example.com'] }, [true, false, true]);
-    mk('db', { image: 'busybox', ports: [{ port: 5432, protocol: 'tcp', public: true }] }, [true]);
+    mk('db', { image: 'busybox', ports: [{ port: 5432, protocol: 'tcp' }] }, [true]);
     mk('internal', { image: 'busybox', ports: [{ port: 80 }] }, [true]);
     mk('web', { image: 'busybox', ports: [{ port: 9000, protocol: 'tcp' }, { port: 80, public: true }] }, [false], 'other');
     const routes = serviceRoutes(store, (name, project) => `${name}.${project}.apps.test`);
