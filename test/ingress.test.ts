@@ -5,7 +5,7 @@
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
-import { mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { createServer, type AddressInfo } from 'node:net';
 import http from 'node:http';
@@ -172,7 +172,10 @@ test('kill -9 of berthd: the proxy keeps serving, the restarted berthd adopts it
   assert.ok(pid);
   await d.kill9();
   assert.equal((await get(httpPort, HOST)).body, 'A /', 'served while berthd is down');
+  // What an older berthd left: the former Caddy data plane's folder.
+  mkdirSync(join(d.dataDir, 'ingress', 'caddy', 'data'), { recursive: true });
   await d.start();
+  assert.equal(existsSync(join(d.dataDir, 'ingress', 'caddy')), false, 'the old Caddy folder is removed');
   assert.deepEqual(proxyPids(d.dataDir), [pid]);
   const st = (await d.api('GET', '/v1/ingress')).body;
   assert.equal(st.proxy.adopted, true);

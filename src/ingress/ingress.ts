@@ -4,8 +4,8 @@
 // (HAProxy, chosen on measurements: see BENCHMARKS.md "Ingress"). Level-triggered and idempotent:
 // an unchanged set is not reloaded, a failed apply is retried, and a proxy that died or was left
 // by a crashed berthd is restarted or adopted and gets the full set again.
-import { existsSync, mkdirSync, readFileSync, renameSync, writeFileSync } from 'node:fs';
-import { dirname } from 'node:path';
+import { existsSync, mkdirSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
+import { dirname, join } from 'node:path';
 import type { Logger } from 'pino';
 import { conflict, failedPrecondition, invalidArgument, unavailable } from '../core/errors.js';
 import { sleep } from '../lib/exec.js';
@@ -99,6 +99,8 @@ export class Ingress {
       return;
     }
     this.started = true;
+    // Berth before HAProxy ran Caddy, with its state in <dir>/caddy: nothing reads it any more.
+    rmSync(join(this.opts.dir, 'caddy'), { recursive: true, force: true });
     try {
       await this.sync();
     } catch (e) {
