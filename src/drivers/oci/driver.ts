@@ -42,6 +42,7 @@ import { AgentPool } from '../agent/pool.js';
 import { findAgent } from '../agent/binary.js';
 import { loadDefaultSeccomp, type OciSeccomp } from './seccomp.js';
 import { Launcher } from './launcher.js';
+import { traceMark } from '../../lib/trace.js';
 import type { NetworkAttachment, NetworkManager } from '../../network/manager.js';
 
 export interface OciDriverOptions {
@@ -71,6 +72,8 @@ export interface EarlyStart {
 }
 
 const SIGNALS = osConstants.signals as Record<string, number>;
+/** How long a started sandbox's agent has to listen and answer hello. */
+const AGENT_START_TIMEOUT_MS = 10_000;
 const signalName = (n: number) => Object.keys(SIGNALS).find((k) => SIGNALS[k] === n);
 
 export abstract class OciRuntimeDriver implements RuntimeDriver {
@@ -87,6 +90,8 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
   protected readonly cgroupParent: string;
   private readonly exits = new EventEmitter();
   private readonly agents = new AgentPool();
+  /** Sandboxes whose agent has not answered the hello of its start yet (see start()). */
+  private readonly hellos = new Map<string, Promise<void>>();
   private watcher: FSWatcher | undefined;
   private swapSupported: boolean | undefined;
   private readonly nofile = hostNofileLimit();
@@ -245,6 +250,7 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
     if (!existsSync(join(cfg.imageRootfs, 'bin')) && !existsSync(cfg.imageRootfs)) {
       throw invalidArgument(`image rootfs ${cfg.imageRootfs} does not exist`);
     }
+    traceMark(cfg.id, 'driver.start');
     const dir = this.taskDir(cfg.id);
     const bundle = join(dir, 'bundle');
     const sandbox = cfg.sandbox ? this.sandboxTask(cfg, dir) : undefined;
@@ -290,16 +296,25 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
       let pid: number;
       const restore = cfg.restoreFrom ? this.restoreImage(cfg.restoreFrom) : undefined;
       const early = restore ? undefined : this.beginStart(cfg.id);
+      traceMark(cfg.id, 'driver.launch');
       try {
         pid = await this.spawnConmon(cfg.id, bundle, dir, pre, restore);
       } catch (e) {
         early?.cancel();
         throw e;
       }
+      traceMark(cfg.id, 'driver.created');
       if (!restore && !this.runsOnCreate()) await this.startCreated(cfg.id, pid, early); // a restore (or run) runs it already
+      traceMark(cfg.id, 'driver.running');
       const monitorPid = Number(readFileSync(join(dir, 'conmon.pid'), 'utf8').trim());
       this.ensureWatcher();
-      if (sandbox) await (await this.agent(cfg.id, 10_000)).request({ type: 'hello' }, 10_000);
+      // The agent (the container's init) is started: its hello is not awaited here but by whoever
+      // first needs the agent (agent()). It starts meanwhile — inside gVisor a Go program takes
+      // ~20 ms to listen — while berthd records the sandbox as running and answers the create, and
+      // the caller sends its first command: those ~2 (container) to ~6 ms (gVisor) are no longer
+      // spent one after the other. An agent that never answers fails that first call (and its
+      // exit, seen by the monitor, ends the sandbox as before).
+      if (sandbox) this.awaitHello(cfg.id);
       return {
         driver: this.name,
         id: cfg.id,
@@ -335,9 +350,32 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
     };
   }
 
-  /** A sandbox task's guest agent (shared connection). */
-  agent(id: string, timeoutMs = 5000): Promise<AgentConnection> {
+  /** A sandbox task's guest agent (shared connection); once it has answered the hello of its start. */
+  async agent(id: string, timeoutMs = 5000): Promise<AgentConnection> {
+    const hello = this.hellos.get(id);
+    if (hello) await hello;
     return this.agents.get(id, join(this.taskDir(id), 'run', 'agent.sock'), timeoutMs);
+  }
+
+  /** Connects to a just-started sandbox's agent and sends hello, in the background (see start()). */
+  private awaitHello(id: string): void {
+    const hello = this.agents
+      .get(id, join(this.taskDir(id), 'run', 'agent.sock'), AGENT_START_TIMEOUT_MS)
+      .then((c) => {
+        traceMark(id, 'agent.connected');
+        return c.request({ type: 'hello' }, AGENT_START_TIMEOUT_MS);
+      })
+      .then(
+        () => traceMark(id, 'agent.hello'),
+        (e: unknown) => {
+          throw new BerthError('unavailable', `the sandbox's agent did not start: ${(e as Error).message}`);
+        },
+      )
+      .finally(() => {
+        if (this.hellos.get(id) === hello) this.hellos.delete(id);
+      });
+    hello.catch(() => undefined); // its waiters get the error; nobody waiting is no crash
+    this.hellos.set(id, hello);
   }
 
   /** Starts conmon, which runs `<runtime> create`; resolves with the container's PID from conmon's sync pipe. */
@@ -598,6 +636,7 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
   }
 
   async destroy(id: string, opts: { force?: boolean; keepData?: boolean } = {}): Promise<void> {
+    this.hellos.delete(id);
     this.agents.drop(id);
     const dir = this.taskDir(id);
     // Nothing of this task on this driver: done, without running the runtime at all.
