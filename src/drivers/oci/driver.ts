@@ -62,6 +62,8 @@ export interface OciDriverOptions {
   logSizeMax?: number;
   /** Gives tasks with TaskConfig.network their namespace, address and rules; without it they are refused. */
   network?: NetworkManager;
+  /** How long a started sandbox's agent has to listen (default 10 s); the first agent call fails after it. */
+  agentStartTimeoutMs?: number;
 }
 
 /** What beginStart() set going; see there. */
@@ -72,7 +74,7 @@ export interface EarlyStart {
 }
 
 const SIGNALS = osConstants.signals as Record<string, number>;
-/** How long a started sandbox's agent has to listen and answer hello. */
+/** How long a started sandbox's agent has to listen and answer hello (OciDriverOptions.agentStartTimeoutMs). */
 const AGENT_START_TIMEOUT_MS = 10_000;
 const signalName = (n: number) => Object.keys(SIGNALS).find((k) => SIGNALS[k] === n);
 
@@ -90,8 +92,8 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
   protected readonly cgroupParent: string;
   private readonly exits = new EventEmitter();
   private readonly agents = new AgentPool();
-  /** Sandboxes whose agent has not answered the hello of its start yet (see start()). */
-  private readonly hellos = new Map<string, Promise<void>>();
+  /** Sandboxes whose agent is not connected yet since their start (see connectStarted()). */
+  private readonly starting = new Map<string, Promise<void>>();
   private watcher: FSWatcher | undefined;
   private swapSupported: boolean | undefined;
   private readonly nofile = hostNofileLimit();
@@ -308,13 +310,13 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
       traceMark(cfg.id, 'driver.running');
       const monitorPid = Number(readFileSync(join(dir, 'conmon.pid'), 'utf8').trim());
       this.ensureWatcher();
-      // The agent (the container's init) is started: its hello is not awaited here but by whoever
-      // first needs the agent (agent()). It starts meanwhile — inside gVisor a Go program takes
+      // The agent (the container's init) runs: it is connected to here but not awaited; whoever
+      // first needs it waits (agent()). It starts meanwhile — inside gVisor a Go program takes
       // ~20 ms to listen — while berthd records the sandbox as running and answers the create, and
       // the caller sends its first command: those ~2 (container) to ~6 ms (gVisor) are no longer
-      // spent one after the other. An agent that never answers fails that first call (and its
+      // spent one after the other. An agent that never listens fails that first call (and its
       // exit, seen by the monitor, ends the sandbox as before).
-      if (sandbox) this.awaitHello(cfg.id);
+      if (sandbox) this.connectStarted(cfg.id);
       return {
         driver: this.name,
         id: cfg.id,
@@ -350,32 +352,39 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
     };
   }
 
-  /** A sandbox task's guest agent (shared connection); once it has answered the hello of its start. */
+  /** A sandbox task's guest agent (shared connection). */
   async agent(id: string, timeoutMs = 5000): Promise<AgentConnection> {
-    const hello = this.hellos.get(id);
-    if (hello) await hello;
+    const starting = this.starting.get(id);
+    if (starting) await starting;
     return this.agents.get(id, join(this.taskDir(id), 'run', 'agent.sock'), timeoutMs);
   }
 
-  /** Connects to a just-started sandbox's agent and sends hello, in the background (see start()). */
-  private awaitHello(id: string): void {
-    const hello = this.agents
-      .get(id, join(this.taskDir(id), 'run', 'agent.sock'), AGENT_START_TIMEOUT_MS)
-      .then((c) => {
-        traceMark(id, 'agent.connected');
-        return c.request({ type: 'hello' }, AGENT_START_TIMEOUT_MS);
-      })
+  /**
+   * Connects to a just-started sandbox's agent in the background (see start()) and sends it hello.
+   * Requests that come meanwhile wait for the connection, not for the hello's answer: they go out
+   * right behind it on the same connection (the agent serves them concurrently), which inside gVisor
+   * saves another ~2 ms. Should the hello fail, the connection is closed and they fail with it.
+   */
+  private connectStarted(id: string): void {
+    const starting = this.agents
+      .get(id, join(this.taskDir(id), 'run', 'agent.sock'), this.opts.agentStartTimeoutMs ?? AGENT_START_TIMEOUT_MS)
       .then(
-        () => traceMark(id, 'agent.hello'),
+        (c) => {
+          traceMark(id, 'agent.connected');
+          c.request({ type: 'hello' }, this.opts.agentStartTimeoutMs ?? AGENT_START_TIMEOUT_MS).then(
+            () => traceMark(id, 'agent.hello'),
+            () => c.close(),
+          );
+        },
         (e: unknown) => {
           throw new BerthError('unavailable', `the sandbox's agent did not start: ${(e as Error).message}`);
         },
       )
       .finally(() => {
-        if (this.hellos.get(id) === hello) this.hellos.delete(id);
+        if (this.starting.get(id) === starting) this.starting.delete(id);
       });
-    hello.catch(() => undefined); // its waiters get the error; nobody waiting is no crash
-    this.hellos.set(id, hello);
+    starting.catch(() => undefined); // its waiters get the error; nobody waiting is no crash
+    this.starting.set(id, starting);
   }
 
   /** Starts conmon, which runs `<runtime> create`; resolves with the container's PID from conmon's sync pipe. */
@@ -636,7 +645,7 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
   }
 
   async destroy(id: string, opts: { force?: boolean; keepData?: boolean } = {}): Promise<void> {
-    this.hellos.delete(id);
+    this.starting.delete(id);
     this.agents.drop(id);
     const dir = this.taskDir(id);
     // Nothing of this task on this driver: done, without running the runtime at all.
