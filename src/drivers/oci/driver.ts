@@ -94,6 +94,8 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
   private readonly agents = new AgentPool();
   /** Sandboxes whose agent is not connected yet since their start (see connectStarted()). */
   private readonly starting = new Map<string, Promise<void>>();
+  /** Ends connectStarted()'s wait for the agent's socket when the task is destroyed first. */
+  private readonly stopConnecting = new Map<string, AbortController>();
   private watcher: FSWatcher | undefined;
   private swapSupported: boolean | undefined;
   private readonly nofile = hostNofileLimit();
@@ -139,6 +141,7 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
   }
 
   close(): void {
+    for (const ac of this.stopConnecting.values()) ac.abort();
     this.agents.closeAll();
     this.watcher?.close();
     this.watcher = undefined;
@@ -366,8 +369,10 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
    * saves another ~2 ms. Should the hello fail, the connection is closed and they fail with it.
    */
   private connectStarted(id: string): void {
+    const ac = new AbortController();
+    this.stopConnecting.set(id, ac);
     const starting = this.agents
-      .get(id, join(this.taskDir(id), 'run', 'agent.sock'), this.opts.agentStartTimeoutMs ?? AGENT_START_TIMEOUT_MS)
+      .get(id, join(this.taskDir(id), 'run', 'agent.sock'), this.opts.agentStartTimeoutMs ?? AGENT_START_TIMEOUT_MS, ac.signal)
       .then(
         (c) => {
           traceMark(id, 'agent.connected');
@@ -382,6 +387,7 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
       )
       .finally(() => {
         if (this.starting.get(id) === starting) this.starting.delete(id);
+        if (this.stopConnecting.get(id) === ac) this.stopConnecting.delete(id);
       });
     starting.catch(() => undefined); // its waiters get the error; nobody waiting is no crash
     this.starting.set(id, starting);
@@ -645,6 +651,7 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
   }
 
   async destroy(id: string, opts: { force?: boolean; keepData?: boolean } = {}): Promise<void> {
+    this.stopConnecting.get(id)?.abort();
     this.starting.delete(id);
     this.agents.drop(id);
     const dir = this.taskDir(id);
