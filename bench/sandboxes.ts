@@ -8,6 +8,8 @@
 // Usage: node dist/bench/sandboxes.js [--runs 100] [--concurrent 20] [--tiers gvisor,microvm,container]
 //        [--vm-runs N] [--density-max N] [--write BENCHMARKS.md]   (as root)
 //        [--cold-only]: only the sequential cold starts beside the bare runtime (for iterating on them)
+// Where a cold start's time goes: BERTH_TRACE_START=1 BERTH_TEST_LOG=warn node dist/bench/sandboxes.js … 2>&1 |
+//   node dist/bench/trace-report.js   (per-stage medians; src/lib/trace.ts)
 import { spawn } from 'node:child_process';
 import { mkdirSync, mkdtempSync, readFileSync, rmSync, rmdirSync, writeFileSync } from 'node:fs';
 import { cgroupHierarchies, mountPointsUnder } from '../src/lib/host.js';
