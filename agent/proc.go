@@ -208,6 +208,24 @@ func lookPath(root *Root, name, pathEnv string) (string, error) {
 	return "", errf(CodeNotFound, "%s: executable not found in PATH", name)
 }
 
+// warmSpawn runs warmSpawnPath once, when the agent first listens.
+var warmSpawn sync.Once
+
+// warmSpawnPath does, while the host is still connecting, the one-time work of the first process
+// start that does not depend on the command: Go's os package probes pidfd support once per process,
+// and that probe clones a child (checkClonePidfd). Inside gVisor a clone costs about a millisecond;
+// done here it is off the first command's path. Under the reaper's lock, like a start: the reaper
+// must not reap the probe's child before the probe waits for it.
+func (a *Agent) warmSpawnPath() {
+	if a.reaper != nil {
+		a.reaper.mu.Lock()
+		defer a.reaper.mu.Unlock()
+	}
+	if p, err := os.FindProcess(os.Getpid()); err == nil {
+		p.Release()
+	}
+}
+
 // run starts a process and streams its events; it returns once "started" has
 // been sent (or with an error, in which case nothing was started).
 func (a *Agent) run(c *conn, req *Request) error {

@@ -74,6 +74,7 @@ func (a *Agent) serveUnix(path string) error {
 			return err
 		}
 		os.Chmod(path, 0o600)
+		warmSpawn.Do(func() { go a.warmSpawnPath() })
 		s.mu.Lock()
 		s.path, s.l = path, l
 		s.mu.Unlock()

@@ -7,6 +7,9 @@
 //   until a bound, MemAvailable < 2 GiB, or a failure.
 // Usage: node dist/bench/sandboxes.js [--runs 100] [--concurrent 20] [--tiers gvisor,microvm,container]
 //        [--vm-runs N] [--density-max N] [--write BENCHMARKS.md]   (as root)
+//        [--cold-only]: only the sequential cold starts beside the bare runtime (for iterating on them)
+// Where a cold start's time goes: BERTH_TRACE_START=1 BERTH_TEST_LOG=warn node dist/bench/sandboxes.js … 2>&1 |
+//   node dist/bench/trace-report.js   (per-stage medians; src/lib/trace.ts)
 import { spawn } from 'node:child_process';
 import { mkdirSync, mkdtempSync, readFileSync, rmSync, rmdirSync, writeFileSync } from 'node:fs';
 import { cgroupHierarchies, mountPointsUnder } from '../src/lib/host.js';
@@ -21,6 +24,7 @@ import { DEFAULT_CAPS } from '../src/drivers/oci/driver.js';
 import type { Fingerprint } from '../src/core/driver.js';
 import { BareMicroVm } from './microvm-bare.js';
 import { updateBenchmarks } from './report.js';
+import { traceMark } from '../src/lib/trace.js';
 
 const { values } = parseArgs({
   options: {
@@ -30,6 +34,7 @@ const { values } = parseArgs({
     tiers: { type: 'string', default: 'gvisor,microvm,container' },
     'density-max': { type: 'string', default: '20' },
     write: { type: 'string' },
+    'cold-only': { type: 'boolean', default: false },
   },
 });
 const RUNS = Number(values.runs);
@@ -78,8 +83,12 @@ async function berthOnce(d: TestDaemon, spec: Record<string, unknown>, query = '
   const t0 = performance.now();
   const r = await d.api('POST', `${S}${query}`, { spec });
   if (r.status !== 201 || r.body.status.phase !== 'running') throw new Error(`create: ${r.status} ${JSON.stringify(r.body.status ?? r.body)}`);
+  const t1 = performance.now();
   await firstByte(d, r.body.name);
-  return { ms: performance.now() - t0, name: r.body.name };
+  const t2 = performance.now();
+  // With BERTH_TRACE_START=1 (berthd traces its stages too: src/lib/trace.ts), the caller's side.
+  for (const [stage, t] of [['client.post', t0], ['client.created', t1], ['client.stdout', t2]] as const) traceMark(r.body.id, stage, t);
+  return { ms: t2 - t0, name: r.body.name };
 }
 
 async function kill(d: TestDaemon, names: string[]): Promise<void> {
@@ -200,6 +209,7 @@ async function main(): Promise<void> {
         r.coldSeq.push(b.ms);
         await kill(d, [b.name]);
       }
+      if (values['cold-only']) continue;
       console.error(`${tier}: cold, ${CONC} at once`);
       const conc = await Promise.all(Array.from({ length: CONC }, () => berthOnce(d, coldSpec, '?pool=none')));
       r.coldConc = conc.map((x) => x.ms);

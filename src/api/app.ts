@@ -1,6 +1,7 @@
 // The HTTP API: one Hono app served on TCP and on a unix socket. Validation happens here at the
 // edge (zod schemas from ./schemas.ts); handlers receive typed input. Errors leave as
 // { "error": { "code", "message" } } with the status from core/errors.ts's one table.
+import { noteArrival } from '../lib/trace.js';
 import { OpenAPIHono } from '@hono/zod-openapi';
 import { bodyLimit } from 'hono/body-limit';
 import { HTTPException } from 'hono/http-exception';
@@ -92,6 +93,7 @@ export function createApp(ctx: ApiContext, log: Logger): OpenAPIHono<AppEnv> {
   );
 
   app.use('*', async (c, next) => {
+    noteArrival(c.req.raw);
     const t0 = performance.now();
     await next();
     log.debug({ method: c.req.method, path: c.req.path, status: c.res.status, ms: +(performance.now() - t0).toFixed(1) }, 'request');

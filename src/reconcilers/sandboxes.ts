@@ -14,6 +14,7 @@ import type { Resource, ResourceStore } from '../store/resources.js';
 import type { ReconcileResult } from './controller.js';
 import { exitReason, netOf, networkStatus } from './workloads.js';
 import { POOL_LABEL } from './sandboxpools.js';
+import { traceMark } from '../lib/trace.js';
 
 export const SANDBOX = 'sandbox';
 
@@ -248,6 +249,7 @@ export function makeSandboxReconciler(deps: { store: ResourceStore; drivers: Dri
 
     // No task yet: start one.
     if (!driver) return end('failed', 'IsolationUnavailable', `no driver for isolation "${s.spec.isolation}" on this host`);
+    traceMark(id, 'reconcile.start');
     save({ phase: 'starting' }, s.generation);
     let handle: TaskHandle;
     try {
@@ -285,6 +287,7 @@ export function makeSandboxReconciler(deps: { store: ResourceStore; drivers: Dri
     if (s.labels[POOL_LABEL]) await warmUp(driver, id, log);
     const exp = Date.parse(handle.startedAt) + s.spec.timeoutMs;
     save({ phase: 'running', task: handle, pid: handle.pid, startedAt: handle.startedAt, expiresAt: new Date(exp).toISOString(), network: networkStatus(handle, s.name, s.project), ...(s.labels[POOL_LABEL] && driver.setBackground ? { background: true } : {}) }, s.generation);
+    traceMark(id, 'reconcile.running');
     store.addEvent(id, 'Started', `sandbox started (isolation ${s.spec.isolation}, pid ${handle.pid})`);
     return { requeueAfterMs: Math.max(0, exp - Date.now()) };
   };

@@ -16,6 +16,7 @@ import type { ApiContext } from '../context.js';
 import { Isolation, Labels, ListQuery, Name, NetworkSpec, Resources, listOf } from '../schemas.js';
 import { ProjectNameParams, ProjectParams, body, errorResponses, getLive, json, useProject, view } from './common.js';
 import { admitRunSpec, waitForChange } from './workloads.js';
+import { traceArrival, traceMark } from '../../lib/trace.js';
 import { SANDBOXPOOL, poolMatches, poolMembers, type SandboxPoolSpecT, type SandboxPoolStatusT } from '../../reconcilers/sandboxpools.js';
 
 const tags = ['sandboxes'];
@@ -185,6 +186,7 @@ export function registerSandboxRoutes(app: OpenAPIHono<AppEnv>, ctx: ApiContext)
   app.openapi(
     createRoute({ method: 'post', path: base, tags, request: { params: ProjectParams, query: CreateQuery, body: body(CreateSandbox) }, responses: { 201: json(Sandbox, 'Created'), ...errorResponses } }),
     async (c) => {
+      const entered = performance.now();
       const { project } = c.req.valid('param');
       const b = c.req.valid('json');
       useProject(ctx, c, project);
@@ -201,6 +203,9 @@ export function registerSandboxRoutes(app: OpenAPIHono<AppEnv>, ctx: ApiContext)
       }
       const name = b.name ?? `sbx-${randomBytes(5).toString('hex')}`;
       let s = ctx.store.create(SANDBOX, { project, name, labels: b.labels ?? {}, spec: b.spec, status: initialSandboxStatus() }) as SandboxResource;
+      traceArrival(c.req.raw, s.id, 'api.arrive');
+      traceMark(s.id, 'api.enter', entered);
+      traceMark(s.id, 'api.created');
       ctx.store.addEvent(s.id, 'Created', `sandbox created (image ${b.spec.image}, isolation ${b.spec.isolation})`);
       ctx.kick(SANDBOX, s.id);
       if (c.req.valid('query').wait === 'true') {
@@ -209,6 +214,7 @@ export function registerSandboxRoutes(app: OpenAPIHono<AppEnv>, ctx: ApiContext)
           s = (await waitForChange(ctx, s.id, s.resourceVersion, deadline - Date.now(), c.req.raw.signal)) as SandboxResource;
         }
       }
+      traceMark(s.id, 'api.answer');
       return c.json(sandboxView(s) as never, 201);
     },
   );
@@ -418,6 +424,8 @@ export function registerSandboxRoutes(app: OpenAPIHono<AppEnv>, ctx: ApiContext)
       const b = c.req.valid('json');
       if (b.pty && (b.background || b.stdin !== undefined)) throw new BerthError('invalid_argument', 'a pty command streams its output and takes input from POST …/processes/{id}/input: drop background and stdin');
       const { s, agent } = await agentOf(project, name, c.req.raw.signal);
+      traceArrival(c.req.raw, s.id, 'cmd.arrive');
+      traceMark(s.id, 'cmd.request');
       const args = typeof b.cmd === 'string' ? ['/bin/sh', '-c', b.cmd] : b.cmd;
       const [uid, gid] = b.user ? b.user.split(':').map(Number) : [undefined, undefined];
       const procId = `p-${randomBytes(6).toString('hex')}`;
@@ -442,11 +450,13 @@ export function registerSandboxRoutes(app: OpenAPIHono<AppEnv>, ctx: ApiContext)
       };
       const onEvent = (f: AgentFrame) => {
         if (f.type === 'started') {
+          traceMark(s.id, 'cmd.started');
           started?.(Number(f.pid));
           push({ type: 'started', id: procId, pid: f.pid });
         } else if (b.pty && f.type === 'stdout') {
           push({ type: 'pty', data: String(f.data ?? '') }); // raw terminal bytes, base64 as the agent sent them
         } else if (f.type === 'stdout' || f.type === 'stderr') {
+          traceMark(s.id, `cmd.${f.type}`);
           push({ type: f.type, data: decoders[f.type].write(Buffer.from(String(f.data ?? ''), 'base64')) });
         }
       };

@@ -6,19 +6,20 @@ import { AgentConnection } from './client.js';
 export class AgentPool {
   private readonly conns = new Map<string, Promise<AgentConnection>>();
 
-  get(id: string, socketPath: string, timeoutMs: number): Promise<AgentConnection> {
+  /** `signal` stops the wait for a socket that does not exist yet (a task destroyed meanwhile). */
+  get(id: string, socketPath: string, timeoutMs: number, signal?: AbortSignal): Promise<AgentConnection> {
     const cur = this.conns.get(id);
     if (cur) {
       return cur.then(
-        (c) => (c.closed ? this.open(id, socketPath, timeoutMs) : c),
-        () => this.open(id, socketPath, timeoutMs),
+        (c) => (c.closed ? this.open(id, socketPath, timeoutMs, signal) : c),
+        () => this.open(id, socketPath, timeoutMs, signal),
       );
     }
-    return this.open(id, socketPath, timeoutMs);
+    return this.open(id, socketPath, timeoutMs, signal);
   }
 
-  private open(id: string, socketPath: string, timeoutMs: number): Promise<AgentConnection> {
-    const p = AgentConnection.open(socketPath, timeoutMs);
+  private open(id: string, socketPath: string, timeoutMs: number, signal?: AbortSignal): Promise<AgentConnection> {
+    const p = AgentConnection.open(socketPath, timeoutMs, signal);
     this.conns.set(id, p);
     p.then(
       (c) => c.onClose(() => {

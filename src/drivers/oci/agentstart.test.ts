@@ -1,0 +1,90 @@
+// A sandbox task's start answers once its runtime runs the agent; the agent is connected to in the
+// background and the first agent call waits for it (driver.ts, start() and connectStarted()).
+// Real runc, real agent, real cgroups; skipped without root, runc or the agent.
+import { after, before, test } from 'node:test';
+import assert from 'node:assert/strict';
+import { randomBytes } from 'node:crypto';
+import { chmodSync, existsSync, mkdtempSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { ensureBusyboxImage } from '../../images/busybox.js';
+import { findAgent } from '../agent/binary.js';
+import { RuncDriver } from '../runc/driver.js';
+import type { TaskConfig } from '../../core/driver.js';
+import type { AgentFrame } from '../agent/client.js';
+
+const skip =
+  process.getuid?.() !== 0 ? 'needs root' : !existsSync('/usr/sbin/runc') ? 'needs runc' : !findAgent() ? 'needs the guest agent (scripts/setup.sh)' : !existsSync('/usr/bin/conmon') ? 'needs conmon' : undefined;
+
+let base: string;
+let rootfs: string;
+const cgroupParent = `berth-agentstart-${randomBytes(3).toString('hex')}`;
+before(async () => {
+  if (skip) return;
+  base = mkdtempSync('/tmp/berth-agentstart-');
+  rootfs = (await ensureBusyboxImage(join(base, 'images'))).rootfs;
+});
+after(() => {
+  if (base) rmSync(base, { recursive: true, force: true });
+});
+
+const task = (id: string): TaskConfig => ({ id, imageRootfs: rootfs, args: [], env: {}, cwd: '/', user: { uid: 0, gid: 0 }, resources: { memoryMiB: 64 }, sandbox: true });
+
+/** Nothing of the driver's is left: task folders, exit files, runtime state, the task's cgroups. */
+function assertClean(driver: RuncDriver, stateDir: string, id: string): void {
+  for (const sub of ['tasks', 'exits', 'runc']) assert.deepEqual(readdirSync(join(stateDir, sub)), [], `${sub} is empty`);
+  for (const d of driver.cgroupDirs(id)) assert.equal(existsSync(d), false, `${d} is removed`);
+}
+
+test('the first command after a start waits for the agent and runs through it', { skip }, async () => {
+  const stateDir = join(base, 'ok');
+  const driver = new RuncDriver({ stateDir, cgroupParent });
+  const id = `as-${randomBytes(3).toString('hex')}`;
+  try {
+    const h = await driver.start(task(id));
+    assert.equal(h.state?.sandbox, true);
+    // Right after the start (the agent may not listen yet): the call waits for it.
+    const agent = await driver.agent(id, 5000);
+    const events: AgentFrame[] = [];
+    const exit = await agent.request({ id: 'first', type: 'run', args: ['echo', 'ready'], env: {}, cwd: '/', stdin: false }, 10_000, undefined, (f) => void events.push(f));
+    assert.equal(exit.code, 0);
+    assert.deepEqual(events.map((e) => e.type), ['started', 'stdout']);
+    assert.equal(Buffer.from(String(events[1]!.data), 'base64').toString(), 'ready\n');
+    await driver.destroy(id, { force: true });
+    assertClean(driver, stateDir, id);
+  } finally {
+    await driver.destroy(id, { force: true }).catch(() => undefined);
+    driver.removeCgroupParent();
+    driver.close();
+  }
+});
+
+test('an agent that never listens fails the first agent call with a clear error, and is cleaned up', { skip }, async () => {
+  const stateDir = join(base, 'deaf');
+  // The sandbox's agent is this script (bind-mounted at /.berth/agent, run by the image's sh): it
+  // never listens. Debian's conmon supervises, so the real agent is not needed as the monitor.
+  const deaf = join(base, 'deaf-agent');
+  writeFileSync(deaf, '#!/bin/sh\nexec sleep 600\n');
+  chmodSync(deaf, 0o755);
+  const saved = process.env.BERTH_AGENT;
+  process.env.BERTH_AGENT = deaf;
+  const driver = new RuncDriver({ stateDir, cgroupParent, monitor: 'conmon', agentStartTimeoutMs: 1500 });
+  const id = `as-${randomBytes(3).toString('hex')}`;
+  try {
+    await driver.start(task(id)); // the runtime runs it: the start does not wait for the agent
+    const t0 = Date.now();
+    await assert.rejects(driver.agent(id, 5000), (e: Error & { code?: string }) => {
+      assert.equal(e.code, 'unavailable');
+      assert.match(e.message, /agent did not start/);
+      return true;
+    });
+    assert.ok(Date.now() - t0 < 5000, 'fails after agentStartTimeoutMs');
+    await driver.destroy(id, { force: true });
+    assertClean(driver, stateDir, id);
+  } finally {
+    if (saved === undefined) delete process.env.BERTH_AGENT;
+    else process.env.BERTH_AGENT = saved;
+    await driver.destroy(id, { force: true }).catch(() => undefined);
+    driver.removeCgroupParent();
+    driver.close();
+  }
+});
