@@ -74,8 +74,8 @@ async function main(): Promise<void> {
     runWrk(direct, { seconds: 2, connections: CONNS });
     const res: { direct: WrkResult[]; ingress: WrkResult[] } = { direct: [], ingress: [] };
     for (let i = 0; i < RUNS; i++) {
-      res.direct.push(runWrk(direct, { seconds: DURATION, connections: CONNS, pids: { backend: replicaPid } }));
-      res.ingress.push(runWrk(viaIngress, { host: HOST, seconds: DURATION, connections: CONNS, pids: { backend: replicaPid, ...(proxyPid ? { proxy: proxyPid } : {}) } }));
+      res.direct.push(runWrk(direct, { seconds: DURATION, connections: CONNS, pids: { backend: replicaPid }, backendCgroup: true }));
+      res.ingress.push(runWrk(viaIngress, { host: HOST, seconds: DURATION, connections: CONNS, pids: { backend: replicaPid, ...(proxyPid ? { proxy: proxyPid } : {}) }, backendCgroup: true }));
       console.error(`run ${i + 1}/${RUNS}: direct ${res.direct[i]!.rps.toFixed(0)} req/s p99 ${res.direct[i]!.p99.toFixed(1)} ms; ingress ${res.ingress[i]!.rps.toFixed(0)} req/s p99 ${res.ingress[i]!.p99.toFixed(1)} ms`);
     }
     const m = (k: 'direct' | 'ingress', f: keyof WrkResult) => median(res[k].map((r) => r[f]));
@@ -94,7 +94,7 @@ async function main(): Promise<void> {
       '',
       `Each run (req/s direct → through the ingress, ratio): ${res.direct.map((r, i) => `${r.rps.toFixed(0)} → ${res.ingress[i]!.rps.toFixed(0)} (${((100 * res.ingress[i]!.rps) / r.rps).toFixed(0)} %)`).join('; ')}.`,
       '',
-      `CPU per request: replica ${f1(m('direct', 'backendUs'))} µs direct; through the ingress replica ${f1(m('ingress', 'backendUs'))} µs + proxy ${f1(m('ingress', 'proxyUs'))} µs.`,
+      `CPU per request: replica (its cgroup: busybox forks a process per connection) ${f1(m('direct', 'backendUs'))} µs direct; through the ingress replica ${f1(m('ingress', 'backendUs'))} µs + proxy ${f1(m('ingress', 'proxyUs'))} µs.`,
     ];
     const text = lines.join('\n');
     console.log(text);

@@ -26,6 +26,23 @@ export function cpuUs(pid: number | undefined): number {
   }
 }
 
+/**
+ * CPU time (µs) of the cgroup a process is in: for a workload whose work is done by short-lived
+ * children (busybox httpd forks per connection and ignores SIGCHLD, so no parent's counters see it).
+ */
+export function cgroupCpuUs(pid: number | undefined): number {
+  if (!pid) return 0;
+  try {
+    const lines = readFileSync(`/proc/${pid}/cgroup`, 'utf8').trim().split('\n');
+    const v1 = lines.map((l) => l.split(':')).find(([, ctrls]) => ctrls!.split(',').includes('cpuacct'));
+    if (v1) return Number(readFileSync(`/sys/fs/cgroup/${v1[1]}/${v1[2]}/cpuacct.usage`, 'utf8')) / 1000;
+    const v2 = lines.find((l) => l.startsWith('0::'))!.slice(3);
+    return Number(/usage_usec (\d+)/.exec(readFileSync(`/sys/fs/cgroup/${v2}/cpu.stat`, 'utf8'))![1]);
+  } catch {
+    return 0;
+  }
+}
+
 /** wrk's "1.23ms" / "456.00us" / "1.01s" → ms. */
 function toMs(s: string): number {
   const m = /^([\d.]+)(us|ms|s|m)$/.exec(s.trim());
@@ -36,10 +53,11 @@ function toMs(s: string): number {
 
 export function runWrk(
   url: string,
-  o: { host?: string | undefined; seconds: number; connections: number; pin?: boolean; pids?: { backend?: number; proxy?: number } },
+  o: { host?: string | undefined; seconds: number; connections: number; pin?: boolean; pids?: { backend?: number; proxy?: number }; backendCgroup?: boolean },
 ): WrkResult {
   const pids = o.pids ?? {};
-  const b0 = cpuUs(pids.backend);
+  const backendCpu = o.backendCgroup ? cgroupCpuUs : cpuUs;
+  const b0 = backendCpu(pids.backend);
   const p0 = cpuUs(pids.proxy);
   const args = ['-t2', `-c${o.connections}`, `-d${o.seconds}s`, '--latency', ...(o.host ? ['-H', `Host: ${o.host}`] : []), url];
   const argv = o.pin ? ['taskset', '-c', '0', 'wrk', ...args] : ['wrk', ...args];
@@ -53,7 +71,7 @@ export function runWrk(
   const non2xx = Number(/Non-2xx or 3xx responses: (\d+)/.exec(out)?.[1] ?? 0);
   const errors = non2xx + (sock ? sock.slice(1).reduce((a, b) => a + Number(b), 0) : 0);
   const requests = Number(/(\d+) requests in/.exec(out)?.[1]) || 1;
-  return { rps, p50, p99, errors, backendUs: (cpuUs(pids.backend) - b0) / requests, proxyUs: (cpuUs(pids.proxy) - p0) / requests };
+  return { rps, p50, p99, errors, backendUs: (backendCpu(pids.backend) - b0) / requests, proxyUs: (cpuUs(pids.proxy) - p0) / requests };
 }
 
 /** HAProxy's current worker (the child of its master that serves); the master itself idles. */
