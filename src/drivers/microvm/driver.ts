@@ -479,6 +479,11 @@ export class MicroVmDriver implements RuntimeDriver {
         const args = [...buildQemuArgs({ dir, ...machine, ...(lazy ? { ram: { file: join(src, 'ram') } } : {}) }), '-incoming', lazy ? 'defer' : `exec:cat '${join(src, 'memory')}'`];
         pid = await this.launch(dir, args, cgroups, netns);
         T('qemu up');
+        // Connected before the guest runs, the agent's port is as it was when snapshotted (the host
+        // was connected then too): the guest's pending read goes on. Connected later, QEMU would tell
+        // the guest that the host went away, and its agent would reopen the port first (~20 ms).
+        // (A sandbox keeps this connection; a workload's is dropped by awaitAgent.)
+        await this.agent(cfg.id, 5000);
         const sock = join(dir, 'qmp.sock');
         if (lazy) {
           await qmp(sock, 'migrate-set-capabilities', { capabilities: [{ capability: 'x-ignore-shared', state: true }] });
@@ -498,8 +503,6 @@ export class MicroVmDriver implements RuntimeDriver {
           await sleep(5);
         }
         T('memory loaded');
-        await this.awaitAgent(cfg.id, dir, pid, cfg.sandbox === true);
-        T('agent hello');
       };
       // The VM is restored while CNI wires its namespace (QEMU needs only the namespace and its tap):
       // the guest keeps the snapshot's address until net.configure gives it this task's.
@@ -519,9 +522,10 @@ export class MicroVmDriver implements RuntimeDriver {
       }
       if (!booting) startBoot(net?.netns);
       await booting;
-      // The guest still has the snapshotted sandbox's address and MAC: give it this task's.
-      if (net) await (await this.agent(cfg.id, 10_000)).request({ type: 'net.configure', net: guestNet(net) }, 10_000);
-      T('net.configure');
+      // The guest still has the snapshotted sandbox's address and MAC: its first request gives it
+      // this task's (and, answered, tells that the agent is up; one round trip less than a hello first).
+      await this.awaitAgent(cfg.id, dir, pid!, cfg.sandbox === true, net ? { type: 'net.configure', net: guestNet(net) } : undefined);
+      T(net ? 'agent: net.configure' : 'agent: hello');
       return this.tracked(cfg, pid!, net); // (pid: set by boot, which succeeded)
     } catch (e) {
       if (pid && this.isRunning(cfg.id)) await this.killVm(cfg.id, pid);
@@ -649,8 +653,8 @@ export class MicroVmDriver implements RuntimeDriver {
     return pid;
   }
 
-  /** Waits until the guest agent answers hello with the workload started (or the VM is gone). */
-  private async awaitAgent(id: string, dir: string, pid: number, keep: boolean): Promise<void> {
+  /** Waits until the guest agent answers `probe` (hello) with the workload started (or the VM is gone). */
+  private async awaitAgent(id: string, dir: string, pid: number, keep: boolean, probe: Record<string, unknown> = { type: 'hello' }): Promise<void> {
     const deadline = Date.now() + this.bootTimeoutMs;
     const gone = new AbortController();
     const watchdog = (async () => {
@@ -664,7 +668,7 @@ export class MicroVmDriver implements RuntimeDriver {
     try {
       const hello = (async (): Promise<AgentFrame> => {
         const conn = await this.agents.get(id, join(dir, 'agent.sock'), 5000);
-        return conn.request({ type: 'hello' }, Math.max(1000, deadline - Date.now()), gone.signal);
+        return conn.request(probe, Math.max(1000, deadline - Date.now()), gone.signal);
       })();
       // A connection reset by a VM that powered off is the VM's end, not the reason: wait for it.
       const helloOrGone = hello.catch(async (e: unknown) => ((await this.waitGone(id, pid, 3000)) ? ('gone' as const) : Promise.reject(e)));
