@@ -48,20 +48,25 @@ func configureNetwork(c *netConfig, root string) error {
 			return fmt.Errorf("no eth0 in the guest: %w", err)
 		}
 	}
-	// A restored VM: drop the old address first (the link must be down to change the MAC).
-	if err := setLink(eth.Index, nil, false); err != nil {
-		return fmt.Errorf("eth0 down: %w", err)
+	// The MAC changes with the link up where the NIC allows it (virtio-net does, by a control-queue
+	// command), else with the link down. Up, a restored guest skips taking the link down and up
+	// again (qdiscs, IPv6 address and multicast list rebuilt: code a restored TCG guest runs cold).
+	// Then a restored VM drops its old address.
+	if err := setLink(eth.Index, mac, true); err != nil {
+		if err := setLink(eth.Index, nil, false); err != nil {
+			return fmt.Errorf("eth0 down: %w", err)
+		}
+		if err := setLink(eth.Index, mac, true); err != nil {
+			return fmt.Errorf("eth0 mac/up: %w", err)
+		}
 	}
 	if addrs, _ := eth.Addrs(); len(addrs) > 0 {
 		for _, a := range addrs {
-			if n, ok := a.(*net.IPNet); ok && n.IP.To4() != nil {
+			if n, ok := a.(*net.IPNet); ok && n.IP.To4() != nil && !n.IP.Equal(ip) {
 				ones, _ := n.Mask.Size()
 				nlAddr(unix.RTM_DELADDR, 0, eth.Index, n.IP.To4(), ones)
 			}
 		}
-	}
-	if err := setLink(eth.Index, mac, true); err != nil {
-		return fmt.Errorf("eth0 mac/up: %w", err)
 	}
 	if err := nlAddr(unix.RTM_NEWADDR, unix.NLM_F_CREATE|unix.NLM_F_REPLACE, eth.Index, ip, c.Prefix); err != nil {
 		return fmt.Errorf("eth0 address: %w", err)

@@ -279,6 +279,12 @@ test('microVM snapshots map their RAM lazily: a fork keeps memory and processes,
     assert.equal(r.status, 201, JSON.stringify(r.body));
     assert.equal(r.body.status.phase, 'running', JSON.stringify(r.body.status));
     created.push(r.body.name);
+    // Each one has its own address, configured in the guest when create answers.
+    const ip = r.body.status.network?.ip as string;
+    assert.ok(ip, 'networked');
+    const addrs = (await run(r.body.name, { cmd: 'ip -4 -o addr show dev eth0' })).out.trim().split('\n');
+    assert.equal(addrs.length, 1, `one address (the snapshot's is gone): ${addrs.join(' | ')}`);
+    assert.match(addrs[0]!, new RegExp(`inet ${ip.replace(/\./g, '\\.')}/`));
     return r.body.name as string;
   };
   // State that lives only in guest memory: a tmpfs file and a background process.

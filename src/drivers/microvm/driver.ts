@@ -518,10 +518,19 @@ export class MicroVmDriver implements RuntimeDriver {
           throw e;
         });
         T('network');
-        await runOk('nsenter', [`--net=${net.netns}`, '--', 'sh', '-c', TAP_WIRE], { timeoutMs: 10_000 });
+        if (!booting) {
+          // (An attachment that existed already: no namespace was made, the VM starts now.)
+          startBoot(net.netns);
+          await booting;
+        }
+        const wiring = runOk('nsenter', [`--net=${net.netns}`, '--', 'sh', '-c', TAP_WIRE], { timeoutMs: 10_000 });
+        await Promise.allSettled([booting, wiring]);
+        await booting; // a failed start first: the wiring's failure may only follow from it
+        await wiring;
+      } else {
+        startBoot(undefined);
+        await booting;
       }
-      if (!booting) startBoot(net?.netns);
-      await booting;
       // The guest still has the snapshotted sandbox's address and MAC: its first request gives it
       // this task's (and, answered, tells that the agent is up; one round trip less than a hello first).
       await this.awaitAgent(cfg.id, dir, pid!, cfg.sandbox === true, net ? { type: 'net.configure', net: guestNet(net) } : undefined);
