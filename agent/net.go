@@ -34,7 +34,7 @@ func configureNetwork(c *netConfig, root string) error {
 	if ip == nil || gw == nil || err != nil || c.Prefix < 1 || c.Prefix > 30 {
 		return errf(CodeInvalidArgument, "bad network config %+v", *c)
 	}
-	if lo, err := net.InterfaceByName("lo"); err == nil {
+	if lo, err := net.InterfaceByName("lo"); err == nil && lo.Flags&net.FlagUp == 0 { // (a restored VM's is up)
 		if err := setLink(lo.Index, nil, true); err != nil {
 			return fmt.Errorf("lo up: %w", err)
 		}
@@ -79,6 +79,11 @@ func configureNetwork(c *netConfig, root string) error {
 			continue
 		}
 		p := filepath.Join(root, "etc", name)
+		if fi, err := os.Lstat(p); err == nil && fi.Mode().IsRegular() {
+			if old, err := os.ReadFile(p); err == nil && string(old) == text {
+				continue // a restored VM's resolv.conf, when its network is the snapshot's
+			}
+		}
 		os.MkdirAll(filepath.Dir(p), 0o755)
 		os.Remove(p) // an image's symlink is replaced, not followed
 		if err := os.WriteFile(p, []byte(text), 0o644); err != nil {
