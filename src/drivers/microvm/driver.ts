@@ -522,7 +522,7 @@ export class MicroVmDriver implements RuntimeDriver {
       let net: NetworkAttachment | undefined;
       if (cfg.network) {
         net = await this.attachNetwork(cfg, startBoot).catch(async (e: unknown) => {
-          await booting?.catch(() => undefined); // the cleanup below needs QEMU's pid
+          await Promise.allSettled([disks, booting]); // the cleanup below needs QEMU's pid, and the copies done
           throw e;
         });
         T('network');
