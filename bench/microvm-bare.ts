@@ -51,6 +51,8 @@ export class BareMicroVm {
       memoryMiB: size.memoryMiB,
       tscKhz,
       epochMs: Date.now(),
+      // The driver gives sandbox VMs (the cold tier's) memfd RAM: the same backend, like for like.
+      ram: { memfd: true },
     }).filter((a) => a !== '-daemonize');
     return { dir, argv };
   }
