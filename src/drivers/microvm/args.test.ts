@@ -27,9 +27,3 @@ test('a booted VM gets kernel, initramfs and command line; a restored one gets -
   assert.deepEqual(val(restored, '-device').filter((d) => d.startsWith('virtio-net-device')), ['virtio-net-device,netdev=net0']);
   assert.deepEqual(val(buildQemuArgs({ dir: '/t', ...machine, mac: '02:00:00:00:00:01' }), '-device').filter((d) => d.startsWith('virtio-net')), ['virtio-net-device,netdev=net0,mac=02:00:00:00:00:01']);
 });
-
-test('the guest kernel runs without Spectre mitigations under TCG only', () => {
-  const words = (accel: VmMachine['accel']) => val(buildQemuArgs({ dir: '/t', ...machine, accel }), '-append')[0]!.split(' ');
-  assert.ok(words('tcg').includes('mitigations=off'));
-  assert.ok(!words('kvm').includes('mitigations=off'));
-});

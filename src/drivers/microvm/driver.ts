@@ -138,14 +138,10 @@ export function buildQemuArgs(o: VmMachine & { dir: string; mac?: string | undef
   // frees, so an idle VM's host RSS grew from ~230 MiB to ~600 MiB; measured with bench isolation.)
   const append = ['console=ttyS0', 'quiet', 'panic=-1', 'cryptomgr.notests', `berth.epoch_ms=${o.epochMs}`];
   if (o.accel === 'tcg' && o.tscKhz) append.push(`tsc_early_khz=${o.tscKhz}`);
-  // Under TCG the guest kernel's Spectre mitigations only cost: the emulated CPU does not speculate,
-  // and the isolation boundary is the VM (QEMU and the host), not the guest kernel, whose only tenant
-  // is the one sandbox. TCG's CPU (qemu64) reports AuthenticAMD, so the guest has no KPTI anyway
-  // ("meltdown: Not affected"); what this turns off is retpolines (every indirect call becomes a
-  // call/ret pair of translated blocks), RSB filling on each context switch and the swapgs/usercopy
-  // barriers. Measured in BENCHMARKS.md (microvm-restore-notes). With KVM the guest runs on the real
-  // CPU, so it keeps them.
-  if (o.accel === 'tcg') append.push('mitigations=off');
+  // (Not mitigations=off under TCG: TCG's CPU (qemu64) reports AuthenticAMD, so the guest has no KPTI
+  // ("meltdown: Not affected"); turning off its retpolines and barriers measured no gain in
+  // bench/sandboxes.ts, nor did init_on_alloc=0 or randomize_kstack_offset=off. BENCHMARKS.md,
+  // microvm-restore-notes.)
   const f = (name: string) => join(o.dir, name);
   const size = `size=${o.memoryMiB}M`;
   const ram = !o.ram
