@@ -34,7 +34,7 @@ func configureNetwork(c *netConfig, root string) error {
 	if ip == nil || gw == nil || err != nil || c.Prefix < 1 || c.Prefix > 30 {
 		return errf(CodeInvalidArgument, "bad network config %+v", *c)
 	}
-	if lo, err := net.InterfaceByName("lo"); err == nil {
+	if lo, err := net.InterfaceByName("lo"); err == nil && lo.Flags&net.FlagUp == 0 { // (a restored VM's is up)
 		if err := setLink(lo.Index, nil, true); err != nil {
 			return fmt.Errorf("lo up: %w", err)
 		}
@@ -48,20 +48,25 @@ func configureNetwork(c *netConfig, root string) error {
 			return fmt.Errorf("no eth0 in the guest: %w", err)
 		}
 	}
-	// A restored VM: drop the old address first (the link must be down to change the MAC).
-	if err := setLink(eth.Index, nil, false); err != nil {
-		return fmt.Errorf("eth0 down: %w", err)
+	// The MAC changes with the link up where the NIC allows it (virtio-net does, by a control-queue
+	// command), else with the link down. Up, a restored guest skips taking the link down and up
+	// again (qdiscs, IPv6 address and multicast list rebuilt: code a restored TCG guest runs cold).
+	// Then a restored VM drops its old address.
+	if err := setLink(eth.Index, mac, true); err != nil {
+		if err := setLink(eth.Index, nil, false); err != nil {
+			return fmt.Errorf("eth0 down: %w", err)
+		}
+		if err := setLink(eth.Index, mac, true); err != nil {
+			return fmt.Errorf("eth0 mac/up: %w", err)
+		}
 	}
 	if addrs, _ := eth.Addrs(); len(addrs) > 0 {
 		for _, a := range addrs {
-			if n, ok := a.(*net.IPNet); ok && n.IP.To4() != nil {
+			if n, ok := a.(*net.IPNet); ok && n.IP.To4() != nil && !n.IP.Equal(ip) {
 				ones, _ := n.Mask.Size()
 				nlAddr(unix.RTM_DELADDR, 0, eth.Index, n.IP.To4(), ones)
 			}
 		}
-	}
-	if err := setLink(eth.Index, mac, true); err != nil {
-		return fmt.Errorf("eth0 mac/up: %w", err)
 	}
 	if err := nlAddr(unix.RTM_NEWADDR, unix.NLM_F_CREATE|unix.NLM_F_REPLACE, eth.Index, ip, c.Prefix); err != nil {
 		return fmt.Errorf("eth0 address: %w", err)
@@ -74,6 +79,11 @@ func configureNetwork(c *netConfig, root string) error {
 			continue
 		}
 		p := filepath.Join(root, "etc", name)
+		if fi, err := os.Lstat(p); err == nil && fi.Mode().IsRegular() {
+			if old, err := os.ReadFile(p); err == nil && string(old) == text {
+				continue // a restored VM's resolv.conf, when its network is the snapshot's
+			}
+		}
 		os.MkdirAll(filepath.Dir(p), 0o755)
 		os.Remove(p) // an image's symlink is replaced, not followed
 		if err := os.WriteFile(p, []byte(text), 0o644); err != nil {

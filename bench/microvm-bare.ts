@@ -7,7 +7,7 @@ import { existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node
 import { join } from 'node:path';
 import type { Fingerprint } from '../src/core/driver.js';
 import { ensureInitramfs, ensureRootImage, findAgent, findKernel, hostTscKhz, makeWritableDisk, type Accel } from '../src/drivers/microvm/assets.js';
-import { buildQemuArgs, encodeVmConfig, vmSize } from '../src/drivers/microvm/driver.js';
+import { buildQemuArgs, encodeVmConfig, vmSize, type GuestRam } from '../src/drivers/microvm/driver.js';
 
 export interface BareVm {
   dir: string;
@@ -23,6 +23,8 @@ export class BareMicroVm {
     private readonly fp: Fingerprint,
     private readonly imageRootfs: string,
     private readonly imageDigest: string,
+    /** Where guest RAM lives, as the driver has it for what is compared: sandbox VMs get a memfd, workloads QEMU's own. */
+    private readonly ram?: GuestRam,
   ) {}
 
   /** Everything but the boot: disks and the command line (the same the driver builds). */
@@ -51,6 +53,7 @@ export class BareMicroVm {
       memoryMiB: size.memoryMiB,
       tscKhz,
       epochMs: Date.now(),
+      ...(this.ram ? { ram: this.ram } : {}),
     }).filter((a) => a !== '-daemonize');
     return { dir, argv };
   }

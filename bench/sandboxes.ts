@@ -187,7 +187,7 @@ async function main(): Promise<void> {
           : tier === 'gvisor'
             ? `gvisor (runsc ${fp.version}, ${fp.attributes.platform})`
             : `container (runc ${fp.version})`;
-      const bareVm = tier === 'microvm' ? new BareMicroVm(work, join(d.dataDir, 'runtime', 'microvm', 'cache'), fp, img.rootfs, img.digest) : undefined;
+      const bareVm = tier === 'microvm' ? new BareMicroVm(work, join(d.dataDir, 'runtime', 'microvm', 'cache'), fp, img.rootfs, img.digest, { memfd: true }) : undefined;
       const runsc = fp.attributes.runsc ?? '/usr/local/lib/berth/runsc';
       const bareRoot = join(work, `${tier}-root`);
       mkdirSync(bareRoot, { recursive: true });

@@ -269,6 +269,54 @@ test('microVM warm-pool members boot at the lowest CPU priority; a claim gives t
   assert.deepEqual(d.hostResidue(), []);
 });
 
+test('microVM snapshots map their RAM lazily: a fork keeps memory and processes, a fork of a fork too; no RAM left behind', { timeout: 240_000 }, async (t) => {
+  if (!tiers.includes('microvm')) return t.skip('no microvm tier');
+  const T = '/v1/projects/default/sandbox-templates';
+  const spec = { isolation: 'microvm', resources: { memoryMiB: 128 }, timeoutMs: 600_000 };
+  const created: string[] = [];
+  const make = async (body: Record<string, unknown>) => {
+    const r = await d.api('POST', `${S}?pool=none`, { spec: body });
+    assert.equal(r.status, 201, JSON.stringify(r.body));
+    assert.equal(r.body.status.phase, 'running', JSON.stringify(r.body.status));
+    created.push(r.body.name);
+    // Each one has its own address, configured in the guest when create answers.
+    const ip = r.body.status.network?.ip as string;
+    assert.ok(ip, 'networked');
+    const addrs = (await run(r.body.name, { cmd: 'ip -4 -o addr show dev eth0' })).out.trim().split('\n');
+    assert.equal(addrs.length, 1, `one address (the snapshot's is gone): ${addrs.join(' | ')}`);
+    assert.match(addrs[0]!, new RegExp(`inet ${ip.replace(/\./g, '\\.')}/`));
+    return r.body.name as string;
+  };
+  // State that lives only in guest memory: a tmpfs file and a background process.
+  const parent = await make(spec);
+  assert.equal((await run(parent, { cmd: 'mkdir -p /mnt/ram && mount -t tmpfs none /mnt/ram && echo in-ram > /mnt/ram/v && echo ok' })).out, 'ok\n');
+  assert.equal((await d.api('POST', `${S}/${parent}/commands`, { cmd: 'exec sleep 4242', background: true })).status, 200);
+  const alive = async (name: string) => (await run(name, { cmd: 'cat /mnt/ram/v; grep -l 4242 /proc/[0-9]*/cmdline >/dev/null && echo sleeper' })).out;
+  const snap = await d.api('POST', `${S}/${parent}/snapshot`, { template: 'lazy' });
+  assert.equal(snap.status, 201, JSON.stringify(snap.body));
+  const dir = snap.body.status.dir as string;
+  assert.ok(existsSync(`${dir}/ram`) && existsSync(`${dir}/state`) && !existsSync(`${dir}/memory`), 'RAM as its own file, device state without it');
+  assert.equal(await alive(parent), 'in-ram\nsleeper\n', 'the parent goes on');
+  const fork = await make({ template: 'lazy', timeoutMs: 600_000 });
+  assert.equal(await alive(fork), 'in-ram\nsleeper\n', 'the fork has the parent\'s memory and processes');
+  assert.equal((await run(fork, { cmd: 'echo fork-only > /mnt/ram/v && cat /mnt/ram/v' })).out, 'fork-only\n');
+  assert.equal(await alive(parent), 'in-ram\nsleeper\n', 'a fork\'s writes stay in the fork (copy-on-write)');
+  // A restored VM maps the template privately: its own snapshot carries its whole memory.
+  const snap2 = await d.api('POST', `${S}/${fork}/snapshot`, { template: 'lazy2' });
+  assert.equal(snap2.status, 201, JSON.stringify(snap2.body));
+  assert.ok(existsSync(`${snap2.body.status.dir}/memory`), 'a fork is snapshotted with its memory in the stream');
+  const fork2 = await make({ template: 'lazy2', timeoutMs: 600_000 });
+  assert.equal((await run(fork2, { cmd: 'cat /mnt/ram/v' })).out, 'fork-only\n', 'a fork of a fork has the fork\'s memory');
+  assert.equal((await run(fork2, { cmd: 'grep -l 4242 /proc/[0-9]*/cmdline >/dev/null && echo sleeper' })).out, 'sleeper\n');
+  for (const n of created) await d.api('DELETE', `${S}/${n}`);
+  for (const x of ['lazy', 'lazy2']) assert.equal((await d.api('DELETE', `${T}/${x}`)).status < 300, true);
+  await d.deleteAllSandboxes();
+  const deadline = Date.now() + 30_000;
+  while ((existsSync(dir) || existsSync(snap2.body.status.dir)) && Date.now() < deadline) await sleep(100);
+  assert.ok(!existsSync(dir) && !existsSync(snap2.body.status.dir), 'the RAM files go with their templates');
+  assert.deepEqual(d.hostResidue(), []);
+});
+
 test('warm pool: a matching create claims a started sandbox at once; the pool refills; deleting it kills the unclaimed', { timeout: 180_000 }, async (t) => {
   const tier = ['gvisor', 'container', 'microvm'].find((x) => tiers.includes(x));
   if (!tier) return t.skip('no isolation tier');

@@ -157,8 +157,12 @@ export class NetworkManager {
     this.providers.push(p);
   }
 
-  /** Gives a task its network namespace, address and rules. Cleans up after itself on failure. */
-  attach(taskId: string, driver: string, req: NetworkRequest): Promise<NetworkAttachment> {
+  /**
+   * Gives a task its network namespace, address and rules. Cleans up after itself on failure.
+   * `onNamespace` is called as soon as the (still empty) namespace exists, so that a driver can start
+   * its process in it while the rest is set up (a microVM restored from a snapshot does).
+   */
+  attach(taskId: string, driver: string, req: NetworkRequest, onNamespace?: (netns: string) => void): Promise<NetworkAttachment> {
     return this.locked(async () => {
       const existing = this.row(taskId);
       if (existing?.ip) return this.describe(existing);
@@ -174,6 +178,7 @@ export class NetworkManager {
           const r = await run('unshare', [`--net=${ns}`, 'true'], { timeoutMs: 10_000 });
           if (r.code !== 0) throw new Error(`could not create a network namespace: ${r.stderr.trim()}`);
         }
+        onNamespace?.(ns);
         await cni({ command: 'ADD', containerId: taskId, netns: ns, ifname: 'lo', config: { cniVersion: '1.0.0', name: 'berth-lo', type: 'loopback' } }, this.cniPath);
         const res = await cni({ command: 'ADD', containerId: taskId, netns: ns, ifname: 'eth0', config: this.bridgeConfig(net) }, this.cniPath);
         const parsed = parseBridgeResult(res!, ns);

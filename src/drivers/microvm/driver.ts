@@ -20,7 +20,7 @@
 import { randomBytes } from 'node:crypto';
 import { spawn } from 'node:child_process';
 import { EventEmitter } from 'node:events';
-import { copyFileSync, existsSync, mkdirSync, readFileSync, readdirSync, rmSync, rmdirSync, statSync, watch, writeFileSync, type FSWatcher } from 'node:fs';
+import { chmodSync, copyFileSync, existsSync, mkdirSync, readFileSync, readdirSync, readlinkSync, rmSync, rmdirSync, statSync, watch, writeFileSync, type FSWatcher } from 'node:fs';
 import { constants as osConstants, cpus } from 'node:os';
 import { join } from 'node:path';
 import type { NetworkAttachment, NetworkManager } from '../../network/manager.js';
@@ -43,6 +43,36 @@ import {
   type Accel,
   type GuestKernel,
 } from './assets.js';
+
+/** The memfd holding a VM's RAM (as /proc/<pid>/fd/N), when it has one (see GuestRam). */
+function ramMemfd(pid: number): string | undefined {
+  let fds: string[] = [];
+  try {
+    fds = readdirSync(`/proc/${pid}/fd`);
+  } catch {
+    return undefined;
+  }
+  for (const fd of fds) {
+    const p = `/proc/${pid}/fd/${fd}`;
+    try {
+      if (readlinkSync(p).startsWith('/memfd:memory-backend-memfd')) return p;
+    } catch {
+      /* closed meanwhile */
+    }
+  }
+  return undefined;
+}
+
+/** BERTH_MICROVM_TRACE=1: the time each stage of a start took, on stderr (for measuring; off by default). */
+function stageTimer(what: string): (stage: string) => void {
+  if (!process.env.BERTH_MICROVM_TRACE) return () => undefined;
+  let last = performance.now();
+  return (stage) => {
+    const now = performance.now();
+    process.stderr.write(`microvm ${what}: ${stage} +${(now - last).toFixed(1)} ms\n`);
+    last = now;
+  };
+}
 
 const SIGNALS = osConstants.signals as Record<string, number>;
 const signalName = (n: number) => Object.keys(SIGNALS).find((k) => SIGNALS[k] === n);
@@ -85,23 +115,49 @@ export interface VmMachine {
 
 type CgroupSize = { memoryMiB: number; vcpus: number; background?: boolean | undefined };
 
-/** The QEMU command line of one task (pure; the driver adds nothing else). */
-export function buildQemuArgs(o: VmMachine & { dir: string; mac?: string | undefined }): string[] {
+/**
+ * Where guest RAM lives, when not in QEMU's own anonymous memory:
+ * - memfd: a sandbox VM's RAM, shared (share=on) so that a snapshot can leave it out of the
+ *   migration stream (capability x-ignore-shared) and copy it as a file instead; freed with QEMU.
+ * - file: a VM restored from such a snapshot maps the snapshot's RAM file privately (share=off):
+ *   pages fault in from the page cache when the guest touches them, writes are copy-on-write, the
+ *   file stays as it was, and forks of one template share its unmodified pages.
+ * Either way the backend keeps the machine's default RAM id ("microvm.ram"), so the migration stream
+ * matches a VM with plain `-m` RAM (older snapshots restore as before).
+ */
+export type GuestRam = { memfd: true } | { file: string };
+const RAM_ID = 'microvm.ram';
+
+/**
+ * The QEMU command line of one task (pure; the driver adds nothing else). With `incoming` (a
+ * migration source, or "defer") the VM is restored, not booted: it gets no kernel, initramfs or
+ * command line (the guest's are in its memory; QEMU would read and copy ~20 MiB for nothing).
+ */
+export function buildQemuArgs(o: VmMachine & { dir: string; mac?: string | undefined; ram?: GuestRam | undefined; incoming?: string | undefined }): string[] {
   // (Not init_on_free=1: it shrinks snapshots by a third but makes the guest write every page it
   // frees, so an idle VM's host RSS grew from ~230 MiB to ~600 MiB; measured with bench isolation.)
   const append = ['console=ttyS0', 'quiet', 'panic=-1', 'cryptomgr.notests', `berth.epoch_ms=${o.epochMs}`];
   if (o.accel === 'tcg' && o.tscKhz) append.push(`tsc_early_khz=${o.tscKhz}`);
+  // (Not mitigations=off under TCG: TCG's CPU (qemu64) reports AuthenticAMD, so the guest has no KPTI
+  // ("meltdown: Not affected"); turning off its retpolines and barriers measured no gain in
+  // bench/sandboxes.ts, nor did init_on_alloc=0 or randomize_kstack_offset=off. BENCHMARKS.md,
+  // microvm-restore-notes.)
   const f = (name: string) => join(o.dir, name);
+  const size = `size=${o.memoryMiB}M`;
+  const ram = !o.ram
+    ? []
+    : 'memfd' in o.ram
+      ? ['-object', `memory-backend-memfd,id=${RAM_ID},${size},share=on`]
+      : ['-object', `memory-backend-file,id=${RAM_ID},${size},mem-path=${o.ram.file},share=off`];
   return [
-    '-M', 'microvm,x-option-roms=off,isa-serial=on,rtc=on',
+    '-M', `microvm,x-option-roms=off,isa-serial=on,rtc=on${o.ram ? `,memory-backend=${RAM_ID}` : ''}`,
+    ...ram,
     '-accel', o.accel === 'tcg' ? 'tcg,tb-size=32' : 'kvm',
     ...(o.accel === 'kvm' ? ['-cpu', 'host'] : []),
     '-smp', String(o.vcpus),
     '-m', `${o.memoryMiB}M`,
     '-nodefaults', '-no-user-config', '-display', 'none', '-no-reboot',
-    '-kernel', o.kernel,
-    '-initrd', o.initramfs,
-    '-append', append.join(' '),
+    ...(o.incoming ? ['-incoming', o.incoming] : ['-kernel', o.kernel, '-initrd', o.initramfs, '-append', append.join(' ')]),
     '-serial', `file:${f('console.log')}`,
     '-drive', `id=root,file=${o.rootImage},format=raw,if=none,readonly=on`,
     '-device', 'virtio-blk-device,drive=root,serial=berth-root',
@@ -117,7 +173,7 @@ export function buildQemuArgs(o: VmMachine & { dir: string; mac?: string | undef
     '-chardev', `file,id=exit,path=${f('exit.json')}`,
     '-device', 'virtserialport,chardev=exit,name=berth.exit',
     // No vhost-net on these hosts (host-facts): the tap is served by QEMU itself.
-    ...(o.mac ? ['-netdev', 'tap,id=net0,ifname=tap0,script=no,downscript=no,vhost=off', '-device', `virtio-net-device,netdev=net0,mac=${o.mac}`] : []),
+    ...(o.net || o.mac ? ['-netdev', 'tap,id=net0,ifname=tap0,script=no,downscript=no,vhost=off', '-device', `virtio-net-device,netdev=net0${o.mac ? `,mac=${o.mac}` : ''}`] : []),
     '-qmp', `unix:${f('qmp.sock')},server=on,wait=off`,
     '-pidfile', f('qemu.pid'),
     '-daemonize',
@@ -141,15 +197,15 @@ export function guestNet(net: NetworkAttachment): Record<string, unknown> {
  * namespace) and tc redirects between it and the CNI-made eth0 both ways, like Kata's tcfilter
  * mode. The guest takes over eth0's MAC and address; the namespace's eth0 keeps none.
  */
-const TAP_SCRIPT = [
-  'ip tuntap add dev tap0 mode tap',
-  'ip link set tap0 up',
+const TAP_CREATE = ['ip tuntap add dev tap0 mode tap', 'ip link set tap0 up'].join(' && ');
+const TAP_WIRE = [
   'ip addr flush dev eth0',
   'tc qdisc add dev eth0 ingress',
   'tc filter add dev eth0 parent ffff: protocol all u32 match u8 0 0 action mirred egress redirect dev tap0',
   'tc qdisc add dev tap0 ingress',
   'tc filter add dev tap0 parent ffff: protocol all u32 match u8 0 0 action mirred egress redirect dev eth0',
 ].join(' && ');
+const TAP_SCRIPT = `${TAP_CREATE} && ${TAP_WIRE}`;
 
 /** Guest RAM and vCPUs for a task's limits. */
 export function vmSize(resources: TaskConfig['resources'], hostCpus: number): { memoryMiB: number; vcpus: number } {
@@ -326,7 +382,7 @@ export class MicroVmDriver implements RuntimeDriver {
       };
       // What a snapshot of this VM needs to be restored: the same machine (paths aside).
       writeFileSync(join(dir, 'vm.json'), JSON.stringify(machine));
-      const args = buildQemuArgs({ dir, ...machine, mac: net?.mac });
+      const args = buildQemuArgs({ dir, ...machine, mac: net?.mac, ...(cfg.sandbox ? { ram: { memfd: true } as const } : {}) });
       const cgroups = this.makeCgroups(cfg.id, { ...size, background: cfg.background });
       pid = await this.launch(dir, args, cgroups, net?.netns);
       await this.awaitAgent(cfg.id, dir, pid, cfg.sandbox === true);
@@ -342,6 +398,9 @@ export class MicroVmDriver implements RuntimeDriver {
    * Snapshot of a running VM into `dest`: its memory and device state (QEMU migration to a file),
    * its writable disk and config disk as they were at that instant, and the machine description.
    * The VM is stopped meanwhile and continues afterwards (a fork, not a move).
+   * A VM whose RAM is a memfd (GuestRam) is saved as `state` (the migration stream without RAM) +
+   * `ram` (a sparse copy of the memfd), which a restore maps lazily; any other VM (one restored
+   * from a snapshot) as `memory`, the whole stream, which a restore loads before the VM runs.
    */
   async snapshot(handle: TaskHandle, dest: string): Promise<{ ms: number; bytes: number }> {
     const dir = this.taskDir(handle.id);
@@ -352,11 +411,15 @@ export class MicroVmDriver implements RuntimeDriver {
     mkdirSync(dest, { recursive: true, mode: 0o700 });
     const status = (await qmp(sock, 'query-status')) as { status?: string };
     const wasRunning = status.status === 'running';
+    const memfd = ramMemfd(handle.pid);
     // QEMU caps migration at 128 MiB/s by default: a local file can take far more.
     await qmp(sock, 'migrate-set-parameters', { 'max-bandwidth': 64 * 2 ** 30 });
-    if (handle.state?.sandbox === true && wasRunning) {
+    await qmp(sock, 'migrate-set-capabilities', { capabilities: [{ capability: 'x-ignore-shared', state: memfd !== undefined }] });
+    if (handle.state?.sandbox === true && wasRunning && !memfd) {
       // Less page cache, fewer pages for QEMU to write into the snapshot. (Not when paused: the
-      // stopped guest would keep the request half-read in its port, and every fork would inherit it.)
+      // stopped guest would keep the request half-read in its port, and every fork would inherit it.
+      // Not with a memfd: freed pages stay in it, and the forks' first commands would find their
+      // programs' pages gone.)
       const agent = await this.agent(handle.id, 2000).catch(() => undefined);
       await agent?.request({ type: 'run', args: ['/bin/sh', '-c', 'sync; echo 3 > /proc/sys/vm/drop_caches'], env: {} }, 10_000).catch(() => undefined);
     }
@@ -366,7 +429,7 @@ export class MicroVmDriver implements RuntimeDriver {
       await runOk('cp', ['--sparse=always', join(dir, 'rw.ext4'), join(dest, 'rw.ext4')], { timeoutMs: 300_000 });
       copyFileSync(join(dir, 'cfg.img'), join(dest, 'cfg.img'));
       copyFileSync(join(dir, 'vm.json'), join(dest, 'vm.json'));
-      await qmp(sock, 'migrate', { uri: `exec:cat > '${join(dest, 'memory')}'` });
+      await qmp(sock, 'migrate', { uri: `exec:cat > '${join(dest, memfd ? 'state' : 'memory')}'` });
       const deadline = Date.now() + 300_000;
       for (;;) {
         const m = (await qmp(sock, 'query-migrate')) as { status?: string; 'error-desc'?: string };
@@ -375,10 +438,14 @@ export class MicroVmDriver implements RuntimeDriver {
         if (Date.now() > deadline) throw new Error(`snapshot of ${handle.id} did not finish within 300 s`);
         await sleep(10);
       }
+      // Only the pages the guest has touched have data: holes stay holes (SEEK_DATA).
+      if (memfd) await runOk('cp', ['--sparse=always', memfd, join(dest, 'ram')], { timeoutMs: 300_000 });
     } finally {
       if (wasRunning) await qmp(sock, 'cont').catch(() => undefined);
     }
-    return { ms: performance.now() - t0, bytes: statSync(join(dest, 'memory')).size };
+    if (!memfd) return { ms: performance.now() - t0, bytes: statSync(join(dest, 'memory')).size };
+    chmodSync(join(dest, 'ram'), 0o600);
+    return { ms: performance.now() - t0, bytes: statSync(join(dest, 'state')).size + statSync(join(dest, 'ram')).blocks * 512 };
   }
 
   /** A new VM from a snapshot: its own copies of the disks, memory loaded from the snapshot. */
@@ -402,32 +469,85 @@ export class MicroVmDriver implements RuntimeDriver {
     }
     mkdirSync(dir, { recursive: true, mode: 0o700 });
     let pid: number | undefined;
+    const T = stageTimer(`restore ${cfg.id}`);
     try {
-      await runOk('cp', ['--sparse=always', '--reflink=auto', join(src, 'rw.ext4'), join(dir, 'rw.ext4')], { timeoutMs: 300_000 });
-      copyFileSync(join(src, 'cfg.img'), join(dir, 'cfg.img'));
-      writeFileSync(join(dir, 'vm.json'), JSON.stringify(machine));
-      const net = await this.joinNetwork(cfg);
-      const args = [...buildQemuArgs({ dir, ...machine, mac: net?.mac }), '-incoming', `exec:cat '${join(src, 'memory')}'`];
+      // The disks are copied while the network namespace is made; the VM waits for both.
+      const disks = (async () => {
+        await runOk('cp', ['--sparse=always', '--reflink=auto', join(src, 'rw.ext4'), join(dir, 'rw.ext4')], { timeoutMs: 300_000 });
+        copyFileSync(join(src, 'cfg.img'), join(dir, 'cfg.img'));
+        writeFileSync(join(dir, 'vm.json'), JSON.stringify(machine));
+        T('disks');
+      })();
+      disks.catch(() => undefined); // awaited by boot; a failure is handled there
+      // A lazy snapshot (see snapshot()): map its RAM file, load only the device state. The
+      // capability must match the stream's, and can only be set before the incoming migration starts.
+      const lazy = existsSync(join(src, 'ram'));
       const cgroups = this.makeCgroups(cfg.id, { memoryMiB: machine.memoryMiB, vcpus: machine.vcpus, background: cfg.background });
-      pid = await this.launch(dir, args, cgroups, net?.netns);
-      // The snapshot was taken with the vCPUs stopped, so the loaded VM waits paused: once the
-      // memory is in, let it run. Its agent is already up and answers at once.
-      const sock = join(dir, 'qmp.sock');
-      const deadline = Date.now() + 60_000;
-      for (;;) {
-        const st = (await qmp(sock, 'query-status')) as { status?: string };
-        if (st.status === 'running') break;
-        if (st.status !== 'inmigrate') {
-          await qmp(sock, 'cont');
-          break;
+      const boot = async (netns: string | undefined): Promise<void> => {
+        await disks;
+        if (netns) await runOk('nsenter', [`--net=${netns}`, '--', 'sh', '-c', TAP_CREATE], { timeoutMs: 10_000 });
+        // (The NIC's MAC comes with the device state; net.configure gives the guest the new one.)
+        const incoming = lazy ? 'defer' : `exec:cat '${join(src, 'memory')}'`;
+        const args = buildQemuArgs({ dir, ...machine, incoming, ...(lazy ? { ram: { file: join(src, 'ram') } } : {}) });
+        pid = await this.launch(dir, args, cgroups, netns);
+        T('qemu up');
+        // Connected before the guest runs, the agent's port is as it was when snapshotted (the host
+        // was connected then too): the guest's pending read goes on. Connected later, QEMU would tell
+        // the guest that the host went away, and its agent would reopen the port first (~20 ms).
+        // (A sandbox keeps this connection; a workload's is dropped by awaitAgent.)
+        await this.agent(cfg.id, 5000);
+        const sock = join(dir, 'qmp.sock');
+        if (lazy) {
+          await qmp(sock, 'migrate-set-capabilities', { capabilities: [{ capability: 'x-ignore-shared', state: true }] });
+          await qmp(sock, 'migrate-incoming', { uri: `exec:cat '${join(src, 'state')}'` });
         }
-        if (Date.now() > deadline) throw new Error('loading the snapshot took more than 60 s');
-        await sleep(5);
+        // The snapshot was taken with the vCPUs stopped, so the loaded VM waits paused: once the
+        // memory is in, let it run. Its agent is already up and answers at once.
+        const deadline = Date.now() + 60_000;
+        for (;;) {
+          const st = (await qmp(sock, 'query-status')) as { status?: string };
+          if (st.status === 'running') break;
+          if (st.status !== 'inmigrate') {
+            await qmp(sock, 'cont');
+            break;
+          }
+          if (Date.now() > deadline) throw new Error('loading the snapshot took more than 60 s');
+          await sleep(1); // (a lazy snapshot's device state loads within milliseconds)
+        }
+        T('memory loaded');
+      };
+      // The VM is restored while CNI wires its namespace (QEMU needs only the namespace and its tap):
+      // the guest keeps the snapshot's address until net.configure gives it this task's.
+      let booting: Promise<void> | undefined;
+      const startBoot = (netns: string | undefined) => {
+        booting = boot(netns);
+        booting.catch(() => undefined); // awaited below; a failure is handled there
+      };
+      let net: NetworkAttachment | undefined;
+      if (cfg.network) {
+        net = await this.attachNetwork(cfg, startBoot).catch(async (e: unknown) => {
+          await Promise.allSettled([disks, booting]); // the cleanup below needs QEMU's pid, and the copies done
+          throw e;
+        });
+        T('network');
+        if (!booting) {
+          // (An attachment that existed already: no namespace was made, the VM starts now.)
+          startBoot(net.netns);
+          await booting;
+        }
+        const wiring = runOk('nsenter', [`--net=${net.netns}`, '--', 'sh', '-c', TAP_WIRE], { timeoutMs: 10_000 });
+        await Promise.allSettled([booting, wiring]);
+        await booting; // a failed start first: the wiring's failure may only follow from it
+        await wiring;
+      } else {
+        startBoot(undefined);
+        await booting;
       }
-      await this.awaitAgent(cfg.id, dir, pid, cfg.sandbox === true);
-      // The guest still has the snapshotted sandbox's address and MAC: give it this task's.
-      if (net) await (await this.agent(cfg.id, 10_000)).request({ type: 'net.configure', net: guestNet(net) }, 10_000);
-      return this.tracked(cfg, pid, net);
+      // The guest still has the snapshotted sandbox's address and MAC: its first request gives it
+      // this task's (and, answered, tells that the agent is up; one round trip less than a hello first).
+      await this.awaitAgent(cfg.id, dir, pid!, cfg.sandbox === true, net ? { type: 'net.configure', net: guestNet(net) } : undefined);
+      T(net ? 'agent: net.configure' : 'agent: hello');
+      return this.tracked(cfg, pid!, net); // (pid: set by boot, which succeeded)
     } catch (e) {
       if (pid && this.isRunning(cfg.id)) await this.killVm(cfg.id, pid);
       await this.destroy(cfg.id, { force: true });
@@ -457,10 +577,14 @@ export class MicroVmDriver implements RuntimeDriver {
   /** The task's network namespace (src/network), with the tap device QEMU will open in it. */
   private async joinNetwork(cfg: TaskConfig): Promise<NetworkAttachment | undefined> {
     if (!cfg.network) return undefined;
-    if (!this.net) throw invalidArgument('the microvm driver has no network manager: run the task with network mode "none"');
-    const net = await this.net.attach(cfg.id, this.name, { ...cfg.network, hostname: cfg.hostname ?? cfg.id.slice(0, 63) });
+    const net = await this.attachNetwork(cfg);
     await runOk('nsenter', [`--net=${net.netns}`, '--', 'sh', '-c', TAP_SCRIPT], { timeoutMs: 10_000 });
     return net;
+  }
+
+  private attachNetwork(cfg: TaskConfig, onNamespace?: (netns: string) => void): Promise<NetworkAttachment> {
+    if (!this.net) throw invalidArgument('the microvm driver has no network manager: run the task with network mode "none"');
+    return this.net.attach(cfg.id, this.name, { ...cfg.network!, hostname: cfg.hostname ?? cfg.id.slice(0, 63) }, onNamespace);
   }
 
   /**
@@ -550,14 +674,14 @@ export class MicroVmDriver implements RuntimeDriver {
     return pid;
   }
 
-  /** Waits until the guest agent answers hello with the workload started (or the VM is gone). */
-  private async awaitAgent(id: string, dir: string, pid: number, keep: boolean): Promise<void> {
+  /** Waits until the guest agent answers `probe` (hello) with the workload started (or the VM is gone). */
+  private async awaitAgent(id: string, dir: string, pid: number, keep: boolean, probe: Record<string, unknown> = { type: 'hello' }): Promise<void> {
     const deadline = Date.now() + this.bootTimeoutMs;
     const gone = new AbortController();
     const watchdog = (async () => {
       while (!gone.signal.aborted) {
         if (!this.vmAlive(id, pid)) return 'gone' as const;
-        await sleep(50);
+        await sleep(50, gone.signal).catch(() => undefined); // (ends at once when the agent answered)
       }
       return 'aborted' as const;
     })();
@@ -565,7 +689,7 @@ export class MicroVmDriver implements RuntimeDriver {
     try {
       const hello = (async (): Promise<AgentFrame> => {
         const conn = await this.agents.get(id, join(dir, 'agent.sock'), 5000);
-        return conn.request({ type: 'hello' }, Math.max(1000, deadline - Date.now()), gone.signal);
+        return conn.request(probe, Math.max(1000, deadline - Date.now()), gone.signal);
       })();
       // A connection reset by a VM that powered off is the VM's end, not the reason: wait for it.
       const helloOrGone = hello.catch(async (e: unknown) => ((await this.waitGone(id, pid, 3000)) ? ('gone' as const) : Promise.reject(e)));

@@ -1,0 +1,29 @@
+// The microVM command line (pure): where guest RAM lives and what a restored VM is started with.
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { buildQemuArgs, type VmMachine } from './driver.js';
+
+const machine: VmMachine = { accel: 'tcg', kernel: '/k', initramfs: '/i', rootImage: '/r', vcpus: 1, memoryMiB: 256, epochMs: 1, net: true };
+const val = (args: string[], flag: string) => args.filter((_, i) => args[i - 1] === flag);
+
+test('plain RAM by default; a memfd (shared) or a private file mapping under the default RAM id', () => {
+  const plain = buildQemuArgs({ dir: '/t', ...machine });
+  assert.deepEqual(val(plain, '-object'), []);
+  assert.doesNotMatch(val(plain, '-M')[0]!, /memory-backend/);
+  const memfd = buildQemuArgs({ dir: '/t', ...machine, ram: { memfd: true } });
+  assert.match(val(memfd, '-M')[0]!, /,memory-backend=microvm\.ram$/);
+  assert.deepEqual(val(memfd, '-object'), ['memory-backend-memfd,id=microvm.ram,size=256M,share=on']);
+  const file = buildQemuArgs({ dir: '/t', ...machine, ram: { file: '/tpl/ram' } });
+  assert.deepEqual(val(file, '-object'), ['memory-backend-file,id=microvm.ram,size=256M,mem-path=/tpl/ram,share=off']);
+  assert.deepEqual(val(file, '-m'), ['256M'], 'the machine size stays');
+});
+
+test('a booted VM gets kernel, initramfs and command line; a restored one gets -incoming instead', () => {
+  const booted = buildQemuArgs({ dir: '/t', ...machine });
+  assert.deepEqual([val(booted, '-kernel'), val(booted, '-initrd'), val(booted, '-incoming')], [['/k'], ['/i'], []]);
+  const restored = buildQemuArgs({ dir: '/t', ...machine, incoming: 'defer' });
+  assert.deepEqual([val(restored, '-kernel'), val(restored, '-initrd'), val(restored, '-append'), val(restored, '-incoming')], [[], [], [], ['defer']]);
+  // Its NIC is there without a MAC (the device state brings the snapshot's; net.configure sets the new one).
+  assert.deepEqual(val(restored, '-device').filter((d) => d.startsWith('virtio-net-device')), ['virtio-net-device,netdev=net0']);
+  assert.deepEqual(val(buildQemuArgs({ dir: '/t', ...machine, mac: '02:00:00:00:00:01' }), '-device').filter((d) => d.startsWith('virtio-net')), ['virtio-net-device,netdev=net0,mac=02:00:00:00:00:01']);
+});
