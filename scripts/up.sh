@@ -45,7 +45,13 @@ berth service rm demo >/dev/null 2>&1 || true
 if berth service create --public-port 8080 -r 2 --readiness http:8080/index.html --wait demo busybox -- \
     sh -c 'echo "hello from replica $(hostname)" > /tmp/index.html; trap "exit 0" TERM; httpd -f -p 8080 -h /tmp & wait'; then
   port=$(berth ingress status -o json | node -e 'const s=JSON.parse(require("fs").readFileSync(0,"utf8")); console.log((s.http||":80").split(":").pop())')
-  for _ in 1 2 3 4; do busybox wget -qO- --header "Host: demo.default.berth.localhost" "http://127.0.0.1:$port/index.html" || true; done
+  get() { busybox wget -qO- --header "Host: demo.default.berth.localhost" "http://127.0.0.1:$port/index.html"; }
+  # The ingress learns the replicas from Berth's DNS every 0.5 s: wait (at most ~5 s) until it has both.
+  for _ in $(seq 25); do
+    [ "$(for _ in 1 2 3 4; do get 2>/dev/null; done | sort -u | wc -l)" -ge 2 ] && break
+    sleep 0.2
+  done
+  for _ in 1 2 3 4; do get || true; done
   berth service ls
 fi
 echo
