@@ -93,8 +93,14 @@ export interface MicroVmDriverOptions {
   qemuPath?: string;
   /** Size of each task's sparse writable layer. */
   diskMiB?: number;
-  /** How long a boot may take to reach the guest agent. */
+  /**
+   * How much CPU time QEMU may spend booting before the guest agent answers (default 60 s). Counted
+   * in CPU time, not wall time: under TCG twenty VMs booting at once on two cores each get a tenth of
+   * a core, and a boot that is only starved is not a boot that hangs.
+   */
   bootTimeoutMs?: number;
+  /** Wall-clock limit on a boot however starved it is (default 5 × bootTimeoutMs). */
+  bootWallTimeoutMs?: number;
   /** Gives tasks with TaskConfig.network their namespace (QEMU runs in it, with a tap device). */
   network?: NetworkManager;
 }
@@ -252,6 +258,7 @@ export class MicroVmDriver implements RuntimeDriver {
   private readonly cgroupParent: string;
   private readonly diskMiB: number;
   private readonly bootTimeoutMs: number;
+  private readonly bootWallTimeoutMs: number;
   private accel: Promise<{ accel: Accel; reason: string }> | undefined;
   private readonly exits = new EventEmitter();
   private readonly tracking = new Map<string, AbortController>();
@@ -265,6 +272,7 @@ export class MicroVmDriver implements RuntimeDriver {
     this.cgroupParent = opts.cgroupParent ?? 'berth';
     this.diskMiB = opts.diskMiB ?? 1024;
     this.bootTimeoutMs = opts.bootTimeoutMs ?? 60_000;
+    this.bootWallTimeoutMs = opts.bootWallTimeoutMs ?? 5 * this.bootTimeoutMs;
     this.net = opts.network;
     this.exits.setMaxListeners(0);
   }
@@ -676,11 +684,12 @@ export class MicroVmDriver implements RuntimeDriver {
 
   /** Waits until the guest agent answers `probe` (hello) with the workload started (or the VM is gone). */
   private async awaitAgent(id: string, dir: string, pid: number, keep: boolean, probe: Record<string, unknown> = { type: 'hello' }): Promise<void> {
-    const deadline = Date.now() + this.bootTimeoutMs;
+    const deadline = Date.now() + this.bootWallTimeoutMs;
     const gone = new AbortController();
     const watchdog = (async () => {
       while (!gone.signal.aborted) {
         if (!this.vmAlive(id, pid)) return 'gone' as const;
+        if (processCpuMs(pid) > this.bootTimeoutMs) return 'cpu' as const;
         await sleep(50, gone.signal).catch(() => undefined); // (ends at once when the agent answered)
       }
       return 'aborted' as const;
@@ -702,6 +711,12 @@ export class MicroVmDriver implements RuntimeDriver {
         return;
       }
       if (first === 'aborted') throw new Error('aborted');
+      if (first === 'cpu') {
+        const tail = consoleTail(dir);
+        throw new Error(
+          `the microVM's agent did not answer although the VM used ${(processCpuMs(pid) / 1000).toFixed(1)} s of CPU booting (limit: ${this.bootTimeoutMs} ms of CPU time)${tail ? `; guest console:\n${tail}` : ''}`,
+        );
+      }
       ok = true;
     } finally {
       gone.abort();
@@ -712,12 +727,7 @@ export class MicroVmDriver implements RuntimeDriver {
 
   private bootError(dir: string, agentError: string | undefined): string {
     if (agentError) return agentError;
-    let tail = '';
-    try {
-      tail = readFileSync(join(dir, 'console.log'), 'utf8').trim().split('\n').slice(-8).join('\n');
-    } catch {
-      /* no console output */
-    }
+    const tail = consoleTail(dir);
     return `the microVM stopped before its agent was ready${tail ? `; guest console:\n${tail}` : ''}`;
   }
 
@@ -964,5 +974,24 @@ export class MicroVmDriver implements RuntimeDriver {
         /* busy or absent */
       }
     }
+  }
+}
+
+/** CPU time (user + system, all threads) a process has used, in ms; 0 once it is gone. */
+function processCpuMs(pid: number): number {
+  try {
+    const f = readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1]!.split(' ');
+    return (Number(f[11]) + Number(f[12])) * 10; // utime + stime in USER_HZ ticks (100 per second on Linux)
+  } catch {
+    return 0;
+  }
+}
+
+/** The last lines of a VM's serial console ('' when it wrote none). */
+function consoleTail(dir: string): string {
+  try {
+    return readFileSync(join(dir, 'console.log'), 'utf8').trim().split('\n').slice(-8).join('\n');
+  } catch {
+    return '';
   }
 }
