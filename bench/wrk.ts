@@ -2,6 +2,7 @@
 // processes behind it (independent of how busy the host is). Shared by the ingress benchmarks.
 import { readFileSync } from 'node:fs';
 import { spawnSync } from 'node:child_process';
+import { processCpuMs } from '../src/lib/host.js';
 
 export interface WrkResult {
   rps: number;
@@ -13,17 +14,9 @@ export interface WrkResult {
   proxyUs: number;
 }
 
-const CLK_TCK = Number(spawnSync('getconf', ['CLK_TCK'], { encoding: 'utf8' }).stdout.trim()) || 100;
-
 /** user+system CPU time of a process (all threads) in µs. */
 export function cpuUs(pid: number | undefined): number {
-  if (!pid) return 0;
-  try {
-    const f = readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1]!.split(' ');
-    return ((Number(f[11]) + Number(f[12])) * 1e6) / CLK_TCK;
-  } catch {
-    return 0;
-  }
+  return pid ? processCpuMs(pid) * 1000 : 0;
 }
 
 /**

@@ -28,3 +28,14 @@ export function cgroupHierarchies(): string[] {
     return [];
   }
 }
+
+/** CPU time (user + system, all threads) a process has used, in ms; 0 once it is gone. */
+export function processCpuMs(pid: number): number {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    const f = stat.slice(stat.lastIndexOf(')') + 2).split(' '); // after "pid (comm) "; comm may hold ") "
+    return (Number(f[11]) + Number(f[12])) * 10; // utime + stime in USER_HZ ticks (100 per second on Linux)
+  } catch {
+    return 0;
+  }
+}

@@ -28,7 +28,7 @@ import type { DriverCapabilities, ExitResult, Fingerprint, RuntimeDriver, StopOp
 import { BerthError, invalidArgument } from '../../core/errors.js';
 import { qmp } from './qmp.js';
 import { pidAlive, runOk, sleep } from '../../lib/exec.js';
-import { cgroupHierarchies } from '../../lib/host.js';
+import { cgroupHierarchies, processCpuMs } from '../../lib/host.js';
 import { AgentConnection, type AgentFrame } from '../agent/client.js';
 import { AgentPool } from '../agent/pool.js';
 import {
@@ -974,16 +974,6 @@ export class MicroVmDriver implements RuntimeDriver {
         /* busy or absent */
       }
     }
-  }
-}
-
-/** CPU time (user + system, all threads) a process has used, in ms; 0 once it is gone. */
-function processCpuMs(pid: number): number {
-  try {
-    const f = readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1]!.split(' ');
-    return (Number(f[11]) + Number(f[12])) * 10; // utime + stime in USER_HZ ticks (100 per second on Linux)
-  } catch {
-    return 0;
   }
 }
 
