@@ -7,7 +7,7 @@ import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
 import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { createServer, type AddressInfo } from 'node:net';
+import { connect, createServer, type AddressInfo } from 'node:net';
 import http from 'node:http';
 import pino from 'pino';
 import { Ingress } from '../src/ingress/ingress.js';
@@ -164,6 +164,67 @@ test('bad routes are refused with a clear 400 and change nothing', async () => {
   assert.equal(dup.status, 400);
   assert.match(dup.body.error.message, /host h\.berth\.localhost is in two routes/);
   assert.deepEqual((await d.api('GET', '/v1/ingress/routes')).body, before);
+});
+
+/** A raw TCP exchange: connect, send, read until the peer closes (or timeoutMs). */
+function tcpExchange(port: number, send: string, timeoutMs = 5000): Promise<string> {
+  return new Promise((resolve, reject) => {
+    const sock = connect({ host: '127.0.0.1', port });
+    let got = '';
+    const t = setTimeout(() => sock.destroy(new Error(`no answer on port ${port} within ${timeoutMs} ms`)), timeoutMs);
+    sock.on('connect', () => sock.write(send));
+    sock.on('data', (b) => (got += b.toString()));
+    sock.on('close', () => {
+      clearTimeout(t);
+      resolve(got);
+    });
+    sock.on('error', (e) => {
+      clearTimeout(t);
+      reject(e);
+    });
+  });
+}
+
+test('a public tcp port: the ingress relays its host port to the ready replicas; host ports are checked; a busy port waits; deleted, nothing listens', { timeout: 120_000 }, async () => {
+  const hostPort = await freePort();
+  const S = '/v1/projects/default/services';
+  // busybox httpd stands in for any tcp server: the relay carries the bytes as they are.
+  const svc = (hp: number) => ({
+    image: 'busybox',
+    command: ['sh', '-c', 'mkdir -p /tmp/www && echo tcp-ok > /tmp/www/index.html; trap "exit 0" TERM; httpd -f -p 7000 -h /tmp/www & wait'],
+    ports: [{ port: 7000, protocol: 'tcp', public: true, hostPort: hp }],
+  });
+  const c = await d.api('POST', S, { name: 'rawtcp', spec: svc(hostPort) });
+  assert.equal(c.status, 201, JSON.stringify(c.body));
+  const answer = await eventually(() => tcpExchange(hostPort, 'GET /index.html HTTP/1.0\r\n\r\n'), (x) => x.includes('tcp-ok'), 60_000);
+  assert.match(answer, /^HTTP\/1\.[01] 200/);
+  const st = (await d.api('GET', '/v1/ingress')).body;
+  assert.deepEqual(st.routes.find((r: any) => r.id === 'service/default/rawtcp/tcp/7000'), { id: 'service/default/rawtcp/tcp/7000', hosts: [], backends: 1, tls: 'none', auth: false, tcpPort: hostPort });
+  // The edge refuses what cannot be served, and changes nothing.
+  for (const [spec, status, re] of [
+    [{ ...svc(hostPort), ports: [{ port: 7000, protocol: 'tcp', public: true }] }, 400, /needs a hostPort/],
+    [{ ...svc(hostPort), ports: [{ port: 7000, protocol: 'http', public: true, hostPort }] }, 400, /hostPort is for public tcp ports only/],
+    [svc(hostPort), 409, new RegExp(`host port ${hostPort} is already published by service "rawtcp"`)],
+    [svc(httpPort), 409, /is the ingress's HTTP port/],
+  ] as const) {
+    const r = await d.api('POST', S, { name: 'other', spec });
+    assert.equal(r.status, status, JSON.stringify(r.body));
+    assert.match(r.body.error.message, re);
+  }
+  assert.equal((await d.api('GET', `${S}/other`)).status, 404);
+  // A host port another program holds: that route alone waits (the others keep serving), then serves once it is free.
+  const blocker = createServer();
+  const busy = await new Promise<number>((r) => blocker.listen(0, '127.0.0.1', () => r((blocker.address() as AddressInfo).port)));
+  assert.equal((await d.api('POST', S, { name: 'waits', spec: svc(busy) })).status, 201);
+  const rej = await eventually(async () => (await d.api('GET', '/v1/ingress')).body.rejected, (x: any[]) => x.some((r) => r.id === 'service/default/waits/tcp/7000'), 60_000);
+  assert.match(rej.find((r: any) => r.id === 'service/default/waits/tcp/7000').reason, new RegExp(`host port ${busy} is in use by another program on this host`));
+  assert.match(await tcpExchange(hostPort, 'GET /index.html HTTP/1.0\r\n\r\n'), /tcp-ok/);
+  await new Promise((r) => blocker.close(r));
+  assert.match(await eventually(() => tcpExchange(busy, 'GET /index.html HTTP/1.0\r\n\r\n'), (x) => x.includes('tcp-ok'), 30_000), /tcp-ok/);
+  // Deleted: the listener goes with the service.
+  for (const n of ['rawtcp', 'waits']) assert.equal((await d.api('DELETE', `${S}/${n}`)).status, 202);
+  for (const p of [hostPort, busy]) await eventually(() => tcpExchange(p, '').then(() => 'open', (e: NodeJS.ErrnoException) => e.code ?? 'error'), (x) => x === 'ECONNREFUSED', 30_000);
+  await eventually(async () => (await d.api('GET', S)).body.items.length, (n) => n === 0, 60_000);
 });
 
 test('kill -9 of berthd: the proxy keeps serving, the restarted berthd adopts it (no second proxy) and re-syncs', { timeout: 60_000 }, async () => {

@@ -300,7 +300,12 @@ export const ServicePort = z
     name: Name.optional(),
     port: Port.openapi({ description: 'Port the replicas listen on' }),
     protocol: z.enum(['http', 'tcp']).default('http'),
-    public: z.boolean().default(false).openapi({ description: 'Served by the ingress at <service>.<project>.<base domain> and spec.domains (http ports only; one per service)' }),
+    public: z.boolean().default(false).openapi({
+      description: 'Served by the ingress: an http port at <service>.<project>.<base domain> and spec.domains (one per service); a tcp port on hostPort',
+    }),
+    hostPort: Port.optional().openapi({
+      description: "Public tcp ports only: the host port the ingress listens on (on its HTTP listener's address) and relays to the ready replicas; one service per host port",
+    }),
   })
   .openapi('ServicePort');
 
@@ -338,15 +343,21 @@ export const ServiceSpec = z
     for (const [i, p] of s.ports.entries()) {
       if (seen.has(p.port)) ctx.addIssue({ code: 'custom', path: ['ports', i, 'port'], message: `port ${p.port} is listed twice; list each port once` });
       seen.add(p.port);
-      // The ingress serves http only (by Host name); a public tcp port would need a host port of its own.
-      if (p.public && p.protocol === 'tcp') {
+      // http is routed by Host name on the ingress's own ports; a public tcp port needs a host port of its own.
+      if (p.public && p.protocol === 'tcp' && p.hostPort === undefined) {
         ctx.addIssue({
           code: 'custom',
-          path: ['ports', i, 'public'],
-          message: `tcp port ${p.port} cannot be public: the ingress routes http by host name only. Reach it from the project's workloads at <service>:${p.port}, or set protocol "http"`,
+          path: ['ports', i, 'hostPort'],
+          message: `public tcp port ${p.port} needs a hostPort: the host port the ingress listens on for it (e.g. "hostPort": ${p.port > 1024 ? p.port : 10000 + p.port}); or drop public to reach it only from the project's workloads at <service>:${p.port}`,
         });
       }
+      if (p.hostPort !== undefined && !(p.public && p.protocol === 'tcp')) {
+        ctx.addIssue({ code: 'custom', path: ['ports', i, 'hostPort'], message: `hostPort is for public tcp ports only (http ports are served on the ingress's ports by host name); remove it from port ${p.port} or set protocol "tcp" and public: true` });
+      }
     }
+    const hostPorts = s.ports.flatMap((p) => (p.hostPort === undefined ? [] : [p.hostPort]));
+    const twice = hostPorts.find((h, i) => hostPorts.indexOf(h) !== i);
+    if (twice !== undefined) ctx.addIssue({ code: 'custom', path: ['ports'], message: `hostPort ${twice} is given to two ports; give each public tcp port its own hostPort` });
     const publicHttp = s.ports.filter((p) => p.public && p.protocol === 'http');
     if (publicHttp.length > 1) {
       ctx.addIssue({

@@ -45,7 +45,7 @@ interface Revision {
 interface Service {
   name: string;
   createdAt: string;
-  spec: Record<string, unknown> & { image: string; replicas: number; ports: { port: number; protocol: string; public: boolean }[]; domains?: string[] };
+  spec: Record<string, unknown> & { image: string; replicas: number; ports: { port: number; protocol: string; public: boolean; hostPort?: number }[]; domains?: string[] };
   status: {
     replicas: number;
     readyReplicas: number;
@@ -61,12 +61,12 @@ interface Service {
 
 const SV = (ctx: Ctx, name: string) => `${P(ctx)}/services/${enc(name)}`;
 
-/** "8080" (http), "8080/tcp", "443/http" ; --public-port marks it public. */
-function parsePort(v: string): { port: number; protocol: string } {
-  const m = /^(\d{1,5})(?:\/(http|tcp))?$/.exec(v);
+/** "8080" (http), "8080/tcp", "443/http"; --public-port marks it public, and a public tcp port names its host port: "5432/tcp:15432". */
+function parsePort(v: string): { port: number; protocol: string; hostPort?: number } {
+  const m = /^(\d{1,5})(?:\/(http|tcp))?(?::(\d{1,5}))?$/.exec(v);
   const port = Number(m?.[1]);
-  if (!m || port < 1 || port > 65535) throw new CliError('invalid_argument', `port "${v}" must be PORT or PORT/http or PORT/tcp, e.g. 8080 or 5432/tcp`);
-  return { port, protocol: m[2] ?? 'http' };
+  if (!m || port < 1 || port > 65535) throw new CliError('invalid_argument', `port "${v}" must be PORT or PORT/http or PORT/tcp (public tcp: PORT/tcp:HOSTPORT), e.g. 8080 or 5432/tcp:15432`);
+  return { port, protocol: m[2] ?? 'http', ...(m[3] ? { hostPort: Number(m[3]) } : {}) };
 }
 
 /** "http:8080/healthz", "tcp:8080", "exec:cat /tmp/ready" */
@@ -102,7 +102,7 @@ function addServiceFlags(cmd: Command): Command {
     .option('-f, --file <spec.json>', 'the whole service spec as JSON (- for stdin); flags override its fields')
     .addOption(new Option('-r, --replicas <n>', 'number of replicas').argParser(parseIntFlag(0, 100)))
     .option('--port <port>', 'port the replicas listen on: PORT (http) or PORT/tcp; repeatable', collect)
-    .option('--public-port <port>', 'like --port, and served by the ingress; repeatable', collect)
+    .option('--public-port <port>', 'like --port, and served by the ingress (a tcp port on a host port of its own: PORT/tcp:HOSTPORT); repeatable', collect)
     .option('--readiness <check>', 'readiness check: http:PORT[/PATH], tcp:PORT or exec:COMMAND')
     .option('--liveness <check>', 'liveness check (a failing replica is replaced)')
     .option('--startup <check>', 'startup check (gates the other checks)')
@@ -166,7 +166,7 @@ async function waitDeploy(ctx: Ctx, name: string, afterRevision: number | undefi
 }
 
 const readyCol = (s: Service) => `${s.status.readyReplicas}/${s.spec.replicas}`;
-const portsCol = (s: Service) => s.spec.ports.map((p) => `${p.port}/${p.protocol}${p.public ? ' (public)' : ''}`).join(', ');
+const portsCol = (s: Service) => s.spec.ports.map((p) => `${p.port}/${p.protocol}${p.public ? (p.hostPort ? ` (public on :${p.hostPort})` : ' (public)') : ''}`).join(', ');
 
 export function registerServices(program: Command): void {
   const svc = program.command('service').alias('svc').description('replicated services: health checks, rolling deploys, rollback');

@@ -3,7 +3,8 @@
 // reloaded. HAProxy does the data-plane work itself: Host → backend through a map (one lookup per
 // request, whatever the number of routes), round-robin over the replicas, a refused connection
 // retried on another replica (retries + redispatch), WebSockets (tunnel), HTTP/2 over TLS (ALPN),
-// TLS with the certificates Berth keeps (crt-list: one line per host).
+// TLS with the certificates Berth keeps (crt-list: one line per host); tcp routes (a service's public
+// tcp port) get a listener of their own on their host port, relayed as is (mode tcp).
 // Service replicas come from Berth's DNS (resolvers + server-template): replicas coming and going
 // need no reload. Route changes are applied by a seamless reload (master CLI `reload`): the old
 // worker finishes its in-flight requests and relayed WebSockets, the new one takes the listeners.
@@ -41,6 +42,8 @@ export const DNS_SLOTS = 128; // spec.replicas ≤ 100, plus a deploy's surge
 /** How long a request may wait for a replica slot (maxConnectionsPerReplica) before a 503. */
 export const QUEUE_TIMEOUT = '30s';
 const TEXT = 'content-type "text/plain; charset=utf-8"';
+/** Idle limit of a tcp route's connections. */
+const TCP_IDLE = '1h';
 /** The Host without its port, lower-case (HTTP/2's :authority arrives here as Host too). */
 const HOST = 'req.hdr(host),field(1,:),lower';
 
@@ -57,7 +60,10 @@ function hostPort(host: string, port: number): string {
 }
 
 function backend(name: string, r: IngressRoute, resolvers: string | undefined): string[] {
+  const tcp = r.tcpPort !== undefined;
   const out = [`backend ${name}`, `  # route ${quoteLf(r.id)}`];
+  // A tcp route's connections (a database, a message broker) may idle for long: an hour, not 5 minutes.
+  if (tcp) out.push('  mode tcp', `  timeout server ${TCP_IDLE}`);
   if (r.auth) {
     const t = r.auth.token; // [A-Za-z0-9_-] only (validated): inert in ACLs, regexps and cookies
     out.push(
@@ -70,7 +76,7 @@ function backend(name: string, r: IngressRoute, resolvers: string | undefined): 
       `  http-response add-header Set-Cookie "${TOKEN_PARAM}=${t}; Path=/; HttpOnly; SameSite=Lax" if { var(txn.berth_cookie) -m bool }`,
     );
   }
-  out.push(`  http-request del-header ${TOKEN_HEADER}`);
+  if (!tcp) out.push(`  http-request del-header ${TOKEN_HEADER}`);
   const maxconn = r.maxConnsPerBackend ? ` maxconn ${r.maxConnsPerBackend}` : '';
   // Passive health: a refused connection takes the server out at once (the request is redispatched);
   // a TCP connect check (every 2 s; every 250 ms while down) brings it back.
@@ -79,10 +85,15 @@ function backend(name: string, r: IngressRoute, resolvers: string | undefined): 
     out.push('  balance roundrobin', `  server-template s 1-${DNS_SLOTS} ${r.dynamic.name}:${r.dynamic.port} resolvers ${resolvers} resolve-prefer ipv4 init-addr none${maxconn}${health}`);
   } else if (r.backends.length) {
     out.push('  balance roundrobin', ...r.backends.map((b, i) => `  server s${i} ${b.address}:${b.port}${maxconn}${health}`));
-  } else {
+  } else if (!tcp) {
     out.push(`  http-request return status 503 ${TEXT} hdr Retry-After 2 lf-string "503: no ready backend for %[${HOST}] (route ${quoteLf(r.id)}); it answers once a replica passes its readiness check\\n"`);
   }
   return out;
+}
+
+/** The host ports of the tcp routes' listeners in a configuration rendered below (what a running proxy holds). */
+export function tcpPortsIn(config: string): number[] {
+  return [...config.matchAll(/^frontend t\d+\n {2}mode tcp\n {2}bind \S+:(\d+)$/gm)].map((m) => Number(m[1]));
 }
 
 export function buildHaproxyConfig(routes: IngressRoute[], s: IngressSettings, paths: HaproxyPaths, tuning: HaproxyTuning, certs: ReadonlyMap<string, string>): HaproxyFiles {
@@ -135,6 +146,13 @@ export function buildHaproxyConfig(routes: IngressRoute[], s: IngressSettings, p
   };
   if (s.http) front('http', hostPort(s.http.host, s.http.port), '', paths.hostsMap);
   if (s.https) front('https', hostPort(s.https.host, s.https.port), ` ssl crt ${paths.defaultCert} crt-list ${paths.crtList} alpn h2,http/1.1`, paths.tlsHostsMap);
+  // tcp routes: a listener each, on the address of the HTTP listener (else the HTTPS one's); with no
+  // ready backend a connection is accepted and closed.
+  const tcpHost = (s.http ?? s.https)?.host ?? '0.0.0.0';
+  for (const r of sorted.filter((x) => x.tcpPort !== undefined)) {
+    const name = names.get(r.id)!;
+    lines.push('', `frontend t${name.slice(1)}`, '  mode tcp', `  bind ${hostPort(tcpHost, r.tcpPort!)}`, `  timeout client ${TCP_IDLE}`, `  default_backend ${name}`);
+  }
   lines.push('', 'backend no_route', `  http-request return status 404 ${TEXT} lf-string "404: no Berth ingress route for host %[${HOST}]\\n"`);
   if (s.acme) lines.push('', 'backend acme_challenge', `  server berthd unix@${paths.acmeSocket}`);
   for (const r of sorted) lines.push('', ...backend(names.get(r.id)!, r, resolverName(r)));

@@ -3,7 +3,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import pino from 'pino';
-import { buildHaproxyConfig, quoteLf } from './haproxy-config.js';
+import { buildHaproxyConfig, quoteLf, tcpPortsIn } from './haproxy-config.js';
 import { Ingress } from './ingress.js';
 import { routeProblems, settingsFromFlags, type IngressRoute } from './types.js';
 
@@ -110,4 +110,31 @@ test('buildHaproxyConfig: empty route answers 503, token guard, per-replica limi
 test('routeProblems: maxConnsPerBackend must be a positive integer', () => {
   assert.deepEqual(routeProblems(route('a', ['x.test'], { maxConnsPerBackend: 8 }), false), []);
   assert.match(routeProblems(route('a', ['x.test'], { maxConnsPerBackend: 0 }), false).join(), /maxConnsPerBackend/);
+});
+
+test('tcp routes: a listener on the HTTP listener\'s address relaying as is; one route per host port, not the ingress\'s own', () => {
+  const tcp = (id: string, port: number, extra: Partial<IngressRoute> = {}) => route(id, [], { tls: 'none', tcpPort: port, ...extra });
+  assert.deepEqual(routeProblems(tcp('t', 15432), false), []);
+  assert.match(routeProblems(tcp('t', 70000), false).join(), /tcpPort 70000 must be 1-65535/);
+  assert.match(routeProblems(tcp('t', 15432, { hosts: ['x.test'] }), false).join(), /no hosts/);
+  assert.match(routeProblems(tcp('t', 15432, { tls: 'local' }), false).join(), /tls "none"/);
+  const s = settingsFromFlags({ ...flags, ingressHttp: '127.0.0.1:8080' });
+  const dyn = { name: 'db.p.internal', port: 5432, resolvers: ['10.88.0.1:53'], refreshMs: 500 };
+  const { config, hostsMap } = buildHaproxyConfig([tcp('service/p/db/tcp/5432', 15432, { dynamic: dyn }), route('service/p/web', ['web.test'])], s, paths, { threads: 1 }, new Map());
+  assert.match(config, /^frontend t0\n {2}mode tcp\n {2}bind 127\.0\.0\.1:15432\n {2}timeout client 1h\n {2}default_backend r0$/m);
+  const back = config.slice(config.indexOf('\nbackend r0') + 1);
+  assert.match(back, /^backend r0\n {2}# route service\/p\/db\/tcp\/5432\n {2}mode tcp\n {2}timeout server 1h\n/);
+  assert.match(back, /server-template s 1-\d+ db\.p\.internal:5432 resolvers dns0/);
+  assert.doesNotMatch(back.slice(0, back.indexOf('\nbackend r1')), /http-request/);
+  assert.equal(hostsMap, 'web.test r1\n');
+  assert.deepEqual(tcpPortsIn(config), [15432]); // what berthd reads back from a proxy it adopts
+  const ing = new Ingress({ dir: '/nonexistent', settings: s, log: pino({ level: 'silent' }) });
+  ing.register('services', () => [tcp('service/p/a/tcp/1', 15432), tcp('service/p/b/tcp/1', 15432), tcp('service/p/c/tcp/1', 8080), tcp('service/p/d/tcp/1', 443)]);
+  const { routes, rejected } = ing.desired();
+  assert.deepEqual(routes.map((r) => r.id), ['service/p/a/tcp/1']);
+  assert.deepEqual(rejected.map((r) => [r.id, r.reason]), [
+    ['service/p/b/tcp/1', 'host port 15432 is already used by route service/p/a/tcp/1; choose another hostPort'],
+    ['service/p/c/tcp/1', "host port 8080 is already used by the ingress's HTTP listener; choose another hostPort"],
+    ['service/p/d/tcp/1', "host port 443 is already used by the ingress's HTTPS listener; choose another hostPort"],
+  ]);
 });

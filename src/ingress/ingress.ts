@@ -1,17 +1,19 @@
-// The ingress: HTTP/HTTPS entry point that routes Host names to workload backends.
+// The ingress: HTTP/HTTPS entry point that routes Host names to workload backends (and relays the
+// host ports of services' public tcp ports).
 // The desired set of routes is the union of what registered providers return (services own
 // theirs, sandboxes theirs); sync() computes it and hands the whole set to the data plane
 // (HAProxy, chosen on measurements: see BENCHMARKS.md "Ingress"). Level-triggered and idempotent:
 // an unchanged set is not reloaded, a failed apply is retried, and a proxy that died or was left
 // by a crashed berthd is restarted or adopted and gets the full set again.
 import { existsSync, mkdirSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
+import { createServer } from 'node:net';
 import { dirname, join } from 'node:path';
 import type { Logger } from 'pino';
 import { conflict, failedPrecondition, invalidArgument, unavailable } from '../core/errors.js';
 import { sleep } from '../lib/exec.js';
 import { AcmeIssuer } from './acme.js';
 import { CertStore } from './certs.js';
-import { buildHaproxyConfig, type HaproxyFiles } from './haproxy-config.js';
+import { buildHaproxyConfig, tcpPortsIn, type HaproxyFiles } from './haproxy-config.js';
 import { HaproxyProcess } from './haproxy-process.js';
 import { routeProblems, type IngressRoute, type IngressSettings } from './types.js';
 
@@ -39,7 +41,7 @@ export interface IngressStatus {
   baseDomain: string;
   acme: { directory: string; email: string } | null;
   proxy: { kind: 'haproxy'; pid: number | null; running: boolean; adopted: boolean };
-  routes: { id: string; hosts: string[]; backends: number; tls: string; auth: boolean }[];
+  routes: { id: string; hosts: string[]; backends: number; tls: string; auth: boolean; tcpPort?: number }[];
   /** Routes left out of the applied set, with the reason (bad field, host already taken). */
   rejected: { id: string; reason: string }[];
   lastSyncAt: string | null;
@@ -180,17 +182,22 @@ export class Ingress {
     const owner = new Map<string, string>();
     const ids = new Set<string>();
     const routes: IngressRoute[] = [];
+    // Host ports: the HTTP and HTTPS listeners', then each tcp route's (one route per port).
+    const s = this.opts.settings;
+    const ports = new Map<number, string>([...(s.http ? [[s.http.port, 'the ingress\'s HTTP listener'] as const] : []), ...(s.https ? [[s.https.port, 'the ingress\'s HTTPS listener'] as const] : [])]);
     for (const r of all) {
       const problems = routeProblems(r, Boolean(this.opts.settings.acme));
       if (ids.has(r.id)) problems.push('another route has the same id');
       const taken = r.hosts.filter((h) => owner.has(h));
       if (taken.length) problems.push(`host ${taken.map((h) => `${h} (owned by ${owner.get(h)})`).join(', ')} already routed`);
+      if (r.tcpPort !== undefined && ports.has(r.tcpPort)) problems.push(`host port ${r.tcpPort} is already used by ${ports.get(r.tcpPort)}; choose another hostPort`);
       if (problems.length) {
         rejected.push({ id: r.id, reason: problems.join('; ') });
         continue;
       }
       ids.add(r.id);
       for (const h of r.hosts) owner.set(h, r.id);
+      if (r.tcpPort !== undefined) ports.set(r.tcpPort, `route ${r.id}`);
       routes.push(r);
     }
     return { routes, rejected };
@@ -226,7 +233,7 @@ export class Ingress {
 
   private async syncOnce(): Promise<void> {
     clearTimeout(this.retry);
-    const { routes, rejected } = this.desired();
+    const { routes, rejected } = await this.withFreePorts(this.desired());
     for (const r of rejected) if (!this.rejected.some((o) => o.id === r.id && o.reason === r.reason)) this.opts.log.warn(r, 'ingress: route rejected');
     this.rejected = rejected;
     try {
@@ -245,6 +252,11 @@ export class Ingress {
       this.lastSyncAt = new Date();
       this.lastError = undefined;
       this.forgetCertificates(routes);
+      // A host port taken by another program: look again until it is free (nothing else would).
+      if (this.started && rejected.some((r) => r.reason.includes(PORT_IN_USE))) {
+        this.retry = setTimeout(() => void this.sync().catch(() => undefined), 2_000);
+        this.retry.unref();
+      }
     } catch (e) {
       this.applied = undefined;
       this.lastError = (e as Error).message;
@@ -255,6 +267,26 @@ export class Ingress {
       }
       throw e;
     }
+  }
+
+  /**
+   * A tcp route whose host port the proxy does not hold yet is kept only if the port is free now:
+   * one taken by another program would make the whole new configuration fail to load (every route
+   * with it), so that route alone is rejected, with the reason in status(), and tried again at the
+   * next sync.
+   */
+  private async withFreePorts(d: { routes: IngressRoute[]; rejected: { id: string; reason: string }[] }): Promise<typeof d> {
+    // Ports the running proxy holds: those of the routes applied, and (after a restart of berthd that
+    // adopted the proxy) those of the configuration it runs, still on disk.
+    const held = new Set(this.appliedRoutes.map((r) => r.tcpPort));
+    if (this.proxy.running()) for (const port of tcpPortsIn(readText(this.proxy.paths.config))) held.add(port);
+    const host = (this.opts.settings.http ?? this.opts.settings.https)?.host ?? '0.0.0.0';
+    const routes: IngressRoute[] = [];
+    for (const r of d.routes) {
+      if (r.tcpPort === undefined || held.has(r.tcpPort) || (await portFree(host, r.tcpPort))) routes.push(r);
+      else d.rejected.push({ id: r.id, reason: `host port ${r.tcpPort} ${PORT_IN_USE}; free it or choose another hostPort` });
+    }
+    return { routes, rejected: d.rejected };
   }
 
   /** Certificates for the routes (local ones made now, ACME ones ordered), then the proxy's files. */
@@ -306,7 +338,7 @@ export class Ingress {
       baseDomain: s.baseDomain,
       acme: s.acme ? { directory: s.acme.directory, email: s.acme.email } : null,
       proxy: { kind: 'haproxy', pid: this.proxy.pid ?? null, running: this.proxy.running(), adopted: this.proxy.adopted },
-      routes: this.appliedRoutes.map((r) => ({ id: r.id, hosts: r.hosts, backends: r.backends.length, tls: r.tls, auth: Boolean(r.auth) })),
+      routes: this.appliedRoutes.map((r) => ({ id: r.id, hosts: r.hosts, backends: r.backends.length, tls: r.tls, auth: Boolean(r.auth), ...(r.tcpPort !== undefined ? { tcpPort: r.tcpPort } : {}) })),
       rejected: this.rejected,
       lastSyncAt: this.lastSyncAt?.toISOString() ?? null,
       lastError: this.lastError ?? null,
@@ -319,6 +351,25 @@ function writeFileAtomic(file: string, text: string): void {
   const tmp = `${file}.tmp`;
   writeFileSync(tmp, text, { mode: 0o600 });
   renameSync(tmp, file);
+}
+
+const PORT_IN_USE = 'is in use by another program on this host';
+
+function readText(file: string): string {
+  try {
+    return readFileSync(file, 'utf8');
+  } catch {
+    return '';
+  }
+}
+
+/** Whether a TCP listener could bind host:port now (tried and closed at once). */
+function portFree(host: string, port: number): Promise<boolean> {
+  return new Promise((resolve) => {
+    const srv = createServer();
+    srv.once('error', () => resolve(false));
+    srv.listen({ host, port, exclusive: true }, () => srv.close(() => resolve(true)));
+  });
 }
 
 function safely(f: RouteProvider): IngressRoute[] {

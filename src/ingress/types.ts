@@ -34,6 +34,12 @@ export interface IngressRoute {
    * ingress's queue instead of overflowing a replica's accept queue. Unset = unlimited.
    */
   maxConnsPerBackend?: number;
+  /**
+   * A TCP route instead of an HTTP one: the ingress listens on this host port (on the address of
+   * its HTTP listener, else of its HTTPS one) and relays connections, as they are, to the backends.
+   * Such a route has no hosts and tls "none".
+   */
+  tcpPort?: number;
 }
 
 export interface ListenAddr {
@@ -75,7 +81,10 @@ export function isHostname(h: string): boolean {
 export function routeProblems(r: IngressRoute, acme: boolean): string[] {
   const p: string[] = [];
   if (typeof r.id !== 'string' || !r.id) p.push('id must be a non-empty string');
-  if (!Array.isArray(r.hosts) || r.hosts.length === 0) p.push('hosts must list at least one host name');
+  if (r.tcpPort !== undefined) {
+    if (!Number.isInteger(r.tcpPort) || r.tcpPort < 1 || r.tcpPort > 65535) p.push(`tcpPort ${r.tcpPort} must be 1-65535`);
+    if (r.hosts?.length || r.tls !== 'none' || r.auth) p.push('a tcp route (tcpPort) has no hosts, no auth and tls "none": the ingress relays its connections as they are');
+  } else if (!Array.isArray(r.hosts) || r.hosts.length === 0) p.push('hosts must list at least one host name');
   for (const h of r.hosts ?? []) {
     if (typeof h !== 'string' || !isHostname(h)) p.push(`host "${h}" is not a lower-case DNS name (letters, digits, dashes, dots; no wildcards, no port)`);
   }

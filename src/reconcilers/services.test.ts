@@ -48,11 +48,21 @@ test('readiness: given, implied TCP on the first port, or none', () => {
   assert.equal(own.readiness?.periodMs, 5000);
 });
 
-test('ports: a public tcp port and a second public http port are refused with the fix in the message', () => {
+test('ports: a public tcp port without hostPort, a hostPort elsewhere or twice, and a second public http port are refused with the fix in the message', () => {
   const tcp = ServiceSpec.safeParse({ image: 'busybox', ports: [{ port: 5432, protocol: 'tcp', public: true }] });
   assert.equal(tcp.success, false);
-  assert.deepEqual(tcp.error!.issues[0]!.path, ['ports', 0, 'public']);
-  assert.match(tcp.error!.issues[0]!.message, /tcp port 5432 cannot be public.*<service>:5432/);
+  assert.deepEqual(tcp.error!.issues[0]!.path, ['ports', 0, 'hostPort']);
+  assert.match(tcp.error!.issues[0]!.message, /public tcp port 5432 needs a hostPort.*"hostPort": 5432.*<service>:5432/);
+  assert.equal(ServiceSpec.safeParse({ image: 'busybox', ports: [{ port: 5432, protocol: 'tcp', public: true, hostPort: 15432 }] }).success, true);
+  for (const [ports, re] of [
+    [[{ port: 80, hostPort: 8080 }], /hostPort is for public tcp ports only/],
+    [[{ port: 5432, protocol: 'tcp', hostPort: 15432 }], /hostPort is for public tcp ports only/],
+    [[{ port: 1, protocol: 'tcp', public: true, hostPort: 9000 }, { port: 2, protocol: 'tcp', public: true, hostPort: 9000 }], /hostPort 9000 is given to two ports/],
+  ] as const) {
+    const r = ServiceSpec.safeParse({ image: 'busybox', ports });
+    assert.equal(r.success, false, JSON.stringify(ports));
+    assert.match(r.error!.issues[0]!.message, re);
+  }
   const two = ServiceSpec.safeParse({ image: 'busybox', ports: [{ port: 80, public: true }, { port: 81, public: true }, { port: 82 }] });
   assert.equal(two.success, false);
   assert.match(two.error!.issues[0]!.message, /keep 80 public and set public: false on 81/);
@@ -73,9 +83,11 @@ test('routes and DNS: ready replicas only; public http ports only; base domain a
     mk('db', { image: 'busybox', ports: [{ port: 5432, protocol: 'tcp' }] }, [true]);
     mk('internal', { image: 'busybox', ports: [{ port: 80 }] }, [true]);
     mk('web', { image: 'busybox', ports: [{ port: 9000, protocol: 'tcp' }, { port: 80, public: true }] }, [false], 'other');
+    mk('pg', { image: 'busybox', ports: [{ port: 5432, protocol: 'tcp', public: true, hostPort: 15432 }] }, [true, false], 'other');
     const routes = serviceRoutes(store, (name, project) => `${name}.${project}.apps.test`);
     assert.deepEqual(routes, [
       { id: 'service/default/web', hosts: ['web.default.apps.test', 'www.example.com'], backends: [{ address: '10.0.0.2', port: 8080 }, { address: '10.0.0.4', port: 8080 }], tls: 'local' },
+      { id: 'service/other/pg/tcp/5432', hosts: [], tcpPort: 15432, tls: 'none', backends: [{ address: '10.0.0.2', port: 5432 }] },
       { id: 'service/other/web', hosts: ['web.other.apps.test'], backends: [], tls: 'local' },
     ]);
     // With the project's DNS known the proxy follows the replicas by name; with ACME, custom

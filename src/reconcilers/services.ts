@@ -363,7 +363,8 @@ function allServices(store: ResourceStore): ServiceResource[] {
 
 /**
  * Ingress routes: one per service with a public http port (its first one): hosts
- * `<service>.<project>.<baseDomain>` plus spec.domains, backends = the READY replicas' ip:port.
+ * `<service>.<project>.<baseDomain>` plus spec.domains, backends = the READY replicas' ip:port;
+ * and one per public tcp port, on its hostPort.
  */
 export function serviceRoutes(
   store: ResourceStore,
@@ -375,17 +376,23 @@ export function serviceRoutes(
   const routes: IngressRoute[] = [];
   for (const s of allServices(store)) {
     if (s.deletionRequestedAt) continue;
+    const dns = dnsServerFor(s.project);
+    const ready = s.status.instances.filter((i) => i.ready && i.ip);
+    const follow = (port: number) => (dns ? { dynamic: { name: `${s.name}.${s.project}.internal`, port, resolvers: [dns], refreshMs: DNS_REFRESH_MS } } : {});
+    for (const p of s.spec.ports) {
+      if (!p.public || p.protocol !== 'tcp' || p.hostPort === undefined) continue;
+      routes.push({ id: `service/${s.project}/${s.name}/tcp/${p.port}`, hosts: [], tcpPort: p.hostPort, tls: 'none', backends: ready.map((i) => ({ address: i.ip!, port: p.port })), ...follow(p.port) });
+    }
     const port = s.spec.ports.find((p) => p.public && p.protocol === 'http');
     if (!port) continue;
-    const dns = dnsServerFor(s.project);
     const route: IngressRoute = {
       id: `service/${s.project}/${s.name}`,
       hosts: [hostFor(s.name, s.project), ...(acme ? [] : s.spec.domains ?? [])],
-      backends: s.status.instances.filter((i) => i.ready && i.ip).map((i) => ({ address: i.ip!, port: port.port })),
+      backends: ready.map((i) => ({ address: i.ip!, port: port.port })),
       tls: 'local',
       ...(s.spec.maxConnectionsPerReplica ? { maxConnsPerBackend: s.spec.maxConnectionsPerReplica } : {}),
       // The proxy follows the ready set through Berth's DNS (no config load per replica change).
-      ...(dns ? { dynamic: { name: `${s.name}.${s.project}.internal`, port: port.port, resolvers: [dns], refreshMs: DNS_REFRESH_MS } } : {}),
+      ...follow(port.port),
     };
     routes.push(route);
     // Custom domains: publicly trusted certificates (ACME) when berthd has an ACME account.

@@ -1,7 +1,7 @@
 import { createRoute, z, type OpenAPIHono } from '@hono/zod-openapi';
 import { stream } from 'hono/streaming';
 import { CreateService, Event, ListQuery, RollbackService, ScaleService, Service, ServiceRevision, ServiceSpec, UpdateService, listOf } from '../schemas.js';
-import { failedPrecondition, notFound } from '../../core/errors.js';
+import { conflict, failedPrecondition, notFound } from '../../core/errors.js';
 import type { ApiContext } from '../context.js';
 import type { AppEnv } from '../app.js';
 import { ProjectNameParams, ProjectParams, body, errorResponses, getLive, json, useProject, view } from './common.js';
@@ -13,6 +13,25 @@ import type { WorkloadSpec } from '../schemas.js';
 
 const tags = ['services'];
 const serviceView = (s: ServiceResource) => view(s, ['progressMark']);
+
+/** A public tcp port's host port is the service's alone: not another service's, not the ingress's own. */
+function checkHostPorts(ctx: ApiContext, project: string, name: string, spec: ServiceSpec): void {
+  const want = spec.ports.flatMap((p) => (p.hostPort === undefined ? [] : [p.hostPort]));
+  if (!want.length) return;
+  const ing = ctx.ingress.opts.settings;
+  for (const [l, what] of [[ing.http, 'HTTP'], [ing.https, 'HTTPS']] as const) {
+    if (l && want.includes(l.port)) throw conflict(`host port ${l.port} is the ingress's ${what} port; choose another hostPort`);
+  }
+  for (let page: string | null | undefined; page !== null; ) {
+    const res = ctx.store.list<ServiceSpec, StoredServiceStatus>(SERVICE, { limit: 1000, ...(page ? { pageToken: page } : {}) });
+    for (const o of res.items) {
+      if (o.deletionRequestedAt || (o.project === project && o.name === name)) continue;
+      const clash = o.spec.ports.find((p) => p.hostPort !== undefined && want.includes(p.hostPort));
+      if (clash) throw conflict(`host port ${clash.hostPort} is already published by service "${o.name}" in project "${o.project}"; choose another hostPort`);
+    }
+    page = res.nextPageToken;
+  }
+}
 
 const LogQuery = z.strictObject({
   follow: z.enum(['true', 'false', '1', '0']).optional(),
@@ -30,6 +49,7 @@ export function registerServiceRoutes(app: OpenAPIHono<AppEnv>, ctx: ApiContext)
       const b = c.req.valid('json');
       useProject(ctx, c, project);
       await admitRunSpec(ctx, b.spec);
+      checkHostPorts(ctx, project, b.name, b.spec);
       const s = ctx.store.create<ServiceSpec, StoredServiceStatus>(SERVICE, { project, name: b.name, labels: b.labels ?? {}, spec: b.spec, status: initialServiceStatus() });
       ctx.store.addEvent(s.id, 'Created', `service created (image ${b.spec.image}, ${b.spec.replicas} replica(s))`);
       ctx.kick(SERVICE, s.id);
@@ -71,6 +91,7 @@ export function registerServiceRoutes(app: OpenAPIHono<AppEnv>, ctx: ApiContext)
       useProject(ctx, c, project);
       const s = live(project, name);
       await admitRunSpec(ctx, b.spec);
+      checkHostPorts(ctx, project, name, b.spec);
       const r = ctx.store.updateSpec(s.id, { spec: b.spec, ...(b.labels ? { labels: b.labels } : {}) }, b.resourceVersion);
       ctx.kick(SERVICE, s.id);
       return c.json(serviceView(r as ServiceResource) as never, 200);
