@@ -4,16 +4,18 @@
 //   a bundle with the same config (echo ready) / a bare QEMU boot of the driver's command line →
 //   first output. p50 and p99 over --runs sequential creations and --concurrent at once; cold, from
 //   a warm pool, and (microVM, gVisor) from a snapshot template. Density: idle sandboxes started one by one
-//   until a bound, MemAvailable < 2 GiB, or a failure.
+//   until a bound, MemAvailable < 2 GiB, a create slower than --density-slow-ms, or a failure.
 // Usage: node dist/bench/sandboxes.js [--runs 100] [--concurrent 20] [--tiers gvisor,microvm,container]
 //        [--vm-runs N] [--density-max N] [--write BENCHMARKS.md]   (as root)
 //        [--cold-only]: only the sequential cold starts beside the bare runtime (for iterating on them)
+//        [--density-only] [--density-slow-ms 30000]: only the density run, until memory or CPU gives out
+//          (a create slower than that) or --density-max; written to its own BENCHMARKS.md section
 // Where a cold start's time goes: BERTH_TRACE_START=1 BERTH_TEST_LOG=warn node dist/bench/sandboxes.js … 2>&1 |
 //   node dist/bench/trace-report.js   (per-stage medians; src/lib/trace.ts)
 import { spawn } from 'node:child_process';
 import { mkdirSync, mkdtempSync, readFileSync, rmSync, rmdirSync, writeFileSync } from 'node:fs';
 import { cgroupHierarchies, mountPointsUnder } from '../src/lib/host.js';
-import { cpus, release, totalmem } from 'node:os';
+import { cpus, loadavg, release, totalmem } from 'node:os';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { TestDaemon } from '../test/harness.js';
@@ -35,13 +37,16 @@ const { values } = parseArgs({
     'density-max': { type: 'string', default: '20' },
     write: { type: 'string' },
     'cold-only': { type: 'boolean', default: false },
+    'density-only': { type: 'boolean', default: false },
+    'density-slow-ms': { type: 'string', default: '30000' },
   },
 });
 const RUNS = Number(values.runs);
 const VM_RUNS = Number(values['vm-runs'] ?? values.runs);
 const CONC = Number(values.concurrent);
 const DENSITY = Number(values['density-max']);
-for (const [k, v] of Object.entries({ runs: RUNS, 'vm-runs': VM_RUNS, concurrent: CONC, 'density-max': DENSITY })) {
+const SLOW_MS = Number(values['density-slow-ms']);
+for (const [k, v] of Object.entries({ runs: RUNS, 'vm-runs': VM_RUNS, concurrent: CONC, 'density-max': DENSITY, 'density-slow-ms': SLOW_MS })) {
   if (!Number.isInteger(v) || v < 1) throw new Error(`--${k} must be a whole number ≥ 1`);
 }
 const S = '/v1/projects/default/sandboxes';
@@ -93,7 +98,7 @@ async function berthOnce(d: TestDaemon, spec: Record<string, unknown>, query = '
 
 async function kill(d: TestDaemon, names: string[]): Promise<void> {
   for (const n of names) await d.api('DELETE', `${S}/${n}`);
-  const deadline = Date.now() + 120_000;
+  const deadline = Date.now() + 120_000 + 500 * names.length; // (1,000 sandboxes take ~3 min)
   for (;;) {
     const left = ((await d.api('GET', `${S}?limit=1000`)).body.items as { name: string }[]).filter((s) => names.includes(s.name));
     if (left.length === 0) return;
@@ -159,11 +164,14 @@ interface TierResult {
   warmSeq: number[];
   warmConc: number[];
   snapshot: number[];
-  density: { ran: number; stoppedBy: string; perMiB: number };
+  density: { ran: number; stoppedBy: string; perMiB: number; slowestMs: number; lastMs: number; load: string };
 }
 
 async function main(): Promise<void> {
-  const d = await TestDaemon.start();
+  const d = new TestDaemon(mkdtempSync('/tmp/berth-test-'));
+  // /20 project subnets (4,094 addresses): the density run must end on memory or CPU, not on addresses.
+  d.args = ['--network-subnet-prefix', '20'];
+  await d.start();
   const work = mkdtempSync('/tmp/berth-sandbox-bench-');
   const results = new Map<string, TierResult>();
   try {
@@ -197,8 +205,50 @@ async function main(): Promise<void> {
           : tier === 'gvisor'
             ? bareOci(runsc, [`--root=${bareRoot}`, `--platform=${fp.attributes.platform ?? 'systrap'}`, '--network=none', '--overlay2=none'], work, img.rootfs, true, seq++)
             : bareOci('runc', ['--root', bareRoot], work, img.rootfs, false, seq++);
-      const r: TierResult = { label, bare: [], coldSeq: [], coldConc: [], warmSeq: [], warmConc: [], snapshot: [], density: { ran: 0, stoppedBy: '', perMiB: 0 } };
+      const r: TierResult = { label, bare: [], coldSeq: [], coldConc: [], warmSeq: [], warmConc: [], snapshot: [], density: { ran: 0, stoppedBy: '', perMiB: 0, slowestMs: 0, lastMs: 0, load: '' } };
       results.set(tier, r);
+
+      // Idle sandboxes one by one until memory or CPU gives out (MemAvailable < 2 GiB, a create
+      // slower than --density-slow-ms, or a failed create) or the bound; then all killed.
+      const density = async () => {
+        console.error(`${tier}: density, up to ${DENSITY}`);
+        const before = memAvailable();
+        const names: string[] = [];
+        r.density.stoppedBy = `bound ${DENSITY}`;
+        for (let i = 0; i < DENSITY; i++) {
+          if (memAvailable() < 2 * 2 ** 30) {
+            r.density.stoppedBy = 'MemAvailable < 2 GiB';
+            break;
+          }
+          const t0 = performance.now();
+          const c = await d.api('POST', `${S}?pool=none`, { spec: { ...spec, timeoutMs: 4 * 3_600_000 } }); // (a long run must not see the first ones expire)
+          const ms = performance.now() - t0;
+          if (c.status !== 201 || c.body.status.phase !== 'running') {
+            r.density.stoppedBy = `a create failed: ${JSON.stringify(c.body.status ?? c.body).slice(0, 120)}`;
+            break;
+          }
+          names.push(c.body.name);
+          r.density.slowestMs = Math.max(r.density.slowestMs, ms);
+          r.density.lastMs = ms;
+          if (names.length % 50 === 0) console.error(`${tier}: ${names.length} running, last create ${ms.toFixed(0)} ms, MemAvailable ${(memAvailable() / 2 ** 30).toFixed(1)} GiB, load ${loadavg()[0]!.toFixed(1)}`);
+          if (ms > SLOW_MS) {
+            r.density.stoppedBy = `CPU: a create took ${(ms / 1000).toFixed(1)} s (> ${SLOW_MS / 1000} s)`;
+            break;
+          }
+        }
+        await sleep(2000);
+        r.density.ran = names.length;
+        r.density.perMiB = names.length ? (before - memAvailable()) / names.length / 2 ** 20 : 0;
+        r.density.load = loadavg().map((x) => x.toFixed(1)).join(' ');
+        console.error(`${tier}: density: ${r.density.ran} at once, stopped by ${r.density.stoppedBy}, ${r.density.perMiB.toFixed(1)} MiB each, slowest create ${fmt(r.density.slowestMs)}, load ${r.density.load}`);
+        await kill(d, names);
+      };
+      if (values['density-only']) {
+        await density();
+        const residue = d.hostResidue();
+        if (residue.length) throw new Error(`host residue after ${tier}: ${residue.join(', ')}`);
+        continue;
+      }
 
       console.error(`${tier}: cold, ${runs} sequential (bare and Berth interleaved)`);
       await bare();
@@ -251,26 +301,7 @@ async function main(): Promise<void> {
         await d.api('DELETE', '/v1/projects/default/sandbox-templates/bench');
       }
 
-      console.error(`${tier}: density, up to ${DENSITY}`);
-      const before = memAvailable();
-      const names: string[] = [];
-      r.density.stoppedBy = `bound ${DENSITY}`;
-      for (let i = 0; i < DENSITY; i++) {
-        if (memAvailable() < 2 * 2 ** 30) {
-          r.density.stoppedBy = 'MemAvailable < 2 GiB';
-          break;
-        }
-        const c = await d.api('POST', `${S}?pool=none`, { spec });
-        if (c.status !== 201 || c.body.status.phase !== 'running') {
-          r.density.stoppedBy = `a create failed: ${JSON.stringify(c.body.status ?? c.body).slice(0, 120)}`;
-          break;
-        }
-        names.push(c.body.name);
-      }
-      await sleep(2000);
-      r.density.ran = names.length;
-      r.density.perMiB = names.length ? (before - memAvailable()) / names.length / 2 ** 20 : 0;
-      await kill(d, names);
+      await density();
       const residue = d.hostResidue();
       if (residue.length) throw new Error(`host residue after ${tier}: ${residue.join(', ')}`);
     }
@@ -289,9 +320,22 @@ async function main(): Promise<void> {
     }
   }
 
+  const host = `Host: ${cpus()[0]?.model ?? 'cpu'}, ${cpus().length} cores, ${(totalmem() / 2 ** 30).toFixed(1)} GiB, kernel ${release()}, ${new Date().toISOString().slice(0, 10)}.`;
+  const densityTable = [
+    `**Density** — idle sandboxes (128 MiB limit, default network) created one by one until MemAvailable < 2 GiB, a create slower than ${SLOW_MS / 1000} s (the CPU is what gives out), a failed create, or the bound (--density-max ${DENSITY}); then all killed and the host checked for residue (none).`,
+    '',
+    '| tier | ran at once | stopped by | host memory / sandbox (MemAvailable Δ / N) | slowest create | last create | load average at the end (1, 5, 15 min) |',
+    '|---|---|---|---|---|---|---|',
+    ...[...results.values()].map((r) => `| ${r.label} | ${r.density.ran} | ${r.density.stoppedBy} | ${r.density.perMiB.toFixed(1)} MiB | ${fmt(r.density.slowestMs)} | ${fmt(r.density.lastMs)} | ${r.density.load} |`),
+  ];
+  if (values['density-only']) {
+    const text = [host, '', ...densityTable].join('\n');
+    console.log(text);
+    if (values.write) updateBenchmarks(values.write, 'sandboxes-density', 'Sandboxes: how many idle ones run at once (issue 6, acceptance 5)', `node dist/bench/sandboxes.js --density-only --tiers ${values.tiers} --density-max ${DENSITY} --density-slow-ms ${SLOW_MS} --write BENCHMARKS.md`, text);
+    return;
+  }
   const lines = [
-    `Host: ${cpus()[0]?.model ?? 'cpu'}, ${cpus().length} cores, ${(totalmem() / 2 ** 30).toFixed(1)} GiB, kernel ${release()}, ${new Date().toISOString().slice(0, 10)}. ` +
-      `Runs: ${RUNS} sequential (microVM: ${VM_RUNS}), ${CONC} concurrent; sandboxes of 128 MiB.`,
+    `${host} Runs: ${RUNS} sequential (microVM: ${VM_RUNS}), ${CONC} concurrent; sandboxes of 128 MiB.`,
     '',
     '**Create → first byte of `echo` output.** Berth: `POST /sandboxes` (answers once running) then `POST …/commands` until the first stdout event. ' +
       'Bare: the runtime alone (`runc run` / `runsc run` of a bundle with the same config running `echo ready`, including its bundle and overlay set-up; for the microVM a bare QEMU boot of the driver\'s command line) → first output. Warm: claimed from a warm pool of the same spec.',
@@ -306,8 +350,7 @@ async function main(): Promise<void> {
         `${r.snapshot.length ? `**${fmt(pct(r.snapshot, 50))}** / ${fmt(pct(r.snapshot, 99))}` : 'not available on this tier'} |`,
     );
   }
-  lines.push('', '**Density (bounded)** — idle sandboxes (128 MiB limit) created one by one until the bound, MemAvailable < 2 GiB or a failed create; then all killed and the host checked for residue (none).', '', '| tier | ran at once | stopped by | host memory / sandbox (MemAvailable Δ / N) |', '|---|---|---|---|');
-  for (const [, r] of results) lines.push(`| ${r.label} | ${r.density.ran} | ${r.density.stoppedBy} | ${r.density.perMiB.toFixed(1)} MiB |`);
+  lines.push('', ...densityTable);
   const text = lines.join('\n');
   console.log(text);
   if (values.write) updateBenchmarks(values.write, 'sandboxes', 'Sandboxes: create → first output, cold / warm pool / snapshot, density', `node dist/bench/sandboxes.js --runs ${RUNS} --vm-runs ${VM_RUNS} --concurrent ${CONC} --density-max ${DENSITY} --write BENCHMARKS.md`, text);

@@ -19,7 +19,7 @@ import { chmodSync, chownSync, existsSync, mkdirSync, readFileSync, readdirSync,
 import { readFile } from 'node:fs/promises';
 import { EventEmitter } from 'node:events';
 import { spawn } from 'node:child_process';
-import { join } from 'node:path';
+import { basename, join } from 'node:path';
 import { constants as osConstants } from 'node:os';
 import type {
   DriverCapabilities,
@@ -678,7 +678,12 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
       if (st.status === 'running' || st.status === 'created' || st.status === 'paused') {
         await this.rt(['kill', id, 'SIGKILL'], 10_000);
       }
-      await this.rt(['delete', '--force', id]);
+      // Not deleted (the runtime failed or ran out of time on a loaded host): the task is not gone,
+      // so its owner must keep it and call again (the reconcilers retry), not forget it.
+      const del = await this.rt(['delete', '--force', id]);
+      if (del.code !== 0 && this.hasRuntimeState(id)) {
+        throw new BerthError('unavailable', `${basename(this.runtime)} delete ${id} failed (exit ${del.code}${del.stderr.trim() ? `: ${del.stderr.trim().slice(-300)}` : ''}); it is retried`);
+      }
     }
     if (conmonPid && pidAlive(conmonPid)) {
       for (let i = 0; i < 100 && pidAlive(conmonPid) && isConmonFor(conmonPid, id); i++) await sleep(20);
