@@ -1,7 +1,7 @@
 // The microVM command line (pure): where guest RAM lives and what a restored VM is started with.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { buildQemuArgs, type VmMachine } from './driver.js';
+import { buildQemuArgs, VM_NET, type VmMachine } from './driver.js';
 
 const machine: VmMachine = { accel: 'tcg', kernel: '/k', initramfs: '/i', rootImage: '/r', vcpus: 1, memoryMiB: 256, epochMs: 1, net: true };
 const val = (args: string[], flag: string) => args.filter((_, i) => args[i - 1] === flag);
@@ -23,7 +23,10 @@ test('a booted VM gets kernel, initramfs and command line; a restored one gets -
   assert.deepEqual([val(booted, '-kernel'), val(booted, '-initrd'), val(booted, '-incoming')], [['/k'], ['/i'], []]);
   const restored = buildQemuArgs({ dir: '/t', ...machine, incoming: 'defer' });
   assert.deepEqual([val(restored, '-kernel'), val(restored, '-initrd'), val(restored, '-append'), val(restored, '-incoming')], [[], [], [], ['defer']]);
-  // Its NIC is there without a MAC (the device state brings the snapshot's; net.configure sets the new one).
-  assert.deepEqual(val(restored, '-device').filter((d) => d.startsWith('virtio-net-device')), ['virtio-net-device,netdev=net0']);
-  assert.deepEqual(val(buildQemuArgs({ dir: '/t', ...machine, mac: '02:00:00:00:00:01' }), '-device').filter((d) => d.startsWith('virtio-net')), ['virtio-net-device,netdev=net0,mac=02:00:00:00:00:01']);
+  // Booted or restored, the NIC has the one guest MAC that every microVM has (VM_NET), on tap0.
+  for (const args of [booted, restored]) {
+    assert.deepEqual(val(args, '-device').filter((d) => d.startsWith('virtio-net')), [`virtio-net-device,netdev=net0,mac=${VM_NET.guestMac}`]);
+    assert.match(val(args, '-netdev')[0]!, /^tap,id=net0,ifname=tap0,/);
+  }
+  assert.deepEqual(val(buildQemuArgs({ dir: '/t', ...machine, net: false }), '-netdev'), [], 'no network: no NIC');
 });
