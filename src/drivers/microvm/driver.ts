@@ -222,13 +222,17 @@ export function guestNet(net: NetworkAttachment): Record<string, unknown> {
 }
 
 /**
- * Wires a task's namespace for its VM (see VM_NET), before QEMU starts in it: tap0 (QEMU's NIC
- * backend, opened from inside the namespace) with the gateway's address and MAC, forwarding, and an
- * nftables table with the NAT. The rules say "a local address" rather than S, so that they can be in
- * place before CNI has made eth0 (a restore starts QEMU while CNI runs). All of it lives in
- * the namespace and goes with it.
+ * Wires a task's namespace for its VM (see VM_NET): tap0, QEMU's NIC backend (opened from inside the
+ * namespace), gets the gateway's address and MAC; forwarding on; an nftables table with the NAT. The
+ * rules say "a local address" rather than S, so that they hold whether or not CNI has made eth0 yet
+ * (a restore runs the VM while CNI runs). All of it lives in the namespace and goes with it.
+ * A booted VM's tap0 is made (TAP_CREATE) and wired before QEMU starts; a restored VM's QEMU makes
+ * tap0 itself (opening a tap that does not exist creates it), and it is wired while the memory loads,
+ * off the critical path.
  */
 const NAT_TABLE = [
+  'add table ip berth_vm', // ("add" then "delete": replaced if there, as in firewall.ts)
+  'delete table ip berth_vm',
   'table ip berth_vm {',
   '  chain prerouting {',
   '    type nat hook prerouting priority dstnat; policy accept;',
@@ -243,16 +247,17 @@ const NAT_TABLE = [
   '  }',
   '}',
 ].join('\n');
-const TAP_SCRIPT = [
-  'ip tuntap add dev tap0 mode tap',
+const TAP_CREATE = 'ip tuntap add dev tap0 mode tap';
+const TAP_WIRE = [
   `ip link set dev tap0 address ${VM_NET.tapMac} up`,
-  `ip addr add ${VM_NET.gatewayIp}/${VM_NET.prefix} dev tap0`,
+  `ip addr replace ${VM_NET.gatewayIp}/${VM_NET.prefix} dev tap0`,
   'echo 1 > /proc/sys/net/ipv4/ip_forward',
   // (No ICMP redirects for what goes back out of tap0, the guest's hairpin.)
   'echo 0 > /proc/sys/net/ipv4/conf/all/send_redirects',
   'echo 0 > /proc/sys/net/ipv4/conf/tap0/send_redirects',
   `echo '${NAT_TABLE}' | nft -f -`,
 ].join(' && ');
+const inNetns = (netns: string, script: string) => runOk('nsenter', [`--net=${netns}`, '--', 'sh', '-c', script], { timeoutMs: 10_000 });
 
 /** Guest RAM and vCPUs for a task's limits. */
 export function vmSize(resources: TaskConfig['resources'], hostCpus: number): { memoryMiB: number; vcpus: number } {
@@ -532,41 +537,29 @@ export class MicroVmDriver implements RuntimeDriver {
       // capability must match the stream's, and can only be set before the incoming migration starts.
       const lazy = existsSync(join(src, 'ram'));
       const cgroups = this.makeCgroups(cfg.id, { memoryMiB: machine.memoryMiB, vcpus: machine.vcpus, background: cfg.background });
+      // A guest snapshotted before VM_NET existed has its sandbox's own address: it gets the fixed one
+      // (net.configure) once CNI is done. Any other needs nothing but its agent up.
+      const convert = machine.net === true && !machine.fixedNet;
+      let wiring: Promise<unknown> | undefined;
       const boot = async (netns: string | undefined): Promise<void> => {
-        await Promise.all([disks, netns && runOk('nsenter', [`--net=${netns}`, '--', 'sh', '-c', TAP_SCRIPT], { timeoutMs: 10_000 })]);
-        T('disks and tap');
+        await disks;
         const incoming = lazy ? 'defer' : `exec:cat '${join(src, 'memory')}'`;
         const args = buildQemuArgs({ dir, ...machine, incoming, ...(lazy ? { ram: { file: join(src, 'ram') } } : {}) });
         pid = await this.launch(dir, args, cgroups, netns);
         T('qemu up');
-        // Connected before the guest runs, the agent's port is as it was when snapshotted (the host
-        // was connected then too): the guest's pending read goes on. Connected later, QEMU would tell
-        // the guest that the host went away, and its agent would reopen the port first (~20 ms).
-        // (A sandbox keeps this connection; a workload's is dropped by awaitAgent.)
-        await this.agent(cfg.id, 5000);
-        const sock = join(dir, 'qmp.sock');
-        if (lazy) {
-          await qmp(sock, 'migrate-set-capabilities', { capabilities: [{ capability: 'x-ignore-shared', state: true }] });
-          await qmp(sock, 'migrate-incoming', { uri: `exec:cat '${join(src, 'state')}'` });
+        if (netns) {
+          wiring = inNetns(netns, TAP_WIRE);
+          wiring.catch(() => undefined); // awaited below; a failure is handled there
         }
-        // The snapshot was taken with the vCPUs stopped, so the loaded VM waits paused: once the
-        // memory is in, let it run. Its agent is already up and answers at once.
-        const deadline = Date.now() + 60_000;
-        for (;;) {
-          const st = (await qmp(sock, 'query-status')) as { status?: string };
-          if (st.status === 'running') break;
-          if (st.status !== 'inmigrate') {
-            await qmp(sock, 'cont');
-            break;
-          }
-          if (Date.now() > deadline) throw new Error('loading the snapshot took more than 60 s');
-          await sleep(1); // (a lazy snapshot's device state loads within milliseconds)
-        }
+        await this.loadSnapshot(cfg.id, dir, src, lazy);
         T('memory loaded');
+        if (convert) return;
+        await this.awaitAgent(cfg.id, dir, pid, cfg.sandbox === true);
+        T('agent: hello');
       };
-      // The VM is restored while CNI makes the namespace's eth0 (QEMU needs only the namespace and
-      // its tap): the guest has VM_NET's address, as when it was snapshotted, and S reaches it once
-      // CNI is done.
+      // The VM is restored, tap0 wired and the agent asked while CNI makes the namespace's eth0 (QEMU
+      // needs only the namespace): the guest has VM_NET's address, as when it was snapshotted, and S
+      // reaches it once CNI is done.
       let booting: Promise<void> | undefined;
       const startBoot = (netns: string | undefined) => {
         booting = boot(netns);
@@ -586,16 +579,44 @@ export class MicroVmDriver implements RuntimeDriver {
         startBoot(undefined);
         await booting;
       }
-      // The guest's network is right as it is (VM_NET), unless the snapshot is older than VM_NET: then
-      // its first request gives it the fixed address and MAC (answered, it also tells that the agent is up).
-      const convert = net && !machine.fixedNet ? { type: 'net.configure', net: guestNet(net) } : undefined;
-      await this.awaitAgent(cfg.id, dir, pid!, cfg.sandbox === true, convert);
-      T(convert ? 'agent: net.configure' : 'agent: hello');
+      if (convert) {
+        // (Answered, it also tells that the agent is up.)
+        await this.awaitAgent(cfg.id, dir, pid!, cfg.sandbox === true, { type: 'net.configure', net: guestNet(net!) });
+        T('agent: net.configure');
+      }
+      await wiring;
       return this.tracked(cfg, pid!, net); // (pid: set by boot, which succeeded)
     } catch (e) {
       if (pid && this.isRunning(cfg.id)) await this.killVm(cfg.id, pid);
       await this.destroy(cfg.id, { force: true });
       throw e;
+    }
+  }
+
+  /** Lets a VM started with -incoming load its snapshot, and run. */
+  private async loadSnapshot(id: string, dir: string, src: string, lazy: boolean): Promise<void> {
+    // Connected before the guest runs, the agent's port is as it was when snapshotted (the host
+    // was connected then too): the guest's pending read goes on. Connected later, QEMU would tell
+    // the guest that the host went away, and its agent would reopen the port first (~20 ms).
+    // (A sandbox keeps this connection; a workload's is dropped by awaitAgent.)
+    await this.agent(id, 5000);
+    const sock = join(dir, 'qmp.sock');
+    if (lazy) {
+      await qmp(sock, 'migrate-set-capabilities', { capabilities: [{ capability: 'x-ignore-shared', state: true }] });
+      await qmp(sock, 'migrate-incoming', { uri: `exec:cat '${join(src, 'state')}'` });
+    }
+    // The snapshot was taken with the vCPUs stopped, so the loaded VM waits paused: once the
+    // memory is in, let it run. Its agent is already up and answers at once.
+    const deadline = Date.now() + 60_000;
+    for (;;) {
+      const st = (await qmp(sock, 'query-status')) as { status?: string };
+      if (st.status === 'running') return;
+      if (st.status !== 'inmigrate') {
+        await qmp(sock, 'cont');
+        return;
+      }
+      if (Date.now() > deadline) throw new Error('loading the snapshot took more than 60 s');
+      await sleep(1); // (a lazy snapshot's device state loads within milliseconds)
     }
   }
 
@@ -618,11 +639,11 @@ export class MicroVmDriver implements RuntimeDriver {
     writeFileSync(join(dir, 'cfg.img'), encodeVmConfig(cfg, net), { mode: 0o600 });
   }
 
-  /** The task's network namespace (src/network), wired for the VM (TAP_SCRIPT). */
+  /** The task's network namespace (src/network), wired for the VM (TAP_WIRE). */
   private async joinNetwork(cfg: TaskConfig): Promise<NetworkAttachment | undefined> {
     if (!cfg.network) return undefined;
     const net = await this.attachNetwork(cfg);
-    await runOk('nsenter', [`--net=${net.netns}`, '--', 'sh', '-c', TAP_SCRIPT], { timeoutMs: 10_000 });
+    await inNetns(net.netns, `${TAP_CREATE} && ${TAP_WIRE}`);
     return net;
   }
 
