@@ -205,8 +205,8 @@ export const VM_NET = { guestIp: '169.254.0.21', gatewayIp: '169.254.0.22', pref
 
 /** The guest's side of a task network (agent/net.go configures eth0 with it). */
 export function guestNet(net: NetworkAttachment): Record<string, unknown> {
-  // The task's own name maps to the guest's address: S is the namespace's, and S seen from inside
-  // the guest would be the namespace itself (no DNAT for what comes from tap0).
+  // The task's own name maps to the guest's own address, which a program in it can also bind to
+  // (S is the namespace's; connections to S from the guest come back to it too, see NAT_TABLE).
   const hosts = readFileSync(net.hosts, 'utf8')
     .split('\n')
     .map((l) => (l.startsWith(`${net.ip}\t`) ? VM_NET.guestIp + l.slice(net.ip.length) : l))
