@@ -1,6 +1,6 @@
-// Guest networking for VM mode: the host hands the VM the address that CNI gave the task's
-// network namespace (its eth0 frames are redirected to the VM's tap device), and the agent
-// configures the guest's eth0 the same way: MAC, address, default route, resolv.conf and hosts.
+// Guest networking for VM mode: the host hands the VM its address (the same link-local one in
+// every VM; the task's namespace NATs it to the task's project address, src/drivers/microvm VM_NET),
+// and the agent configures the guest's eth0: MAC, address, default route, resolv.conf and hosts.
 // Done with rtnetlink directly (the guest has no iproute2); the stdlib has no API for it.
 package main
 
@@ -16,7 +16,7 @@ import (
 )
 
 // netConfig is the "net" field of the VM config, and the body of a "net.configure" request
-// (a VM restored from a snapshot takes over a new address).
+// (a VM restored from a snapshot taken before the fixed address takes it over).
 type netConfig struct {
 	IP         string `json:"ip"`
 	Prefix     int    `json:"prefix"`

@@ -64,7 +64,7 @@ type Request struct {
 	// shutdown
 	Poweroff bool `json:"poweroff"`
 
-	// net.configure (VM mode: a VM restored from a snapshot takes over its new address)
+	// net.configure (VM mode: a VM restored from an older snapshot takes over the fixed address)
 	Net *netConfig `json:"net"`
 
 	// suspend

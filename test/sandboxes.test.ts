@@ -7,6 +7,7 @@ import assert from 'node:assert/strict';
 import { createHash, randomBytes } from 'node:crypto';
 import { existsSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { TestDaemon, sleep } from './harness.js';
+import { VM_NET } from '../src/drivers/microvm/driver.js';
 
 let d: TestDaemon;
 let tiers: string[] = [];
@@ -279,12 +280,11 @@ test('microVM snapshots map their RAM lazily: a fork keeps memory and processes,
     assert.equal(r.status, 201, JSON.stringify(r.body));
     assert.equal(r.body.status.phase, 'running', JSON.stringify(r.body.status));
     created.push(r.body.name);
-    // Each one has its own address, configured in the guest when create answers.
-    const ip = r.body.status.network?.ip as string;
-    assert.ok(ip, 'networked');
+    // Networked; inside, every microVM has the same fixed address (forks.test below: reached at their own).
+    assert.ok(r.body.status.network?.ip, 'networked');
     const addrs = (await run(r.body.name, { cmd: 'ip -4 -o addr show dev eth0' })).out.trim().split('\n');
-    assert.equal(addrs.length, 1, `one address (the snapshot's is gone): ${addrs.join(' | ')}`);
-    assert.match(addrs[0]!, new RegExp(`inet ${ip.replace(/\./g, '\\.')}/`));
+    assert.equal(addrs.length, 1, addrs.join(' | '));
+    assert.match(addrs[0]!, new RegExp(`inet ${VM_NET.guestIp.replace(/\./g, '\\.')}/${VM_NET.prefix}`));
     return r.body.name as string;
   };
   // State that lives only in guest memory: a tmpfs file and a background process.
@@ -314,6 +314,45 @@ test('microVM snapshots map their RAM lazily: a fork keeps memory and processes,
   const deadline = Date.now() + 30_000;
   while ((existsSync(dir) || existsSync(snap2.body.status.dir)) && Date.now() < deadline) await sleep(100);
   assert.ok(!existsSync(dir) && !existsSync(snap2.body.status.dir), 'the RAM files go with their templates');
+  assert.deepEqual(d.hostResidue(), []);
+});
+
+test('microVM forks of one template are reached at their own project address, reach others by name, and see none of each other\'s traffic', { timeout: 300_000 }, async (t) => {
+  if (!tiers.includes('microvm')) return t.skip('no microvm tier');
+  const peerTier = ['container', 'gvisor', 'microvm'].find((x) => tiers.includes(x))!;
+  const T = '/v1/projects/default/sandbox-templates';
+  const open = { egress: { policy: 'allow-all' } };
+  const make = async (name: string, spec: Record<string, unknown>) => {
+    const r = await d.api('POST', `${S}?pool=none`, { name, spec: { timeoutMs: 600_000, network: open, ...spec } });
+    assert.equal(r.status, 201, JSON.stringify(r.body));
+    assert.equal(r.body.status.phase, 'running', JSON.stringify(r.body.status));
+    return r.body.status.network.ip as string;
+  };
+  const get = (url: string) => `timeout 10 wget -qO- ${url} 2>&1; echo " rc=$?"`;
+  // A peer on another tier serves "peer"; the template's VM serves the file that each fork rewrites.
+  await make('fpeer', { isolation: peerTier });
+  assert.equal((await run('fpeer', { cmd: 'mkdir -p /tmp/www && echo peer > /tmp/www/index.html && (httpd -p 8080 -h /tmp/www &) && echo ok' })).out, 'ok\n');
+  await make('fparent', { isolation: 'microvm', resources: { memoryMiB: 128 } });
+  assert.equal((await run('fparent', { cmd: 'mkdir -p /tmp/www && echo parent > /tmp/www/index.html && (httpd -p 8080 -h /tmp/www &) && echo ok' })).out, 'ok\n');
+  const snap = await d.api('POST', `${S}/fparent/snapshot`, { template: 'fnet' });
+  assert.equal(snap.status, 201, JSON.stringify(snap.body));
+  const forks = ['fork-a', 'fork-b'];
+  const ips = await Promise.all(forks.map((f) => make(f, { template: 'fnet' })));
+  assert.notEqual(ips[0], ips[1]);
+  for (const f of forks) assert.equal((await run(f, { cmd: `echo ${f} > /tmp/www/index.html && echo ok` })).out, 'ok\n');
+  // From the peer, each fork answers at its own address (the httpd it inherited from the template),
+  // and with its own file: what is sent to one fork's address reaches that fork only.
+  const fromPeer = await run('fpeer', { cmd: ips.map((ip) => get(`http://${ip}:8080/index.html`)).join('; ') });
+  assert.equal(fromPeer.out, 'fork-a\n rc=0\nfork-b\n rc=0\n', fromPeer.out + fromPeer.err);
+  // From a fork: the peer and the other fork by their DNS names; its own name is the guest itself.
+  // (A bare name is answered only to a known project address: the fork's traffic leaves as its own.)
+  const fromFork = await run('fork-a', { cmd: [get('http://fpeer:8080/index.html'), get('http://fork-b.default.internal:8080/index.html'), get('http://fork-a:8080/index.html')].join('; ') });
+  assert.equal(fromFork.out, 'peer\n rc=0\nfork-b\n rc=0\nfork-a\n rc=0\n', fromFork.out + fromFork.err);
+  for (const n of ['fpeer', 'fparent', ...forks]) assert.equal((await d.api('DELETE', `${S}/${n}`)).status, 202);
+  assert.ok((await d.api('DELETE', `${T}/fnet`)).status < 300);
+  await d.deleteAllSandboxes();
+  const deadline = Date.now() + 30_000;
+  while (d.hostResidue().length > 0 && Date.now() < deadline) await sleep(200);
   assert.deepEqual(d.hostResidue(), []);
 });
 

@@ -1,7 +1,12 @@
-// The microVM command line (pure): where guest RAM lives and what a restored VM is started with.
+// The microVM command line (pure): where guest RAM lives and what a restored VM is started with;
+// the guest's network config.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { buildQemuArgs, type VmMachine } from './driver.js';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import type { NetworkAttachment } from '../../network/manager.js';
+import { buildQemuArgs, guestNet, VM_NET, type VmMachine } from './driver.js';
 
 const machine: VmMachine = { accel: 'tcg', kernel: '/k', initramfs: '/i', rootImage: '/r', vcpus: 1, memoryMiB: 256, epochMs: 1, net: true };
 const val = (args: string[], flag: string) => args.filter((_, i) => args[i - 1] === flag);
@@ -23,7 +28,29 @@ test('a booted VM gets kernel, initramfs and command line; a restored one gets -
   assert.deepEqual([val(booted, '-kernel'), val(booted, '-initrd'), val(booted, '-incoming')], [['/k'], ['/i'], []]);
   const restored = buildQemuArgs({ dir: '/t', ...machine, incoming: 'defer' });
   assert.deepEqual([val(restored, '-kernel'), val(restored, '-initrd'), val(restored, '-append'), val(restored, '-incoming')], [[], [], [], ['defer']]);
-  // Its NIC is there without a MAC (the device state brings the snapshot's; net.configure sets the new one).
-  assert.deepEqual(val(restored, '-device').filter((d) => d.startsWith('virtio-net-device')), ['virtio-net-device,netdev=net0']);
-  assert.deepEqual(val(buildQemuArgs({ dir: '/t', ...machine, mac: '02:00:00:00:00:01' }), '-device').filter((d) => d.startsWith('virtio-net')), ['virtio-net-device,netdev=net0,mac=02:00:00:00:00:01']);
+  // Booted or restored, the NIC has the one guest MAC that every microVM has (VM_NET), on tap0.
+  for (const args of [booted, restored]) {
+    assert.deepEqual(val(args, '-device').filter((d) => d.startsWith('virtio-net')), [`virtio-net-device,netdev=net0,mac=${VM_NET.guestMac}`]);
+    assert.match(val(args, '-netdev')[0]!, /^tap,id=net0,ifname=tap0,/);
+  }
+  assert.deepEqual(val(buildQemuArgs({ dir: '/t', ...machine, net: false }), '-netdev'), [], 'no network: no NIC');
+});
+
+test('every guest gets the fixed address, gateway and MAC; its own name maps to that address, other names stay', () => {
+  const dir = mkdtempSync(join(tmpdir(), 'berth-guestnet-'));
+  try {
+    writeFileSync(join(dir, 'resolv.conf'), 'nameserver 10.89.0.1\n');
+    writeFileSync(join(dir, 'hosts'), '127.0.0.1\tlocalhost\n10.89.0.7\tsb1\n10.89.0.70\tother\n');
+    const att = { ip: '10.89.0.7', prefix: 24, gateway: '10.89.0.1', mac: '0a:0b:0c:0d:0e:0f', resolvConf: join(dir, 'resolv.conf'), hosts: join(dir, 'hosts') } as NetworkAttachment;
+    assert.deepEqual(guestNet(att), {
+      ip: VM_NET.guestIp,
+      prefix: VM_NET.prefix,
+      gateway: VM_NET.gatewayIp,
+      mac: VM_NET.guestMac,
+      resolvConf: 'nameserver 10.89.0.1\n',
+      hosts: `127.0.0.1\tlocalhost\n${VM_NET.guestIp}\tsb1\n10.89.0.70\tother\n`,
+    });
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
 });

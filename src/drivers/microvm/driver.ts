@@ -117,6 +117,11 @@ export interface VmMachine {
   epochMs: number;
   /** Has a NIC (a restored VM must have the same devices as the one snapshotted). */
   net?: boolean;
+  /**
+   * The guest has VM_NET's fixed address (every VM started since it exists). A snapshot taken before
+   * has its sandbox's own CNI address instead: a restore gives the guest the fixed one (net.configure).
+   */
+  fixedNet?: boolean;
 }
 
 type CgroupSize = { memoryMiB: number; vcpus: number; background?: boolean | undefined };
@@ -139,7 +144,7 @@ const RAM_ID = 'microvm.ram';
  * migration source, or "defer") the VM is restored, not booted: it gets no kernel, initramfs or
  * command line (the guest's are in its memory; QEMU would read and copy ~20 MiB for nothing).
  */
-export function buildQemuArgs(o: VmMachine & { dir: string; mac?: string | undefined; ram?: GuestRam | undefined; incoming?: string | undefined }): string[] {
+export function buildQemuArgs(o: VmMachine & { dir: string; ram?: GuestRam | undefined; incoming?: string | undefined }): string[] {
   // (Not init_on_free=1: it shrinks snapshots by a third but makes the guest write every page it
   // frees, so an idle VM's host RSS grew from ~230 MiB to ~600 MiB; measured with bench isolation.)
   const append = ['console=ttyS0', 'quiet', 'panic=-1', 'cryptomgr.notests', `berth.epoch_ms=${o.epochMs}`];
@@ -179,39 +184,80 @@ export function buildQemuArgs(o: VmMachine & { dir: string; mac?: string | undef
     '-chardev', `file,id=exit,path=${f('exit.json')}`,
     '-device', 'virtserialport,chardev=exit,name=berth.exit',
     // No vhost-net on these hosts (host-facts): the tap is served by QEMU itself.
-    ...(o.net || o.mac ? ['-netdev', 'tap,id=net0,ifname=tap0,script=no,downscript=no,vhost=off', '-device', `virtio-net-device,netdev=net0${o.mac ? `,mac=${o.mac}` : ''}`] : []),
+    ...(o.net ? ['-netdev', 'tap,id=net0,ifname=tap0,script=no,downscript=no,vhost=off', '-device', `virtio-net-device,netdev=net0,mac=${VM_NET.guestMac}`] : []),
     '-qmp', `unix:${f('qmp.sock')},server=on,wait=off`,
     '-pidfile', f('qemu.pid'),
     '-daemonize',
   ];
 }
 
+/**
+ * The network inside every microVM task's namespace, booted or restored (as Firecracker setups such
+ * as E2B's do it): the guest always has the same link-local address and MAC, and its gateway is the
+ * namespace's tap0, with the same address and MAC everywhere. The namespace keeps the eth0 that CNI
+ * made, with the task's address S, forwards, and NATs: everything addressed to S from outside goes to
+ * the guest (DNAT), and the guest's traffic leaves as S (masquerade). The host, its firewall
+ * (isolation, egress, anti-spoofing), DNS and the ingress see only S, as for the other tiers. A guest
+ * restored from a snapshot so needs no reconfiguration: its address, route and neighbour entry for
+ * its gateway are still right in the new namespace.
+ */
+export const VM_NET = { guestIp: '169.254.0.21', gatewayIp: '169.254.0.22', prefix: 30, guestMac: '06:00:a9:fe:00:15', tapMac: '06:00:a9:fe:00:16' } as const;
+
 /** The guest's side of a task network (agent/net.go configures eth0 with it). */
 export function guestNet(net: NetworkAttachment): Record<string, unknown> {
+  // The task's own name maps to the guest's own address, which a program in it can also bind to
+  // (S is the namespace's; connections to S from the guest come back to it too, see NAT_TABLE).
+  const hosts = readFileSync(net.hosts, 'utf8')
+    .split('\n')
+    .map((l) => (l.startsWith(`${net.ip}\t`) ? VM_NET.guestIp + l.slice(net.ip.length) : l))
+    .join('\n');
   return {
-    ip: net.ip,
-    prefix: net.prefix,
-    gateway: net.gateway,
-    mac: net.mac,
+    ip: VM_NET.guestIp,
+    prefix: VM_NET.prefix,
+    gateway: VM_NET.gatewayIp,
+    mac: VM_NET.guestMac,
     resolvConf: readFileSync(net.resolvConf, 'utf8'),
-    hosts: readFileSync(net.hosts, 'utf8'),
+    hosts,
   };
 }
 
 /**
- * Wires the task's namespace for a VM: a tap device (QEMU's NIC backend, opened from inside the
- * namespace) and tc redirects between it and the CNI-made eth0 both ways, like Kata's tcfilter
- * mode. The guest takes over eth0's MAC and address; the namespace's eth0 keeps none.
+ * Wires a task's namespace for its VM (see VM_NET): tap0, QEMU's NIC backend (opened from inside the
+ * namespace), gets the gateway's address and MAC; forwarding on; an nftables table with the NAT. The
+ * rules say "a local address" rather than S, so that they hold whether or not CNI has made eth0 yet
+ * (a restore runs the VM while CNI runs). All of it lives in the namespace and goes with it.
+ * A booted VM's tap0 is made (TAP_CREATE) and wired before QEMU starts; a restored VM's QEMU makes
+ * tap0 itself (opening a tap that does not exist creates it), and it is wired while the memory loads,
+ * off the critical path.
  */
-const TAP_CREATE = ['ip tuntap add dev tap0 mode tap', 'ip link set tap0 up'].join(' && ');
+const NAT_TABLE = [
+  'add table ip berth_vm', // ("add" then "delete": replaced if there, as in firewall.ts)
+  'delete table ip berth_vm',
+  'table ip berth_vm {',
+  '  chain prerouting {',
+  '    type nat hook prerouting priority dstnat; policy accept;',
+  `    ip daddr != ${VM_NET.gatewayIp} fib daddr type local dnat to ${VM_NET.guestIp}`,
+  '  }',
+  '  chain postrouting {',
+  '    type nat hook postrouting priority srcnat; policy accept;',
+  `    oifname "eth0" ip saddr ${VM_NET.guestIp} masquerade`,
+  // The guest at its own project address (its DNS name): back to it from the gateway's address
+  // (a packet from its own address it would drop).
+  `    oifname "tap0" ip saddr ${VM_NET.guestIp} snat to ${VM_NET.gatewayIp}`,
+  '  }',
+  '}',
+].join('\n');
+const TAP_CREATE = 'ip tuntap add dev tap0 mode tap';
 const TAP_WIRE = [
-  'ip addr flush dev eth0',
-  'tc qdisc add dev eth0 ingress',
-  'tc filter add dev eth0 parent ffff: protocol all u32 match u8 0 0 action mirred egress redirect dev tap0',
-  'tc qdisc add dev tap0 ingress',
-  'tc filter add dev tap0 parent ffff: protocol all u32 match u8 0 0 action mirred egress redirect dev eth0',
+  `ip link set dev tap0 address ${VM_NET.tapMac} up`,
+  `ip addr replace ${VM_NET.gatewayIp}/${VM_NET.prefix} dev tap0`,
+  'echo 1 > /proc/sys/net/ipv4/ip_forward',
+  // (No ICMP redirects for what goes back out of tap0, the guest's hairpin.)
+  'echo 0 > /proc/sys/net/ipv4/conf/all/send_redirects',
+  'echo 0 > /proc/sys/net/ipv4/conf/tap0/send_redirects',
+  `echo '${NAT_TABLE}' | nft -f -`,
 ].join(' && ');
-const TAP_SCRIPT = `${TAP_CREATE} && ${TAP_WIRE}`;
+const inNetns = (netns: string, script: string) => runOk('nsenter', [`--net=${netns}`, '--', 'sh', '-c', script], { timeoutMs: 10_000 });
 
 /** Guest RAM and vCPUs for a task's limits. */
 export function vmSize(resources: TaskConfig['resources'], hostCpus: number): { memoryMiB: number; vcpus: number } {
@@ -386,11 +432,11 @@ export class MicroVmDriver implements RuntimeDriver {
       const net = await this.joinNetwork(cfg);
       this.writeConfig(dir, cfg, net);
       const machine: VmMachine = {
-        accel, kernel: kernel.path, initramfs, rootImage, vcpus: size.vcpus, memoryMiB: size.memoryMiB, ...(tscKhz ? { tscKhz } : {}), epochMs: Date.now(), net: net !== undefined,
+        accel, kernel: kernel.path, initramfs, rootImage, vcpus: size.vcpus, memoryMiB: size.memoryMiB, ...(tscKhz ? { tscKhz } : {}), epochMs: Date.now(), net: net !== undefined, fixedNet: true,
       };
       // What a snapshot of this VM needs to be restored: the same machine (paths aside).
       writeFileSync(join(dir, 'vm.json'), JSON.stringify(machine));
-      const args = buildQemuArgs({ dir, ...machine, mac: net?.mac, ...(cfg.sandbox ? { ram: { memfd: true } as const } : {}) });
+      const args = buildQemuArgs({ dir, ...machine, ...(cfg.sandbox ? { ram: { memfd: true } as const } : {}) });
       const cgroups = this.makeCgroups(cfg.id, { ...size, background: cfg.background });
       pid = await this.launch(dir, args, cgroups, net?.netns);
       await this.awaitAgent(cfg.id, dir, pid, cfg.sandbox === true);
@@ -483,7 +529,7 @@ export class MicroVmDriver implements RuntimeDriver {
       const disks = (async () => {
         await runOk('cp', ['--sparse=always', '--reflink=auto', join(src, 'rw.ext4'), join(dir, 'rw.ext4')], { timeoutMs: 300_000 });
         copyFileSync(join(src, 'cfg.img'), join(dir, 'cfg.img'));
-        writeFileSync(join(dir, 'vm.json'), JSON.stringify(machine));
+        writeFileSync(join(dir, 'vm.json'), JSON.stringify({ ...machine, fixedNet: true } satisfies VmMachine)); // (an older guest gets the fixed address below)
         T('disks');
       })();
       disks.catch(() => undefined); // awaited by boot; a failure is handled there
@@ -491,41 +537,29 @@ export class MicroVmDriver implements RuntimeDriver {
       // capability must match the stream's, and can only be set before the incoming migration starts.
       const lazy = existsSync(join(src, 'ram'));
       const cgroups = this.makeCgroups(cfg.id, { memoryMiB: machine.memoryMiB, vcpus: machine.vcpus, background: cfg.background });
+      // A guest snapshotted before VM_NET existed has its sandbox's own address: it gets the fixed one
+      // (net.configure) once CNI is done. Any other needs nothing but its agent up.
+      const convert = machine.net === true && !machine.fixedNet;
+      let wiring: Promise<unknown> | undefined;
       const boot = async (netns: string | undefined): Promise<void> => {
         await disks;
-        if (netns) await runOk('nsenter', [`--net=${netns}`, '--', 'sh', '-c', TAP_CREATE], { timeoutMs: 10_000 });
-        // (The NIC's MAC comes with the device state; net.configure gives the guest the new one.)
         const incoming = lazy ? 'defer' : `exec:cat '${join(src, 'memory')}'`;
         const args = buildQemuArgs({ dir, ...machine, incoming, ...(lazy ? { ram: { file: join(src, 'ram') } } : {}) });
         pid = await this.launch(dir, args, cgroups, netns);
         T('qemu up');
-        // Connected before the guest runs, the agent's port is as it was when snapshotted (the host
-        // was connected then too): the guest's pending read goes on. Connected later, QEMU would tell
-        // the guest that the host went away, and its agent would reopen the port first (~20 ms).
-        // (A sandbox keeps this connection; a workload's is dropped by awaitAgent.)
-        await this.agent(cfg.id, 5000);
-        const sock = join(dir, 'qmp.sock');
-        if (lazy) {
-          await qmp(sock, 'migrate-set-capabilities', { capabilities: [{ capability: 'x-ignore-shared', state: true }] });
-          await qmp(sock, 'migrate-incoming', { uri: `exec:cat '${join(src, 'state')}'` });
+        if (netns) {
+          wiring = inNetns(netns, TAP_WIRE);
+          wiring.catch(() => undefined); // awaited below; a failure is handled there
         }
-        // The snapshot was taken with the vCPUs stopped, so the loaded VM waits paused: once the
-        // memory is in, let it run. Its agent is already up and answers at once.
-        const deadline = Date.now() + 60_000;
-        for (;;) {
-          const st = (await qmp(sock, 'query-status')) as { status?: string };
-          if (st.status === 'running') break;
-          if (st.status !== 'inmigrate') {
-            await qmp(sock, 'cont');
-            break;
-          }
-          if (Date.now() > deadline) throw new Error('loading the snapshot took more than 60 s');
-          await sleep(1); // (a lazy snapshot's device state loads within milliseconds)
-        }
+        await this.loadSnapshot(cfg.id, dir, src, lazy);
         T('memory loaded');
+        if (convert) return;
+        await this.awaitAgent(cfg.id, dir, pid, cfg.sandbox === true);
+        T('agent: hello');
       };
-      // The VM is restored while CNI wires its namespace (QEMU needs only the namespace and its tap):
-      // the guest keeps the snapshot's address until net.configure gives it this task's.
+      // The VM is restored, tap0 wired and the agent asked while CNI makes the namespace's eth0 (QEMU
+      // needs only the namespace): the guest has VM_NET's address, as when it was snapshotted, and S
+      // reaches it once CNI is done.
       let booting: Promise<void> | undefined;
       const startBoot = (netns: string | undefined) => {
         booting = boot(netns);
@@ -538,28 +572,51 @@ export class MicroVmDriver implements RuntimeDriver {
           throw e;
         });
         T('network');
-        if (!booting) {
-          // (An attachment that existed already: no namespace was made, the VM starts now.)
-          startBoot(net.netns);
-          await booting;
-        }
-        const wiring = runOk('nsenter', [`--net=${net.netns}`, '--', 'sh', '-c', TAP_WIRE], { timeoutMs: 10_000 });
-        await Promise.allSettled([booting, wiring]);
-        await booting; // a failed start first: the wiring's failure may only follow from it
-        await wiring;
+        // (An attachment that existed already: no namespace was made, the VM starts now.)
+        if (!booting) startBoot(net.netns);
+        await booting;
       } else {
         startBoot(undefined);
         await booting;
       }
-      // The guest still has the snapshotted sandbox's address and MAC: its first request gives it
-      // this task's (and, answered, tells that the agent is up; one round trip less than a hello first).
-      await this.awaitAgent(cfg.id, dir, pid!, cfg.sandbox === true, net ? { type: 'net.configure', net: guestNet(net) } : undefined);
-      T(net ? 'agent: net.configure' : 'agent: hello');
+      if (convert) {
+        // (Answered, it also tells that the agent is up.)
+        await this.awaitAgent(cfg.id, dir, pid!, cfg.sandbox === true, { type: 'net.configure', net: guestNet(net!) });
+        T('agent: net.configure');
+      }
+      await wiring;
       return this.tracked(cfg, pid!, net); // (pid: set by boot, which succeeded)
     } catch (e) {
       if (pid && this.isRunning(cfg.id)) await this.killVm(cfg.id, pid);
       await this.destroy(cfg.id, { force: true });
       throw e;
+    }
+  }
+
+  /** Lets a VM started with -incoming load its snapshot, and run. */
+  private async loadSnapshot(id: string, dir: string, src: string, lazy: boolean): Promise<void> {
+    // Connected before the guest runs, the agent's port is as it was when snapshotted (the host
+    // was connected then too): the guest's pending read goes on. Connected later, QEMU would tell
+    // the guest that the host went away, and its agent would reopen the port first (~20 ms).
+    // (A sandbox keeps this connection; a workload's is dropped by awaitAgent.)
+    await this.agent(id, 5000);
+    const sock = join(dir, 'qmp.sock');
+    if (lazy) {
+      await qmp(sock, 'migrate-set-capabilities', { capabilities: [{ capability: 'x-ignore-shared', state: true }] });
+      await qmp(sock, 'migrate-incoming', { uri: `exec:cat '${join(src, 'state')}'` });
+    }
+    // The snapshot was taken with the vCPUs stopped, so the loaded VM waits paused: once the
+    // memory is in, let it run. Its agent is already up and answers at once.
+    const deadline = Date.now() + 60_000;
+    for (;;) {
+      const st = (await qmp(sock, 'query-status')) as { status?: string };
+      if (st.status === 'running') return;
+      if (st.status !== 'inmigrate') {
+        await qmp(sock, 'cont');
+        return;
+      }
+      if (Date.now() > deadline) throw new Error('loading the snapshot took more than 60 s');
+      await sleep(1); // (a lazy snapshot's device state loads within milliseconds)
     }
   }
 
@@ -582,11 +639,11 @@ export class MicroVmDriver implements RuntimeDriver {
     writeFileSync(join(dir, 'cfg.img'), encodeVmConfig(cfg, net), { mode: 0o600 });
   }
 
-  /** The task's network namespace (src/network), with the tap device QEMU will open in it. */
+  /** The task's network namespace (src/network), wired for the VM (TAP_WIRE). */
   private async joinNetwork(cfg: TaskConfig): Promise<NetworkAttachment | undefined> {
     if (!cfg.network) return undefined;
     const net = await this.attachNetwork(cfg);
-    await runOk('nsenter', [`--net=${net.netns}`, '--', 'sh', '-c', TAP_SCRIPT], { timeoutMs: 10_000 });
+    await inNetns(net.netns, `${TAP_CREATE} && ${TAP_WIRE}`);
     return net;
   }
 
