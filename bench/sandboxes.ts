@@ -56,6 +56,9 @@ const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 const sorted = (xs: number[]) => [...xs].sort((a, b) => a - b);
 const pct = (xs: number[], p: number) => (xs.length ? sorted(xs)[Math.min(xs.length - 1, Math.ceil((p / 100) * xs.length) - 1)]! : NaN);
 const fmt = (x: number) => (Number.isFinite(x) ? `${x.toFixed(1)} ms` : '-');
+/** Threads on the host (the total of /proc/loadavg's 4th field), and the kernel's limit on their ids. */
+const hostThreads = () => Number(readFileSync('/proc/loadavg', 'utf8').split(' ')[3]!.split('/')[1]);
+const pidMax = () => Number(readFileSync('/proc/sys/kernel/pid_max', 'utf8'));
 const memAvailable = () => Number(/^MemAvailable:\s+(\d+)/m.exec(readFileSync('/proc/meminfo', 'utf8'))?.[1] ?? 0) * 1024;
 
 /** POST a command and resolve when its first stdout event arrives (the stream is then dropped). */
@@ -224,7 +227,8 @@ async function main(): Promise<void> {
           const c = await d.api('POST', `${S}?pool=none`, { spec: { ...spec, timeoutMs: 4 * 3_600_000 } }); // (a long run must not see the first ones expire)
           const ms = performance.now() - t0;
           if (c.status !== 201 || c.body.status.phase !== 'running') {
-            r.density.stoppedBy = `a create failed: ${JSON.stringify(c.body.status ?? c.body).slice(0, 120)}`;
+            const why = c.body.status?.message ?? c.body.error?.message ?? JSON.stringify(c.body);
+            r.density.stoppedBy = `a create failed: ${String(why).slice(0, 300).replace(/\|/g, '/')} (host threads then: ${hostThreads()} of pid_max ${pidMax()})`;
             break;
           }
           names.push(c.body.name);
