@@ -1,12 +1,12 @@
 // A sandbox task's start answers once its runtime runs the agent; the agent is connected to in the
 // background and the first agent call waits for it (driver.ts, start() and connectStarted()).
 // Real runc, real agent, real cgroups; skipped without root, runc or the agent.
-import { after, before, test } from 'node:test';
+import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
-import { chmodSync, existsSync, mkdtempSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
+import { chmodSync, existsSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { ensureBusyboxImage } from '../../images/busybox.js';
+import { assertClean, busyboxFixture } from './testing.js';
 import { findAgent } from '../agent/binary.js';
 import { RuncDriver } from '../runc/driver.js';
 import type { TaskConfig } from '../../core/driver.js';
@@ -15,28 +15,13 @@ import type { AgentFrame } from '../agent/client.js';
 const skip =
   process.getuid?.() !== 0 ? 'needs root' : !existsSync('/usr/sbin/runc') ? 'needs runc' : !findAgent() ? 'needs the guest agent (scripts/setup.sh)' : !existsSync('/usr/bin/conmon') ? 'needs conmon' : undefined;
 
-let base: string;
-let rootfs: string;
 const cgroupParent = `berth-agentstart-${randomBytes(3).toString('hex')}`;
-before(async () => {
-  if (skip) return;
-  base = mkdtempSync('/tmp/berth-agentstart-');
-  rootfs = (await ensureBusyboxImage(join(base, 'images'))).rootfs;
-});
-after(() => {
-  if (base) rmSync(base, { recursive: true, force: true });
-});
+const fx = busyboxFixture('berth-agentstart', skip);
 
-const task = (id: string): TaskConfig => ({ id, imageRootfs: rootfs, args: [], env: {}, cwd: '/', user: { uid: 0, gid: 0 }, resources: { memoryMiB: 64 }, sandbox: true });
-
-/** Nothing of the driver's is left: task folders, exit files, runtime state, the task's cgroups. */
-function assertClean(driver: RuncDriver, stateDir: string, id: string): void {
-  for (const sub of ['tasks', 'exits', 'runc']) assert.deepEqual(readdirSync(join(stateDir, sub)), [], `${sub} is empty`);
-  for (const d of driver.cgroupDirs(id)) assert.equal(existsSync(d), false, `${d} is removed`);
-}
+const task = (id: string): TaskConfig => ({ id, imageRootfs: fx.rootfs, args: [], env: {}, cwd: '/', user: { uid: 0, gid: 0 }, resources: { memoryMiB: 64 }, sandbox: true });
 
 test('the first command after a start waits for the agent and runs through it', { skip }, async () => {
-  const stateDir = join(base, 'ok');
+  const stateDir = join(fx.base, 'ok');
   const driver = new RuncDriver({ stateDir, cgroupParent });
   const id = `as-${randomBytes(3).toString('hex')}`;
   try {
@@ -59,10 +44,10 @@ test('the first command after a start waits for the agent and runs through it', 
 });
 
 test('an agent that never listens fails the first agent call with a clear error, and is cleaned up', { skip }, async () => {
-  const stateDir = join(base, 'deaf');
+  const stateDir = join(fx.base, 'deaf');
   // The sandbox's agent is this script (bind-mounted at /.berth/agent, run by the image's sh): it
   // never listens. Debian's conmon supervises, so the real agent is not needed as the monitor.
-  const deaf = join(base, 'deaf-agent');
+  const deaf = join(fx.base, 'deaf-agent');
   writeFileSync(deaf, '#!/bin/sh\nexec sleep 600\n');
   chmodSync(deaf, 0o755);
   const saved = process.env.BERTH_AGENT;

@@ -1,38 +1,29 @@
 // destroy() must not forget a task whose runtime state it could not delete (a `runc delete` that
 // failed or ran out of time on a loaded host): it throws, the task's state stays, and a later call —
 // the reconcilers retry — removes everything. Real runc behind a wrapper that fails `delete` on demand.
-import { after, before, test } from 'node:test';
+import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
-import { chmodSync, existsSync, mkdtempSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
+import { chmodSync, existsSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { ensureBusyboxImage } from '../../images/busybox.js';
+import { assertClean, busyboxFixture } from './testing.js';
 import { RuncDriver } from '../runc/driver.js';
 
 const skip = process.getuid?.() !== 0 ? 'needs root' : !existsSync('/usr/sbin/runc') ? 'needs runc' : undefined;
 
-let base: string;
-let rootfs: string;
 const cgroupParent = `berth-destroy-${randomBytes(3).toString('hex')}`;
-before(async () => {
-  if (skip) return;
-  base = mkdtempSync('/tmp/berth-destroy-');
-  rootfs = (await ensureBusyboxImage(join(base, 'images'))).rootfs;
-});
-after(() => {
-  if (base) rmSync(base, { recursive: true, force: true });
-});
+const fx = busyboxFixture('berth-destroy', skip);
 
 test('a failed runtime delete is reported and retried, not forgotten', { skip }, async () => {
-  const failFlag = join(base, 'fail-delete');
-  const wrapper = join(base, 'runc-wrapper');
+  const failFlag = join(fx.base, 'fail-delete');
+  const wrapper = join(fx.base, 'runc-wrapper');
   writeFileSync(wrapper, `#!/bin/sh\nfor a in "$@"; do [ "$a" = delete ] && [ -e '${failFlag}' ] && { echo "injected failure" >&2; exit 1; }; done\nexec /usr/sbin/runc "$@"\n`);
   chmodSync(wrapper, 0o755);
-  const stateDir = join(base, 'state');
+  const stateDir = join(fx.base, 'state');
   const driver = new RuncDriver({ stateDir, cgroupParent, runtimePath: wrapper });
   const id = `del-${randomBytes(3).toString('hex')}`;
   try {
-    await driver.start({ id, imageRootfs: rootfs, args: ['sleep', '1000'], env: {}, cwd: '/', user: { uid: 0, gid: 0 }, resources: { memoryMiB: 64 } });
+    await driver.start({ id, imageRootfs: fx.rootfs, args: ['sleep', '1000'], env: {}, cwd: '/', user: { uid: 0, gid: 0 }, resources: { memoryMiB: 64 } });
     writeFileSync(failFlag, '');
     await assert.rejects(driver.destroy(id, { force: true }), (e: Error & { code?: string }) => {
       assert.equal(e.code, 'unavailable');
@@ -43,8 +34,7 @@ test('a failed runtime delete is reported and retried, not forgotten', { skip },
     assert.ok(existsSync(join(stateDir, 'tasks', id)), 'and so is the task folder, for the next call');
     rmSync(failFlag);
     await driver.destroy(id, { force: true });
-    for (const sub of ['tasks', 'exits', 'runc']) assert.deepEqual(readdirSync(join(stateDir, sub)), [], `${sub} is empty`);
-    for (const d of driver.cgroupDirs(id)) assert.equal(existsSync(d), false, `${d} is removed`);
+    assertClean(driver, stateDir, id);
   } finally {
     rmSync(failFlag, { force: true });
     await driver.destroy(id, { force: true }).catch(() => undefined);
