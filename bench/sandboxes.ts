@@ -8,6 +8,7 @@
 // Usage: node dist/bench/sandboxes.js [--runs 100] [--concurrent 20] [--tiers gvisor,microvm,container]
 //        [--vm-runs N] [--density-max N] [--write BENCHMARKS.md]   (as root)
 //        [--cold-only]: only the sequential cold starts beside the bare runtime (for iterating on them)
+//        [--warm-only]: only the warm pool's claims (20 at once, then --runs sequential; for iterating on them)
 //        [--density-only] [--density-slow-ms 30000]: only the density run, until memory or CPU gives out
 //          (a create slower than that) or --density-max; written to its own BENCHMARKS.md section
 // Where a cold start's time goes: BERTH_TRACE_START=1 BERTH_TEST_LOG=warn node dist/bench/sandboxes.js … 2>&1 |
@@ -38,6 +39,7 @@ const { values } = parseArgs({
     write: { type: 'string' },
     'cold-only': { type: 'boolean', default: false },
     'density-only': { type: 'boolean', default: false },
+    'warm-only': { type: 'boolean', default: false },
     'density-slow-ms': { type: 'string', default: '30000' },
   },
 });
@@ -254,20 +256,22 @@ async function main(): Promise<void> {
         continue;
       }
 
-      console.error(`${tier}: cold, ${runs} sequential (bare and Berth interleaved)`);
-      await bare();
-      await kill(d, [(await berthOnce(d, coldSpec, '?pool=none')).name]);
-      for (let i = 0; i < runs; i++) {
-        r.bare.push(await bare());
-        const b = await berthOnce(d, coldSpec, '?pool=none');
-        r.coldSeq.push(b.ms);
-        await kill(d, [b.name]);
+      if (!values['warm-only']) {
+        console.error(`${tier}: cold, ${runs} sequential (bare and Berth interleaved)`);
+        await bare();
+        await kill(d, [(await berthOnce(d, coldSpec, '?pool=none')).name]);
+        for (let i = 0; i < runs; i++) {
+          r.bare.push(await bare());
+          const b = await berthOnce(d, coldSpec, '?pool=none');
+          r.coldSeq.push(b.ms);
+          await kill(d, [b.name]);
+        }
+        if (values['cold-only']) continue;
+        console.error(`${tier}: cold, ${CONC} at once`);
+        const conc = await Promise.all(Array.from({ length: CONC }, () => berthOnce(d, coldSpec, '?pool=none')));
+        r.coldConc = conc.map((x) => x.ms);
+        await kill(d, conc.map((x) => x.name));
       }
-      if (values['cold-only']) continue;
-      console.error(`${tier}: cold, ${CONC} at once`);
-      const conc = await Promise.all(Array.from({ length: CONC }, () => berthOnce(d, coldSpec, '?pool=none')));
-      r.coldConc = conc.map((x) => x.ms);
-      await kill(d, conc.map((x) => x.name));
 
       console.error(`${tier}: warm pool (size ${CONC})`);
       await d.api('PUT', `${P}/bench`, { spec: { isolation: tier, size: CONC, resources: { memoryMiB: 128 } } });
@@ -282,14 +286,16 @@ async function main(): Promise<void> {
       const warm = await Promise.all(Array.from({ length: CONC }, () => berthOnce(d, spec)));
       r.warmConc = warm.map((x) => x.ms);
       await kill(d, warm.map((x) => x.name));
+      console.error(`${tier}: warm, ${runs} sequential`);
       for (let i = 0; i < runs; i++) {
-        await waitReady(1); // sequential claims: each from a ready member (refills are not timed)
+        await waitReady(CONC); // sequential claims: each from a full pool (refills are not timed, see BENCHMARKS.md)
         const b = await berthOnce(d, spec);
         r.warmSeq.push(b.ms);
         await kill(d, [b.name]);
       }
       await d.api('DELETE', `${P}/bench`);
       while ((await d.api('GET', `${P}/bench`)).status !== 404) await sleep(100);
+      if (values['warm-only']) continue;
 
       if (tier !== 'container') {
         console.error(`${tier}: from a snapshot template, ${runs} sequential`);

@@ -1,4 +1,4 @@
-// Per-stage medians of sandbox cold starts from `berth-trace` lines (src/lib/trace.ts).
+// Per-stage medians of sandbox cold starts and warm-pool claims from `berth-trace` lines (src/lib/trace.ts).
 // Usage: BERTH_TRACE_START=1 BERTH_TEST_LOG=warn node dist/bench/sandboxes.js --tiers gvisor --runs 30 --cold-only 2>&1 \
 //          | node dist/bench/trace-report.js
 // Lines are grouped by the tier headings the benchmark prints ("gvisor: cold, …"); each start's stages
@@ -15,8 +15,10 @@ let group = 'all';
 const pct = (xs: number[], p: number) => [...xs].sort((a, b) => a - b)[Math.min(xs.length - 1, Math.ceil((p / 100) * xs.length) - 1)]!;
 
 for await (const line of createInterface({ input: process.stdin })) {
-  const head = /^(\w+): cold, \d+ sequential/.exec(line);
-  if (head) group = head[1]!;
+  // Only sequential runs are reported ("gvisor: cold, 30 sequential …", "microvm: warm, 30 sequential …").
+  const head = /^(\w+): (cold|warm), \d+ sequential/.exec(line);
+  if (head) group = `${head[1]} ${head[2]}`;
+  else if (/^\w+: /.test(line)) group = 'other';
   const m = /berth-trace (\S+) (\S+) ([\d.]+)/.exec(line);
   if (!m) continue;
   if (!groups.has(group)) groups.set(group, new Map());
@@ -25,7 +27,7 @@ for await (const line of createInterface({ input: process.stdin })) {
   const st = runs.get(m[1]!)!;
   if (!st.has(m[2]!)) st.set(m[2]!, Number(m[3]));
 }
-for (const [name, runs] of groups) {
+for (const [name, runs] of [...groups].filter(([g]) => g !== 'other')) {
   const done = [...runs.values()].filter((st) => st.has('client.stdout') && st.has('client.post'));
   if (!done.length) continue;
   const totals = done.map((st) => st.get('client.stdout')! - st.get('client.post')!);
