@@ -126,14 +126,20 @@ function claimFromPool(ctx: ApiContext, project: string, b: z.infer<typeof Creat
     if (!member) continue;
     const elapsed = Date.now() - Date.parse(member.status.startedAt!) - (member.status.pausedTotalMs ?? 0);
     const spec: SandboxSpecT = { ...member.spec, timeoutMs: elapsed + b.spec.timeoutMs, ...(b.spec.env ? { env: b.spec.env } : {}), ...(b.spec.autoPause ? { autoPause: b.spec.autoPause } : {}) };
-    sandboxActivity.touch(member.id);
-    ctx.store.updateSpec(member.id, { spec, labels: b.labels ?? {} }, member.resourceVersion);
     // Full CPU priority from now on: the caller's first command must not wait behind the pool's refills.
+    // (Before the claim is recorded: a crash in between leaves an unclaimed member at full priority,
+    // never a claimed sandbox at the lowest.)
     if (member.status.background && member.status.task) ctx.drivers.byName(member.status.task.driver)?.setBackground?.(member.id, false);
     const { background: _bg, ...status } = member.status;
-    const r = ctx.store.updateStatus(member.id, { ...status, expiresAt: new Date(Date.now() + b.spec.timeoutMs).toISOString() }) as SandboxResource;
-    ctx.store.addEvent(member.id, 'Claimed', `claimed from warm pool ${pool.name}`);
-    ctx.store.updateStatus(pool.id, { ...pool.status, claimed: (pool.status.claimed ?? 0) + 1, lastClaimAt: new Date().toISOString() });
+    // One transaction: a claim is recorded whole or not at all (and costs one commit, not four).
+    const r = ctx.store.db.transaction(() => {
+      ctx.store.updateSpec(member.id, { spec, labels: b.labels ?? {} }, member.resourceVersion);
+      const claimed = ctx.store.updateStatus(member.id, { ...status, expiresAt: new Date(Date.now() + b.spec.timeoutMs).toISOString() }) as SandboxResource;
+      ctx.store.addEvent(member.id, 'Claimed', `claimed from warm pool ${pool.name}`);
+      ctx.store.updateStatus(pool.id, { ...pool.status, claimed: (pool.status.claimed ?? 0) + 1, lastClaimAt: new Date().toISOString() });
+      return claimed;
+    })();
+    sandboxActivity.touch(member.id);
     ctx.kick(SANDBOX, member.id);
     ctx.kick(SANDBOXPOOL, pool.id);
     return r;
