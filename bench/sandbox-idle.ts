@@ -7,6 +7,7 @@ import { cpus, release } from 'node:os';
 import { parseArgs } from 'node:util';
 import { TestDaemon } from '../test/harness.js';
 import { updateBenchmarks } from './report.js';
+import { firstByte } from './sandbox-client.js';
 
 const { values } = parseArgs({
   options: {
@@ -22,30 +23,11 @@ const S = '/v1/projects/default/sandboxes';
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[xs.length >> 1]!;
 
-/** POST a command; ms until its first stdout event (the stream is then dropped). */
+/** `echo ready` in a running sandbox: ms until its first stdout event. */
 async function echoMs(d: TestDaemon, name: string): Promise<number> {
-  const ac = new AbortController();
   const t0 = performance.now();
-  const res = await fetch(`${d.addr}${S}/${name}/commands`, {
-    method: 'POST',
-    headers: { authorization: `Bearer ${d.token}`, 'content-type': 'application/json' },
-    body: JSON.stringify({ cmd: ['echo', 'ready'] }),
-    signal: ac.signal,
-  });
-  if (res.status !== 200 || !res.body) throw new Error(`command in ${name}: ${res.status} ${await res.text()}`);
-  const reader = res.body.getReader();
-  const dec = new TextDecoder();
-  let buf = '';
-  try {
-    for (;;) {
-      const { value, done } = await reader.read();
-      if (done) throw new Error(`no output from ${name}: ${buf}`);
-      buf += dec.decode(value, { stream: true });
-      if (/"type":"stdout"/.test(buf)) return performance.now() - t0;
-    }
-  } finally {
-    ac.abort();
-  }
+  await firstByte(d, name);
+  return performance.now() - t0;
 }
 
 async function main(): Promise<void> {

@@ -28,6 +28,7 @@ import type { Fingerprint } from '../src/core/driver.js';
 import { BareMicroVm } from './microvm-bare.js';
 import { updateBenchmarks } from './report.js';
 import { traceMark } from '../src/lib/trace.js';
+import { firstByte } from './sandbox-client.js';
 
 const { values } = parseArgs({
   options: {
@@ -62,31 +63,6 @@ const fmt = (x: number) => (Number.isFinite(x) ? `${x.toFixed(1)} ms` : '-');
 const hostThreads = () => Number(readFileSync('/proc/loadavg', 'utf8').split(' ')[3]!.split('/')[1]);
 const pidMax = () => Number(readFileSync('/proc/sys/kernel/pid_max', 'utf8'));
 const memAvailable = () => Number(/^MemAvailable:\s+(\d+)/m.exec(readFileSync('/proc/meminfo', 'utf8'))?.[1] ?? 0) * 1024;
-
-/** POST a command and resolve when its first stdout event arrives (the stream is then dropped). */
-async function firstByte(d: TestDaemon, name: string): Promise<void> {
-  const ac = new AbortController();
-  const res = await fetch(`${d.addr}${S}/${name}/commands`, {
-    method: 'POST',
-    headers: { authorization: `Bearer ${d.token}`, 'content-type': 'application/json' },
-    body: JSON.stringify({ cmd: ['echo', 'ready'] }),
-    signal: ac.signal,
-  });
-  if (res.status !== 200 || !res.body) throw new Error(`command in ${name}: ${res.status} ${await res.text()}`);
-  const reader = res.body.getReader();
-  const dec = new TextDecoder();
-  let buf = '';
-  try {
-    for (;;) {
-      const { value, done } = await reader.read();
-      if (done) throw new Error(`no output from ${name}: ${buf}`);
-      buf += dec.decode(value, { stream: true });
-      if (/"type":"stdout"/.test(buf)) return;
-    }
-  } finally {
-    ac.abort();
-  }
-}
 
 /** create → first byte of echo; then kill (not timed). */
 async function berthOnce(d: TestDaemon, spec: Record<string, unknown>, query = ''): Promise<{ ms: number; name: string }> {
