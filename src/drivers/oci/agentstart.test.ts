@@ -7,7 +7,8 @@ import { randomBytes } from 'node:crypto';
 import { chmodSync, existsSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { assertClean, busyboxFixture } from './testing.js';
-import { findAgent } from '../agent/binary.js';
+import { agentAtLeast, findAgent } from '../agent/binary.js';
+import { AgentConnection } from '../agent/client.js';
 import { RuncDriver } from '../runc/driver.js';
 import type { TaskConfig } from '../../core/driver.js';
 import type { AgentFrame } from '../agent/client.js';
@@ -34,6 +35,40 @@ test('the first command after a start waits for the agent and runs through it', 
     assert.equal(exit.code, 0);
     assert.deepEqual(events.map((e) => e.type), ['started', 'stdout']);
     assert.equal(Buffer.from(String(events[1]!.data), 'base64').toString(), 'ready\n');
+    await driver.destroy(id, { force: true });
+    assertClean(driver, stateDir, id);
+  } finally {
+    await driver.destroy(id, { force: true }).catch(() => undefined);
+    driver.removeCgroupParent();
+    driver.close();
+  }
+});
+
+test("a sandbox's agent gets its host connection at start, and the commands it runs do not inherit it", { skip: skip ?? (!agentAtLeast(findAgent() ?? '', '0.2.0') ? 'needs agent 0.2.0 (scripts/setup.sh)' : undefined) }, async () => {
+  const stateDir = join(fx.base, 'connfd');
+  const driver = new RuncDriver({ stateDir, cgroupParent });
+  const id = `as-${randomBytes(3).toString('hex')}`;
+  try {
+    await driver.start(task(id));
+    let out = '';
+    const agent = await driver.agent(id, 5000);
+    // PID 1 is the agent, told to serve fd 3; fd 3 is a socket (the pair's other end is berthd's).
+    const script = 'tr "\\0" " " </proc/1/cmdline; echo; readlink /proc/1/fd/3; for f in /proc/$$/fd/*; do readlink $f; done; true';
+    const exit = await agent.request({ id: 'fds', type: 'run', args: ['sh', '-c', script], env: {}, cwd: '/', stdin: false }, 10_000, undefined, (f) => {
+      if (f.type === 'stdout') out += Buffer.from(String(f.data), 'base64').toString();
+    });
+    assert.equal(exit.code, 0);
+    const [cmdline, fd3, ...own] = out.trim().split('\n');
+    assert.match(cmdline!, /--conn-fd 3/);
+    assert.match(fd3!, /^socket:/);
+    assert.ok(own.length >= 3 && own.every((l) => !l.startsWith('socket:')), `the command's own fds hold no socket: ${own.join(', ')}`);
+    // The agent still listens on its socket: a second connection (after a broken one, or a restart of berthd) works.
+    const again = await AgentConnection.open(join(stateDir, 'tasks', id, 'run', 'agent.sock'), 5000);
+    try {
+      assert.equal((await again.request({ type: 'ping' }, 5000)).type, 'ok');
+    } finally {
+      again.close();
+    }
     await driver.destroy(id, { force: true });
     assertClean(driver, stateDir, id);
   } finally {

@@ -19,6 +19,7 @@ import { chmodSync, chownSync, existsSync, mkdirSync, readFileSync, readdirSync,
 import { readFile } from 'node:fs/promises';
 import { EventEmitter } from 'node:events';
 import { spawn } from 'node:child_process';
+import type { Socket } from 'node:net';
 import { basename, join } from 'node:path';
 import { constants as osConstants } from 'node:os';
 import type {
@@ -37,9 +38,9 @@ import { pidAlive, run, sleep } from '../../lib/exec.js';
 import { cgroupHierarchies } from '../../lib/host.js';
 import { makeWritableDisk, mountDisk, unmountDisk } from '../../lib/disk.js';
 import { buildOciConfig, hostNofileLimit, type OciBuildOptions, type OciConfig, type OciMount } from './ocispec.js';
-import type { AgentConnection } from '../agent/client.js';
+import { AgentConnection } from '../agent/client.js';
 import { AgentPool } from '../agent/pool.js';
-import { findAgent } from '../agent/binary.js';
+import { agentAtLeast, findAgent } from '../agent/binary.js';
 import { loadDefaultSeccomp, type OciSeccomp } from './seccomp.js';
 import { Launcher } from './launcher.js';
 import { traceMark } from '../../lib/trace.js';
@@ -103,6 +104,8 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
   private seccomp: OciSeccomp | undefined;
   /** Starts conmon (and `<runtime> start`) without forking berthd on the critical path; see launcher.ts. */
   protected readonly launcher: Launcher;
+  /** Sandboxes get their agent connection handed in at start instead of connecting to its socket (see start()). */
+  private readonly agentConnFd: boolean;
 
   constructor(
     protected readonly opts: OciDriverOptions,
@@ -114,6 +117,8 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
     const env = process.env.BERTH_MONITOR;
     const monitor = opts.monitor ?? (env === 'conmon' || env === 'berth' ? env : agent ? 'berth' : 'conmon');
     this.monitorArgv = monitor === 'berth' && agent ? [agent, 'monitor'] : [opts.conmonPath ?? '/usr/bin/conmon'];
+    // Needs Berth's own monitor (--agent-fd) and agent (--conn-fd), both new in agent 0.2.0.
+    this.agentConnFd = monitor === 'berth' && !!agent && this.passesAgentConnection() && agentAtLeast(agent, '0.2.0');
     this.conmon = this.monitorArgv[0]!;
     this.root = join(opts.stateDir, runtimeName);
     this.exitsDir = join(opts.stateDir, 'exits');
@@ -161,6 +166,14 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
    * (`<runtime> run --detach`, Berth's own monitor only): no `<runtime> start` afterwards.
    */
   protected runsOnCreate(): boolean {
+    return false;
+  }
+
+  /**
+   * Whether the runtime hands extra fds to the container's init (`--preserve-fds`), so that a sandbox's
+   * agent can be given its host connection at start (see start()).
+   */
+  protected passesAgentConnection(): boolean {
     return false;
   }
 
@@ -258,7 +271,15 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
     traceMark(cfg.id, 'driver.start');
     const dir = this.taskDir(cfg.id);
     const bundle = join(dir, 'bundle');
-    const sandbox = cfg.sandbox ? this.sandboxTask(cfg, dir) : undefined;
+    // A sandbox's agent gets its host connection at start: one end of a socket pair that the launcher
+    // made (fd 4 of the launched monitor, which has the runtime hand it to the agent as fd 3). It
+    // is connected before the agent runs: hello and the first command are written at once and wait
+    // in the socket until the agent reads them, instead of berthd retrying connect() on the agent's
+    // socket until it listens (measured: the connection came 3–4 ms after the agent listened, and
+    // the first command waited for it). The agent listens on its socket too, for later connections
+    // (after a broken one, or a restart of berthd).
+    const connFd = !!cfg.sandbox && this.agentConnFd && !cfg.restoreFrom;
+    const sandbox = cfg.sandbox ? this.sandboxTask(cfg, dir, connFd) : undefined;
     // Pure conversion + validation first; nothing on the host is touched if the spec is bad.
     const config = buildOciConfig(sandbox?.cfg ?? cfg, {
       ...this.rootfsOptions(cfg, dir),
@@ -298,12 +319,12 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
       if (cfg.restoreFrom && sandbox) writeFileSync(join(dir, 'run', 'agent.resume'), '');
       const pre = (await this.prepareRootfs(cfg, dir)) ?? [];
       writeFileSync(join(bundle, 'config.json'), JSON.stringify(config));
-      let pid: number;
       const restore = cfg.restoreFrom ? this.restoreImage(cfg.restoreFrom) : undefined;
       const early = restore ? undefined : this.beginStart(cfg.id);
       traceMark(cfg.id, 'driver.launch');
+      let pid: number;
       try {
-        pid = await this.spawnConmon(cfg.id, bundle, dir, pre, restore);
+        pid = await this.spawnConmon(cfg.id, bundle, dir, pre, restore, connFd ? (sock) => this.adoptAgent(cfg.id, sock) : undefined);
       } catch (e) {
         early?.cancel();
         throw e;
@@ -319,7 +340,7 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
       // the caller sends its first command: those ~2 (container) to ~6 ms (gVisor) are no longer
       // spent one after the other. An agent that never listens fails that first call (and its
       // exit, seen by the monitor, ends the sandbox as before).
-      if (sandbox) this.connectStarted(cfg.id);
+      if (sandbox && !connFd) this.connectStarted(cfg.id);
       return {
         driver: this.name,
         id: cfg.id,
@@ -343,11 +364,11 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
    * listening on a unix socket in a folder bind-mounted from the task's state folder; berthd drives
    * it from there (commands, files). Root inside, so that commands can run as any user.
    */
-  private sandboxTask(cfg: TaskConfig, dir: string): { cfg: TaskConfig; mounts: OciMount[] } {
+  private sandboxTask(cfg: TaskConfig, dir: string, connFd: boolean): { cfg: TaskConfig; mounts: OciMount[] } {
     const agent = findAgent();
     if (!agent) throw invalidArgument('sandboxes need the guest agent binary: run scripts/setup.sh (it builds agent/ with Go)');
     return {
-      cfg: { ...cfg, args: ['/.berth/agent', '--listen', 'unix:/.berth/run/agent.sock'], user: { uid: 0, gid: 0 }, cwd: '/' },
+      cfg: { ...cfg, args: ['/.berth/agent', '--listen', 'unix:/.berth/run/agent.sock', ...(connFd ? ['--conn-fd', '3'] : [])], user: { uid: 0, gid: 0 }, cwd: '/' },
       mounts: [
         { destination: '/.berth/agent', type: 'bind', source: agent, options: ['bind', 'ro', 'nosuid', 'nodev'] },
         { destination: '/.berth/run', type: 'bind', source: join(dir, 'run'), options: ['bind', 'rw', 'nosuid', 'nodev', 'noexec'] },
@@ -393,8 +414,28 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
     this.starting.set(id, starting);
   }
 
-  /** Starts conmon, which runs `<runtime> create`; resolves with the container's PID from conmon's sync pipe. */
-  private spawnConmon(id: string, bundle: string, dir: string, pre: string[], restore?: string): Promise<number> {
+  /**
+   * The agent connection handed to a sandbox at start (see start()): the task's shared connection
+   * from now on, with hello sent ahead of whatever comes next. An agent that never reads it fails
+   * hello after agentStartTimeoutMs, which closes the connection and fails the calls waiting on it.
+   */
+  private adoptAgent(id: string, sock: Socket): void {
+    sock.ref();
+    const c = AgentConnection.over(sock);
+    this.agents.adopt(id, c);
+    traceMark(id, 'agent.connected');
+    c.request({ type: 'hello' }, this.opts.agentStartTimeoutMs ?? AGENT_START_TIMEOUT_MS).then(
+      () => traceMark(id, 'agent.hello'),
+      () => c.close(),
+    );
+  }
+
+  /**
+   * Starts conmon, which runs `<runtime> create`; resolves with the container's PID from conmon's sync pipe.
+   * With `onAgentSocket`, the monitor hands the launch's socket pair (fd 4) to the container as fd 3, and
+   * berthd's end goes to `onAgentSocket`.
+   */
+  private spawnConmon(id: string, bundle: string, dir: string, pre: string[], restore?: string, onAgentSocket?: (sock: Socket) => void): Promise<number> {
     const args = [
       '--api-version', '1',
       '-c', id, '-u', id, '-n', id,
@@ -411,11 +452,13 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
       '--log-level', 'error',
       '--syslog',
       ...(restore ? ['--restore', restore] : this.runsOnCreate() ? ['--run'] : []),
+      ...(onAgentSocket ? ['--agent-fd', '4'] : []),
     ];
     return new Promise((resolve, reject) => {
       // conmon writes some marker files (e.g. `oom`) relative to its working directory. Its
       // environment is PATH and _OCI_SYNCPIPE=3, stdin/stdout /dev/null, its own session (launcher.ts).
-      const { child, fd3 } = this.launcher.launch(dir, [...this.monitorArgv, ...args], pre);
+      const { child, fd3, fd4 } = this.launcher.launch(dir, [...this.monitorArgv, ...args], pre, !!onAgentSocket);
+      if (fd4) onAgentSocket?.(fd4);
       let out = '';
       let err = '';
       const sync = fd3 as NodeJS.ReadableStream;
