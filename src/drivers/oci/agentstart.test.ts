@@ -4,7 +4,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
-import { chmodSync, existsSync, writeFileSync } from 'node:fs';
+import { chmodSync, existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { assertClean, busyboxFixture } from './testing.js';
 import { agentAtLeast, findAgent } from '../agent/binary.js';
@@ -73,6 +73,30 @@ test("a sandbox's agent gets its host connection at start, and the commands it r
     assertClean(driver, stateDir, id);
   } finally {
     await driver.destroy(id, { force: true }).catch(() => undefined);
+    driver.removeCgroupParent();
+    driver.close();
+  }
+});
+
+test("a start answers with the container init's pid; stop and destroy right after it clean up", { skip }, async () => {
+  const stateDir = join(fx.base, 'early');
+  const driver = new RuncDriver({ stateDir, cgroupParent });
+  try {
+    for (let i = 0; i < 3; i++) {
+      const id = `as-${randomBytes(3).toString('hex')}`;
+      const h = await driver.start(task(id));
+      // The pid is the container's init (PID 1 inside), known before `runc create` has written its pid file.
+      const status = readFileSync(`/proc/${h.pid}/status`, 'utf8');
+      assert.match(status, /^NSpid:\s+\d+\s+1$/m, `pid ${h.pid} is the container's init`);
+      // At once: stop (runc kill) and destroy (runc delete) need the runtime's state, saved at the end of
+      // create, which may still be finishing (they wait for it: afterCreate(); the window is too short
+      // to hit on purpose here).
+      const exit = await driver.stop(h, { timeoutMs: 2000, signal: 'SIGKILL' });
+      assert.equal(exit.signal, 'SIGKILL');
+      await driver.destroy(id, { force: true });
+      assertClean(driver, stateDir, id);
+    }
+  } finally {
     driver.removeCgroupParent();
     driver.close();
   }
