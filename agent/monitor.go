@@ -17,12 +17,18 @@ package main
 // Why not only Debian's conmon: conmon's start (exec and dynamic linking of glib, systemd and
 // gcrypt) costs about 3 ms more than this static binary on every container start, measured on the
 // start-latency path (bench/start-latency.ts); the driver can use either (BERTH_MONITOR=conmon).
+//
+// `berth-agent monitor --spare`: started ahead of time by berthd (src/drivers/oci/launcher.ts), it
+// waits for its working directory and arguments on stdin (NUL-separated, until EOF) and then runs
+// as above, so that a container start does not wait for the monitor's exec and Go runtime start.
+// Stdin closed with nothing on it (berthd closing or dying): it exits quietly.
 
 import (
 	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -112,6 +118,19 @@ func parseMonitorArgs(args []string) (*monitorArgs, error) {
 }
 
 func monitorMain(args []string) {
+	spare := len(args) == 1 && args[0] == "--spare"
+	if spare {
+		words, err := io.ReadAll(os.Stdin)
+		if err != nil || len(words) == 0 {
+			os.Exit(0)
+		}
+		args = strings.Split(strings.TrimSuffix(string(words), "\x00"), "\x00")
+		if err := os.Chdir(args[0]); err != nil {
+			args = []string{"--chdir-failed", err.Error()} // reported below as a bad argument
+		} else {
+			args = args[1:]
+		}
+	}
 	sync := os.NewFile(3, "syncpipe")
 	report := func(v map[string]any) {
 		if sync == nil {
@@ -126,6 +145,9 @@ func monitorMain(args []string) {
 	if err != nil {
 		report(map[string]any{"data": -1, "message": "berth-agent monitor: " + err.Error()})
 		os.Exit(2)
+	}
+	if spare && m.agentFD != 4 {
+		unix.Close(4) // a spare always has the launcher's socket pair as fd 4; unused here
 	}
 	// Nobody reads our own stdout/stderr once berthd has its answer: a write to a closed pipe on
 	// fd 1 or 2 would kill a Go program, so both go to /dev/null.

@@ -15,7 +15,7 @@
 //
 // Subclasses choose the runtime, its flags, how the writable layer is provided and how a created
 // container is started.
-import { chmodSync, chownSync, existsSync, mkdirSync, readFileSync, readdirSync, rmSync, rmdirSync, statSync, watch, writeFileSync, type FSWatcher } from 'node:fs';
+import { chmodSync, chownSync, existsSync, mkdirSync, readFileSync, readdirSync, readlinkSync, realpathSync, rmSync, rmdirSync, statSync, watch, writeFileSync, type FSWatcher } from 'node:fs';
 import { readFile } from 'node:fs/promises';
 import { EventEmitter } from 'node:events';
 import { spawn } from 'node:child_process';
@@ -42,7 +42,7 @@ import { AgentConnection } from '../agent/client.js';
 import { AgentPool } from '../agent/pool.js';
 import { agentAtLeast, findAgent } from '../agent/binary.js';
 import { loadDefaultSeccomp, type OciSeccomp } from './seccomp.js';
-import { Launcher } from './launcher.js';
+import { Launcher, monitorSpare } from './launcher.js';
 import { traceMark } from '../../lib/trace.js';
 import type { NetworkAttachment, NetworkManager } from '../../network/manager.js';
 
@@ -106,6 +106,8 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
   private seccomp: OciSeccomp | undefined;
   /** Starts conmon (and `<runtime> start`) without forking berthd on the critical path; see launcher.ts. */
   protected readonly launcher: Launcher;
+  /** Berth's monitor started ahead of time, waiting for its arguments (see prespawnsMonitor()). */
+  private readonly monitors: Launcher | undefined;
   /** Sandboxes get their agent connection handed in at start instead of connecting to its socket (see start()). */
   private readonly agentConnFd: boolean;
 
@@ -119,8 +121,10 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
     const env = process.env.BERTH_MONITOR;
     const monitor = opts.monitor ?? (env === 'conmon' || env === 'berth' ? env : agent ? 'berth' : 'conmon');
     this.monitorArgv = monitor === 'berth' && agent ? [agent, 'monitor'] : [opts.conmonPath ?? '/usr/bin/conmon'];
-    // Needs Berth's own monitor (--agent-fd) and agent (--conn-fd), both new in agent 0.2.0.
-    this.agentConnFd = monitor === 'berth' && !!agent && this.passesAgentConnection() && agentAtLeast(agent, '0.2.0');
+    // Need Berth's own monitor (--agent-fd, --spare) and agent (--conn-fd), new in agent 0.2.0.
+    const agent020 = monitor === 'berth' && !!agent && agentAtLeast(agent, '0.2.0');
+    this.agentConnFd = agent020 && this.passesAgentConnection();
+    this.monitors = agent020 && this.prespawnsMonitor() ? new Launcher(1, monitorSpare(agent)) : undefined;
     this.conmon = this.monitorArgv[0]!;
     this.root = join(opts.stateDir, runtimeName);
     this.exitsDir = join(opts.stateDir, 'exits');
@@ -128,8 +132,10 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
     this.cgroupParent = opts.cgroupParent ?? 'berth';
     for (const d of [this.root, this.exitsDir, this.tasksDir]) mkdirSync(d, { recursive: true, mode: 0o700 });
     this.exits.setMaxListeners(0);
-    this.launcher = new Launcher(this.launchesPerStart());
+    // (With monitor spares, the bash ones are for the rest: none for runc, whose start is the exec fifo.)
+    this.launcher = new Launcher(this.launchesPerStart() - (this.monitors ? 1 : 0));
     this.launcher.warm();
+    this.monitors?.warm();
   }
 
   /** Subscribe to task exits (any task); returns an unsubscribe function. */
@@ -153,6 +159,7 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
     this.watcher?.close();
     this.watcher = undefined;
     this.launcher.close();
+    this.monitors?.close();
   }
 
   /**
@@ -176,6 +183,14 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
    * agent can be given its host connection at start (see start()).
    */
   protected passesAgentConnection(): boolean {
+    return false;
+  }
+
+  /**
+   * Whether Berth's monitor is kept started ahead of time (launcher.ts, monitorSpare()): for drivers
+   * whose starts run no command before the monitor (prepareRootfs() returns none).
+   */
+  protected prespawnsMonitor(): boolean {
     return false;
   }
 
@@ -369,6 +384,7 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
       throw new BerthError('failed_precondition', `could not start the container: ${(e as Error).message}`);
     } finally {
       this.launcher.refillSoon();
+      this.monitors?.refillSoon();
     }
   }
 
@@ -538,7 +554,8 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
     return new Promise((resolve, reject) => {
       // conmon writes some marker files (e.g. `oom`) relative to its working directory. Its
       // environment is PATH and _OCI_SYNCPIPE=3, stdin/stdout /dev/null, its own session (launcher.ts).
-      const { child, fd3, fd4 } = this.launcher.launch(dir, [...this.monitorArgv, ...args], pre, !!onAgentSocket);
+      const launcher = this.monitors && pre.length === 0 ? this.monitors : this.launcher;
+      const { child, fd3, fd4 } = launcher.launch(dir, [...this.monitorArgv, ...args], pre, !!onAgentSocket);
       if (fd4) onAgentSocket?.(fd4);
       let out = '';
       let err = '';
@@ -614,11 +631,20 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
   }
 
   private monitorAlive(h: TaskHandle): boolean {
-    if (!pidAlive(h.monitorPid)) return false;
+    // Guard against PID reuse: the process must be the monitor of this task.
+    return pidAlive(h.monitorPid) && this.isMonitorFor(h.monitorPid!, h.id);
+  }
+
+  /**
+   * Whether `pid` is the monitor (conmon, or Berth's) of task `id`: named by its arguments, or, for
+   * a monitor started ahead of time (`monitor --spare`, which got its arguments on stdin), by its
+   * working directory, the task's folder.
+   */
+  private isMonitorFor(pid: number, id: string): boolean {
     try {
-      // Guard against PID reuse: the process must be conmon for this task.
-      const cmd = readFileSync(`/proc/${h.monitorPid}/cmdline`, 'utf8');
-      return isMonitorCmdline(cmd) && cmd.includes(`\0${h.id}\0`);
+      const cmd = readFileSync(`/proc/${pid}/cmdline`, 'utf8');
+      if (!isMonitorCmdline(cmd)) return false;
+      return cmd.includes(`\0${id}\0`) || readlinkSync(`/proc/${pid}/cwd`) === realpathSync(this.taskDir(id));
     } catch {
       return false;
     }
@@ -815,8 +841,8 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
       }
     }
     if (conmonPid && pidAlive(conmonPid)) {
-      for (let i = 0; i < 100 && pidAlive(conmonPid) && isConmonFor(conmonPid, id); i++) await sleep(20);
-      if (pidAlive(conmonPid) && isConmonFor(conmonPid, id)) process.kill(conmonPid, 'SIGKILL');
+      for (let i = 0; i < 100 && pidAlive(conmonPid) && this.isMonitorFor(conmonPid, id); i++) await sleep(20);
+      if (pidAlive(conmonPid) && this.isMonitorFor(conmonPid, id)) process.kill(conmonPid, 'SIGKILL');
     }
     await this.releaseRootfs(dir);
     await unmountDisk(join(dir, 'disk'));
@@ -918,15 +944,6 @@ export const DEFAULT_CAPS = [
 /** conmon, or the guest agent in monitor mode. */
 function isMonitorCmdline(cmd: string): boolean {
   return cmd.includes('conmon') || cmd.includes('\0monitor\0');
-}
-
-function isConmonFor(pid: number, id: string): boolean {
-  try {
-    const cmd = readFileSync(`/proc/${pid}/cmdline`, 'utf8');
-    return isMonitorCmdline(cmd) && cmd.includes(`\0${id}\0`);
-  } catch {
-    return false;
-  }
 }
 
 export function cleanRuncError(s: string): string {

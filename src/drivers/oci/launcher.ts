@@ -12,6 +12,10 @@
 // workload's first output leave berthd first. When none is ready (a burst of starts) a fresh one is
 // spawned for the command: a direct spawn plus the start of bash (about a millisecond).
 //
+// A spare can also be the program itself, started ahead of time and waiting for its arguments:
+// Berth's own monitor (`berth-agent monitor --spare`, agent/monitor.go; see monitorSpare()), so that
+// a container start does not wait for the monitor's exec and Go runtime start either (~2 ms).
+//
 // Each launched process gets: stdin /dev/null, stdout /dev/null, stderr a pipe, fd 3 a pipe (what
 // conmon's _OCI_SYNCPIPE=3 names; other commands leave it alone), fd 4 one end of a connected unix
 // socket pair (a sandbox's agent connection, handed on by the monitor; see driver.ts), environment
@@ -34,6 +38,36 @@ const SCRIPT = [
   'exec "${a[@]:3+n}" </dev/null',
 ].join('\n');
 
+/** What a spare process is and what a launch writes to it. */
+export interface SpareProgram {
+  /** argv of a spare process; it reads NUL-separated words from stdin until EOF. */
+  argv: string[];
+  /** The words that make it run `argv` in `cwd` (after `pre`), with fd 4 kept when `withSocket`. */
+  words(cwd: string, argv: string[], pre: string[], withSocket: boolean): string[];
+}
+
+/** bash running any command (SCRIPT). */
+export function bashSpare(bash = '/bin/bash'): SpareProgram {
+  return {
+    argv: [bash, '--noprofile', '--norc', '-c', SCRIPT],
+    words: (cwd, argv, pre, withSocket) => [cwd, withSocket ? '1' : '0', String(pre.length), ...pre, ...argv],
+  };
+}
+
+/**
+ * Berth's monitor waiting for its arguments (agent 0.2.0): launches only `[agent, 'monitor', …args]`,
+ * with no `pre` command; the monitor closes fd 4 itself unless its arguments name it (--agent-fd 4).
+ */
+export function monitorSpare(agent: string): SpareProgram {
+  return {
+    argv: [agent, 'monitor', '--spare'],
+    words: (cwd, argv, pre) => {
+      if (argv[0] !== agent || argv[1] !== 'monitor' || pre.length) throw new Error('a monitor spare runs only the monitor, without a command before it');
+      return [cwd, ...argv.slice(2)];
+    },
+  };
+}
+
 export interface Launched {
   child: ChildProcess;
   stderr: Readable;
@@ -54,12 +88,12 @@ export class Launcher {
   /** `size`: spares kept (how many launches one start makes: conmon, and `runsc start` for gVisor). */
   constructor(
     private readonly size = 1,
-    private readonly bash = '/bin/bash',
+    private readonly program: SpareProgram = bashSpare(),
     private readonly env: NodeJS.ProcessEnv = { PATH: process.env.PATH ?? '/usr/sbin:/usr/bin:/sbin:/bin', _OCI_SYNCPIPE: '3' },
   ) {}
 
-  private spawnBash(): ChildProcess {
-    const child = spawn(this.bash, ['--noprofile', '--norc', '-c', SCRIPT], {
+  private spawnSpare(): ChildProcess {
+    const child = spawn(this.program.argv[0]!, this.program.argv.slice(1), {
       stdio: ['pipe', 'ignore', 'pipe', 'pipe', 'pipe'],
       env: this.env,
       // Its own session and process group, like conmon wants (conmon calls setsid itself too).
@@ -78,7 +112,7 @@ export class Launcher {
   /** Spawn the missing spares now (call while idle). */
   warm(): void {
     while (!this.closed && this.spares.length < this.size) {
-      const s = this.spawnBash();
+      const s = this.spawnSpare();
       this.spares.push(s);
       s.once('exit', () => {
         this.spares = this.spares.filter((x) => x !== s);
@@ -92,10 +126,10 @@ export class Launcher {
    * `withSocket`: `argv` gets fd 4 (not `pre`), and the caller its other end (Launched.fd4).
    */
   launch(cwd: string, argv: string[], pre: string[] = [], withSocket = false): Launched {
-    let child = this.spares.shift();
-    if (!child || child.exitCode !== null || child.signalCode !== null || !child.stdin?.writable) child = this.spawnBash();
-    const words = [cwd, withSocket ? '1' : '0', String(pre.length), ...pre, ...argv];
+    const words = this.program.words(cwd, argv, pre, withSocket);
     if (words.some((w) => w.includes('\0'))) throw new Error('a launch argument contains a NUL byte');
+    let child = this.spares.shift();
+    if (!child || child.exitCode !== null || child.signalCode !== null || !child.stdin?.writable) child = this.spawnSpare();
     child.ref();
     const stderr = child.stderr as Readable & { ref?: () => void };
     const fd3 = child.stdio[3] as Readable & { ref?: () => void };

@@ -66,6 +66,11 @@ export class RuncDriver extends OciRuntimeDriver {
     return true;
   }
 
+  /** No command before the monitor: it can be started ahead of time. */
+  protected override prespawnsMonitor(): boolean {
+    return true;
+  }
+
   /** Only conmon: the start is the exec fifo, released from berthd. */
   protected override launchesPerStart(): number {
     return 1;
