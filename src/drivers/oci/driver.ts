@@ -471,7 +471,11 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
       () => traceMark(id, 'driver.created'),
       async () => {
         await this.rt(['kill', id, 'SIGKILL'], 10_000).catch(() => undefined);
-        this.exits.emit('exit', id);
+        try {
+          this.exits.emit('exit', id);
+        } catch {
+          /* a listener's failure is not this create's */
+        }
       },
     );
     this.creating.set(id, done);
