@@ -33,6 +33,7 @@ func main() {
 	poweroff := flag.Bool("poweroff", false, "let shutdown{poweroff:true} power the machine off even when not PID 1")
 	reaper := flag.Bool("reaper", false, "become a child subreaper and reap orphans (always on as PID 1)")
 	version := flag.Bool("version", false, "print the version and exit")
+	connFD := flag.Int("conn-fd", -1, "an inherited, already connected socket to serve as one more connection (besides --listen): the host's first connection, made before the agent ran")
 	flag.Parse()
 	log.SetPrefix("berth-agent: ")
 	if *version {
@@ -67,6 +68,11 @@ func main() {
 		log.Fatalf("--root: %v", err)
 	}
 	a := NewAgent(root, pid1 || *reaper, *poweroff)
+	if *connFD >= 0 {
+		// Not inherited by the processes the agent starts (they must not talk to the host as the agent).
+		unix.CloseOnExec(*connFD)
+		go a.Serve(os.NewFile(uintptr(*connFD), "host"))
+	}
 	if err := a.Listen(*listen); err != nil {
 		log.Fatal(err)
 	}

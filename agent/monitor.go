@@ -6,6 +6,7 @@ package main
 //
 //	-c/-u/-n ID  -r RUNTIME  -b BUNDLE  -p CTR_PIDFILE  -P MONITOR_PIDFILE  -l k8s-file:LOG
 //	--log-size-max N  --exit-dir DIR  --persist-dir DIR  --runtime-arg ARG …  --restore DIR  (others ignored)
+//	--agent-fd N: hand inherited fd N to the container as its fd 3 (the runtime's --preserve-fds 1)
 //	env _OCI_SYNCPIPE=3: one JSON line {"data": <container pid>} (or {"data": -1, "message": …})
 //
 // It runs `RUNTIME [args] create --bundle BUNDLE --pid-file CTR_PIDFILE ID` with the container's
@@ -16,12 +17,18 @@ package main
 // Why not only Debian's conmon: conmon's start (exec and dynamic linking of glib, systemd and
 // gcrypt) costs about 3 ms more than this static binary on every container start, measured on the
 // start-latency path (bench/start-latency.ts); the driver can use either (BERTH_MONITOR=conmon).
+//
+// `berth-agent monitor --spare`: started ahead of time by berthd (src/drivers/oci/launcher.ts), it
+// waits for its working directory and arguments on stdin (NUL-separated, until EOF) and then runs
+// as above, so that a container start does not wait for the monitor's exec and Go runtime start.
+// Stdin closed with nothing on it (berthd closing or dying): it exits quietly.
 
 import (
 	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -39,10 +46,11 @@ type monitorArgs struct {
 	run                                                           bool   // --run: `RUNTIME run --detach` instead of create (no separate start)
 	logMax                                                        int64
 	runtimeArgs                                                   []string
+	agentFD                                                       int // --agent-fd: inherited fd passed on to the container as fd 3; -1: none
 }
 
 func parseMonitorArgs(args []string) (*monitorArgs, error) {
-	m := &monitorArgs{logMax: 64 << 20}
+	m := &monitorArgs{logMax: 64 << 20, agentFD: -1}
 	for i := 0; i < len(args); i++ {
 		a := args[i]
 		val := func() (string, error) {
@@ -82,6 +90,14 @@ func parseMonitorArgs(args []string) (*monitorArgs, error) {
 			m.restore, err = val()
 		case "--run":
 			m.run = true
+		case "--agent-fd":
+			v, err = val()
+			if err == nil {
+				m.agentFD, err = strconv.Atoi(v)
+				if err == nil && m.agentFD < 3 {
+					err = fmt.Errorf("--agent-fd %d: want an inherited fd above 2", m.agentFD)
+				}
+			}
 		case "--runtime-arg":
 			v, err = val()
 			m.runtimeArgs = append(m.runtimeArgs, v)
@@ -102,6 +118,19 @@ func parseMonitorArgs(args []string) (*monitorArgs, error) {
 }
 
 func monitorMain(args []string) {
+	spare := len(args) == 1 && args[0] == "--spare"
+	if spare {
+		words, err := io.ReadAll(os.Stdin)
+		if err != nil || len(words) == 0 {
+			os.Exit(0)
+		}
+		args = strings.Split(strings.TrimSuffix(string(words), "\x00"), "\x00")
+		if err := os.Chdir(args[0]); err != nil {
+			args = []string{"--chdir-failed", err.Error()} // reported below as a bad argument
+		} else {
+			args = args[1:]
+		}
+	}
 	sync := os.NewFile(3, "syncpipe")
 	report := func(v map[string]any) {
 		if sync == nil {
@@ -116,6 +145,9 @@ func monitorMain(args []string) {
 	if err != nil {
 		report(map[string]any{"data": -1, "message": "berth-agent monitor: " + err.Error()})
 		os.Exit(2)
+	}
+	if spare && m.agentFD != 4 {
+		unix.Close(4) // a spare always has the launcher's socket pair as fd 4; unused here
 	}
 	// Nobody reads our own stdout/stderr once berthd has its answer: a write to a closed pipe on
 	// fd 1 or 2 would kill a Go program, so both go to /dev/null.
@@ -149,12 +181,27 @@ func monitorMain(args []string) {
 		// A checkpoint (runsc): restored and running when the command exits, like create+start.
 		verb = []string{"restore", "--image-path", m.restore, "--detach"}
 	}
+	var agentConn *os.File
+	if m.agentFD >= 0 {
+		// The sandbox agent's host connection (berthd holds the other end): the runtime hands it to
+		// the container's init, which is the agent, as fd 3. The monitor keeps no copy of it, so the
+		// host sees the connection end when the agent does.
+		unix.CloseOnExec(m.agentFD)
+		agentConn = os.NewFile(uintptr(m.agentFD), "agent-conn")
+		verb = append(verb, "--preserve-fds", "1")
+	}
 	cmd := exec.Command(m.runtime, append(append(append([]string{}, m.runtimeArgs...), verb...), "--bundle", m.bundle, "--pid-file", m.ctrPid, m.id)...)
 	cmd.Stdout, cmd.Stderr = outW, errW
+	if agentConn != nil {
+		cmd.ExtraFiles = []*os.File{agentConn}
+	}
 	cmd.SysProcAttr = &syscall.SysProcAttr{}
 	createErr := cmd.Start()
 	outW.Close()
 	errW.Close()
+	if agentConn != nil {
+		agentConn.Close()
+	}
 	if createErr == nil {
 		createErr = cmd.Wait()
 	}

@@ -13,7 +13,7 @@ import (
 )
 
 // Version is the agent's own version, announced by hello.
-const Version = "0.1.0"
+const Version = "0.2.0" // 0.2.0: --conn-fd, and the monitor's --agent-fd
 
 // Agent serves the protocol on connections; processes outlive connections.
 type Agent struct {

@@ -1,7 +1,7 @@
 // Test harness: runs a real berthd process on a throw-away data directory, talks to it over
 // HTTP, and checks that nothing Berth created on the host is left behind.
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { existsSync, mkdtempSync, readFileSync, readdirSync, rmSync, rmdirSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, readdirSync, readlinkSync, rmSync, rmdirSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { cgroupHierarchies, mountPointsUnder } from '../src/lib/host.js';
 import { instanceId } from '../src/network/manager.js';
@@ -162,7 +162,8 @@ export class TestDaemon {
       try {
         const cmd = readFileSync(`/proc/${pid}/cmdline`, 'utf8');
         if (cmd.startsWith('conmon') || cmd.includes('/conmon\0') || cmd.includes('berth-agent\0monitor\0')) {
-          if (cmd.includes(this.dataDir)) found.push(`monitor process ${pid}`);
+          // A monitor started ahead of time (`monitor --spare`) got its arguments on stdin: its working directory is the task's.
+          if (cmd.includes(this.dataDir) || readlinkSync(`/proc/${pid}/cwd`).startsWith(this.dataDir)) found.push(`monitor process ${pid}`);
         }
         if (cmd.includes('qemu-system') && cmd.includes(this.dataDir)) found.push(`microVM process ${pid}`);
         if (cmd.split('\0')[0]!.endsWith('haproxy') && cmd.includes(this.dataDir)) found.push(`proxy process ${pid}`);

@@ -14,7 +14,7 @@ import { SANDBOX, SANDBOXTEMPLATE, initialSandboxStatus, previewHost, sandboxAct
 import type { AppEnv } from '../app.js';
 import type { ApiContext } from '../context.js';
 import { Isolation, Labels, ListQuery, Name, NetworkSpec, Resources, listOf } from '../schemas.js';
-import { ProjectNameParams, ProjectParams, body, errorResponses, getLive, json, useProject, view } from './common.js';
+import { ProjectNameParams, ProjectParams, body, errorResponses, getLive, json, requestSignal, useProject, view } from './common.js';
 import { admitRunSpec, waitForChange } from './workloads.js';
 import { traceArrival, traceMark } from '../../lib/trace.js';
 import { SANDBOXPOOL, poolMatches, poolMembers, type SandboxPoolSpecT, type SandboxPoolStatusT } from '../../reconcilers/sandboxpools.js';
@@ -216,8 +216,8 @@ export function registerSandboxRoutes(app: OpenAPIHono<AppEnv>, ctx: ApiContext)
       ctx.kick(SANDBOX, s.id);
       if (c.req.valid('query').wait === 'true') {
         const deadline = Date.now() + 120_000;
-        while (!['running', 'failed', 'stopped'].includes(s.status.phase) && Date.now() < deadline && !c.req.raw.signal.aborted) {
-          s = (await waitForChange(ctx, s.id, s.resourceVersion, deadline - Date.now(), c.req.raw.signal)) as SandboxResource;
+        while (!['running', 'failed', 'stopped'].includes(s.status.phase) && Date.now() < deadline && !requestSignal(c).aborted) {
+          s = (await waitForChange(ctx, s.id, s.resourceVersion, deadline - Date.now(), requestSignal(c))) as SandboxResource;
         }
       }
       traceMark(s.id, 'api.answer');
@@ -346,8 +346,8 @@ export function registerSandboxRoutes(app: OpenAPIHono<AppEnv>, ctx: ApiContext)
           s = ctx.store.updateSpec(s.id, { spec: { ...s.spec, state: want } }) as SandboxResource;
           ctx.kick(SANDBOX, s.id);
           const deadline = Date.now() + 60_000;
-          while (s.status.phase !== want && ['running', 'paused'].includes(s.status.phase) && Date.now() < deadline && !c.req.raw.signal.aborted) {
-            s = (await waitForChange(ctx, s.id, s.resourceVersion, deadline - Date.now(), c.req.raw.signal)) as SandboxResource;
+          while (s.status.phase !== want && ['running', 'paused'].includes(s.status.phase) && Date.now() < deadline && !requestSignal(c).aborted) {
+            s = (await waitForChange(ctx, s.id, s.resourceVersion, deadline - Date.now(), requestSignal(c))) as SandboxResource;
           }
         }
         return c.json(sandboxView(s) as never, 200);
@@ -429,7 +429,7 @@ export function registerSandboxRoutes(app: OpenAPIHono<AppEnv>, ctx: ApiContext)
       useProject(ctx, c, project);
       const b = c.req.valid('json');
       if (b.pty && (b.background || b.stdin !== undefined)) throw new BerthError('invalid_argument', 'a pty command streams its output and takes input from POST …/processes/{id}/input: drop background and stdin');
-      const { s, agent } = await agentOf(project, name, c.req.raw.signal);
+      const { s, agent } = await agentOf(project, name, requestSignal(c));
       traceArrival(c.req.raw, s.id, 'cmd.arrive');
       traceMark(s.id, 'cmd.request');
       const args = typeof b.cmd === 'string' ? ['/bin/sh', '-c', b.cmd] : b.cmd;

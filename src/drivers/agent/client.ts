@@ -49,6 +49,11 @@ export class AgentConnection {
     this.sock.once('close', fn);
   }
 
+  /** A connection over a socket that is already connected to the agent (see OciRuntimeDriver: the socket pair handed to a container's agent). */
+  static over(sock: Socket): AgentConnection {
+    return new AgentConnection(sock);
+  }
+
   /** Connects to a unix socket, retrying while it does not exist yet or refuses, until timeoutMs. */
   static async open(path: string, timeoutMs: number, signal?: AbortSignal): Promise<AgentConnection> {
     const started = Date.now();

@@ -18,8 +18,17 @@ export class AgentPool {
     return this.open(id, socketPath, timeoutMs, signal);
   }
 
+  /** Makes `conn` (connected some other way) the task's shared connection, replacing any other. */
+  adopt(id: string, conn: AgentConnection): void {
+    this.drop(id);
+    this.track(id, Promise.resolve(conn));
+  }
+
   private open(id: string, socketPath: string, timeoutMs: number, signal?: AbortSignal): Promise<AgentConnection> {
-    const p = AgentConnection.open(socketPath, timeoutMs, signal);
+    return this.track(id, AgentConnection.open(socketPath, timeoutMs, signal));
+  }
+
+  private track(id: string, p: Promise<AgentConnection>): Promise<AgentConnection> {
     this.conns.set(id, p);
     p.then(
       (c) => c.onClose(() => {

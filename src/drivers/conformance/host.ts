@@ -3,7 +3,7 @@
 // or the required binaries.
 import { test } from 'node:test';
 import { randomBytes } from 'node:crypto';
-import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, rmdirSync } from 'node:fs';
+import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, rmdirSync, readlinkSync } from 'node:fs';
 import { join } from 'node:path';
 import { spawnSync } from 'node:child_process';
 import { ensureBusyboxImage } from '../../images/busybox.js';
@@ -77,7 +77,14 @@ export function conformanceOnHost(name: string, required: string[], runtimeDir: 
         } catch {
           continue;
         }
-        if (cmd.includes(stateDir)) left.push(`process ${p}: ${cmd.split('\0').join(' ').slice(0, 200)}`);
+        // (A monitor started ahead of time, `monitor --spare`, has no paths in its arguments: its working directory is the task's.)
+        let cwd = '';
+        try {
+          cwd = readlinkSync(`/proc/${p}/cwd`);
+        } catch {
+          /* gone, or a kernel thread */
+        }
+        if (cmd.includes(stateDir) || cwd.startsWith(stateDir)) left.push(`process ${p}: ${cmd.split('\0').join(' ').slice(0, 200)} (in ${cwd})`);
       }
       for (const d of cgroupParentDirs(cgroupParent)) {
         for (const e of readdirSync(d, { withFileTypes: true })) if (e.isDirectory()) left.push(`cgroup ${join(d, e.name)}`);

@@ -4,10 +4,11 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
-import { chmodSync, existsSync, writeFileSync } from 'node:fs';
+import { chmodSync, existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { assertClean, busyboxFixture } from './testing.js';
-import { findAgent } from '../agent/binary.js';
+import { agentAtLeast, findAgent } from '../agent/binary.js';
+import { AgentConnection } from '../agent/client.js';
 import { RuncDriver } from '../runc/driver.js';
 import type { TaskConfig } from '../../core/driver.js';
 import type { AgentFrame } from '../agent/client.js';
@@ -38,6 +39,64 @@ test('the first command after a start waits for the agent and runs through it', 
     assertClean(driver, stateDir, id);
   } finally {
     await driver.destroy(id, { force: true }).catch(() => undefined);
+    driver.removeCgroupParent();
+    driver.close();
+  }
+});
+
+test("a sandbox's agent gets its host connection at start, and the commands it runs do not inherit it", { skip: skip ?? (!agentAtLeast(findAgent() ?? '', '0.2.0') ? 'needs agent 0.2.0 (scripts/setup.sh)' : undefined) }, async () => {
+  const stateDir = join(fx.base, 'connfd');
+  const driver = new RuncDriver({ stateDir, cgroupParent });
+  const id = `as-${randomBytes(3).toString('hex')}`;
+  try {
+    await driver.start(task(id));
+    let out = '';
+    const agent = await driver.agent(id, 5000);
+    // PID 1 is the agent, told to serve fd 3; fd 3 is a socket (the pair's other end is berthd's).
+    const script = 'tr "\\0" " " </proc/1/cmdline; echo; readlink /proc/1/fd/3; for f in /proc/$$/fd/*; do readlink $f; done; true';
+    const exit = await agent.request({ id: 'fds', type: 'run', args: ['sh', '-c', script], env: {}, cwd: '/', stdin: false }, 10_000, undefined, (f) => {
+      if (f.type === 'stdout') out += Buffer.from(String(f.data), 'base64').toString();
+    });
+    assert.equal(exit.code, 0);
+    const [cmdline, fd3, ...own] = out.trim().split('\n');
+    assert.match(cmdline!, /--conn-fd 3/);
+    assert.match(fd3!, /^socket:/);
+    assert.ok(own.length >= 3 && own.every((l) => !l.startsWith('socket:')), `the command's own fds hold no socket: ${own.join(', ')}`);
+    // The agent still listens on its socket: a second connection (after a broken one, or a restart of berthd) works.
+    const again = await AgentConnection.open(join(stateDir, 'tasks', id, 'run', 'agent.sock'), 5000);
+    try {
+      assert.equal((await again.request({ type: 'ping' }, 5000)).type, 'ok');
+    } finally {
+      again.close();
+    }
+    await driver.destroy(id, { force: true });
+    assertClean(driver, stateDir, id);
+  } finally {
+    await driver.destroy(id, { force: true }).catch(() => undefined);
+    driver.removeCgroupParent();
+    driver.close();
+  }
+});
+
+test("a start answers with the container init's pid; stop and destroy right after it clean up", { skip }, async () => {
+  const stateDir = join(fx.base, 'early');
+  const driver = new RuncDriver({ stateDir, cgroupParent });
+  try {
+    for (let i = 0; i < 3; i++) {
+      const id = `as-${randomBytes(3).toString('hex')}`;
+      const h = await driver.start(task(id));
+      // The pid is the container's init (PID 1 inside), known before `runc create` has written its pid file.
+      const status = readFileSync(`/proc/${h.pid}/status`, 'utf8');
+      assert.match(status, /^NSpid:\s+\d+\s+1$/m, `pid ${h.pid} is the container's init`);
+      // At once: stop (runc kill) and destroy (runc delete) need the runtime's state, saved at the end of
+      // create, which may still be finishing (they wait for it: afterCreate(); the window is too short
+      // to hit on purpose here).
+      const exit = await driver.stop(h, { timeoutMs: 2000, signal: 'SIGKILL' });
+      assert.equal(exit.signal, 'SIGKILL');
+      await driver.destroy(id, { force: true });
+      assertClean(driver, stateDir, id);
+    }
+  } finally {
     driver.removeCgroupParent();
     driver.close();
   }

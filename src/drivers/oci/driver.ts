@@ -15,10 +15,11 @@
 //
 // Subclasses choose the runtime, its flags, how the writable layer is provided and how a created
 // container is started.
-import { chmodSync, chownSync, existsSync, mkdirSync, readFileSync, readdirSync, rmSync, rmdirSync, statSync, watch, writeFileSync, type FSWatcher } from 'node:fs';
+import { chmodSync, chownSync, existsSync, mkdirSync, readFileSync, readdirSync, readlinkSync, realpathSync, rmSync, rmdirSync, statSync, watch, writeFileSync, type FSWatcher } from 'node:fs';
 import { readFile } from 'node:fs/promises';
 import { EventEmitter } from 'node:events';
 import { spawn } from 'node:child_process';
+import type { Socket } from 'node:net';
 import { basename, join } from 'node:path';
 import { constants as osConstants } from 'node:os';
 import type {
@@ -37,11 +38,11 @@ import { pidAlive, run, sleep } from '../../lib/exec.js';
 import { cgroupHierarchies } from '../../lib/host.js';
 import { makeWritableDisk, mountDisk, unmountDisk } from '../../lib/disk.js';
 import { buildOciConfig, hostNofileLimit, type OciBuildOptions, type OciConfig, type OciMount } from './ocispec.js';
-import type { AgentConnection } from '../agent/client.js';
+import { AgentConnection } from '../agent/client.js';
 import { AgentPool } from '../agent/pool.js';
-import { findAgent } from '../agent/binary.js';
+import { agentAtLeast, findAgent } from '../agent/binary.js';
 import { loadDefaultSeccomp, type OciSeccomp } from './seccomp.js';
-import { Launcher } from './launcher.js';
+import { Launcher, monitorSpare } from './launcher.js';
 import { traceMark } from '../../lib/trace.js';
 import type { NetworkAttachment, NetworkManager } from '../../network/manager.js';
 
@@ -92,6 +93,8 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
   protected readonly cgroupParent: string;
   private readonly exits = new EventEmitter();
   private readonly agents = new AgentPool();
+  /** `<runtime> create` still finishing for tasks that start() answered for already (see finishCreate()). */
+  private readonly creating = new Map<string, Promise<void>>();
   /** Sandboxes whose agent is not connected yet since their start (see connectStarted()). */
   private readonly starting = new Map<string, Promise<void>>();
   /** Ends connectStarted()'s wait for the agent's socket when the task is destroyed first. */
@@ -103,6 +106,10 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
   private seccomp: OciSeccomp | undefined;
   /** Starts conmon (and `<runtime> start`) without forking berthd on the critical path; see launcher.ts. */
   protected readonly launcher: Launcher;
+  /** Berth's monitor started ahead of time, waiting for its arguments (see prespawnsMonitor()). */
+  private readonly monitors: Launcher | undefined;
+  /** Sandboxes get their agent connection handed in at start instead of connecting to its socket (see start()). */
+  private readonly agentConnFd: boolean;
 
   constructor(
     protected readonly opts: OciDriverOptions,
@@ -114,6 +121,10 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
     const env = process.env.BERTH_MONITOR;
     const monitor = opts.monitor ?? (env === 'conmon' || env === 'berth' ? env : agent ? 'berth' : 'conmon');
     this.monitorArgv = monitor === 'berth' && agent ? [agent, 'monitor'] : [opts.conmonPath ?? '/usr/bin/conmon'];
+    // Need Berth's own monitor (--agent-fd, --spare) and agent (--conn-fd), new in agent 0.2.0.
+    const agent020 = monitor === 'berth' && !!agent && agentAtLeast(agent, '0.2.0');
+    this.agentConnFd = agent020 && this.passesAgentConnection();
+    this.monitors = agent020 && this.prespawnsMonitor() ? new Launcher(1, monitorSpare(agent)) : undefined;
     this.conmon = this.monitorArgv[0]!;
     this.root = join(opts.stateDir, runtimeName);
     this.exitsDir = join(opts.stateDir, 'exits');
@@ -121,8 +132,10 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
     this.cgroupParent = opts.cgroupParent ?? 'berth';
     for (const d of [this.root, this.exitsDir, this.tasksDir]) mkdirSync(d, { recursive: true, mode: 0o700 });
     this.exits.setMaxListeners(0);
-    this.launcher = new Launcher(this.launchesPerStart());
+    // (With monitor spares, the bash ones are for the rest: none for runc, whose start is the exec fifo.)
+    this.launcher = new Launcher(this.launchesPerStart() - (this.monitors ? 1 : 0));
     this.launcher.warm();
+    this.monitors?.warm();
   }
 
   /** Subscribe to task exits (any task); returns an unsubscribe function. */
@@ -146,6 +159,7 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
     this.watcher?.close();
     this.watcher = undefined;
     this.launcher.close();
+    this.monitors?.close();
   }
 
   /**
@@ -161,6 +175,22 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
    * (`<runtime> run --detach`, Berth's own monitor only): no `<runtime> start` afterwards.
    */
   protected runsOnCreate(): boolean {
+    return false;
+  }
+
+  /**
+   * Whether the runtime hands extra fds to the container's init (`--preserve-fds`), so that a sandbox's
+   * agent can be given its host connection at start (see start()).
+   */
+  protected passesAgentConnection(): boolean {
+    return false;
+  }
+
+  /**
+   * Whether Berth's monitor is kept started ahead of time (launcher.ts, monitorSpare()): for drivers
+   * whose starts run no command before the monitor (prepareRootfs() returns none).
+   */
+  protected prespawnsMonitor(): boolean {
     return false;
   }
 
@@ -258,7 +288,15 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
     traceMark(cfg.id, 'driver.start');
     const dir = this.taskDir(cfg.id);
     const bundle = join(dir, 'bundle');
-    const sandbox = cfg.sandbox ? this.sandboxTask(cfg, dir) : undefined;
+    // A sandbox's agent gets its host connection at start: one end of a socket pair that the launcher
+    // made (fd 4 of the launched monitor, which has the runtime hand it to the agent as fd 3). It
+    // is connected before the agent runs: hello and the first command are written at once and wait
+    // in the socket until the agent reads them, instead of berthd retrying connect() on the agent's
+    // socket until it listens (measured: the connection came 3–4 ms after the agent listened, and
+    // the first command waited for it). The agent listens on its socket too, for later connections
+    // (after a broken one, or a restart of berthd).
+    const connFd = !!cfg.sandbox && this.agentConnFd && !cfg.restoreFrom;
+    const sandbox = cfg.sandbox ? this.sandboxTask(cfg, dir, connFd) : undefined;
     // Pure conversion + validation first; nothing on the host is touched if the spec is bad.
     const config = buildOciConfig(sandbox?.cfg ?? cfg, {
       ...this.rootfsOptions(cfg, dir),
@@ -298,18 +336,29 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
       if (cfg.restoreFrom && sandbox) writeFileSync(join(dir, 'run', 'agent.resume'), '');
       const pre = (await this.prepareRootfs(cfg, dir)) ?? [];
       writeFileSync(join(bundle, 'config.json'), JSON.stringify(config));
-      let pid: number;
       const restore = cfg.restoreFrom ? this.restoreImage(cfg.restoreFrom) : undefined;
       const early = restore ? undefined : this.beginStart(cfg.id);
       traceMark(cfg.id, 'driver.launch');
+      const created = this.spawnConmon(cfg.id, bundle, dir, pre, restore, connFd ? (sock) => this.adoptAgent(cfg.id, sock) : undefined);
+      let pid: number | undefined;
       try {
-        pid = await this.spawnConmon(cfg.id, bundle, dir, pre, restore);
+        pid = early ? await this.startedEarly(cfg.id, early, created) : undefined;
       } catch (e) {
         early?.cancel();
         throw e;
       }
-      traceMark(cfg.id, 'driver.created');
-      if (!restore && !this.runsOnCreate()) await this.startCreated(cfg.id, pid, early); // a restore (or run) runs it already
+      if (pid !== undefined) {
+        this.finishCreate(cfg.id, created);
+      } else {
+        try {
+          pid = await created;
+        } catch (e) {
+          early?.cancel();
+          throw e;
+        }
+        traceMark(cfg.id, 'driver.created');
+        if (!restore && !this.runsOnCreate()) await this.startCreated(cfg.id, pid, early); // a restore (or run) runs it already
+      }
       traceMark(cfg.id, 'driver.running');
       const monitorPid = Number(readFileSync(join(dir, 'conmon.pid'), 'utf8').trim());
       this.ensureWatcher();
@@ -319,7 +368,7 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
       // the caller sends its first command: those ~2 (container) to ~6 ms (gVisor) are no longer
       // spent one after the other. An agent that never listens fails that first call (and its
       // exit, seen by the monitor, ends the sandbox as before).
-      if (sandbox) this.connectStarted(cfg.id);
+      if (sandbox && !connFd) this.connectStarted(cfg.id);
       return {
         driver: this.name,
         id: cfg.id,
@@ -335,6 +384,7 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
       throw new BerthError('failed_precondition', `could not start the container: ${(e as Error).message}`);
     } finally {
       this.launcher.refillSoon();
+      this.monitors?.refillSoon();
     }
   }
 
@@ -343,11 +393,11 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
    * listening on a unix socket in a folder bind-mounted from the task's state folder; berthd drives
    * it from there (commands, files). Root inside, so that commands can run as any user.
    */
-  private sandboxTask(cfg: TaskConfig, dir: string): { cfg: TaskConfig; mounts: OciMount[] } {
+  private sandboxTask(cfg: TaskConfig, dir: string, connFd: boolean): { cfg: TaskConfig; mounts: OciMount[] } {
     const agent = findAgent();
     if (!agent) throw invalidArgument('sandboxes need the guest agent binary: run scripts/setup.sh (it builds agent/ with Go)');
     return {
-      cfg: { ...cfg, args: ['/.berth/agent', '--listen', 'unix:/.berth/run/agent.sock'], user: { uid: 0, gid: 0 }, cwd: '/' },
+      cfg: { ...cfg, args: ['/.berth/agent', '--listen', 'unix:/.berth/run/agent.sock', ...(connFd ? ['--conn-fd', '3'] : [])], user: { uid: 0, gid: 0 }, cwd: '/' },
       mounts: [
         { destination: '/.berth/agent', type: 'bind', source: agent, options: ['bind', 'ro', 'nosuid', 'nodev'] },
         { destination: '/.berth/run', type: 'bind', source: join(dir, 'run'), options: ['bind', 'rw', 'nosuid', 'nodev', 'noexec'] },
@@ -393,8 +443,100 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
     this.starting.set(id, starting);
   }
 
-  /** Starts conmon, which runs `<runtime> create`; resolves with the container's PID from conmon's sync pipe. */
-  private spawnConmon(id: string, bundle: string, dir: string, pre: string[], restore?: string): Promise<number> {
+  /**
+   * The container's pid once its init has taken the start signal (`early`, see beginStart()) while
+   * `<runtime> create` is still finishing: saving its state, writing the pid file and exiting, and
+   * the monitor reporting that. From the start signal on the container runs its process — the moment
+   * `<runtime> run` (and the bare-runtime benchmark) counts as started — and the rest took ~3 ms
+   * (median; bench/sandboxes.ts, traced), which start() no longer waits for: finishCreate() sees to
+   * it. Undefined (wait for create as before) when create ended first, or the init's pid cannot be
+   * told (it is PID 1 of its pid namespace; found in the container's cgroup). Rejects when create fails first.
+   */
+  private async startedEarly(id: string, early: EarlyStart, created: Promise<number>): Promise<number | undefined> {
+    const started = await Promise.race([early.done, created.then(() => false)]);
+    if (!started) return undefined;
+    // The start's answer names the monitor too (written when it started, long before).
+    if (!existsSync(join(this.taskDir(id), 'conmon.pid'))) return undefined;
+    return this.initPid(id);
+  }
+
+  /**
+   * `<runtime> create` of a task that start() already answered for (startedEarly()). Runtime calls
+   * for the task wait for it (afterCreate()): its state is saved last. Should it still fail, the
+   * runtime has torn the container down, or the monitor gave up on it: it is killed for sure and
+   * its owner woken, which finds the task gone (its monitor ended without an exit record).
+   */
+  private finishCreate(id: string, created: Promise<number>): void {
+    const done: Promise<void> = created.then(
+      () => traceMark(id, 'driver.created'),
+      async () => {
+        await this.rt(['kill', id, 'SIGKILL'], 10_000).catch(() => undefined);
+        try {
+          this.exits.emit('exit', id);
+        } catch {
+          /* a listener's failure is not this create's */
+        }
+      },
+    );
+    this.creating.set(id, done);
+    void done.finally(() => {
+      if (this.creating.get(id) === done) this.creating.delete(id);
+    });
+  }
+
+  /** Waits until a `<runtime> create` that start() did not wait for is over (see finishCreate()). */
+  private async afterCreate(id: string): Promise<void> {
+    await this.creating.get(id);
+  }
+
+  /**
+   * The host pid of a running container's init: the process in the task's cgroup that is PID 1 of its
+   * own pid namespace (NSpid in /proc/<pid>/status). Undefined when none is found.
+   */
+  private initPid(id: string): number | undefined {
+    for (const cg of this.cgroupDirs(id)) {
+      let procs: string;
+      try {
+        procs = readFileSync(join(cg, 'cgroup.procs'), 'utf8');
+      } catch {
+        continue; // not in this hierarchy
+      }
+      for (const p of procs.split('\n')) {
+        if (!p) continue;
+        try {
+          const ns = /^NSpid:\s+(.+)$/m.exec(readFileSync(`/proc/${p}/status`, 'utf8'))?.[1]?.trim().split(/\s+/);
+          if (ns && ns.length > 1 && ns[ns.length - 1] === '1') return Number(p);
+        } catch {
+          /* gone meanwhile */
+        }
+      }
+      return undefined;
+    }
+    return undefined;
+  }
+
+  /**
+   * The agent connection handed to a sandbox at start (see start()): the task's shared connection
+   * from now on, with hello sent ahead of whatever comes next. An agent that never reads it fails
+   * hello after agentStartTimeoutMs, which closes the connection and fails the calls waiting on it.
+   */
+  private adoptAgent(id: string, sock: Socket): void {
+    sock.ref();
+    const c = AgentConnection.over(sock);
+    this.agents.adopt(id, c);
+    traceMark(id, 'agent.connected');
+    c.request({ type: 'hello' }, this.opts.agentStartTimeoutMs ?? AGENT_START_TIMEOUT_MS).then(
+      () => traceMark(id, 'agent.hello'),
+      () => c.close(),
+    );
+  }
+
+  /**
+   * Starts conmon, which runs `<runtime> create`; resolves with the container's PID from conmon's sync pipe.
+   * With `onAgentSocket`, the monitor hands the launch's socket pair (fd 4) to the container as fd 3, and
+   * berthd's end goes to `onAgentSocket`.
+   */
+  private spawnConmon(id: string, bundle: string, dir: string, pre: string[], restore?: string, onAgentSocket?: (sock: Socket) => void): Promise<number> {
     const args = [
       '--api-version', '1',
       '-c', id, '-u', id, '-n', id,
@@ -411,11 +553,14 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
       '--log-level', 'error',
       '--syslog',
       ...(restore ? ['--restore', restore] : this.runsOnCreate() ? ['--run'] : []),
+      ...(onAgentSocket ? ['--agent-fd', '4'] : []),
     ];
     return new Promise((resolve, reject) => {
       // conmon writes some marker files (e.g. `oom`) relative to its working directory. Its
       // environment is PATH and _OCI_SYNCPIPE=3, stdin/stdout /dev/null, its own session (launcher.ts).
-      const { child, fd3 } = this.launcher.launch(dir, [...this.monitorArgv, ...args], pre);
+      const launcher = this.monitors && pre.length === 0 ? this.monitors : this.launcher;
+      const { child, fd3, fd4 } = launcher.launch(dir, [...this.monitorArgv, ...args], pre, !!onAgentSocket);
+      if (fd4) onAgentSocket?.(fd4);
       let out = '';
       let err = '';
       const sync = fd3 as NodeJS.ReadableStream;
@@ -472,6 +617,10 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
 
   private readExit(id: string): ExitResult | undefined {
     const f = join(this.exitsDir, id);
+    // Mostly there is none (every inspect of a running task asks): a failed read costs an exception
+    // with its stack, ~10× an existsSync; measured ~0.4 ms of berthd's CPU right after a sandbox
+    // start's answer (the reconciler's next pass), before the answer left.
+    if (!existsSync(f)) return undefined;
     let text: string;
     try {
       text = readFileSync(f, 'utf8').trim();
@@ -490,11 +639,20 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
   }
 
   private monitorAlive(h: TaskHandle): boolean {
-    if (!pidAlive(h.monitorPid)) return false;
+    // Guard against PID reuse: the process must be the monitor of this task.
+    return pidAlive(h.monitorPid) && this.isMonitorFor(h.monitorPid!, h.id);
+  }
+
+  /**
+   * Whether `pid` is the monitor (conmon, or Berth's) of task `id`: named by its arguments, or, for
+   * a monitor started ahead of time (`monitor --spare`, which got its arguments on stdin), by its
+   * working directory, the task's folder.
+   */
+  private isMonitorFor(pid: number, id: string): boolean {
     try {
-      // Guard against PID reuse: the process must be conmon for this task.
-      const cmd = readFileSync(`/proc/${h.monitorPid}/cmdline`, 'utf8');
-      return isMonitorCmdline(cmd) && cmd.includes(`\0${h.id}\0`);
+      const cmd = readFileSync(`/proc/${pid}/cmdline`, 'utf8');
+      if (!isMonitorCmdline(cmd)) return false;
+      return cmd.includes(`\0${id}\0`) || readlinkSync(`/proc/${pid}/cwd`) === realpathSync(this.taskDir(id));
     } catch {
       return false;
     }
@@ -506,8 +664,9 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
    * while a timed-out command still runs. (A command past its time limit is left to finish in
    * the container; killing `<runtime> exec` does not end it.)
    */
-  exec(h: TaskHandle, args: string[], timeoutMs: number): Promise<TaskExecResult> {
-    if (!existsSync(this.runtime)) return Promise.resolve({ exitCode: -1, output: `${this.runtime} is not installed` });
+  async exec(h: TaskHandle, args: string[], timeoutMs: number): Promise<TaskExecResult> {
+    if (!existsSync(this.runtime)) return { exitCode: -1, output: `${this.runtime} is not installed` };
+    await this.afterCreate(h.id);
     return new Promise((resolve) => {
       const child = spawn(this.runtime, [...this.globalArgs(), 'exec', h.id, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
       let output = '';
@@ -544,11 +703,13 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
 
   /** Freezes the container (the runtime's cgroup freezer; runsc stops the sandbox's tasks). */
   async pause(h: TaskHandle): Promise<void> {
+    await this.afterCreate(h.id);
     const r = await this.rt(['pause', h.id]);
     if (r.code !== 0) throw new BerthError('failed_precondition', `could not pause ${h.id}: ${cleanRuncError(r.stderr || r.stdout)}`);
   }
 
   async resume(h: TaskHandle): Promise<void> {
+    await this.afterCreate(h.id);
     const r = await this.rt(['resume', h.id]);
     if (r.code !== 0) throw new BerthError('failed_precondition', `could not resume ${h.id}: ${cleanRuncError(r.stderr || r.stdout)}`);
   }
@@ -627,6 +788,7 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
   async stop(h: TaskHandle, opts: StopOptions): Promise<ExitResult> {
     const sig = opts.signal ?? 'SIGTERM';
     if (!(sig in SIGNALS)) throw invalidArgument(`unknown signal ${sig}; use a name such as SIGTERM or SIGINT`);
+    await this.afterCreate(h.id);
     const st = await this.inspect(h);
     if (st.state === 'exited') return st.exit!;
     if (st.state === 'missing') return { exitCode: -1, oomKilled: false, finishedAt: new Date().toISOString() };
@@ -654,6 +816,7 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
     this.stopConnecting.get(id)?.abort();
     this.starting.delete(id);
     this.agents.drop(id);
+    await this.afterCreate(id);
     const dir = this.taskDir(id);
     // Nothing of this task on this driver: done, without running the runtime at all.
     if (!existsSync(dir) && !existsSync(join(this.exitsDir, id)) && !this.hasRuntimeState(id)) return this.opts.network?.detach(id, this.name);
@@ -686,8 +849,8 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
       }
     }
     if (conmonPid && pidAlive(conmonPid)) {
-      for (let i = 0; i < 100 && pidAlive(conmonPid) && isConmonFor(conmonPid, id); i++) await sleep(20);
-      if (pidAlive(conmonPid) && isConmonFor(conmonPid, id)) process.kill(conmonPid, 'SIGKILL');
+      for (let i = 0; i < 100 && pidAlive(conmonPid) && this.isMonitorFor(conmonPid, id); i++) await sleep(20);
+      if (pidAlive(conmonPid) && this.isMonitorFor(conmonPid, id)) process.kill(conmonPid, 'SIGKILL');
     }
     await this.releaseRootfs(dir);
     await unmountDisk(join(dir, 'disk'));
@@ -789,15 +952,6 @@ export const DEFAULT_CAPS = [
 /** conmon, or the guest agent in monitor mode. */
 function isMonitorCmdline(cmd: string): boolean {
   return cmd.includes('conmon') || cmd.includes('\0monitor\0');
-}
-
-function isConmonFor(pid: number, id: string): boolean {
-  try {
-    const cmd = readFileSync(`/proc/${pid}/cmdline`, 'utf8');
-    return isMonitorCmdline(cmd) && cmd.includes(`\0${id}\0`);
-  } catch {
-    return false;
-  }
 }
 
 export function cleanRuncError(s: string): string {

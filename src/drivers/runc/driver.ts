@@ -61,6 +61,16 @@ export class RuncDriver extends OciRuntimeDriver {
     return existsSync(join(this.root, id));
   }
 
+  /** runc passes extra fds to the container's init (`--preserve-fds`): a sandbox's agent gets its connection at start. */
+  protected override passesAgentConnection(): boolean {
+    return true;
+  }
+
+  /** No command before the monitor: it can be started ahead of time. */
+  protected override prespawnsMonitor(): boolean {
+    return true;
+  }
+
   /** Only conmon: the start is the exec fifo, released from berthd. */
   protected override launchesPerStart(): number {
     return 1;
