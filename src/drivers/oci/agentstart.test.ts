@@ -21,11 +21,24 @@ const fx = busyboxFixture('berth-agentstart', skip);
 
 const task = (id: string): TaskConfig => ({ id, imageRootfs: fx.rootfs, args: [], env: {}, cwd: '/', user: { uid: 0, gid: 0 }, resources: { memoryMiB: 64 }, sandbox: true });
 
-test('the first command after a start waits for the agent and runs through it', { skip }, async () => {
-  const stateDir = join(fx.base, 'ok');
+/** One sandbox task on its own driver: `body` runs against it, then it must go without residue. */
+async function withSandbox(name: string, body: (driver: RuncDriver, id: string, stateDir: string) => Promise<void>): Promise<void> {
+  const stateDir = join(fx.base, name);
   const driver = new RuncDriver({ stateDir, cgroupParent });
   const id = `as-${randomBytes(3).toString('hex')}`;
   try {
+    await body(driver, id, stateDir);
+    await driver.destroy(id, { force: true });
+    assertClean(driver, stateDir, id);
+  } finally {
+    await driver.destroy(id, { force: true }).catch(() => undefined);
+    driver.removeCgroupParent();
+    driver.close();
+  }
+}
+
+test('the first command after a start waits for the agent and runs through it', { skip }, () =>
+  withSandbox('ok', async (driver, id) => {
     const h = await driver.start(task(id));
     assert.equal(h.state?.sandbox, true);
     // Right after the start (the agent may not listen yet): the call waits for it.
@@ -35,20 +48,11 @@ test('the first command after a start waits for the agent and runs through it', 
     assert.equal(exit.code, 0);
     assert.deepEqual(events.map((e) => e.type), ['started', 'stdout']);
     assert.equal(Buffer.from(String(events[1]!.data), 'base64').toString(), 'ready\n');
-    await driver.destroy(id, { force: true });
-    assertClean(driver, stateDir, id);
-  } finally {
-    await driver.destroy(id, { force: true }).catch(() => undefined);
-    driver.removeCgroupParent();
-    driver.close();
-  }
-});
+  }),
+);
 
-test("a sandbox's agent gets its host connection at start, and the commands it runs do not inherit it", { skip: skip ?? (!agentAtLeast(findAgent() ?? '', '0.2.0') ? 'needs agent 0.2.0 (scripts/setup.sh)' : undefined) }, async () => {
-  const stateDir = join(fx.base, 'connfd');
-  const driver = new RuncDriver({ stateDir, cgroupParent });
-  const id = `as-${randomBytes(3).toString('hex')}`;
-  try {
+test("a sandbox's agent gets its host connection at start, and the commands it runs do not inherit it", { skip: skip ?? (!agentAtLeast(findAgent() ?? '', '0.2.0') ? 'needs agent 0.2.0 (scripts/setup.sh)' : undefined) }, () =>
+  withSandbox('connfd', async (driver, id, stateDir) => {
     await driver.start(task(id));
     let out = '';
     const agent = await driver.agent(id, 5000);
@@ -69,14 +73,8 @@ test("a sandbox's agent gets its host connection at start, and the commands it r
     } finally {
       again.close();
     }
-    await driver.destroy(id, { force: true });
-    assertClean(driver, stateDir, id);
-  } finally {
-    await driver.destroy(id, { force: true }).catch(() => undefined);
-    driver.removeCgroupParent();
-    driver.close();
-  }
-});
+  }),
+);
 
 test("a start answers with the container init's pid; stop and destroy right after it clean up", { skip }, async () => {
   const stateDir = join(fx.base, 'early');
