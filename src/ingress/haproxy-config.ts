@@ -8,7 +8,7 @@
 // Service replicas come from Berth's DNS (resolvers + server-template): replicas coming and going
 // need no reload. Route changes are applied by a seamless reload (master CLI `reload`): the old
 // worker finishes its in-flight requests and relayed WebSockets, the new one takes the listeners.
-import { TOKEN_HEADER, TOKEN_PARAM, type IngressRoute, type IngressSettings } from './types.js';
+import { TOKEN_HEADER, TOKEN_PARAM, tcpListenHost, type IngressRoute, type IngressSettings } from './types.js';
 
 export interface HaproxyPaths {
   /** The worker's runtime API (also hands the listening sockets to the next worker on reload). */
@@ -146,9 +146,8 @@ export function buildHaproxyConfig(routes: IngressRoute[], s: IngressSettings, p
   };
   if (s.http) front('http', hostPort(s.http.host, s.http.port), '', paths.hostsMap);
   if (s.https) front('https', hostPort(s.https.host, s.https.port), ` ssl crt ${paths.defaultCert} crt-list ${paths.crtList} alpn h2,http/1.1`, paths.tlsHostsMap);
-  // tcp routes: a listener each, on the address of the HTTP listener (else the HTTPS one's); with no
-  // ready backend a connection is accepted and closed.
-  const tcpHost = (s.http ?? s.https)?.host ?? '0.0.0.0';
+  // tcp routes: a listener each; with no ready backend a connection is accepted and closed.
+  const tcpHost = tcpListenHost(s);
   for (const r of sorted.filter((x) => x.tcpPort !== undefined)) {
     const name = names.get(r.id)!;
     lines.push('', `frontend t${name.slice(1)}`, '  mode tcp', `  bind ${hostPort(tcpHost, r.tcpPort!)}`, `  timeout client ${TCP_IDLE}`, `  default_backend ${name}`);

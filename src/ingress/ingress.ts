@@ -15,7 +15,7 @@ import { AcmeIssuer } from './acme.js';
 import { CertStore } from './certs.js';
 import { buildHaproxyConfig, tcpPortsIn, type HaproxyFiles } from './haproxy-config.js';
 import { HaproxyProcess } from './haproxy-process.js';
-import { routeProblems, type IngressRoute, type IngressSettings } from './types.js';
+import { routeProblems, tcpListenHost, type IngressRoute, type IngressSettings } from './types.js';
 
 export type RouteProvider = () => IngressRoute[];
 
@@ -280,7 +280,7 @@ export class Ingress {
     // adopted the proxy) those of the configuration it runs, still on disk.
     const held = new Set(this.appliedRoutes.map((r) => r.tcpPort));
     if (this.proxy.running()) for (const port of tcpPortsIn(readText(this.proxy.paths.config))) held.add(port);
-    const host = (this.opts.settings.http ?? this.opts.settings.https)?.host ?? '0.0.0.0';
+    const host = tcpListenHost(this.opts.settings);
     const routes: IngressRoute[] = [];
     for (const r of d.routes) {
       if (r.tcpPort === undefined || held.has(r.tcpPort) || (await portFree(host, r.tcpPort))) routes.push(r);

@@ -73,6 +73,11 @@ const HOSTNAME = /^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9](
 /** Tokens end up in proxy matchers and cookies: a URL- and cookie-safe alphabet keeps them inert there. */
 const TOKEN = /^[A-Za-z0-9_-]{16,256}$/;
 
+/** The address the tcp routes' listeners bind: the HTTP listener's, else the HTTPS one's. */
+export function tcpListenHost(s: IngressSettings): string {
+  return (s.http ?? s.https)?.host ?? '0.0.0.0';
+}
+
 export function isHostname(h: string): boolean {
   return HOSTNAME.test(h);
 }
