@@ -7,7 +7,7 @@ import type { Isolation } from '../../core/driver.js';
 import type { Resource } from '../../store/resources.js';
 import type { ApiContext } from '../context.js';
 import type { AppEnv } from '../app.js';
-import { ProjectNameParams, ProjectParams, body, errorResponses, getLive, json, useProject, view } from './common.js';
+import { ProjectNameParams, ProjectParams, body, errorResponses, getLive, json, requestSignal, useProject, view } from './common.js';
 import { WORKLOAD, initialWorkloadStatus, type StoredWorkloadStatus, type WorkloadResource } from '../../reconcilers/workloads.js';
 import { resolveUser } from '../../images/catalog.js';
 import { readLog } from '../logs.js';
@@ -152,8 +152,8 @@ export function registerWorkloadRoutes(app: OpenAPIHono<AppEnv>, ctx: ApiContext
       if (q.wait === 'running') {
         // Like `docker run -d`: answer once the task runs (or could not start), in one round trip.
         const deadline = Date.now() + (q.timeoutMs ?? 60_000);
-        while (!STARTED.has(cur.status.phase) && Date.now() < deadline && !c.req.raw.signal.aborted) {
-          cur = (await waitForChange(ctx, cur.id, cur.resourceVersion, deadline - Date.now(), c.req.raw.signal)) as WorkloadResource;
+        while (!STARTED.has(cur.status.phase) && Date.now() < deadline && !requestSignal(c).aborted) {
+          cur = (await waitForChange(ctx, cur.id, cur.resourceVersion, deadline - Date.now(), requestSignal(c))) as WorkloadResource;
         }
       }
       return c.json(workloadView(cur) as never, 201);
@@ -178,13 +178,13 @@ export function registerWorkloadRoutes(app: OpenAPIHono<AppEnv>, ctx: ApiContext
       useProject(ctx, c, project);
       let w = ctx.store.get(WORKLOAD, project, name) as WorkloadResource;
       if (q.afterResourceVersion !== undefined && w.resourceVersion <= q.afterResourceVersion) {
-        w = (await waitForChange(ctx, w.id, q.afterResourceVersion, q.timeoutMs ?? 30_000, c.req.raw.signal)) as WorkloadResource;
+        w = (await waitForChange(ctx, w.id, q.afterResourceVersion, q.timeoutMs ?? 30_000, requestSignal(c))) as WorkloadResource;
       }
       if (q.untilPhase) {
         const want = new Set(q.untilPhase.split(','));
         const deadline = Date.now() + (q.timeoutMs ?? 30_000);
-        while (!want.has(w.status.phase) && Date.now() < deadline && !c.req.raw.signal.aborted) {
-          w = (await waitForChange(ctx, w.id, w.resourceVersion, deadline - Date.now(), c.req.raw.signal)) as WorkloadResource;
+        while (!want.has(w.status.phase) && Date.now() < deadline && !requestSignal(c).aborted) {
+          w = (await waitForChange(ctx, w.id, w.resourceVersion, deadline - Date.now(), requestSignal(c))) as WorkloadResource;
         }
       }
       return c.json(workloadView(w) as never, 200);
