@@ -295,7 +295,7 @@ export function makeSandboxReconciler(deps: { store: ResourceStore; drivers: Dri
 
 /**
  * A warm-pool member runs a trivial command (`sh -c 'echo warm'`, found through PATH like a caller's
- * command) twice through its agent before it counts as ready, so that the first command of whoever
+ * command) three times through its agent before it counts as ready, so that the first command of whoever
  * claims it finds the agent's connection open and the common paths warm: the PATH lookup's
  * directories, the agent's fork/exec and its stdout relay, the shell's pages and, in a microVM under
  * TCG, the translated code of all of these. Measured in a fresh microVM: the first command took
@@ -314,5 +314,9 @@ async function warmUp(driver: NonNullable<ReturnType<DriverRegistry['get']>>, id
     log.debug({ sandbox: id, err: (e as Error).message }, 'warm-pool member: warm-up run failed (ignored)');
   }
 }
-const WARMUP_RUNS = 2; // measured: the first run in a fresh microVM ~300–600 ms, the second ~100–250, the third ~20
+// Measured in fresh microVMs, `echo` back to back: the 1st run ~230–280 ms, the 2nd ~85–110, the 3rd
+// ~17–22, the 4th ~12–21. The warm-pool claim (bench:sandboxes --tiers microvm --runs 30 --warm-only,
+// interleaved): 2 warm-ups 33.6 / 31.5 ms, 3 warm-ups 30.5 / 30.0 / 30.0 / 31.1 ms, 5 warm-ups 31.3 /
+// 34.7 ms. Each warm-up costs a booting member ~20–100 ms more at background priority.
+const WARMUP_RUNS = 3;
 
