@@ -103,7 +103,9 @@ async function main(): Promise<void> {
     const httpsPort = await freePort();
     ingress = new Ingress({
       dir: join(tmp, 'ingress'),
-      settings: { http: { host: '127.0.0.1', port: httpPort }, https: { host: '127.0.0.1', port: httpsPort }, baseDomain: 'berth.localhost', acme: undefined },
+      // Busy-polling off: this bench measures the proxy's CPU per request, which a spinning poller
+      // would swamp (and it pins the worker's pid, which a busy-polling reload would replace).
+      settings: { http: { host: '127.0.0.1', port: httpPort }, https: { host: '127.0.0.1', port: httpsPort }, baseDomain: 'berth.localhost', acme: undefined, busyPolling: 'off' },
       log: pino({ level: 'warn' }),
     });
     await ingress.start();

@@ -62,7 +62,7 @@ async function main(): Promise<void> {
     }
     if (!ip) throw new Error('the replica did not become ready');
     const replicaPid: number = (await d.api('GET', '/v1/projects/default/workloads?labelSelector=berth.dev/service=web')).body.items[0].status.pid;
-    const proxyPid = haproxyWorker((await d.api('GET', '/v1/ingress')).body.proxy.pid);
+    const proxyMaster: number = (await d.api('GET', '/v1/ingress')).body.proxy.pid;
     const direct = `http://${ip}:8080/index.html`;
     const viaIngress = `http://127.0.0.1:${httpPort}/index.html`;
     // Warm up both paths (and wait for the ingress to learn the replica from DNS).
@@ -73,10 +73,14 @@ async function main(): Promise<void> {
     }
     runWrk(direct, { seconds: 2, connections: CONNS });
     const res: { direct: WrkResult[]; ingress: WrkResult[] } = { direct: [], ingress: [] };
+    const busyAfter: boolean[] = [];
     for (let i = 0; i < RUNS; i++) {
       res.direct.push(runWrk(direct, { seconds: DURATION, connections: CONNS, pids: { backend: replicaPid }, backendCgroup: true }));
+      // The current worker (busy-polling on or off is a reload: a new worker).
+      const proxyPid = haproxyWorker(proxyMaster);
       res.ingress.push(runWrk(viaIngress, { host: HOST, seconds: DURATION, connections: CONNS, pids: { backend: replicaPid, ...(proxyPid ? { proxy: proxyPid } : {}) }, backendCgroup: true }));
-      console.error(`run ${i + 1}/${RUNS}: direct ${res.direct[i]!.rps.toFixed(0)} req/s p99 ${res.direct[i]!.p99.toFixed(1)} ms; ingress ${res.ingress[i]!.rps.toFixed(0)} req/s p99 ${res.ingress[i]!.p99.toFixed(1)} ms`);
+      busyAfter.push((await d.api('GET', '/v1/ingress')).body.proxy.busyPolling?.on === true);
+      console.error(`run ${i + 1}/${RUNS}: direct ${res.direct[i]!.rps.toFixed(0)} req/s p99 ${res.direct[i]!.p99.toFixed(1)} ms; ingress ${res.ingress[i]!.rps.toFixed(0)} req/s p99 ${res.ingress[i]!.p99.toFixed(1)} ms; busy-polling after it: ${busyAfter[i] ? 'on' : 'off'}`);
     }
     const m = (k: 'direct' | 'ingress', f: keyof WrkResult) => median(res[k].map((r) => r[f]));
     const f1 = (x: number) => x.toFixed(1);
@@ -94,7 +98,9 @@ async function main(): Promise<void> {
       '',
       `Each run (req/s direct → through the ingress, ratio): ${res.direct.map((r, i) => `${r.rps.toFixed(0)} → ${res.ingress[i]!.rps.toFixed(0)} (${((100 * res.ingress[i]!.rps) / r.rps).toFixed(0)} %)`).join('; ')}.`,
       '',
-      `CPU per request: replica (its cgroup: busybox forks a process per connection) ${f1(m('direct', 'backendUs'))} µs direct; through the ingress replica ${f1(m('ingress', 'backendUs'))} µs + proxy ${f1(m('ingress', 'proxyUs'))} µs.`,
+      `CPU per request: replica (its cgroup: busybox forks a process per connection) ${f1(m('direct', 'backendUs'))} µs direct; through the ingress replica ${f1(m('ingress', 'backendUs'))} µs + proxy ${f1(m('ingress', 'proxyUs'))} µs (the worker that served the run's start; with busy-polling on, its spinning counts too).`,
+      '',
+      `Busy-polling (berthd's default \`--ingress-busy-poll auto\`: on after 3 s at ≥ 2,000 req/s, off after 30 s below 500 — a seamless reload each time; src/ingress/busypoll.ts): on after ${busyAfter.filter(Boolean).length} of the ${RUNS} ingress runs (after each run: ${busyAfter.map((b) => (b ? 'on' : 'off')).join(', ')}). It switches on during the first ingress run, so that run is served mostly by the worker without it; it then stays on through the 10 s direct runs in between (the proxy spins during those too).`,
     ];
     const text = lines.join('\n');
     console.log(text);

@@ -403,3 +403,55 @@ test("DNS-discovered replicas (services): one that leaves Berth's DNS answer get
   }
   assert.deepEqual(spawnSync('pgrep', ['-f', dir]).stdout.toString().trim(), '');
 });
+
+test('busy-polling "auto": on under sustained load (a seamless reload, no failed request), off once the load is gone', { timeout: 60_000 }, async () => {
+  const backend = await new Backend('busy').listen();
+  const dir = mkdtempSync('/tmp/berth-test-');
+  const hp = await freePort();
+  const configFile = join(dir, 'ingress', 'haproxy.cfg');
+  // The default policy (3 s at ≥ 2,000 req/s on, 30 s below 500 off) shortened for the test.
+  const policy = { sampleMs: 200, onRps: 150, onSamples: 2, offRps: 20, offSamples: 5 };
+  const ing = new Ingress({ dir: join(dir, 'ingress'), settings: { http: { host: '127.0.0.1', port: hp }, https: undefined, baseDomain: 'berth.localhost', acme: undefined }, log: pino({ level: 'silent' }), busyPollPolicy: policy });
+  const host = 'busy.p.berth.localhost';
+  try {
+    await ing.start();
+    ing.register('services', () => [{ id: 'service/p/busy', hosts: [host], backends: [{ address: '127.0.0.1', port: backend.port }], tls: 'none' }]);
+    await ing.sync();
+    assert.equal(readFileSync(configFile, 'utf8').includes('busy-polling'), false, 'idle: no busy-polling');
+    assert.deepEqual(ing.status().proxy.busyPolling, { mode: 'auto', on: false });
+    const master = ing.status().proxy.pid!;
+    const workers = () => readFileSync(`/proc/${master}/task/${master}/children`, 'utf8').trim();
+    const idleWorker = workers();
+    // Load: 4 clients back to back until told to stop; every answer must be a 200 across the reloads.
+    let stop = false;
+    let sent = 0;
+    const failures: string[] = [];
+    const client = async () => {
+      while (!stop) {
+        const r = await get(hp, host).catch((e: Error) => ({ status: 0, body: e.message }));
+        sent++;
+        if (r.status !== 200) failures.push(`${r.status} ${r.body}`);
+      }
+    };
+    const load = Promise.all([client(), client(), client(), client()]);
+    await eventually(async () => ing.status().proxy.busyPolling.on, (on) => on, 15_000);
+    await eventually(async () => readFileSync(configFile, 'utf8'), (c) => /^ {2}busy-polling$/m.test(c), 5_000);
+    await eventually(async () => workers(), (w) => w !== '' && !w.split(' ').includes(idleWorker), 10_000);
+    const busyWorker = workers();
+    await sleep(500); // served by the busy-polling worker for a while
+    stop = true;
+    await load;
+    assert.deepEqual(failures, [], 'no request failed while busy-polling turned on');
+    assert.ok(sent > 100, `the load sent ${sent} requests`);
+    // Load gone: off again after offSamples quiet samples (a second reload).
+    await eventually(async () => ing.status().proxy.busyPolling.on, (on) => !on, 10_000);
+    await eventually(async () => readFileSync(configFile, 'utf8'), (c) => !c.includes('busy-polling'), 5_000);
+    await eventually(async () => workers(), (w) => w !== '' && w !== busyWorker, 10_000);
+    assert.equal((await get(hp, host)).status, 200);
+  } finally {
+    await ing.stop();
+    await backend.kill();
+    rmSync(dir, { recursive: true, force: true });
+  }
+  assert.deepEqual(spawnSync('pgrep', ['-f', dir]).stdout.toString().trim(), '');
+});

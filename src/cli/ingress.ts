@@ -16,7 +16,7 @@ interface Status {
   http: string | null;
   https: string | null;
   baseDomain: string;
-  proxy: { pid: number | null; running: boolean; adopted: boolean };
+  proxy: { pid: number | null; running: boolean; adopted: boolean; busyPolling?: { mode: string; on: boolean } };
   routes: { id: string; hosts: string[]; backends: number; tls: string; auth: boolean }[];
   rejected: { id: string; reason: string }[];
   lastError: string | null;
@@ -37,7 +37,8 @@ export function registerIngress(program: Command, addCommon: AddCommon, act: Wra
       if (ctx.json) return printJson(s);
       process.stdout.write(
         `ingress ${s.enabled ? 'on' : 'off'}; http ${s.http ?? 'off'}, https ${s.https ?? 'off'}, base domain ${s.baseDomain}; ` +
-          `proxy ${s.proxy.running ? `running (pid ${s.proxy.pid}${s.proxy.adopted ? ', adopted' : ''})` : 'not running'}\n`,
+          `proxy ${s.proxy.running ? `running (pid ${s.proxy.pid}${s.proxy.adopted ? ', adopted' : ''})` : 'not running'}` +
+          `${s.proxy.busyPolling ? `; busy-polling ${s.proxy.busyPolling.mode}${s.proxy.busyPolling.mode === 'auto' ? ` (now ${s.proxy.busyPolling.on ? 'on' : 'off'})` : ''}` : ''}\n`,
       );
       if (s.lastError) process.stdout.write(`last error: ${s.lastError}\n`);
       printTable(['ROUTE', 'HOSTS', 'BACKENDS', 'TLS', 'TOKEN'], s.routes.map((r) => [r.id, r.hosts.join(','), r.backends, r.tls, r.auth]));

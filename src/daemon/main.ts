@@ -21,6 +21,7 @@ const program = new Command()
   .option('--acme-directory <url>', 'ACME directory URL: certificates for tls "acme" routes come from there')
   .option('--acme-email <address>', 'contact e-mail for the ACME account')
   .option('--acme-ca-root <file>', 'PEM root that signs the ACME server itself (private ACME servers)')
+  .option('--ingress-busy-poll <auto|on|off>', "the ingress proxy's busy-polling: auto = only under sustained load (faster on VMs, a spinning core while on)", process.env.BERTH_INGRESS_BUSY_POLL ?? 'auto')
   .parse();
 
 const o = program.opts<{ dataDir: string; listen: string; socket?: string; cgroupParent: string; logLevel: string; networkPool: string; networkSubnetPrefix: string } & IngressFlags>();

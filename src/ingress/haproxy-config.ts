@@ -8,11 +8,27 @@
 // Service replicas come from Berth's DNS (resolvers + server-template): replicas coming and going
 // need no reload. Route changes are applied by a seamless reload (master CLI `reload`): the old
 // worker finishes its in-flight requests and relayed WebSockets, the new one takes the listeners.
+import { createHash } from 'node:crypto';
 import { TOKEN_HEADER, TOKEN_PARAM, tcpListenHost, type IngressRoute, type IngressSettings } from './types.js';
+
+/**
+ * A route's backend name: the same for the same route id whatever other routes come and go, so that
+ * the servers' state saved before a reload (their DNS-resolved addresses) is loaded into the same
+ * backend by the next worker (`server-state-file`, matched by backend and server name).
+ */
+export function backendName(routeId: string): string {
+  return `r${createHash('sha256').update(routeId).digest('hex').slice(0, 12)}`;
+}
 
 export interface HaproxyPaths {
   /** The worker's runtime API (also hands the listening sockets to the next worker on reload). */
   workerSocket: string;
+  /**
+   * Servers' state (`show servers state`) saved just before a reload and loaded by the new worker:
+   * DNS-discovered replicas keep their addresses across the reload instead of starting unresolved
+   * (which answered 503 until the first DNS answer).
+   */
+  serverState?: string;
   /** Host → backend maps for the HTTP and the HTTPS frontend. */
   hostsMap: string;
   tlsHostsMap: string;
@@ -26,6 +42,8 @@ export interface HaproxyPaths {
 export interface HaproxyTuning {
   /** Worker threads (measured best: 1 on a 2-core host shared with the replicas; BENCHMARKS.md). */
   threads: number;
+  /** `busy-polling`: the poller never sleeps (src/ingress/busypoll.ts decides when). */
+  busyPolling?: boolean;
 }
 
 export interface HaproxyFiles {
@@ -59,7 +77,7 @@ function hostPort(host: string, port: number): string {
   return host.includes(':') ? `[${host}]:${port}` : `${host}:${port}`;
 }
 
-function backend(name: string, r: IngressRoute, resolvers: string | undefined): string[] {
+function backend(name: string, r: IngressRoute, resolvers: string | undefined, stateFile: boolean): string[] {
   const tcp = r.tcpPort !== undefined;
   const out = [`backend ${name}`, `  # route ${quoteLf(r.id)}`];
   // A tcp route's connections (a database, a message broker) may idle for long: an hour, not 5 minutes.
@@ -82,7 +100,7 @@ function backend(name: string, r: IngressRoute, resolvers: string | undefined): 
   // a TCP connect check (every 2 s; every 250 ms while down) brings it back.
   const health = ' check inter 2s downinter 250ms fall 1 rise 1 observe layer4 error-limit 1 on-error mark-down';
   if (r.dynamic && resolvers) {
-    out.push('  balance roundrobin', `  server-template s 1-${DNS_SLOTS} ${r.dynamic.name}:${r.dynamic.port} resolvers ${resolvers} resolve-prefer ipv4 init-addr none${maxconn}${health}`);
+    out.push('  balance roundrobin', ...(stateFile ? ['  load-server-state-from-file global'] : []), `  server-template s 1-${DNS_SLOTS} ${r.dynamic.name}:${r.dynamic.port} resolvers ${resolvers} resolve-prefer ipv4 init-addr ${stateFile ? 'last,none' : 'none'}${maxconn}${health}`);
   } else if (r.backends.length) {
     out.push('  balance roundrobin', ...r.backends.map((b, i) => `  server s${i} ${b.address}:${b.port}${maxconn}${health}`));
   } else if (!tcp) {
@@ -93,7 +111,7 @@ function backend(name: string, r: IngressRoute, resolvers: string | undefined): 
 
 /** The host ports of the tcp routes' listeners in a configuration rendered below (what a running proxy holds). */
 export function tcpPortsIn(config: string): number[] {
-  return [...config.matchAll(/^frontend t\d+\n {2}mode tcp\n {2}bind \S+:(\d+)$/gm)].map((m) => Number(m[1]));
+  return [...config.matchAll(/^frontend t[0-9a-f]+\n {2}mode tcp\n {2}bind \S+:(\d+)$/gm)].map((m) => Number(m[1]));
 }
 
 export function buildHaproxyConfig(routes: IngressRoute[], s: IngressSettings, paths: HaproxyPaths, tuning: HaproxyTuning, certs: ReadonlyMap<string, string>): HaproxyFiles {
@@ -106,6 +124,8 @@ export function buildHaproxyConfig(routes: IngressRoute[], s: IngressSettings, p
     'global',
     `  nbthread ${tuning.threads}`,
     '  maxconn 4096',
+    ...(tuning.busyPolling ? ['  busy-polling'] : []),
+    ...(paths.serverState ? [`  server-state-file ${paths.serverState}`] : []),
     `  stats socket ${paths.workerSocket} mode 600 level admin expose-fd listeners`,
     // Old workers finish in-flight requests and WebSockets after a reload, for at most this long.
     '  hard-stop-after 10m',
@@ -138,7 +158,7 @@ export function buildHaproxyConfig(routes: IngressRoute[], s: IngressSettings, p
     // Ask every refreshMs; a replica that left the answer leaves the backend at once (hold obsolete 0).
     lines.push('  accepted_payload_size 8192', `  timeout resolve ${ms}ms`, '  timeout retry 200ms', '  resolve_retries 3', '  hold valid 10s', '  hold obsolete 0s', '  hold nx 0s', '  hold other 2s', '  hold refused 2s', '  hold timeout 2s');
   }
-  const names = new Map(sorted.map((r, i) => [r.id, `r${i}`]));
+  const names = new Map(sorted.map((r) => [r.id, backendName(r.id)]));
   const front = (name: string, addr: string, bind: string, map: string) => {
     lines.push('', `frontend ${name}`, `  bind ${addr}${bind}`, '  option forwardfor');
     if (s.acme) lines.push('  use_backend acme_challenge if { path_beg /.well-known/acme-challenge/ }');
@@ -154,7 +174,7 @@ export function buildHaproxyConfig(routes: IngressRoute[], s: IngressSettings, p
   }
   lines.push('', 'backend no_route', `  http-request return status 404 ${TEXT} lf-string "404: no Berth ingress route for host %[${HOST}]\\n"`);
   if (s.acme) lines.push('', 'backend acme_challenge', `  server berthd unix@${paths.acmeSocket}`);
-  for (const r of sorted) lines.push('', ...backend(names.get(r.id)!, r, resolverName(r)));
+  for (const r of sorted) lines.push('', ...backend(names.get(r.id)!, r, resolverName(r), Boolean(paths.serverState)));
   const map = (rs: IngressRoute[]) =>
     rs
       .flatMap((r) => r.hosts.map((h) => `${h} ${names.get(r.id)}`))

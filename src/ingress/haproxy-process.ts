@@ -5,7 +5,7 @@
 // master CLI (a unix socket, mode 0600, in a 0700 directory): the new worker takes the listening
 // sockets, the old one finishes what it relays.
 import { spawn, type ChildProcess } from 'node:child_process';
-import { closeSync, existsSync, mkdirSync, openSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { closeSync, existsSync, mkdirSync, openSync, readdirSync, readFileSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { createConnection } from 'node:net';
 import { join } from 'node:path';
 import type { Logger } from 'pino';
@@ -23,6 +23,7 @@ export interface HaproxyPathsFull {
   crtList: string;
   acmeSocket: string;
   logFile: string;
+  serverState: string;
 }
 
 export function haproxyPaths(dir: string): HaproxyPathsFull {
@@ -37,13 +38,17 @@ export function haproxyPaths(dir: string): HaproxyPathsFull {
     crtList: join(dir, 'crt-list'),
     acmeSocket: join(dir, 'acme.sock'),
     logFile: join(dir, 'haproxy.log'),
+    serverState: join(dir, 'server-state'),
   };
 }
 
 /** The files a running proxy needs; removed at stop (the CA and certificates stay). */
 function runtimeFiles(p: HaproxyPathsFull): string[] {
-  return [p.pidFile, p.masterSocket, p.workerSocket, p.config, p.hostsMap, p.tlsHostsMap, p.crtList, p.acmeSocket];
+  return [p.pidFile, p.masterSocket, p.workerSocket, p.config, p.hostsMap, p.tlsHostsMap, p.crtList, p.acmeSocket, p.serverState];
 }
+
+/** A server-state file of format version 1 with no servers. */
+const EMPTY_SERVER_STATE = '1\n';
 
 /** Keep the log file from growing without bound across restarts. */
 const MAX_LOG_BYTES = 4 * 1024 * 1024;
@@ -148,6 +153,7 @@ export class HaproxyProcess {
     mkdirSync(p.dir, { recursive: true, mode: 0o700 });
     rmSync(p.masterSocket, { force: true });
     rmSync(p.workerSocket, { force: true });
+    writeFileSync(p.serverState, EMPTY_SERVER_STATE); // a fresh proxy: nothing to carry over (and no warning)
     try {
       if (statSync(p.logFile).size > MAX_LOG_BYTES) rmSync(p.logFile);
     } catch {
@@ -221,10 +227,17 @@ export class HaproxyProcess {
     }
   }
 
-  /** One command on the master CLI; the answer ends when HAProxy closes the connection. */
-  private cli(command: string, timeoutMs = 5_000): Promise<string> {
+  /** The current worker's count of HTTP requests since it started (`show info` CumReq); undefined if unreadable. */
+  async requestCount(): Promise<number | undefined> {
+    const text = await this.cli('show info', 1_000, this.paths.workerSocket).catch(() => '');
+    const m = /^CumReq: (\d+)$/m.exec(text);
+    return m ? Number(m[1]) : undefined;
+  }
+
+  /** One command on the master CLI (or a worker's socket); the answer ends when HAProxy closes the connection. */
+  private cli(command: string, timeoutMs = 5_000, socket = this.paths.masterSocket): Promise<string> {
     return new Promise((resolve, reject) => {
-      const sock = createConnection(this.paths.masterSocket);
+      const sock = createConnection(socket);
       let out = '';
       const timer = setTimeout(() => sock.destroy(new Error(`HAProxy master CLI "${command}" timed out after ${timeoutMs} ms`)), timeoutMs);
       sock.setEncoding('utf8');
@@ -254,6 +267,7 @@ export class HaproxyProcess {
   /** Seamless reload of the config file; resolves once a new worker serves it. */
   async reload(): Promise<void> {
     const before = await this.procs();
+    await this.saveServerState();
     await this.cli('reload').catch(() => undefined); // the master re-executes itself: the answer may be cut
     const deadline = Date.now() + 15_000;
     for (;;) {
@@ -263,6 +277,18 @@ export class HaproxyProcess {
       if (Date.now() > deadline) throw unavailable(`HAProxy did not load the new config within 15 s: ${this.logTail()}`);
       await sleep(20);
     }
+  }
+
+  /**
+   * The running worker's servers (their addresses, resolved from Berth's DNS, and states) into the
+   * file the next worker loads (`server-state-file`): without it, DNS-discovered replicas start
+   * unresolved and the new worker answers 503 until its first DNS answer. Unreadable: an empty state.
+   */
+  private async saveServerState(): Promise<void> {
+    const state = await this.cli('show servers state', 2_000, this.paths.workerSocket).catch(() => '');
+    const tmp = `${this.paths.serverState}.tmp`;
+    writeFileSync(tmp, state.startsWith(EMPTY_SERVER_STATE) ? state : EMPTY_SERVER_STATE);
+    renameSync(tmp, this.paths.serverState);
   }
 
   /** SIGTERM, then SIGKILL after a grace period; by pid, after checking it is still our HAProxy. */

@@ -3,7 +3,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import pino from 'pino';
-import { buildHaproxyConfig, quoteLf, tcpPortsIn } from './haproxy-config.js';
+import { backendName, buildHaproxyConfig, quoteLf, tcpPortsIn } from './haproxy-config.js';
 import { Ingress } from './ingress.js';
 import { routeProblems, settingsFromFlags, type IngressRoute } from './types.js';
 
@@ -68,8 +68,13 @@ test('buildHaproxyConfig: deterministic; tls none only on HTTP; certificates onl
   const certs = new Map([['a.test', '/d/certs/local/a.test.pem'], ['www.a.test', '/d/certs/local/www.a.test.pem'], ['plain.test', '/x.pem']]);
   const f = buildHaproxyConfig(routes, s, paths, { threads: 1 }, certs);
   assert.deepEqual(f, buildHaproxyConfig([...routes].reverse(), s, paths, { threads: 1 }, new Map([...certs].reverse())));
-  assert.equal(f.hostsMap, 'a.test r0\nc.test r2\nplain.test r1\nwww.a.test r0\n');
-  assert.equal(f.tlsHostsMap, 'a.test r0\nc.test r2\nwww.a.test r0\n');
+  const [ra, rb, rc] = ['a', 'b', 'c'].map(backendName);
+  assert.equal(f.hostsMap, `a.test ${ra}\nc.test ${rc}\nplain.test ${rb}\nwww.a.test ${ra}\n`);
+  assert.equal(f.tlsHostsMap, `a.test ${ra}\nc.test ${rc}\nwww.a.test ${ra}\n`);
+  // A route's backend keeps its name when other routes come and go (the server state saved across a reload is matched by it).
+  assert.equal(buildHaproxyConfig(routes.slice(1), s, paths, { threads: 1 }, certs).hostsMap, `a.test ${ra}\nc.test ${rc}\nwww.a.test ${ra}\n`);
+  assert.match(ra!, /^r[0-9a-f]{12}$/);
+  assert.notEqual(ra, rb);
   // plain.test is tls none (no certificate even if a file exists); c.test has no ACME certificate yet.
   assert.equal(f.crtList, '/d/certs/local/a.test.pem a.test\n/d/certs/local/www.a.test.pem www.a.test\n');
   assert.match(f.config, /^ {2}bind 0\.0\.0\.0:80$/m);
@@ -104,6 +109,14 @@ test('buildHaproxyConfig: empty route answers 503, token guard, per-replica limi
   assert.match(config, /^resolvers dns0\n {2}nameserver ns0 10\.88\.0\.1:53$/m);
   assert.match(config, /^ {2}timeout resolve 500ms$/m);
   assert.match(config, /server-template s 1-\d+ web\.p\.internal:8080 resolvers dns0 resolve-prefer ipv4 init-addr none maxconn 8 check/);
+  // With a server-state file: the state saved before a reload is loaded, and the addresses in it are used first.
+  const withState = buildHaproxyConfig(routes, s, { ...paths, serverState: '/d/server-state' }, { threads: 1 }, new Map()).config;
+  assert.match(withState, /^ {2}server-state-file \/d\/server-state$/m);
+  // Only DNS-discovered servers take their saved state: a static server's address comes from the config
+  // (a route whose backend changed must not get the old address back from the file).
+  assert.match(withState, /^ {2}balance roundrobin\n {2}load-server-state-from-file global\n {2}server-template /m);
+  assert.equal(withState.match(/load-server-state-from-file/g)?.length, routes.filter((r) => r.dynamic).length);
+  assert.match(withState, /server-template s 1-\d+ web\.p\.internal:8080 resolvers dns0 resolve-prefer ipv4 init-addr last,none maxconn 8 check/);
   assert.equal(quoteLf('a\nb"c\\d%e'), 'ab\\"c\\\\d%%e');
 });
 
@@ -121,12 +134,13 @@ test('tcp routes: a listener on the HTTP listener\'s address relaying as is; one
   const s = settingsFromFlags({ ...flags, ingressHttp: '127.0.0.1:8080' });
   const dyn = { name: 'db.p.internal', port: 5432, resolvers: ['10.88.0.1:53'], refreshMs: 500 };
   const { config, hostsMap } = buildHaproxyConfig([tcp('service/p/db/tcp/5432', 15432, { dynamic: dyn }), route('service/p/web', ['web.test'])], s, paths, { threads: 1 }, new Map());
-  assert.match(config, /^frontend t0\n {2}mode tcp\n {2}bind 127\.0\.0\.1:15432\n {2}timeout client 1h\n {2}default_backend r0$/m);
-  const back = config.slice(config.indexOf('\nbackend r0') + 1);
-  assert.match(back, /^backend r0\n {2}# route service\/p\/db\/tcp\/5432\n {2}mode tcp\n {2}timeout server 1h\n/);
+  const [db, web] = ['service/p/db/tcp/5432', 'service/p/web'].map(backendName) as [string, string];
+  assert.match(config, new RegExp(`^frontend t${db.slice(1)}\\n {2}mode tcp\\n {2}bind 127\\.0\\.0\\.1:15432\\n {2}timeout client 1h\\n {2}default_backend ${db}$`, 'm'));
+  const back = config.slice(config.indexOf(`\nbackend ${db}`) + 1);
+  assert.match(back, new RegExp(`^backend ${db}\\n {2}# route service\\/p\\/db\\/tcp\\/5432\\n {2}mode tcp\\n {2}timeout server 1h\\n`));
   assert.match(back, /server-template s 1-\d+ db\.p\.internal:5432 resolvers dns0/);
-  assert.doesNotMatch(back.slice(0, back.indexOf('\nbackend r1')), /http-request/);
-  assert.equal(hostsMap, 'web.test r1\n');
+  assert.doesNotMatch(back.slice(0, back.indexOf('\nbackend ')), /http-request/);
+  assert.equal(hostsMap, `web.test ${web}\n`);
   assert.deepEqual(tcpPortsIn(config), [15432]); // what berthd reads back from a proxy it adopts
   const ing = new Ingress({ dir: '/nonexistent', settings: s, log: pino({ level: 'silent' }) });
   ing.register('services', () => [tcp('service/p/a/tcp/1', 15432), tcp('service/p/b/tcp/1', 15432), tcp('service/p/c/tcp/1', 8080), tcp('service/p/d/tcp/1', 443)]);

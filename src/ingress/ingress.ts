@@ -13,6 +13,7 @@ import { conflict, failedPrecondition, invalidArgument, unavailable } from '../c
 import { sleep } from '../lib/exec.js';
 import { AcmeIssuer } from './acme.js';
 import { CertStore } from './certs.js';
+import { BusyPollGovernor, type BusyPollPolicy } from './busypoll.js';
 import { buildHaproxyConfig, tcpPortsIn, type HaproxyFiles } from './haproxy-config.js';
 import { HaproxyProcess } from './haproxy-process.js';
 import { routeProblems, tcpListenHost, type IngressRoute, type IngressSettings } from './types.js';
@@ -32,6 +33,8 @@ export interface IngressOptions {
   watchMs?: number;
   /** Where setRoutes() keeps the static routes across restarts (default: not kept). */
   staticFile?: string;
+  /** When busy-polling turns on and off in mode "auto" (default DEFAULT_BUSY_POLL_POLICY; tests shorten it). */
+  busyPollPolicy?: BusyPollPolicy;
 }
 
 export interface IngressStatus {
@@ -40,7 +43,7 @@ export interface IngressStatus {
   https: string | null;
   baseDomain: string;
   acme: { directory: string; email: string } | null;
-  proxy: { kind: 'haproxy'; pid: number | null; running: boolean; adopted: boolean };
+  proxy: { kind: 'haproxy'; pid: number | null; running: boolean; adopted: boolean; busyPolling: { mode: string; on: boolean } };
   routes: { id: string; hosts: string[]; backends: number; tls: string; auth: boolean; tcpPort?: number }[];
   /** Routes left out of the applied set, with the reason (bad field, host already taken). */
   rejected: { id: string; reason: string }[];
@@ -65,10 +68,13 @@ export class Ingress {
   private started = false;
   private watch: NodeJS.Timeout | undefined;
   private retry: NodeJS.Timeout | undefined;
+  private readonly governor: BusyPollGovernor;
+  private governorTimer: NodeJS.Timeout | undefined;
 
   constructor(readonly opts: IngressOptions) {
     this.proxy = new HaproxyProcess(opts.dir, opts.haproxyBin ?? process.env.BERTH_HAPROXY ?? 'haproxy', opts.log);
     this.certs = new CertStore(opts.dir);
+    this.governor = new BusyPollGovernor(opts.busyPollPolicy);
     const acme = opts.settings.acme;
     this.acme = acme ? new AcmeIssuer(acme, opts.dir, this.proxy.paths.acmeSocket, this.certs, opts.log, () => void this.sync().catch(() => undefined)) : undefined;
     if (opts.staticFile && existsSync(opts.staticFile)) {
@@ -116,6 +122,29 @@ export class Ingress {
       }
     }, this.opts.watchMs ?? 2_000);
     this.watch.unref();
+    if ((this.opts.settings.busyPolling ?? 'auto') === 'auto') this.governBusyPolling();
+  }
+
+  /** Mode "auto": read the proxy's request counter every sampleMs; a flip of the decision re-renders and reloads. */
+  private governBusyPolling(): void {
+    const tick = async () => {
+      if (!this.started) return;
+      if (this.proxy.running() && this.governor.sample(await this.proxy.requestCount(), Date.now())) {
+        this.opts.log.info({ busyPolling: this.governor.busy }, `ingress: busy-polling ${this.governor.busy ? 'on (sustained load)' : 'off (load gone)'}`);
+        await this.sync().catch(() => undefined);
+      }
+      if (this.started) {
+        this.governorTimer = setTimeout(() => void tick(), this.governor.policy.sampleMs);
+        this.governorTimer.unref();
+      }
+    };
+    this.governorTimer = setTimeout(() => void tick(), this.governor.policy.sampleMs);
+    this.governorTimer.unref();
+  }
+
+  private busyPolling(): boolean {
+    const mode = this.opts.settings.busyPolling ?? 'auto';
+    return mode === 'on' || (mode === 'auto' && this.governor.busy);
   }
 
   /** Stop the proxy and remove its runtime files. */
@@ -123,6 +152,7 @@ export class Ingress {
     this.started = false;
     clearInterval(this.watch);
     clearTimeout(this.retry);
+    clearTimeout(this.governorTimer);
     await this.syncing?.catch(() => undefined);
     await this.acme?.close();
     await this.proxy.stop();
@@ -301,7 +331,7 @@ export class Ingress {
       for (const h of tlsHosts('acme')) if (this.certs.valid(this.certs.file('acme', h), 0)) certs.set(h, this.certs.file('acme', h));
     }
     const p = this.proxy.paths;
-    return buildHaproxyConfig(routes, this.opts.settings, { ...p, defaultCert: this.certs.defaultCert }, { threads: this.opts.threads ?? 1 }, certs);
+    return buildHaproxyConfig(routes, this.opts.settings, { ...p, defaultCert: this.certs.defaultCert }, { threads: this.opts.threads ?? 1, busyPolling: this.busyPolling() }, certs);
   }
 
   /** The map files and the crt-list first, the config last: each replaced atomically. */
@@ -337,7 +367,7 @@ export class Ingress {
       https: addr(s.https),
       baseDomain: s.baseDomain,
       acme: s.acme ? { directory: s.acme.directory, email: s.acme.email } : null,
-      proxy: { kind: 'haproxy', pid: this.proxy.pid ?? null, running: this.proxy.running(), adopted: this.proxy.adopted },
+      proxy: { kind: 'haproxy', pid: this.proxy.pid ?? null, running: this.proxy.running(), adopted: this.proxy.adopted, busyPolling: { mode: this.opts.settings.busyPolling ?? 'auto', on: this.busyPolling() } },
       routes: this.appliedRoutes.map((r) => ({ id: r.id, hosts: r.hosts, backends: r.backends.length, tls: r.tls, auth: Boolean(r.auth), ...(r.tcpPort !== undefined ? { tcpPort: r.tcpPort } : {}) })),
       rejected: this.rejected,
       lastSyncAt: this.lastSyncAt?.toISOString() ?? null,

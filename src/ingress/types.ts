@@ -3,6 +3,7 @@
 import { readFileSync } from 'node:fs';
 import { isIPv4 } from 'node:net';
 import { invalidArgument } from '../core/errors.js';
+import { BUSY_POLL_MODES, type BusyPollMode } from './busypoll.js';
 
 export type IngressTls = 'local' | 'acme' | 'none';
 
@@ -63,6 +64,8 @@ export interface IngressSettings {
   /** Suffix of generated names, e.g. `<service>.<project>.<baseDomain>`. */
   baseDomain: string;
   acme: AcmeOptions | undefined;
+  /** HAProxy's busy-polling: "auto" (default: under sustained load only, src/ingress/busypoll.ts), "on", "off". */
+  busyPolling?: BusyPollMode;
 }
 
 export const DEFAULT_BASE_DOMAIN = 'berth.localhost';
@@ -130,6 +133,7 @@ export interface IngressFlags {
   acmeDirectory?: string;
   acmeEmail?: string;
   acmeCaRoot?: string;
+  ingressBusyPoll?: string;
 }
 
 /** Daemon flags → settings; throws a clear error for each bad flag. */
@@ -162,5 +166,7 @@ export function settingsFromFlags(f: IngressFlags): IngressSettings {
     if (!http && !https) throw invalidArgument('ACME needs an ingress listener for its challenges; do not turn both --ingress-http and --ingress-https off');
     acme = { directory: f.acmeDirectory, email: f.acmeEmail, ...(f.acmeCaRoot ? { caRoot: f.acmeCaRoot } : {}) };
   }
-  return { http, https, baseDomain, acme };
+  const busyPolling = (f.ingressBusyPoll ?? 'auto') as BusyPollMode;
+  if (!BUSY_POLL_MODES.includes(busyPolling)) throw invalidArgument(`--ingress-busy-poll "${f.ingressBusyPoll}" must be auto, on or off`);
+  return { http, https, baseDomain, acme, busyPolling };
 }
