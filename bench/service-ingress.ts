@@ -79,6 +79,8 @@ async function main(): Promise<void> {
       // The current worker (busy-polling on or off is a reload: a new worker).
       const proxyPid = haproxyWorker(proxyMaster);
       res.ingress.push(runWrk(viaIngress, { host: HOST, seconds: DURATION, connections: CONNS, pids: { backend: replicaPid, ...(proxyPid ? { proxy: proxyPid } : {}) }, backendCgroup: true }));
+      // (wrk ran synchronously: let the event loop see the API connection that berthd closed meanwhile.)
+      await sleep(100);
       busyAfter.push((await d.api('GET', '/v1/ingress')).body.proxy.busyPolling?.on === true);
       console.error(`run ${i + 1}/${RUNS}: direct ${res.direct[i]!.rps.toFixed(0)} req/s p99 ${res.direct[i]!.p99.toFixed(1)} ms; ingress ${res.ingress[i]!.rps.toFixed(0)} req/s p99 ${res.ingress[i]!.p99.toFixed(1)} ms; busy-polling after it: ${busyAfter[i] ? 'on' : 'off'}`);
     }
