@@ -44,7 +44,7 @@ export function haproxyPaths(dir: string): HaproxyPathsFull {
 
 /** The files a running proxy needs; removed at stop (the CA and certificates stay). */
 function runtimeFiles(p: HaproxyPathsFull): string[] {
-  return [p.pidFile, p.masterSocket, p.workerSocket, p.config, p.hostsMap, p.tlsHostsMap, p.crtList, p.acmeSocket, p.serverState];
+  return [p.pidFile, p.masterSocket, p.workerSocket, p.config, p.hostsMap, p.tlsHostsMap, p.crtList, p.acmeSocket, p.serverState, `${p.serverState}.tmp`];
 }
 
 /** A server-state file of format version 1 with no servers. */
@@ -239,7 +239,7 @@ export class HaproxyProcess {
     return new Promise((resolve, reject) => {
       const sock = createConnection(socket);
       let out = '';
-      const timer = setTimeout(() => sock.destroy(new Error(`HAProxy master CLI "${command}" timed out after ${timeoutMs} ms`)), timeoutMs);
+      const timer = setTimeout(() => sock.destroy(new Error(`HAProxy CLI "${command}" (${socket}) timed out after ${timeoutMs} ms`)), timeoutMs);
       sock.setEncoding('utf8');
       sock.on('data', (d: string) => (out += d));
       sock.on('error', (e) => {
