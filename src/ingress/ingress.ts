@@ -13,7 +13,7 @@ import { conflict, failedPrecondition, invalidArgument, unavailable } from '../c
 import { sleep } from '../lib/exec.js';
 import { AcmeIssuer } from './acme.js';
 import { CertStore } from './certs.js';
-import { BusyPollGovernor, type BusyPollPolicy } from './busypoll.js';
+import { BusyPollGovernor, type BusyPollMode, type BusyPollPolicy } from './busypoll.js';
 import { buildHaproxyConfig, tcpPortsIn, type HaproxyFiles } from './haproxy-config.js';
 import { HaproxyProcess } from './haproxy-process.js';
 import { routeProblems, tcpListenHost, type IngressRoute, type IngressSettings } from './types.js';
@@ -43,7 +43,7 @@ export interface IngressStatus {
   https: string | null;
   baseDomain: string;
   acme: { directory: string; email: string } | null;
-  proxy: { kind: 'haproxy'; pid: number | null; running: boolean; adopted: boolean; busyPolling: { mode: string; on: boolean } };
+  proxy: { kind: 'haproxy'; pid: number | null; running: boolean; adopted: boolean; busyPolling: { mode: BusyPollMode; on: boolean } };
   routes: { id: string; hosts: string[]; backends: number; tls: string; auth: boolean; tcpPort?: number }[];
   /** Routes left out of the applied set, with the reason (bad field, host already taken). */
   rejected: { id: string; reason: string }[];
@@ -122,29 +122,32 @@ export class Ingress {
       }
     }, this.opts.watchMs ?? 2_000);
     this.watch.unref();
-    if ((this.opts.settings.busyPolling ?? 'auto') === 'auto') this.governBusyPolling();
+    if (this.busyPollMode === 'auto') this.governBusyPolling();
   }
 
   /** Mode "auto": read the proxy's request counter every sampleMs; a flip of the decision re-renders and reloads. */
   private governBusyPolling(): void {
+    const next = () => {
+      this.governorTimer = setTimeout(() => void tick(), this.governor.policy.sampleMs);
+      this.governorTimer.unref();
+    };
     const tick = async () => {
       if (!this.started) return;
       if (this.proxy.running() && this.governor.sample(await this.proxy.requestCount(), Date.now())) {
         this.opts.log.info({ busyPolling: this.governor.busy }, `ingress: busy-polling ${this.governor.busy ? 'on (sustained load)' : 'off (load gone)'}`);
         await this.sync().catch(() => undefined);
       }
-      if (this.started) {
-        this.governorTimer = setTimeout(() => void tick(), this.governor.policy.sampleMs);
-        this.governorTimer.unref();
-      }
+      if (this.started) next();
     };
-    this.governorTimer = setTimeout(() => void tick(), this.governor.policy.sampleMs);
-    this.governorTimer.unref();
+    next();
+  }
+
+  private get busyPollMode(): BusyPollMode {
+    return this.opts.settings.busyPolling ?? 'auto';
   }
 
   private busyPolling(): boolean {
-    const mode = this.opts.settings.busyPolling ?? 'auto';
-    return mode === 'on' || (mode === 'auto' && this.governor.busy);
+    return this.busyPollMode === 'on' || (this.busyPollMode === 'auto' && this.governor.busy);
   }
 
   /** Stop the proxy and remove its runtime files. */
@@ -367,7 +370,7 @@ export class Ingress {
       https: addr(s.https),
       baseDomain: s.baseDomain,
       acme: s.acme ? { directory: s.acme.directory, email: s.acme.email } : null,
-      proxy: { kind: 'haproxy', pid: this.proxy.pid ?? null, running: this.proxy.running(), adopted: this.proxy.adopted, busyPolling: { mode: this.opts.settings.busyPolling ?? 'auto', on: this.busyPolling() } },
+      proxy: { kind: 'haproxy', pid: this.proxy.pid ?? null, running: this.proxy.running(), adopted: this.proxy.adopted, busyPolling: { mode: this.busyPollMode, on: this.busyPolling() } },
       routes: this.appliedRoutes.map((r) => ({ id: r.id, hosts: r.hosts, backends: r.backends.length, tls: r.tls, auth: Boolean(r.auth), ...(r.tcpPort !== undefined ? { tcpPort: r.tcpPort } : {}) })),
       rejected: this.rejected,
       lastSyncAt: this.lastSyncAt?.toISOString() ?? null,
