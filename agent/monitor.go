@@ -6,7 +6,8 @@ package main
 //
 //	-c/-u/-n ID  -r RUNTIME  -b BUNDLE  -p CTR_PIDFILE  -P MONITOR_PIDFILE  -l k8s-file:LOG
 //	--log-size-max N  --exit-dir DIR  --persist-dir DIR  --runtime-arg ARG …  --restore DIR  (others ignored)
-//	--agent-fd N: hand inherited fd N to the container as its fd 3 (the runtime's --preserve-fds 1)
+//	--agent-fd N: hand inherited fd N to the container as its fd 3 (the runtime's --preserve-fds 1;
+//	  with --agent-fd-pass, runsc's --pass-fd 3:3: runsc has no --preserve-fds)
 //	env _OCI_SYNCPIPE=3: one JSON line {"data": <container pid>} (or {"data": -1, "message": …})
 //
 // It runs `RUNTIME [args] create --bundle BUNDLE --pid-file CTR_PIDFILE ID` with the container's
@@ -46,7 +47,8 @@ type monitorArgs struct {
 	run                                                           bool   // --run: `RUNTIME run --detach` instead of create (no separate start)
 	logMax                                                        int64
 	runtimeArgs                                                   []string
-	agentFD                                                       int // --agent-fd: inherited fd passed on to the container as fd 3; -1: none
+	agentFD                                                       int  // --agent-fd: inherited fd passed on to the container as fd 3; -1: none
+	agentFDPass                                                   bool // --agent-fd-pass: pass it with `--pass-fd 3:3` (runsc) instead of `--preserve-fds 1`
 }
 
 func parseMonitorArgs(args []string) (*monitorArgs, error) {
@@ -98,6 +100,8 @@ func parseMonitorArgs(args []string) (*monitorArgs, error) {
 					err = fmt.Errorf("--agent-fd %d: want an inherited fd above 2", m.agentFD)
 				}
 			}
+		case "--agent-fd-pass":
+			m.agentFDPass = true
 		case "--runtime-arg":
 			v, err = val()
 			m.runtimeArgs = append(m.runtimeArgs, v)
@@ -113,6 +117,9 @@ func parseMonitorArgs(args []string) (*monitorArgs, error) {
 	}
 	if m.id == "" || m.runtime == "" || m.bundle == "" || m.ctrPid == "" || m.log == "" || m.exitDir == "" {
 		return nil, errors.New("needs -c, -r, -b, -p, -l and --exit-dir")
+	}
+	if m.agentFDPass && (m.agentFD < 0 || !m.run || m.restore != "") {
+		return nil, errors.New("--agent-fd-pass needs --agent-fd and --run (runsc has --pass-fd on run only)")
 	}
 	return m, nil
 }
@@ -188,7 +195,11 @@ func monitorMain(args []string) {
 		// host sees the connection end when the agent does.
 		unix.CloseOnExec(m.agentFD)
 		agentConn = os.NewFile(uintptr(m.agentFD), "agent-conn")
-		verb = append(verb, "--preserve-fds", "1")
+		if m.agentFDPass {
+			verb = append(verb, "--pass-fd", "3:3") // ExtraFiles[0] is fd 3 of the runtime
+		} else {
+			verb = append(verb, "--preserve-fds", "1")
+		}
 	}
 	cmd := exec.Command(m.runtime, append(append(append([]string{}, m.runtimeArgs...), verb...), "--bundle", m.bundle, "--pid-file", m.ctrPid, m.id)...)
 	cmd.Stdout, cmd.Stderr = outW, errW

@@ -13,7 +13,7 @@ import (
 )
 
 // Version is the agent's own version, announced by hello.
-const Version = "0.2.0" // 0.2.0: --conn-fd, and the monitor's --agent-fd
+const Version = "0.3.0" // 0.2.0: --conn-fd, and the monitor's --agent-fd; 0.3.0: the monitor's --agent-fd-pass
 
 // Agent serves the protocol on connections; processes outlive connections.
 type Agent struct {

@@ -10,6 +10,8 @@ import { assertClean, busyboxFixture } from './testing.js';
 import { agentAtLeast, findAgent } from '../agent/binary.js';
 import { AgentConnection } from '../agent/client.js';
 import { RuncDriver } from '../runc/driver.js';
+import { GvisorDriver, findRunsc } from '../gvisor/driver.js';
+import type { OciRuntimeDriver } from './driver.js';
 import type { TaskConfig } from '../../core/driver.js';
 import type { AgentFrame } from '../agent/client.js';
 
@@ -21,10 +23,14 @@ const fx = busyboxFixture('berth-agentstart', skip);
 
 const task = (id: string): TaskConfig => ({ id, imageRootfs: fx.rootfs, args: [], env: {}, cwd: '/', user: { uid: 0, gid: 0 }, resources: { memoryMiB: 64 }, sandbox: true });
 
-/** One sandbox task on its own driver: `body` runs against it, then it must go without residue. */
-async function withSandbox(name: string, body: (driver: RuncDriver, id: string, stateDir: string) => Promise<void>): Promise<void> {
+/** One sandbox task on its own driver (runc unless `make` says otherwise): `body` runs against it, then it must go without residue. */
+async function withSandbox(
+  name: string,
+  body: (driver: OciRuntimeDriver, id: string, stateDir: string) => Promise<void>,
+  make: (o: { stateDir: string; cgroupParent: string }) => OciRuntimeDriver = (o) => new RuncDriver(o),
+): Promise<void> {
   const stateDir = join(fx.base, name);
-  const driver = new RuncDriver({ stateDir, cgroupParent });
+  const driver = make({ stateDir, cgroupParent });
   const id = `as-${randomBytes(3).toString('hex')}`;
   try {
     await body(driver, id, stateDir);
@@ -51,29 +57,37 @@ test('the first command after a start waits for the agent and runs through it', 
   }),
 );
 
+/** The agent of a sandbox started by `driver` serves the socket pair it was started with, which the commands it runs do not inherit. */
+async function checkConnFd(driver: OciRuntimeDriver, id: string, stateDir: string): Promise<void> {
+  await driver.start(task(id));
+  let out = '';
+  const agent = await driver.agent(id, 5000);
+  // PID 1 is the agent, told to serve fd 3; fd 3 is a socket (the pair's other end is berthd's), shown
+  // by gVisor as the host file it imported ("host:[N]").
+  const script = 'tr "\\0" " " </proc/1/cmdline; echo; readlink /proc/1/fd/3; for f in /proc/$$/fd/*; do readlink $f; done; true';
+  const exit = await agent.request({ id: 'fds', type: 'run', args: ['sh', '-c', script], env: {}, cwd: '/', stdin: false }, 10_000, undefined, (f) => {
+    if (f.type === 'stdout') out += Buffer.from(String(f.data), 'base64').toString();
+  });
+  assert.equal(exit.code, 0);
+  const [cmdline, fd3, ...own] = out.trim().split('\n');
+  assert.match(cmdline!, /--conn-fd 3/);
+  assert.match(fd3!, /^(socket|host):/);
+  assert.ok(own.length >= 3 && own.every((l) => !/^(socket|host):/.test(l)), `the command's own fds hold no socket: ${own.join(', ')}`);
+  // The agent still listens on its socket: a second connection (after a broken one, or a restart of berthd) works.
+  const again = await AgentConnection.open(join(stateDir, 'tasks', id, 'run', 'agent.sock'), 5000);
+  try {
+    assert.equal((await again.request({ type: 'ping' }, 5000)).type, 'ok');
+  } finally {
+    again.close();
+  }
+}
+
 test("a sandbox's agent gets its host connection at start, and the commands it runs do not inherit it", { skip: skip ?? (!agentAtLeast(findAgent() ?? '', '0.2.0') ? 'needs agent 0.2.0 (scripts/setup.sh)' : undefined) }, () =>
-  withSandbox('connfd', async (driver, id, stateDir) => {
-    await driver.start(task(id));
-    let out = '';
-    const agent = await driver.agent(id, 5000);
-    // PID 1 is the agent, told to serve fd 3; fd 3 is a socket (the pair's other end is berthd's).
-    const script = 'tr "\\0" " " </proc/1/cmdline; echo; readlink /proc/1/fd/3; for f in /proc/$$/fd/*; do readlink $f; done; true';
-    const exit = await agent.request({ id: 'fds', type: 'run', args: ['sh', '-c', script], env: {}, cwd: '/', stdin: false }, 10_000, undefined, (f) => {
-      if (f.type === 'stdout') out += Buffer.from(String(f.data), 'base64').toString();
-    });
-    assert.equal(exit.code, 0);
-    const [cmdline, fd3, ...own] = out.trim().split('\n');
-    assert.match(cmdline!, /--conn-fd 3/);
-    assert.match(fd3!, /^socket:/);
-    assert.ok(own.length >= 3 && own.every((l) => !l.startsWith('socket:')), `the command's own fds hold no socket: ${own.join(', ')}`);
-    // The agent still listens on its socket: a second connection (after a broken one, or a restart of berthd) works.
-    const again = await AgentConnection.open(join(stateDir, 'tasks', id, 'run', 'agent.sock'), 5000);
-    try {
-      assert.equal((await again.request({ type: 'ping' }, 5000)).type, 'ok');
-    } finally {
-      again.close();
-    }
-  }),
+  withSandbox('connfd', checkConnFd),
+);
+
+test("gVisor: a sandbox's agent gets its host connection at start (runsc --pass-fd), and the commands it runs do not inherit it", { skip: skip ?? (!findRunsc() ? 'needs runsc' : !agentAtLeast(findAgent() ?? '', '0.3.0') ? 'needs agent 0.3.0 (scripts/setup.sh)' : undefined) }, () =>
+  withSandbox('connfd-gvisor', checkConnFd, (o) => new GvisorDriver(o)),
 );
 
 test("a start answers with the container init's pid; stop and destroy right after it clean up", { skip }, async () => {

@@ -79,6 +79,19 @@ const SIGNALS = osConstants.signals as Record<string, number>;
 const AGENT_START_TIMEOUT_MS = 10_000;
 const signalName = (n: number) => Object.keys(SIGNALS).find((k) => SIGNALS[k] === n);
 
+/** The agent's command line in a snapshot's config.json (gVisor snapshots keep it); undefined if there is none. */
+function checkpointedArgs(snapshot: string): string[] | undefined {
+  try {
+    const args = (JSON.parse(readFileSync(join(snapshot, 'config.json'), 'utf8')) as { process?: { args?: unknown } }).process?.args;
+    return Array.isArray(args) && args[0] === '/.berth/agent' && args.every((a) => typeof a === 'string') ? (args as string[]) : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+/** How a runtime hands the container's init an inherited fd: runc `--preserve-fds 1`, runsc `--pass-fd 3:3`. */
+export type AgentConnectionVia = 'preserve-fds' | 'pass-fd';
+
 export abstract class OciRuntimeDriver implements RuntimeDriver {
   abstract readonly name: string;
   abstract readonly capabilities: DriverCapabilities;
@@ -109,7 +122,7 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
   /** Berth's monitor started ahead of time, waiting for its arguments (see prespawnsMonitor()). */
   private readonly monitors: Launcher | undefined;
   /** Sandboxes get their agent connection handed in at start instead of connecting to its socket (see start()). */
-  private readonly agentConnFd: boolean;
+  private readonly agentConnFd: AgentConnectionVia | undefined;
 
   constructor(
     protected readonly opts: OciDriverOptions,
@@ -123,7 +136,9 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
     this.monitorArgv = monitor === 'berth' && agent ? [agent, 'monitor'] : [opts.conmonPath ?? '/usr/bin/conmon'];
     // Need Berth's own monitor (--agent-fd, --spare) and agent (--conn-fd), new in agent 0.2.0.
     const agent020 = monitor === 'berth' && !!agent && agentAtLeast(agent, '0.2.0');
-    this.agentConnFd = agent020 && this.passesAgentConnection();
+    const via = agent020 ? this.passesAgentConnection() : undefined;
+    // Handing it over with runsc's --pass-fd needs the monitor's --agent-fd-pass (agent 0.3.0).
+    this.agentConnFd = via === 'pass-fd' && !agentAtLeast(agent!, '0.3.0') ? undefined : via;
     this.monitors = agent020 && this.prespawnsMonitor() ? new Launcher(1, monitorSpare(agent)) : undefined;
     this.conmon = this.monitorArgv[0]!;
     this.root = join(opts.stateDir, runtimeName);
@@ -179,11 +194,12 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
   }
 
   /**
-   * Whether the runtime hands extra fds to the container's init (`--preserve-fds`), so that a sandbox's
-   * agent can be given its host connection at start (see start()).
+   * How the runtime hands an extra fd to the container's init, so that a sandbox's agent can be given
+   * its host connection at start (see start()): runc's `--preserve-fds`, runsc's `--pass-fd`; none: the
+   * agent is connected to on its socket once it listens.
    */
-  protected passesAgentConnection(): boolean {
-    return false;
+  protected passesAgentConnection(): AgentConnectionVia | undefined {
+    return undefined;
   }
 
   /**
@@ -295,7 +311,7 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
     // socket until it listens (measured: the connection came 3–4 ms after the agent listened, and
     // the first command waited for it). The agent listens on its socket too, for later connections
     // (after a broken one, or a restart of berthd).
-    const connFd = !!cfg.sandbox && this.agentConnFd && !cfg.restoreFrom;
+    const connFd = !!cfg.sandbox && !!this.agentConnFd && !cfg.restoreFrom;
     const sandbox = cfg.sandbox ? this.sandboxTask(cfg, dir, connFd) : undefined;
     // Pure conversion + validation first; nothing on the host is touched if the spec is bad.
     const config = buildOciConfig(sandbox?.cfg ?? cfg, {
@@ -396,8 +412,16 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
   private sandboxTask(cfg: TaskConfig, dir: string, connFd: boolean): { cfg: TaskConfig; mounts: OciMount[] } {
     const agent = findAgent();
     if (!agent) throw invalidArgument('sandboxes need the guest agent binary: run scripts/setup.sh (it builds agent/ with Go)');
+    let args = ['/.berth/agent', '--listen', 'unix:/.berth/run/agent.sock', ...(connFd ? ['--conn-fd', '3'] : [])];
+    if (cfg.restoreFrom) {
+      // A restore must name the command line the checkpointed agent was started with (runsc checks),
+      // e.g. with --conn-fd 3: the snapshot keeps its config.json. The restored agent does not run
+      // main() again, so an fd named there is not looked for.
+      const saved = checkpointedArgs(cfg.restoreFrom);
+      if (saved) args = saved;
+    }
     return {
-      cfg: { ...cfg, args: ['/.berth/agent', '--listen', 'unix:/.berth/run/agent.sock', ...(connFd ? ['--conn-fd', '3'] : [])], user: { uid: 0, gid: 0 }, cwd: '/' },
+      cfg: { ...cfg, args, user: { uid: 0, gid: 0 }, cwd: '/' },
       mounts: [
         { destination: '/.berth/agent', type: 'bind', source: agent, options: ['bind', 'ro', 'nosuid', 'nodev'] },
         { destination: '/.berth/run', type: 'bind', source: join(dir, 'run'), options: ['bind', 'rw', 'nosuid', 'nodev', 'noexec'] },
@@ -553,7 +577,7 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
       '--log-level', 'error',
       '--syslog',
       ...(restore ? ['--restore', restore] : this.runsOnCreate() ? ['--run'] : []),
-      ...(onAgentSocket ? ['--agent-fd', '4'] : []),
+      ...(onAgentSocket ? ['--agent-fd', '4', ...(this.agentConnFd === 'pass-fd' ? ['--agent-fd-pass'] : [])] : []),
     ];
     return new Promise((resolve, reject) => {
       // conmon writes some marker files (e.g. `oom`) relative to its working directory. Its

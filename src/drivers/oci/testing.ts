@@ -5,7 +5,7 @@ import assert from 'node:assert/strict';
 import { existsSync, mkdtempSync, readdirSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { ensureBusyboxImage } from '../../images/busybox.js';
-import type { RuncDriver } from '../runc/driver.js';
+import type { OciRuntimeDriver } from './driver.js';
 
 /** A folder under /tmp with the busybox image unpacked in it, made before the file's tests (unless skipped) and removed after. */
 export function busyboxFixture(prefix: string, skip: string | undefined): { base: string; rootfs: string } {
@@ -22,7 +22,9 @@ export function busyboxFixture(prefix: string, skip: string | undefined): { base
 }
 
 /** Nothing of the driver's is left: task folders, exit files, runtime state, the task's cgroups. */
-export function assertClean(driver: RuncDriver, stateDir: string, id: string): void {
-  for (const sub of ['tasks', 'exits', 'runc']) assert.deepEqual(readdirSync(join(stateDir, sub)), [], `${sub} is empty`);
+export function assertClean(driver: OciRuntimeDriver, stateDir: string, id: string): void {
+  for (const sub of ['tasks', 'exits', driver.name === 'gvisor' ? 'runsc' : 'runc']) {
+    assert.deepEqual(readdirSync(join(stateDir, sub)), [], `${sub} is empty`);
+  }
   for (const d of driver.cgroupDirs(id)) assert.equal(existsSync(d), false, `${d} is removed`);
 }

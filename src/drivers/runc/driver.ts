@@ -8,7 +8,7 @@ import { Socket } from 'node:net';
 import { join } from 'node:path';
 import type { DriverCapabilities, Fingerprint } from '../../core/driver.js';
 import { pidAlive, runOk, sleep } from '../../lib/exec.js';
-import { DEFAULT_CAPS, OciRuntimeDriver, type EarlyStart, type OciDriverOptions } from '../oci/driver.js';
+import { DEFAULT_CAPS, OciRuntimeDriver, type AgentConnectionVia, type EarlyStart, type OciDriverOptions } from '../oci/driver.js';
 
 export { DEFAULT_CAPS };
 
@@ -62,8 +62,8 @@ export class RuncDriver extends OciRuntimeDriver {
   }
 
   /** runc passes extra fds to the container's init (`--preserve-fds`): a sandbox's agent gets its connection at start. */
-  protected override passesAgentConnection(): boolean {
-    return true;
+  protected override passesAgentConnection(): AgentConnectionVia {
+    return 'preserve-fds';
   }
 
   /** No command before the monitor: it can be started ahead of time. */
