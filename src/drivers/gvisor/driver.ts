@@ -188,7 +188,11 @@ export class GvisorDriver extends OciRuntimeDriver {
 
   override async destroy(id: string, opts: { force?: boolean; keepData?: boolean } = {}): Promise<void> {
     await super.destroy(id, opts);
-    // A current runsc keeps a per-root bind mount (null-netns); drop it with the last sandbox.
+    // A current runsc keeps a per-root bind mount (null-netns: an empty network namespace that its
+    // gofers join); drop it with the last sandbox. Starts at the same time may pin one again, even
+    // stacked on another (runsc refers to it through its own fd, so unmounting races no start): all
+    // are unmounted; if one is pinned again before the file is removed, it stays for the next
+    // sandbox and goes with the last one after it.
     const nullNetns = join(this.root, 'null-netns');
     let busy = false;
     try {
@@ -196,9 +200,13 @@ export class GvisorDriver extends OciRuntimeDriver {
     } catch {
       /* no root */
     }
-    if (!busy && isMountPoint(nullNetns)) {
-      await run('umount', [nullNetns], { timeoutMs: 10_000 });
-      rmSync(nullNetns, { force: true });
+    if (!busy && existsSync(nullNetns)) {
+      for (let i = 0; i < 10 && isMountPoint(nullNetns); i++) await run('umount', [nullNetns], { timeoutMs: 10_000 });
+      try {
+        rmSync(nullNetns, { force: true });
+      } catch (e) {
+        if ((e as NodeJS.ErrnoException).code !== 'EBUSY') throw e;
+      }
     }
   }
 
