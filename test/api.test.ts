@@ -266,3 +266,23 @@ test('create with ?wait=running answers once the workload runs (or could not sta
   assert.equal(wrong.status, 400);
   for (const n of ['waited', 'waited-bad']) assert.equal((await d.api('DELETE', `${W}/${n}`)).status, 202);
 });
+
+test("a name that is not there: 404 whose message names the kind and a list path the API serves", async () => {
+  for (const [method, path, kind] of [
+    ['GET', `${W}/nope`, 'workload'],
+    ['GET', '/v1/projects/default/services/nope', 'service'],
+    ['GET', '/v1/projects/default/jobs/nope', 'job'],
+    ['GET', '/v1/projects/default/sandboxes/nope', 'sandbox'],
+    ['GET', '/v1/projects/default/sandbox-pools/nope', 'warm pool'],
+    ['DELETE', '/v1/projects/default/sandbox-templates/nope', 'sandbox template'],
+  ] as const) {
+    const r = await d.api(method, path);
+    assert.equal(r.status, 404, `${method} ${path}: ${JSON.stringify(r.body)}`);
+    assert.equal(r.body.error.code, 'not_found');
+    const m = /^(.+) "nope" not found.*; list them with GET (\S+)$/.exec(r.body.error.message);
+    assert.ok(m, `${path}: ${r.body.error.message}`);
+    assert.equal(m[1], kind);
+    const list = await d.api('GET', m[2]!);
+    assert.equal(list.status, 200, `the list path ${m[2]} in "${r.body.error.message}" answers ${list.status}`);
+  }
+});

@@ -10,6 +10,14 @@ import type Database from 'better-sqlite3';
 type Statement = Database.Statement;
 import { alreadyExists, conflict, invalidArgument, notFound } from '../core/errors.js';
 
+/** How a not-found error names a kind, and where the API lists it (under /v1/projects/{project}/). */
+const KIND_NAMES: Record<string, [string, string]> = {
+  sandbox: ['sandbox', 'sandboxes'],
+  sandboxpool: ['warm pool', 'sandbox-pools'],
+  sandboxtemplate: ['sandbox template', 'sandbox-templates'],
+  jobrun: ['job run', 'jobs/{job}/runs'],
+};
+
 export interface Resource<S = unknown, T = unknown> {
   id: string;
   kind: string;
@@ -199,7 +207,8 @@ export class ResourceStore extends EventEmitter {
     const r = this.find<S, T>(kind, project, name);
     if (!r) {
       const where = kind === 'project' ? '' : ` in project "${project}"`;
-      throw notFound(`${kind} "${name}" not found${where}; list them with GET /v1/${kind === 'project' ? 'projects' : `projects/${project}/${kind}s`}`);
+      const k = KIND_NAMES[kind];
+      throw notFound(`${k?.[0] ?? kind} "${name}" not found${where}; list them with GET /v1/${kind === 'project' ? 'projects' : `projects/${project}/${k?.[1] ?? `${kind}s`}`}`);
     }
     return r;
   }
