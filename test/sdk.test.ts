@@ -326,6 +326,17 @@ for (const isolation of ['gvisor', 'microvm', 'container'] as const) {
         assert.match(r.stdout, /rc=[1-9]/);
       });
       await hazard('fork bomb', 'b() { b | b & }; b; sleep 3; kill -9 -1 2>/dev/null; true', () => undefined);
+      // /tmp is on the writable layer on every tier, under the disk limit: filling it is ENOSPC, and the
+      // sandbox lives on (runsc's own tmpfs /tmp would hold the file in the sandbox's memory instead).
+      const s = await limitedSandbox();
+      try {
+        const r = await s.commands.run('dd if=/dev/zero of=/tmp/fill bs=1M count=200; echo rc=$?', { timeoutMs: 60_000 });
+        assert.match(r.stderr, /No space left/i, `filling /tmp: ${JSON.stringify(r)}`);
+        assert.match(r.stdout, /rc=[1-9]/);
+        assert.ok(await alive(s), 'the sandbox answers after /tmp filled up');
+      } finally {
+        await s.kill();
+      }
     });
 
     test('snapshot → template → forks that continue its processes and files (microVM, gVisor)', { timeout: 120_000 }, async (t) => {

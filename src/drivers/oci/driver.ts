@@ -236,11 +236,12 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
   }
 
   /**
-   * Host-side preparation of the rootfs before create (nothing by default). May return a command
-   * (argv) that the launcher runs right before conmon, in the same pre-spawned process, instead of
-   * berthd spawning it: a failure of that command fails the start with its stderr.
+   * Host-side preparation of the rootfs before create (nothing by default), once the writable layer
+   * exists; it may add mounts to the container's config that depend on the layer's contents. May
+   * return a command (argv) that the launcher runs right before conmon, in the same pre-spawned
+   * process, instead of berthd spawning it: a failure of that command fails the start with its stderr.
    */
-  protected async prepareRootfs(_cfg: TaskConfig, _dir: string): Promise<string[] | void> {}
+  protected async prepareRootfs(_cfg: TaskConfig, _dir: string, _config: OciConfig): Promise<string[] | void> {}
 
   /**
    * Called right after conmon is launched, before the runtime has created the container; lets a
@@ -350,7 +351,7 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
       mkdirSync(bundle, { recursive: true, mode: 0o700 });
       // A restored agent was suspended for the checkpoint: this file tells it to listen again (agent/suspend.go).
       if (cfg.restoreFrom && sandbox) writeFileSync(join(dir, 'run', 'agent.resume'), '');
-      const pre = (await this.prepareRootfs(cfg, dir)) ?? [];
+      const pre = (await this.prepareRootfs(cfg, dir, config)) ?? [];
       writeFileSync(join(bundle, 'config.json'), JSON.stringify(config));
       const restore = cfg.restoreFrom ? this.restoreImage(cfg.restoreFrom) : undefined;
       const early = restore ? undefined : this.beginStart(cfg.id);
