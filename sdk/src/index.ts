@@ -151,7 +151,9 @@ class Api {
         headers,
         body: reqBody ?? null,
         ...(signal ? { signal } : {}),
-        ...(reqBody && typeof (reqBody as ReadableStream).getReader === 'function' ? { duplex: 'half' } : {}),
+        // A streamed body: Node's fetch (undici) keeps every chunk sent in memory while it may follow
+        // a redirect (undici #4058: 1 GiB uploaded, 1.1 GiB resident); Berth's API never redirects.
+        ...(reqBody && typeof (reqBody as ReadableStream).getReader === 'function' ? { duplex: 'half', redirect: 'error' } : {}),
       } as RequestInit);
       if (!res.ok) throw toError(res.status, await res.text());
       return res;

@@ -342,7 +342,9 @@ export class RegistryClient {
   private async fetchRetry(url: string, init: FetchInit, retry: boolean, signal?: AbortSignal, makeBody?: () => unknown): Promise<Response> {
     for (let attempt = 0; ; attempt++) {
       try {
-        const res = await fetch(url, (makeBody ? { ...init, body: makeBody(), duplex: 'half' } : init) as globalThis.RequestInit);
+        // A streamed upload is not redirected (redirect: 'error'): while fetch may follow a redirect it keeps
+        // every chunk sent in memory (undici #4058), a whole layer of an image being pushed.
+        const res = await fetch(url, (makeBody ? { ...init, body: makeBody(), duplex: 'half', redirect: 'error' } : init) as globalThis.RequestInit);
         if (retry && (res.status >= 500 || res.status === 429)) throw new RetryableStatus(res.status, await errorDetail(res));
         return res;
       } catch (e) {
