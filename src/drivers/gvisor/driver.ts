@@ -148,7 +148,9 @@ export class GvisorDriver extends OciRuntimeDriver {
     // before a restart) would be followed on the host.
     const restoringWithout = cfg.restoreFrom !== undefined && !checkpointHasTmpMount(cfg.restoreFrom);
     if (!config.mounts.some((m) => m.destination === '/tmp') && !restoringWithout && tmpIsDirectory(join(this.layerDir(cfg, dir), 'upper'), cfg.imageRootfs)) {
-      config.mounts.push({ destination: '/tmp', type: 'bind', source: join(rootfs, 'tmp'), options: ['rbind', 'rw'] });
+      // Before any mount below /tmp (a volume at /tmp/x), which it would hide if mounted after it.
+      const at = config.mounts.findIndex((m) => m.destination.startsWith('/tmp/'));
+      config.mounts.splice(at < 0 ? config.mounts.length : at, 0, { destination: '/tmp', type: 'bind', source: join(rootfs, 'tmp'), options: ['rbind', 'rw'] });
     }
     if (isMountPoint(rootfs)) return;
     return ['mount', '-t', 'overlay', 'overlay', '-o', `lowerdir=${cfg.imageRootfs},upperdir=${join(this.layerDir(cfg, dir), 'upper')},workdir=${join(this.layerDir(cfg, dir), 'work')}`, rootfs];
