@@ -20,7 +20,7 @@ import type { DriverCapabilities, Fingerprint, TaskConfig, TaskHandle, TaskStatu
 import { BerthError, invalidArgument } from '../../core/errors.js';
 import { run, sleep } from '../../lib/exec.js';
 import { isMountPoint } from '../../lib/host.js';
-import { OciRuntimeDriver, type AgentConnectionVia, type OciDriverOptions } from '../oci/driver.js';
+import { OciRuntimeDriver, snapshotConfig, type AgentConnectionVia, type OciDriverOptions } from '../oci/driver.js';
 import type { OciBuildOptions, OciConfig } from '../oci/ocispec.js';
 
 /** Where scripts/setup.sh installs the pinned, current runsc it builds with Go. */
@@ -53,12 +53,8 @@ export function tmpIsDirectory(upper: string, lower: string): boolean {
 
 /** A snapshot taken before /tmp was bound must be restored without that mount (runsc compares the mounts). */
 function checkpointHasTmpMount(snapshot: string): boolean {
-  try {
-    const mounts = (JSON.parse(readFileSync(join(snapshot, 'config.json'), 'utf8')) as { mounts?: { destination?: string }[] }).mounts ?? [];
-    return mounts.some((m) => m.destination === '/tmp');
-  } catch {
-    return true;
-  }
+  const mounts = snapshotConfig(snapshot)?.mounts;
+  return !mounts || mounts.some((m) => m.destination === '/tmp');
 }
 
 export interface GvisorDriverOptions extends OciDriverOptions {

@@ -79,14 +79,19 @@ const SIGNALS = osConstants.signals as Record<string, number>;
 const AGENT_START_TIMEOUT_MS = 10_000;
 const signalName = (n: number) => Object.keys(SIGNALS).find((k) => SIGNALS[k] === n);
 
-/** The agent's command line in a snapshot's config.json (gVisor snapshots keep it); undefined if there is none. */
-function checkpointedArgs(snapshot: string): string[] | undefined {
+/** The container config a snapshot keeps (gVisor snapshots copy config.json); undefined if there is none. */
+export function snapshotConfig(snapshot: string): Partial<OciConfig> | undefined {
   try {
-    const args = (JSON.parse(readFileSync(join(snapshot, 'config.json'), 'utf8')) as { process?: { args?: unknown } }).process?.args;
-    return Array.isArray(args) && args[0] === '/.berth/agent' && args.every((a) => typeof a === 'string') ? (args as string[]) : undefined;
+    return JSON.parse(readFileSync(join(snapshot, 'config.json'), 'utf8')) as Partial<OciConfig>;
   } catch {
     return undefined;
   }
+}
+
+/** The agent's command line in a snapshot's config; undefined if there is none. */
+function checkpointedArgs(snapshot: string): string[] | undefined {
+  const args: unknown = snapshotConfig(snapshot)?.process?.args;
+  return Array.isArray(args) && args[0] === '/.berth/agent' && args.every((a) => typeof a === 'string') ? (args as string[]) : undefined;
 }
 
 /** How a runtime hands the container's init an inherited fd: runc `--preserve-fds 1`, runsc `--pass-fd 3:3`. */
