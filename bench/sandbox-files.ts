@@ -43,14 +43,17 @@ function source(hash: ReturnType<typeof createHash>): ReadableStream<Uint8Array>
   });
 }
 
-/** Peak resident memory (KiB) of a process while `body` runs, sampled every 50 ms. */
+/** Resident memory of a process now, in KiB. */
+const rssKiB = (pid: number) => Number(/VmRSS:\s+(\d+)/.exec(readFileSync(`/proc/${pid}/status`, 'utf8'))?.[1] ?? 0);
+
+/** Peak resident memory (KiB) of processes while `body` runs, sampled every 50 ms. */
 async function peakRss<T>(pids: number[], body: () => Promise<T>): Promise<{ result: T; peakKiB: number[] }> {
-  const rss = (pid: number) => Number(/VmRSS:\s+(\d+)/.exec(readFileSync(`/proc/${pid}/status`, 'utf8'))?.[1] ?? 0);
-  const peakKiB = pids.map(rss);
-  const timer = setInterval(() => pids.forEach((p, i) => (peakKiB[i] = Math.max(peakKiB[i]!, rss(p)))), 50);
+  const peakKiB = pids.map(rssKiB);
+  const sample = () => pids.forEach((p, i) => (peakKiB[i] = Math.max(peakKiB[i]!, rssKiB(p))));
+  const timer = setInterval(sample, 50);
   try {
     const result = await body();
-    pids.forEach((p, i) => (peakKiB[i] = Math.max(peakKiB[i]!, rss(p))));
+    sample();
     return { result, peakKiB };
   } finally {
     clearInterval(timer);
@@ -100,8 +103,8 @@ async function main(): Promise<void> {
       }
       const sbx = await Sandbox.create({ apiUrl: d.addr, apiKey: d.token, isolation: tier as 'gvisor', timeoutMs: 3_600_000, memoryMiB: 128, diskMiB: MIB + 512 });
       try {
-        const client0 = process.memoryUsage().rss >> 10;
-        const berthd0 = Number(/VmRSS:\s+(\d+)/.exec(readFileSync(`/proc/${d.pid}/status`, 'utf8'))?.[1] ?? 0);
+        const client0 = rssKiB(process.pid);
+        const berthd0 = rssKiB(d.pid);
         const up = createHash('sha256');
         const w = await peakRss([d.pid, process.pid], async () => {
           const t0 = performance.now();

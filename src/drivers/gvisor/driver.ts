@@ -135,6 +135,7 @@ export class GvisorDriver extends OciRuntimeDriver {
    */
   protected override async prepareRootfs(cfg: TaskConfig, dir: string, config: OciConfig): Promise<string[] | void> {
     const rootfs = join(dir, 'bundle', 'rootfs');
+    const layer = this.layerDir(cfg, dir);
     mkdirSync(rootfs, { recursive: true, mode: 0o755 });
     // /tmp on the writable layer, as with runc and in a microVM. Without a /tmp mount in the spec, runsc
     // mounts its own tmpfs on an empty /tmp: files written there live in the sandbox's memory (a 300 MiB
@@ -143,13 +144,13 @@ export class GvisorDriver extends OciRuntimeDriver {
     // Only when it is a real directory: a symbolic link (say, planted by the workload in its layer
     // before a restart) would be followed on the host.
     const restoringWithout = cfg.restoreFrom !== undefined && !checkpointHasTmpMount(cfg.restoreFrom);
-    if (!config.mounts.some((m) => m.destination === '/tmp') && !restoringWithout && tmpIsDirectory(join(this.layerDir(cfg, dir), 'upper'), cfg.imageRootfs)) {
+    if (!config.mounts.some((m) => m.destination === '/tmp') && !restoringWithout && tmpIsDirectory(join(layer, 'upper'), cfg.imageRootfs)) {
       // Before any mount below /tmp (a volume at /tmp/x), which it would hide if mounted after it.
       const at = config.mounts.findIndex((m) => m.destination.startsWith('/tmp/'));
       config.mounts.splice(at < 0 ? config.mounts.length : at, 0, { destination: '/tmp', type: 'bind', source: join(rootfs, 'tmp'), options: ['rbind', 'rw'] });
     }
     if (isMountPoint(rootfs)) return;
-    return ['mount', '-t', 'overlay', 'overlay', '-o', `lowerdir=${cfg.imageRootfs},upperdir=${join(this.layerDir(cfg, dir), 'upper')},workdir=${join(this.layerDir(cfg, dir), 'work')}`, rootfs];
+    return ['mount', '-t', 'overlay', 'overlay', '-o', `lowerdir=${cfg.imageRootfs},upperdir=${join(layer, 'upper')},workdir=${join(layer, 'work')}`, rootfs];
   }
 
   protected override async releaseRootfs(dir: string): Promise<void> {
