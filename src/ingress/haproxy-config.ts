@@ -142,6 +142,10 @@ export function buildHaproxyConfig(routes: IngressRoute[], s: IngressSettings, p
     '  timeout http-keep-alive 60s',
     `  timeout queue ${QUEUE_TIMEOUT}`,
     '  timeout client-fin 5s',
+    // After a reload the old worker answers the next request on an idle keep-alive connection (with
+    // `Connection: close`) instead of closing it under a client that may be sending one right then:
+    // 2 read errors in 131,610 requests under wrk across a busy-polling reload (zero-downtime test).
+    '  option idle-close-on-response',
     `  retries ${RETRIES}`,
     '  option redispatch 1',
     // Only a failed connection is retried (HAProxy's default): no request reached a replica, so a
