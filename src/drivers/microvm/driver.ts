@@ -29,6 +29,8 @@ import { BerthError, invalidArgument } from '../../core/errors.js';
 import { qmp } from './qmp.js';
 import { pidAlive, runOk, sleep } from '../../lib/exec.js';
 import { cgroupHierarchies, processCpuMs } from '../../lib/host.js';
+import { migrationWarmer } from '../../lib/cgroupwarm.js';
+import { writeFile } from 'node:fs/promises';
 import { AgentConnection, type AgentFrame } from '../agent/client.js';
 import { AgentPool } from '../agent/pool.js';
 import {
@@ -420,6 +422,8 @@ export class MicroVmDriver implements RuntimeDriver {
     mkdirSync(dir, { recursive: true, mode: 0o700 });
     for (const f of ['exit.json', 'qemu.pid', 'agent.sock', 'qmp.sock', 'killed', 'console.log', 'cfg.img']) rmSync(join(dir, f), { force: true });
     let pid: number | undefined;
+    // QEMU is moved into the task's cgroups twice: kept from waiting for a grace period (src/lib/cgroupwarm.ts).
+    const unwarm = migrationWarmer.hold();
     try {
       const [{ accel }, initramfs, rootImage, tscKhz] = await Promise.all([
         this.getAccel(),
@@ -439,9 +443,11 @@ export class MicroVmDriver implements RuntimeDriver {
       const args = buildQemuArgs({ dir, ...machine, ...(cfg.sandbox ? { ram: { memfd: true } as const } : {}) });
       const cgroups = this.makeCgroups(cfg.id, { ...size, background: cfg.background });
       pid = await this.launch(dir, args, cgroups, net?.netns);
+      unwarm();
       await this.awaitAgent(cfg.id, dir, pid, cfg.sandbox === true);
       return this.tracked(cfg, pid, net);
     } catch (e) {
+      unwarm();
       if (pid && this.isRunning(cfg.id)) await this.killVm(cfg.id, pid);
       await this.destroy(cfg.id, { force: true, keepData: restart });
       throw e;
@@ -524,6 +530,7 @@ export class MicroVmDriver implements RuntimeDriver {
     mkdirSync(dir, { recursive: true, mode: 0o700 });
     let pid: number | undefined;
     const T = stageTimer(`restore ${cfg.id}`);
+    const unwarm = migrationWarmer.hold(); // (see start())
     try {
       // The disks are copied while the network namespace is made; the VM waits for both.
       const disks = (async () => {
@@ -545,7 +552,7 @@ export class MicroVmDriver implements RuntimeDriver {
         await disks;
         const incoming = lazy ? 'defer' : `exec:cat '${join(src, 'memory')}'`;
         const args = buildQemuArgs({ dir, ...machine, incoming, ...(lazy ? { ram: { file: join(src, 'ram') } } : {}) });
-        pid = await this.launch(dir, args, cgroups, netns);
+        pid = await this.launch(dir, args, cgroups, netns).finally(unwarm);
         T('qemu up');
         if (netns) {
           wiring = inNetns(netns, TAP_WIRE);
@@ -587,6 +594,7 @@ export class MicroVmDriver implements RuntimeDriver {
       await wiring;
       return this.tracked(cfg, pid!, net); // (pid: set by boot, which succeeded)
     } catch (e) {
+      unwarm();
       if (pid && this.isRunning(cfg.id)) await this.killVm(cfg.id, pid);
       await this.destroy(cfg.id, { force: true });
       throw e;
@@ -707,8 +715,9 @@ export class MicroVmDriver implements RuntimeDriver {
     return dirs;
   }
 
-  private joinCgroups(dirs: string[], pid: number): void {
-    for (const d of dirs) writeFileSync(join(d, 'cgroup.procs'), String(pid));
+  /** (In the thread pool: a migration can wait for an RCU grace period, see src/lib/cgroupwarm.ts.) */
+  private async joinCgroups(dirs: string[], pid: number): Promise<void> {
+    for (const d of dirs) await writeFile(join(d, 'cgroup.procs'), String(pid));
   }
 
   /** Starts QEMU daemonized; returns the VM's pid once QEMU has set up (sockets listening). */
@@ -719,23 +728,18 @@ export class MicroVmDriver implements RuntimeDriver {
       : spawn(this.qemu, args, { stdio: ['ignore', 'ignore', 'pipe'], cwd: dir });
     // The launcher joins the cgroups before it forks the daemon (QEMU takes tens of ms to set up),
     // so the VM process starts inside them; it is moved again below in case it was faster.
-    if (child.pid) {
-      try {
-        this.joinCgroups(cgroups, child.pid);
-      } catch {
-        /* exited already: the exit code below says why */
-      }
-    }
+    const early = child.pid ? this.joinCgroups(cgroups, child.pid).catch(() => undefined) : undefined; // (exited already: the exit code below says why)
     let stderr = '';
     child.stderr!.setEncoding('utf8').on('data', (d: string) => (stderr += d));
     const code = await new Promise<number>((resolve, reject) => {
       child.on('error', reject);
       child.on('close', (c) => resolve(c ?? 1));
     });
+    await early;
     if (code !== 0) throw new Error(`qemu failed to start: ${stderr.trim().slice(0, 1000) || `exit ${code}`}`);
     const pid = Number(readFileSync(join(dir, 'qemu.pid'), 'utf8').trim());
     if (!Number.isInteger(pid) || pid <= 0) throw new Error('qemu wrote no pid file');
-    this.joinCgroups(cgroups, pid);
+    await this.joinCgroups(cgroups, pid);
     return pid;
   }
 

@@ -44,6 +44,7 @@ import { agentAtLeast, findAgent } from '../agent/binary.js';
 import { loadDefaultSeccomp, type OciSeccomp } from './seccomp.js';
 import { Launcher, monitorSpare } from './launcher.js';
 import { traceMark } from '../../lib/trace.js';
+import { migrationWarmer } from '../../lib/cgroupwarm.js';
 import type { NetworkAttachment, NetworkManager } from '../../network/manager.js';
 
 export interface OciDriverOptions {
@@ -332,6 +333,9 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
       throw new BerthError('already_exists', `task ${cfg.id} still has runtime state; destroy it before starting it again`);
     }
     if (cfg.network && !this.opts.network) throw invalidArgument(`the ${this.name} driver has no network manager: run the task with network mode "none"`);
+    // The runtime moves processes into the task's cgroups (runsc: itself, in and back out; runc:
+    // the container's init): kept from waiting for an RCU grace period each (src/lib/cgroupwarm.ts).
+    const unwarm = migrationWarmer.hold();
     try {
       const net = cfg.network ? await this.opts.network!.attach(cfg.id, this.name, { ...cfg.network, hostname: config.hostname }) : undefined;
       if (net) joinNetwork(config, net);
@@ -405,6 +409,7 @@ export abstract class OciRuntimeDriver implements RuntimeDriver {
       if (e instanceof BerthError) throw e;
       throw new BerthError('failed_precondition', `could not start the container: ${(e as Error).message}`);
     } finally {
+      unwarm();
       this.launcher.refillSoon();
       this.monitors?.refillSoon();
     }
