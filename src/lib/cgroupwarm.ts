@@ -87,6 +87,7 @@ export class MigrationWarmer {
   }
 
   private tick(): void {
+    // (A hold that comes while a write is in flight is seen when it completes.)
     if (this.holders === 0 || this.fd === undefined) return this.end();
     // "0": move the writing process (berthd) to this cgroup, where it already is. In the thread
     // pool: the first write after a pause waits for the grace period.
@@ -111,8 +112,6 @@ export class MigrationWarmer {
       }
       this.fd = undefined;
     }
-    // A hold that came while the last write was in flight starts it again.
-    if (this.holders > 0 && !this.disabled) this.begin();
   }
 }
 
