@@ -32,8 +32,11 @@ export class RuncDriver extends OciRuntimeDriver {
     try {
       const r = await runOk(this.runtime, ['--version'], { timeoutMs: 5000 });
       const version = /runc version (\S+)/.exec(r.stdout)?.[1] ?? 'unknown';
+      // The monitor: Berth's own (the agent's monitor mode: "berth-agent/0.3.0") or Debian's conmon.
       const c = await runOk(this.conmon, ['--version'], { timeoutMs: 5000 });
-      attributes.conmon = /conmon version (\S+)/.exec(c.stdout)?.[1] ?? 'unknown';
+      const conmon = /conmon version (\S+)/.exec(c.stdout)?.[1];
+      const agent = /^berth-agent\/(\S+)/m.exec(c.stdout)?.[1];
+      attributes.monitor = conmon ? `conmon ${conmon}` : agent ? `berth-agent monitor ${agent}` : 'unknown';
       attributes.cgroups = existsSync('/sys/fs/cgroup/cgroup.controllers') ? 'v2' : 'v1';
       attributes.seccompProfile = existsSync('/usr/share/containers/seccomp.json') ? 'containers-common' : 'missing';
       const healthy = attributes.seccompProfile !== 'missing';
@@ -41,7 +44,7 @@ export class RuncDriver extends OciRuntimeDriver {
         driver: this.name,
         isolation: 'container',
         healthy,
-        reason: healthy ? `runc ${version} supervised by conmon ${attributes.conmon}` : 'seccomp profile missing: apt-get install golang-github-containers-common',
+        reason: healthy ? `runc ${version} supervised by ${attributes.monitor}` : 'seccomp profile missing: apt-get install golang-github-containers-common',
         version,
         attributes,
       };
