@@ -423,14 +423,7 @@ async function main(): Promise<void> {
     // Like for like: the OCI runtimes' bare runs again while cgroup migrations are kept warm, as
     // berthd keeps them during its starts (src/lib/cgroupwarm.ts); the bare QEMU boot joins no cgroup.
     const warmer = new MigrationWarmer();
-    const bareWarmOf = async (t: Tier): Promise<number> => {
-      const release = warmer.hold();
-      try {
-        return await bareEcho(t);
-      } finally {
-        release();
-      }
-    };
+    const bareWarmOf = (t: Tier): Promise<number> => warmer.during(() => bareEcho(t));
     for (const t of tiers) {
       checkInterrupted();
       console.error(`cold start: ${t.isolation}, ${RUNS} interleaved runs`);

@@ -193,14 +193,7 @@ async function main(): Promise<void> {
       // Like for like: what the bare runtime takes given what Berth's start does around it (OCI tiers:
       // their runtimes move processes into cgroups; the bare QEMU boot joins none).
       const warmer = new MigrationWarmer();
-      const bareWarm = tier === 'microvm' ? undefined : async () => {
-        const release = warmer.hold();
-        try {
-          return await bare();
-        } finally {
-          release();
-        }
-      };
+      const bareWarm = tier === 'microvm' ? undefined : () => warmer.during(bare);
       const r: TierResult = { label, bare: [], bareWarm: [], coldSeq: [], coldConc: [], warmSeq: [], warmConc: [], snapshot: [], density: { ran: 0, stoppedBy: '', perMiB: 0, slowestMs: 0, lastMs: 0, load: '' } };
       results.set(tier, r);
 

@@ -127,12 +127,7 @@ async function main() {
       bare.push(await bareRuncRun(root, bundle, `b${i}`));
       sh('runc', ['--root', root, 'delete', '--force', `b${i}`]);
       // Like for like: the same run while cgroup migrations are kept warm, as berthd's starts have them.
-      const release = warmer.hold();
-      try {
-        bareWarm.push(await bareRuncRun(root, bundle, `bw${i}`));
-      } finally {
-        release();
-      }
+      bareWarm.push(await warmer.during(() => bareRuncRun(root, bundle, `bw${i}`)));
       sh('runc', ['--root', root, 'delete', '--force', `bw${i}`]);
       berth.push(await berthCreate(d, `w${i}`));
       await d.api('DELETE', `/v1/projects/default/workloads/w${i}`);

@@ -61,6 +61,14 @@ test('the warmer writes only while held, and this process stays in its cgroups',
   assert.ok(w.writes > stopped);
 });
 
+test('during(): the function runs with the warmer held, which is released after it, also when it fails', { skip: root }, async () => {
+  const w = new MigrationWarmer();
+  assert.equal(await w.during(async () => (await sleep(20), w.active)), true);
+  await assert.rejects(w.during(async () => Promise.reject(new Error('boom'))), /boom/);
+  await sleep(20);
+  assert.equal(w.active, false);
+});
+
 test('the warmer turns itself off where it cannot write', async () => {
   const none = new MigrationWarmer(() => undefined);
   none.hold()();

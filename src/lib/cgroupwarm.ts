@@ -64,6 +64,16 @@ export class MigrationWarmer {
     };
   }
 
+  /** `fn` with migrations kept warm meanwhile. */
+  async during<T>(fn: () => Promise<T>): Promise<T> {
+    const release = this.hold();
+    try {
+      return await fn();
+    } finally {
+      release();
+    }
+  }
+
   get active(): boolean {
     return this.running;
   }
