@@ -241,6 +241,9 @@ test('bad input is refused clearly and creates nothing', async () => {
     assert.match(r.body.error.message, re);
   }
   assert.equal((await d.api('GET', S)).body.items.length, before);
+  const missing = await d.api('GET', `${S}/no-such-sandbox/events`);
+  assert.equal(missing.status, 404, JSON.stringify(missing.body));
+  assert.equal(missing.body.error.code, 'not_found');
 });
 
 test('microVM warm-pool members boot at the lowest CPU priority; a claim gives the sandbox full priority', { timeout: 180_000 }, async (t) => {
@@ -383,6 +386,12 @@ test('warm pool: a matching create claims a started sandbox at once; the pool re
     assert.equal(r.body.status.phase, 'running');
     assert.deepEqual(r.body.labels, { owner: `u${i}` }, 'the claimed sandbox carries the caller’s labels only');
     names.push(r.body.name);
+    const ev = (await d.api('GET', `${S}/${r.body.name}/events`)).body.items as { reason: string; message: string }[];
+    assert.ok(ev.some((e) => e.reason === 'Claimed'), JSON.stringify(ev));
+    // Before it counted as ready: the warm-up runs, and every PATH directory of the image read whole.
+    const warmed = ev.find((e) => e.reason === 'Warmed')?.message ?? '';
+    assert.match(warmed, /3 of 3 runs/, JSON.stringify(ev));
+    assert.match(warmed, /[:,] \/bin \([1-9]\d*\)/, warmed); // (the test image has its programs in /bin)
     const out = await run(r.body.name, { cmd: 'echo $WHO' });
     assert.equal(out.out, `u${i}\n`, 'the caller’s env applies to its commands');
     const exp = Date.parse(r.body.status.expiresAt ?? (await d.api('GET', `${S}/${r.body.name}`)).body.status.expiresAt);

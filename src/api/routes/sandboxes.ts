@@ -13,7 +13,7 @@ import { BerthError, failedPrecondition, type ErrorCode } from '../../core/error
 import { SANDBOX, SANDBOXTEMPLATE, initialSandboxStatus, previewHost, sandboxActivity, type SandboxResource, type SandboxSpecT, type SandboxStatusT, type SandboxTemplateSpecT, type SandboxTemplateStatusT } from '../../reconcilers/sandboxes.js';
 import type { AppEnv } from '../app.js';
 import type { ApiContext } from '../context.js';
-import { Isolation, Labels, ListQuery, Name, NetworkSpec, Resources, listOf } from '../schemas.js';
+import { Event, Isolation, Labels, ListQuery, Name, NetworkSpec, Resources, listOf } from '../schemas.js';
 import { ProjectNameParams, ProjectParams, body, errorResponses, getLive, json, requestSignal, useProject, view } from './common.js';
 import { admitRunSpec, waitForChange } from './workloads.js';
 import { traceArrival, traceMark } from '../../lib/trace.js';
@@ -204,8 +204,15 @@ export function registerSandboxRoutes(app: OpenAPIHono<AppEnv>, ctx: ApiContext)
       }
       await admitRunSpec(ctx, { isolation: b.spec.isolation, image: b.spec.image, resources: b.spec.resources });
       if (!b.name && !b.spec.template && c.req.valid('query').pool === 'auto') {
+        const admitted = performance.now();
         const claimed = claimFromPool(ctx, project, b);
-        if (claimed) return c.json(sandboxView(claimed) as never, 201);
+        if (claimed) {
+          traceArrival(c.req.raw, claimed.id, 'api.arrive');
+          traceMark(claimed.id, 'api.enter', entered);
+          traceMark(claimed.id, 'api.admitted', admitted);
+          traceMark(claimed.id, 'api.claimed');
+          return c.json(sandboxView(claimed) as never, 201);
+        }
       }
       const name = b.name ?? `sbx-${randomBytes(5).toString('hex')}`;
       let s = ctx.store.create(SANDBOX, { project, name, labels: b.labels ?? {}, spec: b.spec, status: initialSandboxStatus() }) as SandboxResource;
@@ -282,6 +289,16 @@ export function registerSandboxRoutes(app: OpenAPIHono<AppEnv>, ctx: ApiContext)
       ctx.store.updateSpec(s.id, { spec: { ...s.spec, ports } });
       await ctx.ingress.sync().catch(() => undefined);
       return c.json(view as never, 200);
+    },
+  );
+
+  app.openapi(
+    createRoute({ method: 'get', path: `${base}/{name}/events`, tags, request: { params: ProjectNameParams }, responses: { 200: json(z.object({ items: z.array(Event) }), 'What happened to the sandbox: created or claimed, started, warmed, paused, resumed, snapshotted, killed and why'), ...errorResponses } }),
+    (c) => {
+      const { project, name } = c.req.valid('param');
+      useProject(ctx, c, project);
+      const s = ctx.store.get(SANDBOX, project, name);
+      return c.json({ items: ctx.store.events(s.id) } as never, 200);
     },
   );
 
