@@ -36,6 +36,14 @@ test('a booted VM gets kernel, initramfs and command line; a restored one gets -
   assert.deepEqual(val(buildQemuArgs({ dir: '/t', ...machine, net: false }), '-netdev'), [], 'no network: no NIC');
 });
 
+test('under TCG the guest trusts its TSC (the host counter), so a busy host cannot turn its clock into 4 ms jiffies; under KVM no such flag', () => {
+  const tcg = val(buildQemuArgs({ dir: '/t', ...machine, tscKhz: 2_100_000 }), '-append')[0]!.split(' ');
+  assert.ok(tcg.includes('tsc=reliable') && tcg.includes('tsc_early_khz=2100000'), tcg.join(' '));
+  assert.ok(val(buildQemuArgs({ dir: '/t', ...machine }), '-append')[0]!.split(' ').includes('tsc=reliable'), 'without a known TSC rate too');
+  const kvm = val(buildQemuArgs({ dir: '/t', ...machine, accel: 'kvm', tscKhz: 2_100_000 }), '-append')[0]!;
+  assert.doesNotMatch(kvm, /tsc/, 'KVM guests use kvm-clock');
+});
+
 test('every guest gets the fixed address, gateway and MAC; its own name maps to that address, other names stay', () => {
   const dir = mkdtempSync(join(tmpdir(), 'berth-guestnet-'));
   try {

@@ -151,6 +151,12 @@ export function buildQemuArgs(o: VmMachine & { dir: string; ram?: GuestRam | und
   // frees, so an idle VM's host RSS grew from ~230 MiB to ~600 MiB; measured with bench isolation.)
   const append = ['console=ttyS0', 'quiet', 'panic=-1', 'cryptomgr.notests', `berth.epoch_ms=${o.epochMs}`];
   if (o.accel === 'tcg' && o.tscKhz) append.push(`tsc_early_khz=${o.tscKhz}`);
+  // Under TCG the guest's TSC is the host's (QEMU's RDTSC reads the host counter), as steady as the
+  // host clock; what is not steady is the guest's timer tick, which falls behind on a busy host. The
+  // clocksource watchdog compares the two, and, measured with 6 VMs booting at once, marked the TSC
+  // unstable in all 6 (~2 s into the boot): their clock fell back to refined-jiffies, 4 ms steps
+  // for every clock read for the VM's whole life, and no vDSO. tsc=reliable turns that check off.
+  if (o.accel === 'tcg') append.push('tsc=reliable');
   // (Not mitigations=off under TCG: TCG's CPU (qemu64) reports AuthenticAMD, so the guest has no KPTI
   // ("meltdown: Not affected"); turning off its retpolines and barriers measured no gain in
   // bench/sandboxes.ts, nor did init_on_alloc=0 or randomize_kstack_offset=off. BENCHMARKS.md,
