@@ -172,6 +172,11 @@ export function buildQemuArgs(o: VmMachine & { dir: string; ram?: GuestRam | und
     '-M', `microvm,x-option-roms=off,isa-serial=on,rtc=on${o.ram ? `,memory-backend=${RAM_ID}` : ''}`,
     ...ram,
     '-accel', o.accel === 'tcg' ? 'tcg,tb-size=32' : 'kvm',
+    // (TCG: QEMU's default CPU, without ARAT. With `-cpu qemu64,+arat` the guest stops its tick when
+    // idle (nohz; without ARAT and with no HPET it keeps 250 ticks a second): an idle VM cost the host
+    // ~5 ms of CPU a second instead of ~27 (5 idle VMs, 30 s), but a claimed warm-pool member's first
+    // command got ~15 ms slower (claim → first output 41–47 ms against 27–28 ms, interleaved A/B, 10
+    // claims each, four runs). Kept off for the claim; BENCHMARKS.md, session 11.)
     ...(o.accel === 'kvm' ? ['-cpu', 'host'] : []),
     '-smp', String(o.vcpus),
     '-m', `${o.memoryMiB}M`,
