@@ -1,10 +1,11 @@
-import { z } from '@hono/zod-openapi';
+import { createRoute, z, type OpenAPIHono } from '@hono/zod-openapi';
 import type { Context } from 'hono';
 import type { IncomingMessage, ServerResponse } from 'node:http';
-import { ErrorBody, Name } from '../schemas.js';
+import { ErrorBody, Event, Name } from '../schemas.js';
 import { BerthError, notFound, permissionDenied } from '../../core/errors.js';
 import type { ApiContext, AuthInfo } from '../context.js';
 import type { Resource } from '../../store/resources.js';
+import type { AppEnv } from '../app.js';
 
 export const PROJECT = 'project';
 
@@ -96,4 +97,16 @@ export function getLive<S, T>(ctx: ApiContext, kind: string, project: string, na
 
 export function assertNever(x: never): never {
   throw new BerthError('internal', `unexpected ${String(x)}`);
+}
+
+/** `GET {base}/{name}/events`: what happened to one resource, newest last (every kind that keeps events). */
+export function registerEventsRoute(app: OpenAPIHono<AppEnv>, ctx: ApiContext, o: { base: string; kind: string; tags: string[]; description?: string }): void {
+  app.openapi(
+    createRoute({ method: 'get', path: `${o.base}/{name}/events`, tags: o.tags, request: { params: ProjectNameParams }, responses: { 200: json(z.object({ items: z.array(Event) }), o.description), ...errorResponses } }),
+    (c) => {
+      const { project, name } = c.req.valid('param');
+      useProject(ctx, c, project);
+      return c.json({ items: ctx.store.events(ctx.store.get(o.kind, project, name).id) } as never, 200);
+    },
+  );
 }

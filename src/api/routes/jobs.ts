@@ -1,9 +1,9 @@
 import { createRoute, z, type OpenAPIHono } from '@hono/zod-openapi';
-import { CreateJob, Event, Job, JobRun, ListQuery, Name, UpdateJob, listOf, type JobRunSpecT, type JobRunStatusT, type JobSpec } from '../schemas.js';
+import { CreateJob, Job, JobRun, ListQuery, Name, UpdateJob, listOf, type JobRunSpecT, type JobRunStatusT, type JobSpec } from '../schemas.js';
 import { failedPrecondition } from '../../core/errors.js';
 import type { ApiContext } from '../context.js';
 import type { AppEnv } from '../app.js';
-import { ProjectNameParams, ProjectParams, body, errorResponses, getLive, json, useProject, view } from './common.js';
+import { ProjectNameParams, ProjectParams, body, errorResponses, getLive, json, useProject, registerEventsRoute, view } from './common.js';
 import { JOB, JOBRUN, triggerRun, type StoredJobStatus } from '../../reconcilers/jobs.js';
 import { WORKLOAD } from '../../reconcilers/workloads.js';
 import { admitRunSpec, streamLogs } from './workloads.js';
@@ -155,13 +155,5 @@ export function registerJobRoutes(app: OpenAPIHono<AppEnv>, ctx: ApiContext): vo
     },
   );
 
-  app.openapi(
-    createRoute({ method: 'get', path: `${base}/{name}/events`, tags, request: { params: ProjectNameParams }, responses: { 200: json(z.object({ items: z.array(Event) })), ...errorResponses } }),
-    (c) => {
-      const { project, name } = c.req.valid('param');
-      useProject(ctx, c, project);
-      const j = ctx.store.get(JOB, project, name);
-      return c.json({ items: ctx.store.events(j.id) } as never, 200);
-    },
-  );
+  registerEventsRoute(app, ctx, { base, kind: JOB, tags });
 }

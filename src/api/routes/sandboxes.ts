@@ -13,8 +13,8 @@ import { BerthError, failedPrecondition, type ErrorCode } from '../../core/error
 import { SANDBOX, SANDBOXTEMPLATE, initialSandboxStatus, previewHost, sandboxActivity, type SandboxResource, type SandboxSpecT, type SandboxStatusT, type SandboxTemplateSpecT, type SandboxTemplateStatusT } from '../../reconcilers/sandboxes.js';
 import type { AppEnv } from '../app.js';
 import type { ApiContext } from '../context.js';
-import { Event, Isolation, Labels, ListQuery, Name, NetworkSpec, Resources, listOf } from '../schemas.js';
-import { ProjectNameParams, ProjectParams, body, errorResponses, getLive, json, requestSignal, useProject, view } from './common.js';
+import { Isolation, Labels, ListQuery, Name, NetworkSpec, Resources, listOf } from '../schemas.js';
+import { ProjectNameParams, ProjectParams, body, errorResponses, getLive, json, requestSignal, useProject, registerEventsRoute, view } from './common.js';
 import { admitRunSpec, waitForChange } from './workloads.js';
 import { traceArrival, traceMark } from '../../lib/trace.js';
 import { SANDBOXPOOL, poolMatches, poolMembers, type SandboxPoolSpecT, type SandboxPoolStatusT } from '../../reconcilers/sandboxpools.js';
@@ -292,15 +292,7 @@ export function registerSandboxRoutes(app: OpenAPIHono<AppEnv>, ctx: ApiContext)
     },
   );
 
-  app.openapi(
-    createRoute({ method: 'get', path: `${base}/{name}/events`, tags, request: { params: ProjectNameParams }, responses: { 200: json(z.object({ items: z.array(Event) }), 'What happened to the sandbox: created or claimed, started, warmed, paused, resumed, snapshotted, killed and why'), ...errorResponses } }),
-    (c) => {
-      const { project, name } = c.req.valid('param');
-      useProject(ctx, c, project);
-      const s = ctx.store.get(SANDBOX, project, name);
-      return c.json({ items: ctx.store.events(s.id) } as never, 200);
-    },
-  );
+  registerEventsRoute(app, ctx, { base, kind: SANDBOX, tags, description: 'What happened to the sandbox: created or claimed, warmed, started, paused, resumed, snapshotted, killed and why' });
 
   app.openapi(
     createRoute({ method: 'get', path: `${base}/{name}/ports`, tags, request: { params: ProjectNameParams }, responses: { 200: json(z.object({ items: z.array(PortView) })), ...errorResponses } }),

@@ -1,10 +1,10 @@
 import { createRoute, z, type OpenAPIHono } from '@hono/zod-openapi';
 import { stream } from 'hono/streaming';
-import { CreateService, Event, ListQuery, RollbackService, ScaleService, Service, ServiceRevision, ServiceSpec, UpdateService, listOf } from '../schemas.js';
+import { CreateService, ListQuery, RollbackService, ScaleService, Service, ServiceRevision, ServiceSpec, UpdateService, listOf } from '../schemas.js';
 import { conflict, failedPrecondition, notFound } from '../../core/errors.js';
 import type { ApiContext } from '../context.js';
 import type { AppEnv } from '../app.js';
-import { ProjectNameParams, ProjectParams, body, errorResponses, getLive, json, useProject, view } from './common.js';
+import { ProjectNameParams, ProjectParams, body, errorResponses, getLive, json, useProject, registerEventsRoute, view } from './common.js';
 import { admitRunSpec } from './workloads.js';
 import { readLog } from '../logs.js';
 import { SERVICE, initialServiceStatus, withTemplate, type ServiceResource, type StoredServiceStatus } from '../../reconcilers/services.js';
@@ -173,15 +173,7 @@ export function registerServiceRoutes(app: OpenAPIHono<AppEnv>, ctx: ApiContext)
     },
   );
 
-  app.openapi(
-    createRoute({ method: 'get', path: `${base}/{name}/events`, tags, request: { params: ProjectNameParams }, responses: { 200: json(z.object({ items: z.array(Event) })), ...errorResponses } }),
-    (c) => {
-      const { project, name } = c.req.valid('param');
-      useProject(ctx, c, project);
-      const s = ctx.store.get(SERVICE, project, name);
-      return c.json({ items: ctx.store.events(s.id) } as never, 200);
-    },
-  );
+  registerEventsRoute(app, ctx, { base, kind: SERVICE, tags });
 
   app.openapi(
     createRoute({

@@ -1,13 +1,13 @@
 import { createRoute, z, type OpenAPIHono } from '@hono/zod-openapi';
 import { stream } from 'hono/streaming';
 import type { Context } from 'hono';
-import { CreateWorkload, Event, ListQuery, StopRequest, UpdateWorkload, Workload, WorkloadSpec, listOf } from '../schemas.js';
+import { CreateWorkload, ListQuery, StopRequest, UpdateWorkload, Workload, WorkloadSpec, listOf } from '../schemas.js';
 import { BerthError, failedPrecondition, invalidArgument } from '../../core/errors.js';
 import type { Isolation } from '../../core/driver.js';
 import type { Resource } from '../../store/resources.js';
 import type { ApiContext } from '../context.js';
 import type { AppEnv } from '../app.js';
-import { ProjectNameParams, ProjectParams, body, errorResponses, getLive, json, requestSignal, useProject, view } from './common.js';
+import { ProjectNameParams, ProjectParams, body, errorResponses, getLive, json, requestSignal, useProject, registerEventsRoute, view } from './common.js';
 import { WORKLOAD, initialWorkloadStatus, type StoredWorkloadStatus, type WorkloadResource } from '../../reconcilers/workloads.js';
 import { resolveUser } from '../../images/catalog.js';
 import { readLog } from '../logs.js';
@@ -273,14 +273,6 @@ export function registerWorkloadRoutes(app: OpenAPIHono<AppEnv>, ctx: ApiContext
     },
   );
 
-  app.openapi(
-    createRoute({ method: 'get', path: `${base}/{name}/events`, tags, request: { params: ProjectNameParams }, responses: { 200: json(z.object({ items: z.array(Event) })), ...errorResponses } }),
-    (c) => {
-      const { project, name } = c.req.valid('param');
-      useProject(ctx, c, project);
-      const w = ctx.store.get(WORKLOAD, project, name);
-      return c.json({ items: ctx.store.events(w.id) } as never, 200);
-    },
-  );
+  registerEventsRoute(app, ctx, { base, kind: WORKLOAD, tags });
 }
 
