@@ -22,6 +22,7 @@ import { DEFAULT_CAPS } from '../src/drivers/oci/driver.js';
 import { updateBenchmarks } from './report.js';
 import { BareMicroVm, type BareVm } from './microvm-bare.js';
 import { MigrationWarmer } from '../src/lib/cgroupwarm.js';
+import { taskMonitorPids } from './monitors.js';
 import type { Fingerprint } from '../src/core/driver.js';
 
 const { values } = parseArgs({
@@ -156,25 +157,9 @@ function processes(): Proc[] {
 /** Berth's per-container monitor: conmon, or the guest agent in monitor mode. */
 const isConmon = (p: Proc) => basename(p.argv[0] ?? '') === 'conmon' || (basename(p.argv[0] ?? '') === 'berth-agent' && p.argv[1] === 'monitor');
 
-/**
- * The monitors of a driver's tasks, by the pid file each writes in its task folder (a pre-started
- * spare monitor took its arguments on stdin: its command line does not name the task).
- */
+/** The monitors of a driver's tasks (found by their pid files: bench/monitors.ts). */
 function taskMonitors(all: Proc[], stateDir: string): Proc[] {
-  const pids = new Set<number>();
-  let ids: string[] = [];
-  try {
-    ids = readdirSync(join(stateDir, 'tasks'));
-  } catch {
-    /* no tasks */
-  }
-  for (const id of ids) {
-    try {
-      pids.add(Number(readFileSync(join(stateDir, 'tasks', id, 'conmon.pid'), 'utf8').trim()));
-    } catch {
-      /* raced */
-    }
-  }
+  const pids = new Set(taskMonitorPids(stateDir));
   return all.filter((p) => isConmon(p) && pids.has(p.pid));
 }
 

@@ -13,6 +13,7 @@ import { loadDefaultSeccomp } from '../src/drivers/oci/seccomp.js';
 import { DEFAULT_CAPS } from '../src/drivers/runc/driver.js';
 import { updateBenchmarks } from './report.js';
 import { MigrationWarmer } from '../src/lib/cgroupwarm.js';
+import { taskMonitorPids } from './monitors.js';
 import { cni } from '../src/network/cni.js';
 
 const { values } = parseArgs({ options: { runs: { type: 'string', default: '30' }, idle: { type: 'string', default: '20' }, write: { type: 'string' } } });
@@ -157,12 +158,9 @@ async function main() {
     for (let i = 0; i < IDLE; i++) await berthCreate(d, `idle${i}`, true);
     await new Promise((r) => setTimeout(r, 2000));
     const monitors: Array<{ rss: number; pss: number; uss: number }> = [];
-    // Each task's monitor by the pid file it writes (a pre-started spare took its arguments on stdin:
-    // its command line does not name the task).
-    const tasks = join(d.dataDir, 'runtime', 'runc', 'tasks');
-    for (const id of readdirSync(tasks)) {
+    for (const pid of taskMonitorPids(join(d.dataDir, 'runtime', 'runc'))) {
       try {
-        monitors.push(memOf(Number(readFileSync(join(tasks, id, 'conmon.pid'), 'utf8').trim())));
+        monitors.push(memOf(pid));
       } catch {
         /* raced */
       }

@@ -6,7 +6,7 @@ import type { Logger } from 'pino';
 import { randomBytes } from 'node:crypto';
 import type { Ingress } from '../ingress/ingress.js';
 import type { IngressRoute } from '../ingress/types.js';
-import type { DriverRegistry, EgressPolicy, TaskHandle } from '../core/driver.js';
+import type { AgentFrame, DriverRegistry, EgressPolicy, TaskHandle } from '../core/driver.js';
 import { taskNetworkFor } from '../network/manager.js';
 import { isBerthError } from '../core/errors.js';
 import type { ImageCatalog } from '../images/catalog.js';
@@ -317,24 +317,22 @@ export function makeSandboxReconciler(deps: { store: ResourceStore; drivers: Dri
 async function warmUp(driver: NonNullable<ReturnType<DriverRegistry['get']>>, id: string, path: string, log: Logger): Promise<string | undefined> {
   if (!driver.agent) return undefined;
   const t0 = performance.now();
+  const agent = await driver.agent(id, 5000).catch(() => undefined);
   let runs = 0;
   try {
-    const agent = await driver.agent(id, 5000);
-    for (; runs < WARMUP_RUNS; runs++) {
+    for (; agent && runs < WARMUP_RUNS; runs++) {
       await agent.request({ id: `warmup-${runs}`, type: 'run', args: ['sh', '-c', 'echo warm'], env: {}, cwd: '/', stdin: false }, 10_000);
     }
   } catch (e) {
     log.debug({ sandbox: id, err: (e as Error).message }, 'warm-pool member: warm-up run failed (ignored)');
   }
   const listed: string[] = [];
+  // (A directory the image lacks answers not_found: nothing to warm.)
   for (const dir of new Set(path.split(':').filter((d) => d.startsWith('/')))) {
-    // (A directory the image lacks answers not_found: nothing to warm.)
+    if (!agent) break;
     let n = 0;
-    const ok = await driver
-      .agent(id, 5000)
-      .then((a) => a.request({ type: 'file.list', path: dir }, 10_000, undefined, (f) => void (n += Array.isArray(f.entries) ? f.entries.length : 0)))
-      .then(() => true, () => false);
-    if (ok) listed.push(`${dir} (${n})`);
+    const count = (f: AgentFrame) => void (n += Array.isArray(f.entries) ? f.entries.length : 0);
+    if (await agent.request({ type: 'file.list', path: dir }, 10_000, undefined, count).then(() => true, () => false)) listed.push(`${dir} (${n})`);
   }
   return `warm-up in ${(performance.now() - t0).toFixed(0)} ms: ${runs} of ${WARMUP_RUNS} runs of sh -c 'echo warm'; PATH directories listed: ${listed.join(', ') || 'none'}`;
 }
