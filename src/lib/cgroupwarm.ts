@@ -8,7 +8,7 @@
 // the runtime, where Berth cannot batch the writes: `runsc run` on cgroup v1 moves itself into the
 // task's cgroups and back (2 of them); `runc create` moves the container's init in; the microVM
 // driver moves QEMU in. A bare `runsc run` of an `echo` took 122 ms, 96 ms with another process
-// re-joining its own cgroup every 3 ms meanwhile (tmp/exp, 15 runs each).
+// re-joining its own cgroup every 3 ms meanwhile (15 runs each; BENCHMARKS.md, session 10 notes).
 //
 // So while a start is in flight, berthd re-joins its own cgroup every few milliseconds: a migration
 // to where it already is, which changes nothing but keeps the semaphore's RCU sync entered, so that
