@@ -6,6 +6,7 @@ package main
 
 import (
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"net"
 	"os"
@@ -47,6 +48,15 @@ func configureNetwork(c *netConfig, root string) error {
 		if time.Now().After(deadline) {
 			return fmt.Errorf("no eth0 in the guest: %w", err)
 		}
+	}
+	// No IPv6 on eth0 (lo keeps ::1): Berth's networks are IPv4 only, as Docker leaves a container's
+	// interface on an IPv4-only network. Otherwise the link's coming up starts IPv6 autoconfiguration
+	// (a link-local address, duplicate address detection, router solicitations, MLD reports): packets
+	// no one answers, and timers a VM snapshotted in its first seconds leaves to every fork, where
+	// they run cold under TCG (~1300 of the ~12700 code blocks QEMU translated before a fork's agent
+	// answered; BENCHMARKS.md, session 12). (Absent when the kernel has no IPv6.)
+	if err := os.WriteFile("/proc/sys/net/ipv6/conf/eth0/disable_ipv6", []byte("1"), 0); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("eth0 without IPv6: %w", err)
 	}
 	// The MAC changes with the link up where the NIC allows it (virtio-net does, by a control-queue
 	// command), else with the link down. Up, a restored guest skips taking the link down and up

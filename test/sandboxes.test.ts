@@ -308,6 +308,10 @@ test('microVM snapshots map their RAM lazily: a fork keeps memory and processes,
     const addrs = (await run(r.body.name, { cmd: 'ip -4 -o addr show dev eth0' })).out.trim().split('\n');
     assert.equal(addrs.length, 1, addrs.join(' | '));
     assert.match(addrs[0]!, new RegExp(`inet ${VM_NET.guestIp.replace(/\./g, '\\.')}/${VM_NET.prefix}`));
+    // No IPv6 on eth0 (Berth's networks are IPv4 only); lo keeps ::1.
+    const v6 = (await run(r.body.name, { cmd: 'cat /proc/net/if_inet6' })).out;
+    assert.doesNotMatch(v6, /eth0/, v6);
+    assert.match(v6, / lo$/m, v6);
     return r.body.name as string;
   };
   // State that lives only in guest memory: a tmpfs file and a background process.
@@ -315,12 +319,18 @@ test('microVM snapshots map their RAM lazily: a fork keeps memory and processes,
   assert.equal((await run(parent, { cmd: 'mkdir -p /mnt/ram && mount -t tmpfs none /mnt/ram && echo in-ram > /mnt/ram/v && echo ok' })).out, 'ok\n');
   assert.equal((await d.api('POST', `${S}/${parent}/commands`, { cmd: 'exec sleep 4242', background: true })).status, 200);
   const alive = async (name: string) => (await run(name, { cmd: 'cat /mnt/ram/v; grep -l 4242 /proc/[0-9]*/cmdline >/dev/null && echo sleeper' })).out;
+  const txPackets = async (name: string) => (await run(name, { cmd: 'cat /sys/class/net/eth0/statistics/tx_packets' })).out;
+  const sentByParent = await txPackets(parent);
   const snap = await d.api('POST', `${S}/${parent}/snapshot`, { template: 'lazy' });
   assert.equal(snap.status, 201, JSON.stringify(snap.body));
   const dir = snap.body.status.dir as string;
   assert.ok(existsSync(`${dir}/ram`) && existsSync(`${dir}/state`) && !existsSync(`${dir}/memory`), 'RAM as its own file, device state without it');
   assert.equal(await alive(parent), 'in-ram\nsleeper\n', 'the parent goes on');
   const fork = await make({ template: 'lazy', timeoutMs: 600_000 });
+  // A restored guest sends nothing by itself: no announcement of the "migrated" VM (gratuitous ARP,
+  // neighbour adverts; QEMU does 5 rounds in ~1 s) and no IPv6 autoconfiguration left from its boot.
+  await sleep(1500);
+  assert.equal(await txPackets(fork), sentByParent, 'the fork sent no packet since the snapshot');
   assert.equal(await alive(fork), 'in-ram\nsleeper\n', 'the fork has the parent\'s memory and processes');
   assert.equal((await run(fork, { cmd: 'echo fork-only > /mnt/ram/v && cat /mnt/ram/v' })).out, 'fork-only\n');
   assert.equal(await alive(parent), 'in-ram\nsleeper\n', 'a fork\'s writes stay in the fork (copy-on-write)');

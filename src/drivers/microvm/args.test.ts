@@ -28,6 +28,8 @@ test('a booted VM gets kernel, initramfs and command line; a restored one gets -
   assert.deepEqual([val(booted, '-kernel'), val(booted, '-initrd'), val(booted, '-incoming')], [['/k'], ['/i'], []]);
   const restored = buildQemuArgs({ dir: '/t', ...machine, incoming: 'defer' });
   assert.deepEqual([val(restored, '-kernel'), val(restored, '-initrd'), val(restored, '-append'), val(restored, '-incoming')], [[], [], [], ['defer']]);
+  // No post-migration announcement (test/sandboxes.test.ts checks that a fork sends no packet).
+  assert.deepEqual([val(booted, '-global'), val(restored, '-global')], [[], ['migration.announce-rounds=0']]);
   // Booted or restored, the NIC has the one guest MAC that every microVM has (VM_NET), on tap0.
   for (const args of [booted, restored]) {
     assert.deepEqual(val(args, '-device').filter((d) => d.startsWith('virtio-net')), [`virtio-net-device,netdev=net0,mac=${VM_NET.guestMac}`]);

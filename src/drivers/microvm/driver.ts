@@ -182,6 +182,13 @@ export function buildQemuArgs(o: VmMachine & { dir: string; ram?: GuestRam | und
     '-m', `${o.memoryMiB}M`,
     '-nodefaults', '-no-user-config', '-display', 'none', '-no-reboot',
     ...(o.incoming ? ['-incoming', o.incoming] : ['-kernel', o.kernel, '-initrd', o.initramfs, '-append', append.join(' ')]),
+    // After an incoming migration QEMU "announces" the VM 5 times over ~1.5 s (by default), so that
+    // switches learn where a live-migrated guest now is: virtio-net asks the guest, which sends
+    // gratuitous ARP, unsolicited neighbour adverts and MLD reports. A restored VM's tap is new and
+    // private to its namespace, where nothing learns addresses; the guest would only run that code
+    // cold under TCG before its agent answers (~1300 of ~12700 blocks translated, with eth0's IPv6
+    // autoconfiguration: agent/net.go; BENCHMARKS.md, session 12).
+    ...(o.incoming ? ['-global', 'migration.announce-rounds=0'] : []),
     '-serial', `file:${f('console.log')}`,
     '-drive', `id=root,file=${o.rootImage},format=raw,if=none,readonly=on`,
     '-device', 'virtio-blk-device,drive=root,serial=berth-root',
