@@ -19,6 +19,16 @@ after(async () => {
   await d.destroy();
 });
 
+/** A counter that a shell loop rewrites in `path` (truncate, then write): read until a number is there (0: none). */
+async function readCounter(s: Sandbox, path: string): Promise<number> {
+  for (let k = 0; k < 20; k++) {
+    const v = Number((await s.files.read(path)).trim());
+    if (v > 0) return v;
+    await new Promise((r) => setTimeout(r, 20));
+  }
+  return 0;
+}
+
 for (const isolation of ['gvisor', 'microvm', 'container'] as const) {
   describe(`SDK on ${isolation}`, () => {
     let sbx: Sandbox;
@@ -210,14 +220,7 @@ for (const isolation of ['gvisor', 'microvm', 'container'] as const) {
     test('pause then resume: processes freeze and continue where they stopped (timed)', { timeout: 60_000 }, async (t) => {
       if (skip) return t.skip(skip);
       await sbx.commands.start('i=0; while :; do i=$((i+1)); echo $i > /tmp/counter; sleep 0.1; done');
-      const read = async () => {
-        for (let k = 0; k < 20; k++) {
-          const v = Number((await sbx.files.read('/tmp/counter')).trim());
-          if (v > 0) return v; // the loop truncates then writes its file: read again if caught between
-          await new Promise((r) => setTimeout(r, 20));
-        }
-        return 0;
-      };
+      const read = () => readCounter(sbx, '/tmp/counter');
       await new Promise((r) => setTimeout(r, 700));
       const c1 = await read();
       assert.ok(c1 > 0, 'the counter runs');
@@ -244,14 +247,7 @@ for (const isolation of ['gvisor', 'microvm', 'container'] as const) {
       if (skip) return t.skip(skip);
       const s = await Sandbox.create({ ...conn, isolation, timeoutMs: 120_000, autoPause: { idleMs: 1500 } });
       try {
-        const counter = async () => {
-          for (let k = 0; k < 20; k++) {
-            const v = Number((await s.files.read('/tmp/c')).trim());
-            if (v > 0) return v;
-            await new Promise((r) => setTimeout(r, 20));
-          }
-          return 0;
-        };
+        const counter = () => readCounter(s, '/tmp/c');
         // An open command stream is activity: a command longer than idleMs completes (a paused
         // sandbox would never finish it, as nothing would wake it).
         assert.equal((await s.commands.run('sleep 2.5; echo awake')).stdout, 'awake\n');
@@ -352,9 +348,11 @@ for (const isolation of ['gvisor', 'microvm', 'container'] as const) {
       const snap = await sbx.snapshot(tpl);
       t.diagnostic(`snapshot: ${snap.snapshotMs} ms, ${(snap.bytes / 2 ** 20).toFixed(1)} MiB`);
       assert.equal((await sbx.commands.run('echo still here')).stdout, 'still here\n', 'the parent keeps running');
-      const p1 = Number((await sbx.files.read('/tmp/fc')).trim() || 0);
+      const counter = (s: Sandbox) => readCounter(s, '/tmp/fc');
+      const p1 = await counter(sbx);
       await new Promise((r) => setTimeout(r, 400));
-      assert.ok(Number((await sbx.files.read('/tmp/fc')).trim() || 0) > p1, "the parent's counter keeps counting");
+      const p2 = await counter(sbx);
+      assert.ok(p1 > 0 && p2 > p1, `the parent's counter keeps counting (${p1} → ${p2})`);
       const forks: Sandbox[] = [];
       try {
         for (let i = 0; i < 2; i++) {
@@ -363,21 +361,12 @@ for (const isolation of ['gvisor', 'microvm', 'container'] as const) {
           t.diagnostic(`fork ${i}: created in ${(performance.now() - t0).toFixed(0)} ms`);
           forks.push(f);
           assert.equal(await f.files.read('/tmp/origin'), 'from the parent');
-          // The counter rewrites its file (truncate, then write): read until a number is there.
-          const counter = async () => {
-            for (let k = 0; k < 20; k++) {
-              const v = Number((await f.files.read('/tmp/fc')).trim());
-              if (v > 0) return v;
-              await new Promise((r) => setTimeout(r, 20));
-            }
-            return 0;
-          };
-          const c1 = await counter();
+          const c1 = await counter(f);
           // A restored TCG guest retranslates its code first: on a loaded host that takes a while.
           let c2 = c1;
           for (let k = 0; k < 50 && c2 <= c1; k++) {
             await new Promise((r) => setTimeout(r, 200));
-            c2 = await counter();
+            c2 = await counter(f);
           }
           assert.ok(c1 > 0 && c2 > c1, `the parent's process runs on in the fork (${c1} → ${c2})`);
           await f.files.write('/tmp/mine', `fork ${i}`);
