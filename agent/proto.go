@@ -69,6 +69,10 @@ type Request struct {
 
 	// suspend
 	TimeoutMs int64 `json:"timeoutMs"`
+
+	// hello, net.configure (VM mode): the host's time when it sent the request, in ms since the
+	// epoch; a guest clock behind it is stepped forward to it (stepClockForward).
+	EpochMs int64 `json:"epochMs"`
 }
 
 // M is an outgoing frame.

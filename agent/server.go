@@ -13,7 +13,7 @@ import (
 )
 
 // Version is the agent's own version, announced by hello.
-const Version = "0.3.0" // 0.2.0: --conn-fd, and the monitor's --agent-fd; 0.3.0: the monitor's --agent-fd-pass
+const Version = "0.4.0" // 0.2.0: --conn-fd, and the monitor's --agent-fd; 0.3.0: the monitor's --agent-fd-pass; 0.4.0: hello's epochMs (a VM's clock)
 
 // Agent serves the protocol on connections; processes outlive connections.
 type Agent struct {
@@ -99,6 +99,10 @@ func (a *Agent) dispatch(c *conn, req *Request) {
 			c.send(m)
 		}
 	}
+	var steppedMs int64
+	if req.EpochMs > 0 && a.poweroff { // poweroff is set in VM mode only: the guest's clock is its own
+		steppedMs = stepClockForward(req.EpochMs)
+	}
 	switch req.Type {
 	case "stdin":
 		pr := a.procs.get(req.Proc)
@@ -131,6 +135,9 @@ func (a *Agent) dispatch(c *conn, req *Request) {
 			"capabilities": a.capabilities()}
 		if a.main != nil {
 			m["main"] = a.main.snapshot()
+		}
+		if steppedMs > 0 {
+			m["clockSteppedMs"] = steppedMs
 		}
 		reply(m, nil)
 	case "ping":

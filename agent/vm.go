@@ -267,6 +267,25 @@ func setClockFromCmdline() {
 	}
 }
 
+// stepClockForward sets the guest clock to epochMs (the host's time when it sent a request) if the
+// guest's is behind it, and returns by how many ms it stepped it (0: not behind). A guest clock
+// stands still while the VM is stopped and, in a VM restored from a snapshot, goes on from the
+// snapshot's time; the one set at boot misses the time QEMU took to start the kernel. Never
+// backwards: the request took some time to arrive, so a right clock is at or past the stamp, and
+// a clock stepped to it is behind by that time only.
+func stepClockForward(epochMs int64) int64 {
+	behind := epochMs - time.Now().UnixMilli()
+	if behind <= 0 {
+		return 0
+	}
+	tv := unix.NsecToTimeval(epochMs * 1e6)
+	if err := unix.Settimeofday(&tv); err != nil {
+		log.Printf("setting the clock: %v", err)
+		return 0
+	}
+	return behind
+}
+
 // loadModules inserts the modules listed, in order, in dir/order.
 func loadModules(dir string) error {
 	b, err := os.ReadFile(filepath.Join(dir, "order"))

@@ -308,6 +308,12 @@ test('microVM snapshots map their RAM lazily: a fork keeps memory and processes,
     const addrs = (await run(r.body.name, { cmd: 'ip -4 -o addr show dev eth0' })).out.trim().split('\n');
     assert.equal(addrs.length, 1, addrs.join(' | '));
     assert.match(addrs[0]!, new RegExp(`inet ${VM_NET.guestIp.replace(/\./g, '\\.')}/${VM_NET.prefix}`));
+    // The guest's wall clock is the host's (whole seconds; one of slack for the request's way in):
+    // booted (QEMU's start is not in the boot-time estimate) or restored (its clock went on from
+    // the snapshot's time), the agent's hello stepped it forward.
+    const before = Date.now();
+    const guestS = Number((await run(r.body.name, { cmd: 'date +%s' })).out.trim());
+    assert.ok(guestS >= Math.floor(before / 1000) - 1 && guestS <= Math.ceil(Date.now() / 1000), `guest clock ${guestS} s, host ${before / 1000} s`);
     // No IPv6 on eth0 (Berth's networks are IPv4 only); lo keeps ::1.
     const v6 = (await run(r.body.name, { cmd: 'cat /proc/net/if_inet6' })).out;
     assert.doesNotMatch(v6, /eth0/, v6);
@@ -326,6 +332,7 @@ test('microVM snapshots map their RAM lazily: a fork keeps memory and processes,
   const dir = snap.body.status.dir as string;
   assert.ok(existsSync(`${dir}/ram`) && existsSync(`${dir}/state`) && !existsSync(`${dir}/memory`), 'RAM as its own file, device state without it');
   assert.equal(await alive(parent), 'in-ram\nsleeper\n', 'the parent goes on');
+  await sleep(2500); // (a fork's clock, left as it was, would be this far behind: make() checks it)
   const fork = await make({ template: 'lazy', timeoutMs: 600_000 });
   // A restored guest sends nothing by itself: no announcement of the "migrated" VM (gratuitous ARP,
   // neighbour adverts; QEMU does 5 rounds in ~1 s) and no IPv6 autoconfiguration left from its boot.

@@ -229,17 +229,22 @@ for (const isolation of ['gvisor', 'microvm', 'container'] as const) {
       const pauseMs = performance.now() - t0;
       assert.equal((await sbx.getInfo()).state, 'paused');
       await assert.rejects(sbx.commands.run('true'), FailedPreconditionError);
-      await new Promise((r) => setTimeout(r, 1500));
+      await new Promise((r) => setTimeout(r, 2500));
       t0 = performance.now();
       const again = await Sandbox.resume(sbx.sandboxId, conn);
       const resumeMs = performance.now() - t0;
       assert.equal(again.sandboxId, sbx.sandboxId);
       const c2 = await read();
-      // Frozen for 1.5 s: a running counter would have gone up by ~15.
+      // Frozen for 2.5 s: a running counter would have gone up by ~25.
       assert.ok(c2 >= c1 && c2 - c1 < 10, `counter ${c1} → ${c2} across the pause`);
       await new Promise((r) => setTimeout(r, 700));
       const c3 = await read();
       assert.ok(c3 > c2, `the counter continues after resume (${c2} → ${c3})`);
+      // The wall clock is the host's again (whole seconds, one of slack): a microVM's stood still
+      // while its vCPUs were stopped, 2.5 s behind, until resume stepped it forward.
+      const before = Date.now();
+      const guestS = Number((await sbx.commands.run('date +%s')).stdout.trim());
+      assert.ok(guestS >= Math.floor(before / 1000) - 1 && guestS <= Math.ceil(Date.now() / 1000), `guest clock ${guestS} s, host ${before / 1000} s`);
       t.diagnostic(`${isolation}: pause ${pauseMs.toFixed(1)} ms, resume ${resumeMs.toFixed(1)} ms (API round trip included); counter ${c1} → ${c2} → ${c3}`);
     });
 

@@ -777,7 +777,9 @@ export class MicroVmDriver implements RuntimeDriver {
     try {
       const hello = (async (): Promise<AgentFrame> => {
         const conn = await this.agents.get(id, join(dir, 'agent.sock'), 5000);
-        return conn.request(probe, Math.max(1000, deadline - Date.now()), gone.signal);
+        // Stamped as it is sent: a guest clock behind it is stepped forward (a restored VM's clock
+        // goes on from its snapshot's time; a booted one's misses QEMU's start). agent/PROTOCOL.md.
+        return conn.request({ ...probe, epochMs: Date.now() }, Math.max(1000, deadline - Date.now()), gone.signal);
       })();
       // A connection reset by a VM that powered off is the VM's end, not the reason: wait for it.
       const helloOrGone = hello.catch(async (e: unknown) => ((await this.waitGone(id, pid, 3000)) ? ('gone' as const) : Promise.reject(e)));
@@ -1018,6 +1020,12 @@ export class MicroVmDriver implements RuntimeDriver {
   async resume(handle: TaskHandle): Promise<void> {
     if (!this.vmAlive(handle.id, handle.pid)) throw new BerthError('failed_precondition', `microVM ${handle.id} is not running`);
     await qmp(join(this.taskDir(handle.id), 'qmp.sock'), 'cont');
+    // The guest's clock stood still while its vCPUs were stopped: its agent steps it to the host's.
+    try {
+      await (await this.agent(handle.id)).request({ type: 'hello', epochMs: Date.now() }, 10_000);
+    } finally {
+      if (handle.state?.sandbox !== true) this.agents.drop(handle.id); // (as after a start: workloads keep no connection)
+    }
   }
 
   async inspect(handle: TaskHandle): Promise<TaskStatus> {
