@@ -49,8 +49,8 @@ func configureNetwork(c *netConfig, root string) error {
 			return fmt.Errorf("no eth0 in the guest: %w", err)
 		}
 	}
-	// No IPv6 on eth0 (lo keeps ::1): Berth's networks are IPv4 only, as Docker leaves a container's
-	// interface on an IPv4-only network. Otherwise the link's coming up starts IPv6 autoconfiguration
+	// No IPv6 on eth0 (lo keeps ::1): Berth's networks are IPv4 only (Docker, too, turns IPv6 off on a
+	// container's interface on an IPv4-only network). Otherwise the link's coming up starts IPv6 autoconfiguration
 	// (a link-local address, duplicate address detection, router solicitations, MLD reports): packets
 	// no one answers, and timers a VM snapshotted in its first seconds leaves to every fork, where
 	// they run cold under TCG (~1300 of the ~12700 code blocks QEMU translated before a fork's agent
