@@ -6,6 +6,7 @@ import { join, resolve } from 'node:path';
 import { cgroupHierarchies, mountPointsUnder } from '../src/lib/host.js';
 import { instanceId } from '../src/network/manager.js';
 import { randomBytes } from 'node:crypto';
+import assert from 'node:assert/strict';
 
 export const ROOT = resolve(new URL('../..', import.meta.url).pathname);
 export const BERTHD = join(ROOT, 'dist/src/daemon/main.js');
@@ -242,3 +243,11 @@ export function cgroupParentDirs(parent: string): string[] {
 }
 
 export const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+/**
+ * A guest's wall clock (`date +%s`, read by a request sent at `beforeMs`) is the host's: whole seconds,
+ * one of slack for the request's way in.
+ */
+export function assertWallClock(guestS: number, beforeMs: number): void {
+  assert.ok(guestS >= Math.floor(beforeMs / 1000) - 1 && guestS <= Math.ceil(Date.now() / 1000), `guest clock ${guestS} s, host ${beforeMs / 1000} s`);
+}

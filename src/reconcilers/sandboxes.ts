@@ -317,22 +317,23 @@ export function makeSandboxReconciler(deps: { store: ResourceStore; drivers: Dri
 async function warmUp(driver: NonNullable<ReturnType<DriverRegistry['get']>>, id: string, path: string, log: Logger): Promise<string | undefined> {
   if (!driver.agent) return undefined;
   const t0 = performance.now();
-  const agent = await driver.agent(id, 5000).catch(() => undefined);
+  const agent = await driver.agent(id, 5000).catch((e: unknown) => void log.debug({ sandbox: id, err: (e as Error).message }, 'warm-pool member: no agent to warm up (ignored)'));
   let runs = 0;
-  try {
-    for (; agent && runs < WARMUP_RUNS; runs++) {
-      await agent.request({ id: `warmup-${runs}`, type: 'run', args: ['sh', '-c', 'echo warm'], env: {}, cwd: '/', stdin: false }, 10_000);
-    }
-  } catch (e) {
-    log.debug({ sandbox: id, err: (e as Error).message }, 'warm-pool member: warm-up run failed (ignored)');
-  }
   const listed: string[] = [];
-  // (A directory the image lacks answers not_found: nothing to warm.)
-  for (const dir of new Set(path.split(':').filter((d) => d.startsWith('/')))) {
-    if (!agent) break;
-    let n = 0;
-    const count = (f: AgentFrame) => void (n += Array.isArray(f.entries) ? f.entries.length : 0);
-    if (await agent.request({ type: 'file.list', path: dir }, 10_000, undefined, count).then(() => true, () => false)) listed.push(`${dir} (${n})`);
+  if (agent) {
+    try {
+      for (; runs < WARMUP_RUNS; runs++) {
+        await agent.request({ id: `warmup-${runs}`, type: 'run', args: ['sh', '-c', 'echo warm'], env: {}, cwd: '/', stdin: false }, 10_000);
+      }
+    } catch (e) {
+      log.debug({ sandbox: id, err: (e as Error).message }, 'warm-pool member: warm-up run failed (ignored)');
+    }
+    // (A directory the image lacks answers not_found: nothing to warm.)
+    for (const dir of new Set(path.split(':').filter((d) => d.startsWith('/')))) {
+      let n = 0;
+      const count = (f: AgentFrame) => void (n += Array.isArray(f.entries) ? f.entries.length : 0);
+      if (await agent.request({ type: 'file.list', path: dir }, 10_000, undefined, count).then(() => true, () => false)) listed.push(`${dir} (${n})`);
+    }
   }
   return `warm-up in ${(performance.now() - t0).toFixed(0)} ms: ${runs} of ${WARMUP_RUNS} runs of sh -c 'echo warm'; PATH directories listed: ${listed.join(', ') || 'none'}`;
 }
