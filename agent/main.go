@@ -12,7 +12,6 @@ import (
 	"os"
 	"os/signal"
 	"strings"
-	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -107,18 +106,5 @@ func (a *Agent) ServeListener(l net.Listener) error {
 			return err
 		}
 		go a.Serve(c)
-	}
-}
-
-// serveVport serves a virtio-serial port, one connection at a time: when the
-// host side closes, reads return EOF and the port is reopened for the next one.
-func (a *Agent) serveVport(path string) error {
-	for {
-		f, err := os.OpenFile(path, os.O_RDWR, 0)
-		if err != nil {
-			return err
-		}
-		a.Serve(f)
-		time.Sleep(a.reconnect) // don't spin while the host is disconnected
 	}
 }

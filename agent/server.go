@@ -13,7 +13,7 @@ import (
 )
 
 // Version is the agent's own version, announced by hello.
-const Version = "0.4.0" // 0.2.0: --conn-fd, and the monitor's --agent-fd; 0.3.0: the monitor's --agent-fd-pass; 0.4.0: hello's epochMs (a VM's clock)
+const Version = "0.4.1" // 0.2.0: --conn-fd, and the monitor's --agent-fd; 0.3.0: the monitor's --agent-fd-pass; 0.4.0: hello's epochMs (a VM's clock); 0.4.1: a vport stays open across host connections; hello's answer has the guest's epochMs
 
 // Agent serves the protocol on connections; processes outlive connections.
 type Agent struct {
@@ -23,8 +23,8 @@ type Agent struct {
 	procs    procTable
 	exit     func(code int) // os.Exit; replaced in tests
 	main     *mainState     // VM mode: the workload the VM exists for
-	// reconnect is how long serveVport waits before reopening a port whose
-	// host side is not connected (reads return EOF at once then).
+	// reconnect is how often serveVport looks again for a host that has not
+	// come back on a port (a fallback: the port's SIGIO wakes it when one does).
 	reconnect time.Duration
 	cgroupFD  int      // >= 0: processes started by "run" go into this cgroup (VM sandbox mode)
 	exitPort  *os.File // VM sandbox mode: a shutdown writes the exit record here
@@ -32,7 +32,7 @@ type Agent struct {
 }
 
 func NewAgent(root *Root, reap, poweroff bool) *Agent {
-	a := &Agent{root: root, poweroff: poweroff, exit: os.Exit, reconnect: 200 * time.Millisecond, cgroupFD: -1}
+	a := &Agent{root: root, poweroff: poweroff, exit: os.Exit, reconnect: time.Second, cgroupFD: -1}
 	a.procs.byID = map[string]*proc{}
 	if reap {
 		a.reaper = NewReaper()
@@ -138,6 +138,9 @@ func (a *Agent) dispatch(c *conn, req *Request) {
 		}
 		if steppedMs > 0 {
 			m["clockSteppedMs"] = steppedMs
+		}
+		if a.poweroff { // VM mode: the guest's clock, for the host to check (PROTOCOL.md)
+			m["epochMs"] = time.Now().UnixMilli()
 		}
 		reply(m, nil)
 	case "ping":

@@ -184,7 +184,6 @@ func vmBoot() (*os.File, error) {
 		return exitPort, err
 	}
 	a := NewAgent(root, true, true)
-	a.reconnect = 20 * time.Millisecond
 	if cfg.Sandbox {
 		a.cgroupFD = cgfd
 		a.exitPort = exitPort

@@ -245,9 +245,14 @@ export function cgroupParentDirs(parent: string): string[] {
 export const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 /**
- * A guest's wall clock (`date +%s`, read by a request sent at `beforeMs`) is the host's: whole seconds,
- * one of slack for the request's way in.
+ * A shell command that ends as the guest's wall clock turns a second, printing that second: the host's
+ * clock when its output arrives, minus that second, is how far the guest's clock is behind (plus the
+ * output's way back), to the millisecond although `date` in the guest has whole seconds only.
  */
-export function assertWallClock(guestS: number, beforeMs: number): void {
-  assert.ok(guestS >= Math.floor(beforeMs / 1000) - 1 && guestS <= Math.ceil(Date.now() / 1000), `guest clock ${guestS} s, host ${beforeMs / 1000} s`);
+export const GUEST_SECOND_TURN = 't=$(date +%s); while [ "$(date +%s)" = "$t" ]; do :; done; date +%s';
+
+/** The guest's clock (`guestS`, GUEST_SECOND_TURN's output, arrived at `arrivedMs`) is the host's: at most 700 ms behind, 100 ms ahead. */
+export function assertWallClock(guestS: number, arrivedMs: number): void {
+  const behindMs = arrivedMs - guestS * 1000;
+  assert.ok(Number.isInteger(guestS) && behindMs <= 700 && behindMs >= -100, `guest clock ${guestS} s, turned ${behindMs} ms before the host's clock read it`);
 }

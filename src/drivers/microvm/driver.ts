@@ -779,7 +779,9 @@ export class MicroVmDriver implements RuntimeDriver {
         const conn = await this.agents.get(id, join(dir, 'agent.sock'), 5000);
         // Stamped as it is sent: a guest clock behind it is stepped forward (a restored VM's clock
         // goes on from its snapshot's time; a booted one's misses QEMU's start). agent/PROTOCOL.md.
-        return conn.request({ ...probe, epochMs: Date.now() }, Math.max(1000, deadline - Date.now()), gone.signal);
+        const answer = await conn.request({ ...probe, epochMs: Date.now() }, Math.max(1000, deadline - Date.now()), gone.signal);
+        await syncGuestClock(conn, answer, gone.signal);
+        return answer;
       })();
       // A connection reset by a VM that powered off is the VM's end, not the reason: wait for it.
       const helloOrGone = hello.catch(async (e: unknown) => ((await this.waitGone(id, pid, 3000)) ? ('gone' as const) : Promise.reject(e)));
@@ -935,9 +937,9 @@ export class MicroVmDriver implements RuntimeDriver {
     );
   }
 
-  private async signalMain(id: string, sig: string): Promise<boolean> {
+  private async signalMain(id: string, sig: string, timeoutMs = 3000): Promise<boolean> {
     try {
-      await (await this.agent(id, 2000)).request({ type: 'signal', proc: 'main', sig }, 3000);
+      await (await this.agent(id, 2000)).request({ type: 'signal', proc: 'main', sig }, timeoutMs);
       return true;
     } catch {
       return false;
@@ -976,7 +978,9 @@ export class MicroVmDriver implements RuntimeDriver {
       if (!asked || !(await this.waitGone(handle.id, pid, Math.max(opts.timeoutMs, 1000)))) await this.killVm(handle.id, pid);
     } else if (this.vmAlive(handle.id, pid)) {
       // The signal goes to the workload through the agent; the VM powers off when it has exited.
-      const delivered = await this.signalMain(handle.id, sig);
+      // A guest slowed down by its host may take seconds to answer: that is time of the grace period,
+      // not a reason to escalate to SIGKILL before it ends.
+      const delivered = await this.signalMain(handle.id, sig, Math.max(3000, opts.timeoutMs));
       if (!delivered || !(await this.waitGone(handle.id, pid, opts.timeoutMs))) {
         const killed = (await this.signalMain(handle.id, 'SIGKILL')) && (await this.waitGone(handle.id, pid, 5000));
         if (!killed) await this.killVm(handle.id, pid);
@@ -1022,7 +1026,8 @@ export class MicroVmDriver implements RuntimeDriver {
     await qmp(join(this.taskDir(handle.id), 'qmp.sock'), 'cont');
     // The guest's clock stood still while its vCPUs were stopped: its agent steps it to the host's.
     try {
-      await (await this.agent(handle.id)).request({ type: 'hello', epochMs: Date.now() }, 10_000);
+      const conn = await this.agent(handle.id);
+      await syncGuestClock(conn, await conn.request({ type: 'hello', epochMs: Date.now() }, 10_000));
     } finally {
       if (handle.state?.sandbox !== true) this.agents.drop(handle.id); // (as after a start: workloads keep no connection)
     }
@@ -1065,6 +1070,16 @@ export class MicroVmDriver implements RuntimeDriver {
 }
 
 /** The last lines of a VM's serial console ('' when it wrote none). */
+/**
+ * A stamped hello that waited in the agent's port while the VM booted or was restored set the guest's
+ * clock to a time that far in the past (agent/PROTOCOL.md). When the answer shows the guest behind the
+ * host by more than 100 ms, one more stamped hello, answered at once, steps it again.
+ */
+async function syncGuestClock(conn: AgentConnection, answer: AgentFrame, signal?: AbortSignal): Promise<void> {
+  if (typeof answer.epochMs !== 'number' || Date.now() - answer.epochMs <= 100) return;
+  await conn.request({ type: 'hello', epochMs: Date.now() }, 5000, signal);
+}
+
 function consoleTail(dir: string): string {
   try {
     return readFileSync(join(dir, 'console.log'), 'utf8').trim().split('\n').slice(-8).join('\n');
