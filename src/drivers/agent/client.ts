@@ -32,13 +32,14 @@ export class AgentConnection {
 
   private constructor(private readonly sock: Socket) {
     sock.on('data', (d: Buffer) => this.onData(d));
-    const fail = (e: Error) => {
-      this.closedError ??= e;
-      for (const w of this.waiters.values()) w.reject(this.closedError);
-      this.waiters.clear();
-    };
-    sock.on('error', fail);
-    sock.on('close', () => fail(new Error('agent connection closed')));
+    sock.on('error', (e) => this.fail(e));
+    sock.on('close', () => this.fail(new Error('agent connection closed')));
+  }
+
+  private fail(e: Error): void {
+    this.closedError ??= e;
+    for (const w of this.waiters.values()) w.reject(this.closedError);
+    this.waiters.clear();
   }
 
   get closed(): boolean {
@@ -168,7 +169,9 @@ export class AgentConnection {
     });
   }
 
+  /** Closes the connection: `closed` at once (a pool must not hand it out again before the socket's 'close'); pending requests fail. */
   close(): void {
+    this.fail(new Error('agent connection closed'));
     this.sock.destroy();
   }
 }

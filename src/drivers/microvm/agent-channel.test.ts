@@ -6,6 +6,7 @@ import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { existsSync, mkdtempSync, rmSync, rmdirSync } from 'node:fs';
 import { join } from 'node:path';
+import { connect } from 'node:net';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { ensureBusyboxImage } from '../../images/busybox.js';
 import { cgroupHierarchies } from '../../lib/host.js';
@@ -76,5 +77,31 @@ describe('microVM agent channel', { skip }, () => {
     times.sort((a, b) => a - b);
     const p50 = times[times.length >> 1]!;
     assert.ok(p50 < 200, `median ${p50.toFixed(1)} ms from connecting to the answer (all: ${times.map((t) => t.toFixed(0)).join(', ')})`);
+  });
+
+  // A host that stops reading while the agent sends (a flood of output), then goes away: the agent's
+  // blocked send must not finish into the host's next connection (the rest of a frame there would
+  // break its framing), and the agent must serve that next connection.
+  test('a host that leaves while the agent is blocked sending to it: the next connection starts clean', { timeout: 60_000 }, async () => {
+    const raw = connect(join(base, 'state', 'tasks', id, 'agent.sock'));
+    await new Promise<void>((resolve, reject) => raw.once('connect', resolve).once('error', reject));
+    raw.pause(); // reads nothing: QEMU's socket fills, then the guest port, then the agent's send blocks
+    const body = Buffer.from(JSON.stringify({ id: 'flood', type: 'run', args: ['sh', '-c', 'yes 0123456789abcdef0123456789abcdef0123456789abcdef'], env: {}, stdin: false }));
+    const head = Buffer.alloc(4);
+    head.writeUInt32BE(body.length);
+    raw.write(Buffer.concat([head, body]));
+    await sleep(1500);
+    raw.destroy();
+    await sleep(50);
+    const conn = await d.agent(id, 5000);
+    try {
+      // Framing intact: answers arrive, also to a request sent after whatever the agent still had.
+      for (let i = 0; i < 5; i++) await conn.request({ type: 'list' }, 5000);
+      await conn.request({ type: 'signal', proc: 'flood', sig: 'SIGKILL', group: true }, 5000);
+      await conn.request({ type: 'ping' }, 5000);
+    } finally {
+      conn.close();
+    }
+    assert.notEqual(await oneRequest(), undefined, 'answered after that');
   });
 });
