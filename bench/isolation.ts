@@ -4,7 +4,7 @@
 //   1. cold start to first output (busybox `echo ready`): Berth = POST workload → first line of the
 //      followed ndjson log stream; bare = spawning `runc run` / `runsc run` (foreground) → first
 //      stdout byte. Interleaved, p50 and p90.
-//   2. host memory of idle workloads beyond the workload's own processes: conmon (Berth's monitor),
+//   2. host memory (and CPU) of idle workloads beyond the workload's own processes: conmon (Berth's monitor),
 //      berthd's growth, and for gVisor the runtime's own sandbox + gofer processes (bare and under Berth).
 //   3. density: idle workloads started one by one through Berth until a bound is hit.
 // Usage: node dist/bench/isolation.js [--runs 30] [--density-max N] [--tiers container,gvisor,microvm] [--write BENCHMARKS.md]
@@ -24,6 +24,7 @@ import { BareMicroVm, type BareVm } from './microvm-bare.js';
 import { MigrationWarmer } from '../src/lib/cgroupwarm.js';
 import { taskMonitorPids } from './monitors.js';
 import type { Fingerprint } from '../src/core/driver.js';
+import { processCpuMs } from '../src/lib/host.js';
 
 const { values } = parseArgs({
   options: { runs: { type: 'string', default: '30' }, 'density-max': { type: 'string' }, write: { type: 'string' }, tiers: { type: 'string' } },
@@ -193,6 +194,17 @@ function describe(ps: Proc[]): string {
     n.set(k, (n.get(k) ?? 0) + 1);
   }
   return [...n].map(([k, v]) => `${k} ×${v}`).join(', ') || 'none';
+}
+
+/** How long idle workloads are watched for the CPU they use. */
+const IDLE_CPU_WINDOW_MS = 10_000;
+
+/** CPU (ms per s, user + system, all threads) that each group of processes uses over IDLE_CPU_WINDOW_MS. */
+async function idleCpu(groups: Proc[][]): Promise<number[]> {
+  const total = (ps: Proc[]) => ps.reduce((ms, p) => ms + processCpuMs(p.pid), 0);
+  const before = groups.map(total);
+  await sleep(IDLE_CPU_WINDOW_MS);
+  return groups.map((g, i) => ((total(g) - before[i]!) * 1000) / IDLE_CPU_WINDOW_MS);
 }
 
 function sumMem(ps: Proc[]): Mem & { n: number } {
@@ -437,9 +449,9 @@ async function main(): Promise<void> {
 
     // --- 2. memory of idle workloads ------------------------------------------------------------
     interface MemResult {
-      bareRuntime: Mem & { n: number };
-      berthRuntime: Mem & { n: number };
-      conmon: Mem & { n: number };
+      bareRuntime: Mem & { n: number; cpu: number };
+      berthRuntime: Mem & { n: number; cpu: number };
+      conmon: Mem & { n: number; cpu: number };
       daemonGrowthKb: number;
     }
     const memory = new Map<Tier, MemResult>();
@@ -452,7 +464,7 @@ async function main(): Promise<void> {
       }
       // Bare: IDLE detached containers.
       const started: Array<{ id: string; dir: string }> = [];
-      let bareRuntime: Mem & { n: number };
+      let bareRuntime: Mem & { n: number; cpu: number };
       try {
         for (let i = 0; i < IDLE; i++) {
           const b = bareBundle(t, ['sleep', '1000']);
@@ -464,7 +476,7 @@ async function main(): Promise<void> {
         // runc: after `run -d` nothing but the container's own process is left on the host.
         const ps = t.hostOverlay ? runscProcesses(all, t.root) : withDescendants(all, (p) => p.argv.includes(t.root));
         console.error(`  bare ${t.bin}: ${ps.length} runtime processes (${describe(ps)})`);
-        bareRuntime = sumMem(ps);
+        bareRuntime = { ...sumMem(ps), cpu: (await idleCpu([ps]))[0]! };
       } finally {
         for (const b of started) bareRemove(t, b.id, b.dir);
       }
@@ -484,9 +496,10 @@ async function main(): Promise<void> {
       const rps = t.hostOverlay ? runscProcesses(all, join(stateDir, 'runsc')) : [];
       if (t.hostOverlay) console.error(`  Berth ${t.driver}: ${rps.length} runtime processes (${describe(rps)})`);
       const berthRuntime = sumMem(rps);
+      const [conmonCpu, rpsCpu] = await idleCpu([conmons, rps]);
       await d.deleteAllWorkloads();
       if (conmon.n !== IDLE) throw new Error(`expected ${IDLE} monitors for ${t.isolation}, found ${conmon.n}`);
-      memory.set(t, { bareRuntime, berthRuntime, conmon, daemonGrowthKb: after.rss - before.rss });
+      memory.set(t, { bareRuntime, berthRuntime: { ...berthRuntime, cpu: rpsCpu! }, conmon: { ...conmon, cpu: conmonCpu! }, daemonGrowthKb: after.rss - before.rss });
     }
 
     // --- 3. density -----------------------------------------------------------------------------
@@ -595,22 +608,22 @@ async function main(): Promise<void> {
       '',
       `**Host memory of an idle workload beyond its own processes** — ${IDLE} idle \`sleep 1000\` workloads per tier, averaged per workload ` +
         '(PSS from /proc/PID/smaps_rollup splits shared pages between the processes sharing them). ' +
-        'Bare: the same number of `runc run -d` / `runsc run --detach` containers.',
+        `Bare: the same number of \`runc run -d\` / \`runsc run --detach\` containers. CPU: what those processes used while idle, over ${IDLE_CPU_WINDOW_MS / 1000} s.`,
       '',
-      '| tier | what | processes / workload | RSS / workload | PSS / workload |',
-      '|---|---|---|---|---|',
+      '| tier | what | processes / workload | RSS / workload | PSS / workload | idle CPU / workload (ms per s) |',
+      '|---|---|---|---|---|---|',
     );
     for (const t of tiers) {
       const m = memory.get(t)!;
       const per = (x: number) => x / IDLE;
-      const row = (what: string, g: { n: number; rss: number; pss: number }) =>
-        lines.push(`| ${t.label} | ${what} | ${per(g.n).toFixed(1)} | ${kib(per(g.rss))} | ${kib(per(g.pss))} |`);
+      const row = (what: string, g: { n: number; rss: number; pss: number; cpu: number }) =>
+        lines.push(`| ${t.label} | ${what} | ${per(g.n).toFixed(1)} | ${kib(per(g.rss))} | ${kib(per(g.pss))} | ${per(g.cpu).toFixed(1)} |`);
       if (t.kind === 'microvm') {
         row('bare QEMU process per VM (guest RAM it touched, TCG code cache, devices)', m.bareRuntime);
         row('QEMU process per VM under Berth', m.berthRuntime);
-        lines.push(`| ${t.label} | Berth overhead: berthd RSS growth / ${IDLE} (no per-VM monitor: QEMU itself writes log and exit files) | | ${kib(per(m.daemonGrowthKb))} | |`);
+        lines.push(`| ${t.label} | Berth overhead: berthd RSS growth / ${IDLE} (no per-VM monitor: QEMU itself writes log and exit files) | | ${kib(per(m.daemonGrowthKb))} | | |`);
         lines.push(
-          `| ${t.label} | **Berth adds per workload** (berthd growth + QEMU PSS under Berth beyond bare, if any; target ≤ 2 MiB) | | | **${mib(Math.max(0, per(m.daemonGrowthKb)) + Math.max(0, per(m.berthRuntime.pss - m.bareRuntime.pss)))}** |`,
+          `| ${t.label} | **Berth adds per workload** (berthd growth + QEMU PSS under Berth beyond bare, if any; target ≤ 2 MiB) | | | **${mib(Math.max(0, per(m.daemonGrowthKb)) + Math.max(0, per(m.berthRuntime.pss - m.bareRuntime.pss)))}** | |`,
         );
         continue;
       }
@@ -621,10 +634,10 @@ async function main(): Promise<void> {
         row("bare runc: processes beyond the workload's own", m.bareRuntime);
       }
       row('Berth overhead: per-container monitor', m.conmon);
-      lines.push(`| ${t.label} | Berth overhead: berthd RSS growth / ${IDLE} | | ${kib(per(m.daemonGrowthKb))} | |`);
-      lines.push(`| ${t.label} | **Berth adds per workload** (monitor PSS + berthd growth; target ≤ 2 MiB) | | | **${mib(per(m.conmon.pss) + Math.max(0, per(m.daemonGrowthKb)))}** |`);
+      lines.push(`| ${t.label} | Berth overhead: berthd RSS growth / ${IDLE} | | ${kib(per(m.daemonGrowthKb))} | | |`);
+      lines.push(`| ${t.label} | **Berth adds per workload** (monitor PSS + berthd growth; target ≤ 2 MiB) | | | **${mib(per(m.conmon.pss) + Math.max(0, per(m.daemonGrowthKb)))}** | |`);
     }
-    for (const u of unavailable) lines.push(`| ${u.isolation} | not available: ${u.reason} | | | |`);
+    for (const u of unavailable) lines.push(`| ${u.isolation} | not available: ${u.reason} | | | | |`);
 
     lines.push(
       '',
@@ -719,13 +732,18 @@ async function cleanup(d: TestDaemon, work: string, tiers: Tier[], bareIds: Map<
 }
 
 /** Idle microVMs, bare then through Berth: the QEMU processes' RSS/PSS, and berthd's growth. */
-async function microvmMemory(d: TestDaemon, t: Tier, bare: BareMicroVm): Promise<{ bareRuntime: Mem & { n: number }; berthRuntime: Mem & { n: number }; conmon: Mem & { n: number }; daemonGrowthKb: number }> {
+async function microvmMemory(
+  d: TestDaemon,
+  t: Tier,
+  bare: BareMicroVm,
+): Promise<{ bareRuntime: Mem & { n: number; cpu: number }; berthRuntime: Mem & { n: number; cpu: number }; conmon: Mem & { n: number; cpu: number }; daemonGrowthKb: number }> {
   const vms: BareVm[] = [];
-  let bareRuntime: Mem & { n: number };
+  let bareRuntime: Mem & { n: number; cpu: number };
   try {
     for (let i = 0; i < IDLE; i++) vms.push(await bare.idle(t.bin));
     await sleep(2000);
-    bareRuntime = sumMem(vms.map((v) => ({ pid: v.child.pid!, ppid: 0, argv: [] })));
+    const ps = vms.map((v) => ({ pid: v.child.pid!, ppid: 0, argv: [] }));
+    bareRuntime = { ...sumMem(ps), cpu: (await idleCpu([ps]))[0]! };
   } finally {
     for (const v of vms) await bare.kill(v);
   }
@@ -738,10 +756,10 @@ async function microvmMemory(d: TestDaemon, t: Tier, bare: BareMicroVm): Promise
   const after = memOf(d.pid)!;
   const stateDir = join(d.dataDir, 'runtime', t.driver);
   const qemus = processes().filter((p) => p.argv.some((a) => a.includes(`${stateDir}/`)));
-  const berthRuntime = sumMem(qemus);
+  const berthRuntime = { ...sumMem(qemus), cpu: (await idleCpu([qemus]))[0]! };
   await d.deleteAllWorkloads();
   if (berthRuntime.n !== IDLE) throw new Error(`expected ${IDLE} QEMU processes under Berth, found ${berthRuntime.n}`);
-  return { bareRuntime, berthRuntime, conmon: { rss: 0, pss: 0, n: 0 }, daemonGrowthKb: after.rss - before.rss };
+  return { bareRuntime, berthRuntime, conmon: { rss: 0, pss: 0, n: 0, cpu: 0 }, daemonGrowthKb: after.rss - before.rss };
 }
 
 // ---------------------------------------------------------------------------------------------
