@@ -4,37 +4,34 @@
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
-import { existsSync, mkdtempSync, rmSync, rmdirSync } from 'node:fs';
+import { existsSync, mkdtempSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { connect } from 'node:net';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { ensureBusyboxImage } from '../../images/busybox.js';
-import { cgroupHierarchies } from '../../lib/host.js';
 import { findAgent, findKernel } from './assets.js';
 import { MicroVmDriver, QEMU } from './driver.js';
 
 const skip = process.getuid?.() !== 0 ? 'needs root' : !existsSync(QEMU) || !findKernel() || !findAgent() ? 'needs QEMU, a guest kernel and the agent' : false;
 
 describe('microVM agent channel', { skip }, () => {
-  const base = mkdtempSync('/tmp/berth-chan-');
-  const cgroupParent = `berth-chan-${randomBytes(4).toString('hex')}`;
-  const d = new MicroVmDriver({ stateDir: join(base, 'state'), cgroupParent });
   const id = 'chan';
+  let base: string;
+  let d: MicroVmDriver;
 
   before(async () => {
+    base = mkdtempSync('/tmp/berth-chan-');
+    d = new MicroVmDriver({ stateDir: join(base, 'state'), cgroupParent: `berth-chan-${randomBytes(4).toString('hex')}` });
     const img = await ensureBusyboxImage(join(base, 'images'));
-    await d.start({ id, imageRootfs: img.rootfs, imageDigest: img.digest, args: ['sh', '-c', 'while true; do sleep 0.1; done'] /* a guest that is not idle, as in the conformance suite's stop() tests: the race was lost more often */, env: {}, cwd: '/', user: { uid: 0, gid: 0 }, resources: {} });
+    // A guest that is not idle, as in the conformance suite's stop() tests: the race was lost more often.
+    const args = ['sh', '-c', 'while true; do sleep 0.1; done'];
+    await d.start({ id, imageRootfs: img.rootfs, imageDigest: img.digest, args, env: {}, cwd: '/', user: { uid: 0, gid: 0 }, resources: {} });
   });
   after(async () => {
+    if (!d) return;
     await d.destroy(id, { force: true }).catch(() => undefined);
     d.close();
-    for (const h of cgroupHierarchies()) {
-      try {
-        rmdirSync(join(h, cgroupParent));
-      } catch {
-        /* absent */
-      }
-    }
+    d.removeCgroupParent();
     rmSync(base, { recursive: true, force: true });
   });
 

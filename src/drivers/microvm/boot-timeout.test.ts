@@ -4,7 +4,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
-import { existsSync, mkdtempSync, readdirSync, rmSync, rmdirSync } from 'node:fs';
+import { existsSync, mkdtempSync, readdirSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { ensureBusyboxImage } from '../../images/busybox.js';
 import { cgroupHierarchies } from '../../lib/host.js';
@@ -27,13 +27,7 @@ test('a boot over its CPU-time limit fails with the reason and leaves no task, p
     for (const h of cgroupHierarchies()) assert.deepEqual(existsSync(join(h, cgroupParent)) ? readdirSync(join(h, cgroupParent), { withFileTypes: true }).filter((e) => e.isDirectory()).map((e) => e.name) : [], [], `no task cgroup left in ${h}`);
   } finally {
     d.close();
-    for (const h of cgroupHierarchies()) {
-      try {
-        rmdirSync(join(h, cgroupParent));
-      } catch {
-        /* absent */
-      }
-    }
+    d.removeCgroupParent();
     rmSync(base, { recursive: true, force: true });
   }
 });

@@ -1069,7 +1069,6 @@ export class MicroVmDriver implements RuntimeDriver {
   }
 }
 
-/** The last lines of a VM's serial console ('' when it wrote none). */
 /**
  * A stamped hello that waited in the agent's port while the VM booted or was restored set the guest's
  * clock to a time that far in the past (agent/PROTOCOL.md). When the answer shows the guest behind the
@@ -1080,6 +1079,7 @@ async function syncGuestClock(conn: AgentConnection, answer: AgentFrame, signal?
   await conn.request({ type: 'hello', epochMs: Date.now() }, 5000, signal);
 }
 
+/** The last lines of a VM's serial console ('' when it wrote none). */
 function consoleTail(dir: string): string {
   try {
     return readFileSync(join(dir, 'console.log'), 'utf8').trim().split('\n').slice(-8).join('\n');
