@@ -25,6 +25,7 @@ import { MigrationWarmer } from '../src/lib/cgroupwarm.js';
 import { taskMonitorPids } from './monitors.js';
 import type { Fingerprint } from '../src/core/driver.js';
 import { processCpuMs } from '../src/lib/host.js';
+import { Interrupted, catchInterrupts } from './interrupt.js';
 
 const { values } = parseArgs({
   options: { runs: { type: 'string', default: '30' }, 'density-max': { type: 'string' }, write: { type: 'string' }, tiers: { type: 'string' } },
@@ -43,17 +44,7 @@ const W = '/v1/projects/default/workloads';
 
 // ---------------------------------------------------------------------------------------------
 // Interruption: a signal ends the current step and lets `finally` clean up.
-let interrupted: string | undefined;
-for (const s of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) {
-  process.on(s, () => {
-    if (interrupted) return;
-    interrupted = s;
-    console.error(`isolation bench: ${s}, cleaning up…`);
-  });
-}
-function checkInterrupted(): void {
-  if (interrupted) throw new Error(`interrupted by ${interrupted}`);
-}
+const checkInterrupted = catchInterrupts('isolation bench');
 
 // ---------------------------------------------------------------------------------------------
 // Small helpers
@@ -843,9 +834,9 @@ async function berthStart(d: TestDaemon, name: string, isolation: string, timeou
 }
 
 void main().then(
-  () => process.exit(interrupted ? 130 : 0),
+  () => process.exit(0),
   (e) => {
     console.error(e);
-    process.exit(interrupted ? 130 : 1);
+    process.exit(e instanceof Interrupted ? 130 : 1);
   },
 );

@@ -28,6 +28,7 @@ import { DEFAULT_CAPS } from '../src/drivers/oci/driver.js';
 import type { Fingerprint } from '../src/core/driver.js';
 import { BareMicroVm } from './microvm-bare.js';
 import { updateBenchmarks } from './report.js';
+import { Interrupted, catchInterrupts } from './interrupt.js';
 import { traceMark } from '../src/lib/trace.js';
 import { firstByte } from './sandbox-client.js';
 import { MigrationWarmer } from '../src/lib/cgroupwarm.js';
@@ -54,6 +55,7 @@ const SLOW_MS = Number(values['density-slow-ms']);
 for (const [k, v] of Object.entries({ runs: RUNS, 'vm-runs': VM_RUNS, concurrent: CONC, 'density-max': DENSITY, 'density-slow-ms': SLOW_MS })) {
   if (!Number.isInteger(v) || v < 1) throw new Error(`--${k} must be a whole number ≥ 1`);
 }
+const checkInterrupted = catchInterrupts('sandboxes bench');
 const S = '/v1/projects/default/sandboxes';
 const P = '/v1/projects/default/sandbox-pools';
 
@@ -205,6 +207,7 @@ async function main(): Promise<void> {
         const names: string[] = [];
         r.density.stoppedBy = `bound ${DENSITY}`;
         for (let i = 0; i < DENSITY; i++) {
+          checkInterrupted();
           if (memAvailable() < 2 * 2 ** 30) {
             r.density.stoppedBy = 'MemAvailable < 2 GiB';
             break;
@@ -245,6 +248,7 @@ async function main(): Promise<void> {
         await bare();
         await kill(d, [(await berthOnce(d, coldSpec, '?pool=none')).name]);
         for (let i = 0; i < runs; i++) {
+          checkInterrupted();
           r.bare.push(await bare());
           if (bareWarm) r.bareWarm.push(await bareWarm());
           const b = await berthOnce(d, coldSpec, '?pool=none');
@@ -263,6 +267,7 @@ async function main(): Promise<void> {
       const waitReady = async (n: number) => {
         const deadline = Date.now() + 600_000;
         while ((await d.api('GET', `${P}/bench`)).body.status.ready < n) {
+          checkInterrupted();
           if (Date.now() > deadline) throw new Error('warm pool did not fill');
           await sleep(100);
         }
@@ -273,6 +278,7 @@ async function main(): Promise<void> {
       await kill(d, warm.map((x) => x.name));
       console.error(`${tier}: warm, ${runs} sequential`);
       for (let i = 0; i < runs; i++) {
+        checkInterrupted();
         await waitReady(1); // sequential claims: each from a ready member (refills are not timed)
         const b = await berthOnce(d, spec);
         r.warmSeq.push(b.ms);
@@ -289,6 +295,7 @@ async function main(): Promise<void> {
         if (snap.status !== 201) throw new Error(`snapshot: ${JSON.stringify(snap.body)}`);
         await kill(d, [parent.name]);
         for (let i = 0; i < runs; i++) {
+          checkInterrupted();
           const b = await berthOnce(d, { template: 'bench', timeoutMs: 600_000 });
           r.snapshot.push(b.ms);
           await kill(d, [b.name]);
@@ -357,6 +364,6 @@ void main().then(
   () => process.exit(0),
   (e) => {
     console.error(e);
-    process.exit(1);
+    process.exit(e instanceof Interrupted ? 130 : 1);
   },
 );
