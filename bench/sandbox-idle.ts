@@ -7,6 +7,7 @@ import { cpus, release } from 'node:os';
 import { parseArgs } from 'node:util';
 import { TestDaemon } from '../test/harness.js';
 import { updateBenchmarks } from './report.js';
+import { Interrupted, catchInterrupts } from './interrupt.js';
 import { firstByte } from './sandbox-client.js';
 
 const { values } = parseArgs({
@@ -19,6 +20,7 @@ const { values } = parseArgs({
 const ROUNDS = Number(values.rounds);
 if (!Number.isInteger(ROUNDS) || ROUNDS < 1) throw new Error('--rounds must be a whole number ≥ 1');
 const GAPS = [0, 100, 300, 1000, 3000];
+const checkInterrupted = catchInterrupts('sandbox-idle bench');
 const S = '/v1/projects/default/sandboxes';
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[xs.length >> 1]!;
@@ -52,6 +54,7 @@ async function main(): Promise<void> {
     ];
     for (const [what] of probes) rows.push({ what, byGap: GAPS.map(() => []) });
     for (let round = 0; round < ROUNDS; round++) {
+      checkInterrupted();
       for (const [g, gap] of GAPS.entries()) {
         for (const [i, [, probe]] of probes.entries()) {
           await sleep(gap);
@@ -77,5 +80,5 @@ async function main(): Promise<void> {
 
 main().catch((e) => {
   console.error(e);
-  process.exit(1);
+  process.exit(e instanceof Interrupted ? 130 : 1);
 });

@@ -11,12 +11,14 @@ import { parseArgs } from 'node:util';
 import { TestDaemon, sleep } from '../test/harness.js';
 import { freePort } from '../test/ingress-helpers.js';
 import { updateBenchmarks } from './report.js';
+import { Interrupted, catchInterrupts } from './interrupt.js';
 import { haproxyVersion, haproxyWorker, runWrk, type WrkResult } from './wrk.js';
 
 const { values } = parseArgs({
   options: { runs: { type: 'string', default: '5' }, duration: { type: 'string', default: '10' }, connections: { type: 'string', default: '50' }, write: { type: 'string' } },
 });
 const RUNS = Number(values.runs);
+const checkInterrupted = catchInterrupts('service-ingress bench');
 const DURATION = Number(values.duration);
 const CONNS = Number(values.connections);
 const HOST = 'web.default.berth.localhost';
@@ -75,6 +77,7 @@ async function main(): Promise<void> {
     const res: { direct: WrkResult[]; ingress: WrkResult[] } = { direct: [], ingress: [] };
     const busyAfter: boolean[] = [];
     for (let i = 0; i < RUNS; i++) {
+      checkInterrupted();
       res.direct.push(runWrk(direct, { seconds: DURATION, connections: CONNS, pids: { backend: replicaPid }, backendCgroup: true }));
       // The current worker (busy-polling on or off is a reload: a new worker).
       const proxyPid = haproxyWorker(proxyMaster);
@@ -119,5 +122,5 @@ async function main(): Promise<void> {
 
 void main().catch((e) => {
   console.error(e);
-  process.exit(1);
+  process.exit(e instanceof Interrupted ? 130 : 1);
 });

@@ -12,12 +12,14 @@ import { buildOciConfig, hostNofileLimit } from '../src/drivers/oci/ocispec.js';
 import { loadDefaultSeccomp } from '../src/drivers/oci/seccomp.js';
 import { DEFAULT_CAPS } from '../src/drivers/runc/driver.js';
 import { updateBenchmarks } from './report.js';
+import { Interrupted, catchInterrupts } from './interrupt.js';
 import { MigrationWarmer } from '../src/lib/cgroupwarm.js';
 import { taskMonitorPids } from './monitors.js';
 import { cni } from '../src/network/cni.js';
 
 const { values } = parseArgs({ options: { runs: { type: 'string', default: '30' }, idle: { type: 'string', default: '20' }, write: { type: 'string' } } });
 const RUNS = Number(values.runs);
+const checkInterrupted = catchInterrupts('start-latency bench');
 const IDLE = Number(values.idle);
 
 const median = (xs: number[]) => {
@@ -125,6 +127,7 @@ async function main() {
     const berth: number[] = [];
     const warmer = new MigrationWarmer();
     for (let i = 0; i < RUNS; i++) {
+      checkInterrupted();
       bare.push(await bareRuncRun(root, bundle, `b${i}`));
       sh('runc', ['--root', root, 'delete', '--force', `b${i}`]);
       // Like for like: the same run while cgroup migrations are kept warm, as berthd's starts have them.
@@ -143,6 +146,7 @@ async function main() {
     const bareNet: number[] = [];
     const berthNet: number[] = [];
     for (let i = 0; i < RUNS; i++) {
+      checkInterrupted();
       bareNet.push(await bareRuncRunNetworked(root, bundle, `n${i}`, net));
       await bareNetworkedCleanup(root, `n${i}`, net);
       berthNet.push(await berthCreate(d, `nw${i}`, true));
@@ -210,5 +214,5 @@ async function main() {
 
 void main().catch((e) => {
   console.error(e);
-  process.exit(1);
+  process.exit(e instanceof Interrupted ? 130 : 1);
 });
