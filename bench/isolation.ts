@@ -187,6 +187,9 @@ function describe(ps: Proc[]): string {
   return [...n].map(([k, v]) => `${k} ×${v}`).join(', ') || 'none';
 }
 
+/** A group of processes: how many, their memory (KiB) and their CPU while idle (ms per s). */
+type Usage = Mem & { n: number; cpu: number };
+
 /** How long idle workloads are watched for the CPU they use. */
 const IDLE_CPU_WINDOW_MS = 10_000;
 
@@ -440,9 +443,9 @@ async function main(): Promise<void> {
 
     // --- 2. memory of idle workloads ------------------------------------------------------------
     interface MemResult {
-      bareRuntime: Mem & { n: number; cpu: number };
-      berthRuntime: Mem & { n: number; cpu: number };
-      conmon: Mem & { n: number; cpu: number };
+      bareRuntime: Usage;
+      berthRuntime: Usage;
+      conmon: Usage;
       daemonGrowthKb: number;
     }
     const memory = new Map<Tier, MemResult>();
@@ -455,7 +458,7 @@ async function main(): Promise<void> {
       }
       // Bare: IDLE detached containers.
       const started: Array<{ id: string; dir: string }> = [];
-      let bareRuntime: Mem & { n: number; cpu: number };
+      let bareRuntime: Usage;
       try {
         for (let i = 0; i < IDLE; i++) {
           const b = bareBundle(t, ['sleep', '1000']);
@@ -723,13 +726,9 @@ async function cleanup(d: TestDaemon, work: string, tiers: Tier[], bareIds: Map<
 }
 
 /** Idle microVMs, bare then through Berth: the QEMU processes' RSS/PSS, and berthd's growth. */
-async function microvmMemory(
-  d: TestDaemon,
-  t: Tier,
-  bare: BareMicroVm,
-): Promise<{ bareRuntime: Mem & { n: number; cpu: number }; berthRuntime: Mem & { n: number; cpu: number }; conmon: Mem & { n: number; cpu: number }; daemonGrowthKb: number }> {
+async function microvmMemory(d: TestDaemon, t: Tier, bare: BareMicroVm): Promise<{ bareRuntime: Usage; berthRuntime: Usage; conmon: Usage; daemonGrowthKb: number }> {
   const vms: BareVm[] = [];
-  let bareRuntime: Mem & { n: number; cpu: number };
+  let bareRuntime: Usage;
   try {
     for (let i = 0; i < IDLE; i++) vms.push(await bare.idle(t.bin));
     await sleep(2000);

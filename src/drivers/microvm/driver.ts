@@ -777,11 +777,8 @@ export class MicroVmDriver implements RuntimeDriver {
     try {
       const hello = (async (): Promise<AgentFrame> => {
         const conn = await this.agents.get(id, join(dir, 'agent.sock'), 5000);
-        // Stamped as it is sent: a guest clock behind it is stepped forward (a restored VM's clock
-        // goes on from its snapshot's time; a booted one's misses QEMU's start). agent/PROTOCOL.md.
-        const answer = await conn.request({ ...probe, epochMs: Date.now() }, Math.max(1000, deadline - Date.now()), gone.signal);
-        await syncGuestClock(conn, answer, gone.signal);
-        return answer;
+        // (A restored VM's clock goes on from its snapshot's time; a booted one's misses QEMU's start.)
+        return stampedHello(conn, probe, Math.max(1000, deadline - Date.now()), gone.signal);
       })();
       // A connection reset by a VM that powered off is the VM's end, not the reason: wait for it.
       const helloOrGone = hello.catch(async (e: unknown) => ((await this.waitGone(id, pid, 3000)) ? ('gone' as const) : Promise.reject(e)));
@@ -1026,8 +1023,7 @@ export class MicroVmDriver implements RuntimeDriver {
     await qmp(join(this.taskDir(handle.id), 'qmp.sock'), 'cont');
     // The guest's clock stood still while its vCPUs were stopped: its agent steps it to the host's.
     try {
-      const conn = await this.agent(handle.id);
-      await syncGuestClock(conn, await conn.request({ type: 'hello', epochMs: Date.now() }, 10_000));
+      await stampedHello(await this.agent(handle.id), { type: 'hello' }, 10_000);
     } finally {
       if (handle.state?.sandbox !== true) this.agents.drop(handle.id); // (as after a start: workloads keep no connection)
     }
@@ -1070,13 +1066,15 @@ export class MicroVmDriver implements RuntimeDriver {
 }
 
 /**
- * A stamped hello that waited in the agent's port while the VM booted or was restored set the guest's
- * clock to a time that far in the past (agent/PROTOCOL.md). When the answer shows the guest behind the
- * host by more than 100 ms, one more stamped hello, answered at once, steps it again.
+ * Sends `probe` (a hello) stamped with the host's time, so that the agent steps a guest clock that is
+ * behind it forward (agent/PROTOCOL.md). A stamp that waited in the agent's port while the VM booted or
+ * was restored is that much in the past: when the answer shows the guest behind the host by more than
+ * 100 ms, one more stamped hello, answered at once, steps it again. Resolves with the first answer.
  */
-async function syncGuestClock(conn: AgentConnection, answer: AgentFrame, signal?: AbortSignal): Promise<void> {
-  if (typeof answer.epochMs !== 'number' || Date.now() - answer.epochMs <= 100) return;
-  await conn.request({ type: 'hello', epochMs: Date.now() }, 5000, signal);
+async function stampedHello(conn: AgentConnection, probe: Record<string, unknown>, timeoutMs: number, signal?: AbortSignal): Promise<AgentFrame> {
+  const answer = await conn.request({ ...probe, epochMs: Date.now() }, timeoutMs, signal);
+  if (typeof answer.epochMs === 'number' && Date.now() - answer.epochMs > 100) await conn.request({ type: 'hello', epochMs: Date.now() }, 5000, signal);
+  return answer;
 }
 
 /** The last lines of a VM's serial console ('' when it wrote none). */
