@@ -13,7 +13,7 @@ import (
 )
 
 // Version is the agent's own version, announced by hello.
-const Version = "0.4.1" // 0.2.0: --conn-fd, and the monitor's --agent-fd; 0.3.0: the monitor's --agent-fd-pass; 0.4.0: hello's epochMs (a VM's clock); 0.4.1: a vport stays open across host connections; hello's answer has the guest's epochMs
+const Version = "0.4.2" // 0.2.0: --conn-fd, and the monitor's --agent-fd; 0.3.0: the monitor's --agent-fd-pass; 0.4.0: hello's epochMs (a VM's clock); 0.4.1: a vport stays open across host connections; hello's answer has the guest's epochMs; 0.4.2: settle
 
 // Agent serves the protocol on connections; processes outlive connections.
 type Agent struct {
@@ -151,6 +151,12 @@ func (a *Agent) dispatch(c *conn, req *Request) {
 			return
 		}
 		reply(M{}, configureNetwork(req.Net, vmNewRoot))
+	case "settle":
+		if !a.poweroff { // VM mode only: it waits on the guest's own links and syncs its disks
+			reply(nil, errf(CodeInvalidArgument, "settle is served in VM mode only"))
+			return
+		}
+		go func() { reply(settle("/sys/class/net", settleMaxWait), nil) }()
 	case "list":
 		reply(M{"processes": a.procs.list()}, nil)
 	case "file.read", "file.write", "file.stat", "file.list", "file.mkdir", "file.remove", "file.rename":

@@ -150,6 +150,13 @@ export function buildQemuArgs(o: VmMachine & { dir: string; ram?: GuestRam | und
   // (Not init_on_free=1: it shrinks snapshots by a third but makes the guest write every page it
   // frees, so an idle VM's host RSS grew from ~230 MiB to ~600 MiB; measured with bench isolation.)
   const append = ['console=ttyS0', 'quiet', 'panic=-1', 'cryptomgr.notests', `berth.epoch_ms=${o.epochMs}`];
+  // Less guest code on every path, which TCG translates afresh in each VM (a fork of a snapshot too):
+  // no pressure accounting at each context switch (nothing in the guest reads it), no
+  // AppArmor or TOMOYO hooks on exec, open and signals (nothing loads a profile in the guest; Yama and
+  // Landlock stay), and the agent (PID 1, whose environment this is) preempts its goroutines without
+  // signals: under cold TCG a goroutine often runs past Go's 10 ms slice, and each SIGURG is
+  // delivered, handled and returned from (counted in translated blocks: BENCHMARKS.md, session 14).
+  append.push('psi=0', 'lsm=capability,landlock,yama,bpf', 'GODEBUG=asyncpreemptoff=1');
   if (o.accel === 'tcg' && o.tscKhz) append.push(`tsc_early_khz=${o.tscKhz}`);
   // Under TCG the guest's TSC is the host's (QEMU's RDTSC reads the host counter), as steady as the
   // host clock; what is not steady is the guest's timer tick, which falls behind on a busy host. The
@@ -500,6 +507,12 @@ export class MicroVmDriver implements RuntimeDriver {
       // programs' pages gone.)
       const agent = await this.agent(handle.id, 2000).catch(() => undefined);
       await agent?.request({ type: 'run', args: ['/bin/sh', '-c', 'sync; echo 3 > /proc/sys/vm/drop_caches'], env: {} }, 10_000).catch(() => undefined);
+    }
+    if (wasRunning) {
+      // The guest finishes what it has queued (writeback, the announcement of a link that just came
+      // up): else every fork does it again, cold (agent/settle.go). An older agent refuses; so be it.
+      const agent = await this.agent(handle.id, 2000).catch(() => undefined);
+      await agent?.request({ type: 'settle' }, 5000).catch(() => undefined);
     }
     await qmp(sock, 'stop');
     try {
