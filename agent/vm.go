@@ -365,9 +365,10 @@ func mountRoot(rootDev, rwDev string) error {
 		return err
 	}
 	// noinit_itable: the disk is made with lazy_itable_init (src/lib/disk.ts: a quick mkfs, a sparse
-	// file), and the kernel would otherwise zero its inode tables from a background thread in every
-	// VM's first minutes: CPU under TCG, and the host file filled with zeros. Unused inodes are
-	// never read either way (the group descriptors say which are); the zeroing only helps an fsck.
+	// file), and the kernel would otherwise zero its inode tables from a background thread after every
+	// boot: guest CPU under TCG, and in a VM snapshotted meanwhile, again in each of its forks. Unused
+	// inodes are never read either way (the group descriptors say which are); the zeroing only helps
+	// an fsck.
 	if err := mountFS(rwDev, "/mnt/rw", "ext4", unix.MS_NOSUID|unix.MS_NODEV, "noinit_itable"); err != nil {
 		return err
 	}

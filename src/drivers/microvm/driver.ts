@@ -500,20 +500,17 @@ export class MicroVmDriver implements RuntimeDriver {
     // QEMU caps migration at 128 MiB/s by default: a local file can take far more.
     await qmp(sock, 'migrate-set-parameters', { 'max-bandwidth': 64 * 2 ** 30 });
     await qmp(sock, 'migrate-set-capabilities', { capabilities: [{ capability: 'x-ignore-shared', state: memfd !== undefined }] });
-    if (handle.state?.sandbox === true && wasRunning && !memfd) {
-      // Less page cache, fewer pages for QEMU to write into the snapshot. (Not when paused: the
-      // stopped guest would keep the request half-read in its port, and every fork would inherit it.
-      // Not with a memfd: freed pages stay in it, and the forks' first commands would find their
-      // programs' pages gone.)
-      const agent = await this.agent(handle.id, 2000).catch(() => undefined);
+    // (Not when paused: the stopped guest would keep the request half-read in its port, and every
+    // fork would inherit it.)
+    const agent = wasRunning ? await this.agent(handle.id, 2000).catch(() => undefined) : undefined;
+    if (handle.state?.sandbox === true && !memfd) {
+      // Less page cache, fewer pages for QEMU to write into the snapshot. (Not with a memfd: freed
+      // pages stay in it, and the forks' first commands would find their programs' pages gone.)
       await agent?.request({ type: 'run', args: ['/bin/sh', '-c', 'sync; echo 3 > /proc/sys/vm/drop_caches'], env: {} }, 10_000).catch(() => undefined);
     }
-    if (wasRunning) {
-      // The guest finishes what it has queued (writeback, the announcement of a link that just came
-      // up): else every fork does it again, cold (agent/settle.go). An older agent refuses; so be it.
-      const agent = await this.agent(handle.id, 2000).catch(() => undefined);
-      await agent?.request({ type: 'settle' }, 5000).catch(() => undefined);
-    }
+    // The guest finishes what it has queued (writeback, the announcement of a link that just came up):
+    // else every fork does it again, cold (agent/settle.go). An older agent refuses; so be it.
+    await agent?.request({ type: 'settle' }, 5000).catch(() => undefined);
     await qmp(sock, 'stop');
     try {
       // The disks are consistent while the vCPUs are stopped (stop drains in-flight I/O).
