@@ -5,7 +5,7 @@
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { createHash, randomBytes } from 'node:crypto';
-import { existsSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, readFileSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
 import { GUEST_SECOND_TURN, TestDaemon, assertWallClock, sleep } from './harness.js';
 import { VM_NET } from '../src/drivers/microvm/driver.js';
 
@@ -325,6 +325,8 @@ test('microVM snapshots map their RAM lazily: a fork keeps memory and processes,
   assert.equal((await d.api('POST', `${S}/${parent}/commands`, { cmd: 'exec sleep 4242', background: true })).status, 200);
   const alive = async (name: string) => (await run(name, { cmd: 'cat /mnt/ram/v; grep -l 4242 /proc/[0-9]*/cmdline >/dev/null && echo sleeper' })).out;
   const txPackets = async (name: string) => (await run(name, { cmd: 'cat /sys/class/net/eth0/statistics/tx_packets' })).out;
+  // And on the writable disk.
+  assert.equal((await run(parent, { cmd: 'echo on-disk > /on-disk && sync && echo ok' })).out, 'ok\n');
   const sentByParent = await txPackets(parent);
   const snap = await d.api('POST', `${S}/${parent}/snapshot`, { template: 'lazy' });
   assert.equal(snap.status, 201, JSON.stringify(snap.body));
@@ -338,6 +340,7 @@ test('microVM snapshots map their RAM lazily: a fork keeps memory and processes,
   await sleep(1500);
   assert.equal(await txPackets(fork), sentByParent, 'the fork sent no packet since the snapshot');
   assert.equal(await alive(fork), 'in-ram\nsleeper\n', 'the fork has the parent\'s memory and processes');
+  assert.equal((await run(fork, { cmd: 'cat /on-disk' })).out, 'on-disk\n', 'and its disk');
   assert.equal((await run(fork, { cmd: 'echo fork-only > /mnt/ram/v && cat /mnt/ram/v' })).out, 'fork-only\n');
   assert.equal(await alive(parent), 'in-ram\nsleeper\n', 'a fork\'s writes stay in the fork (copy-on-write)');
   // A restored VM maps the template privately: its own snapshot carries its whole memory.
@@ -347,7 +350,16 @@ test('microVM snapshots map their RAM lazily: a fork keeps memory and processes,
   const fork2 = await make({ template: 'lazy2', timeoutMs: 600_000 });
   assert.equal((await run(fork2, { cmd: 'cat /mnt/ram/v' })).out, 'fork-only\n', 'a fork of a fork has the fork\'s memory');
   assert.equal((await run(fork2, { cmd: 'grep -l 4242 /proc/[0-9]*/cmdline >/dev/null && echo sleeper' })).out, 'sleeper\n');
+  assert.equal((await run(fork2, { cmd: 'cat /on-disk' })).out, 'on-disk\n');
   for (const n of created) await d.api('DELETE', `${S}/${n}`);
+  await d.deleteAllSandboxes();
+  // A fork whose QEMU fails to start, after it made the network namespace (a RAM file cut short: QEMU
+  // refuses a backing file smaller than the VM's RAM), fails with QEMU's reason and leaves nothing.
+  truncateSync(`${dir}/ram`, 4096);
+  const bad = await d.api('POST', S, { spec: { template: 'lazy', timeoutMs: 600_000 } });
+  assert.ok(bad.status >= 400 || bad.body.status?.phase === 'failed', JSON.stringify(bad.body));
+  assert.match(JSON.stringify(bad.body), /qemu failed to start/, JSON.stringify(bad.body));
+  await d.deleteAllSandboxes();
   for (const x of ['lazy', 'lazy2']) assert.equal((await d.api('DELETE', `${T}/${x}`)).status < 300, true);
   await d.deleteAllSandboxes();
   const deadline = Date.now() + 30_000;

@@ -159,10 +159,13 @@ export class NetworkManager {
 
   /**
    * Gives a task its network namespace, address and rules. Cleans up after itself on failure.
-   * `onNamespace` is called as soon as the (still empty) namespace exists, so that a driver can start
-   * its process in it while the rest is set up (a microVM restored from a snapshot does).
+   * `makeNamespace`, when given, makes the (empty) namespace instead: it starts the task's process
+   * under `unshare --net=<netns>` (which binds the new namespace there before it execs the process),
+   * and resolves once the namespace is bound. The process so starts at once, in its namespace, while
+   * the rest is set up (a microVM restored from a snapshot does this), and no separate process is
+   * spawned to make the namespace. Not called when the namespace exists already.
    */
-  attach(taskId: string, driver: string, req: NetworkRequest, onNamespace?: (netns: string) => void): Promise<NetworkAttachment> {
+  attach(taskId: string, driver: string, req: NetworkRequest, makeNamespace?: (netns: string) => Promise<void>): Promise<NetworkAttachment> {
     return this.locked(async () => {
       const existing = this.row(taskId);
       if (existing?.ip) return this.describe(existing);
@@ -175,10 +178,12 @@ export class NetworkManager {
         const ns = this.netnsPath(taskId);
         if (!isMountPoint(ns)) {
           writeFileSync(ns, '', { mode: 0o600 });
-          const r = await run('unshare', [`--net=${ns}`, 'true'], { timeoutMs: 10_000 });
-          if (r.code !== 0) throw new Error(`could not create a network namespace: ${r.stderr.trim()}`);
+          if (makeNamespace) await makeNamespace(ns);
+          else {
+            const r = await run('unshare', [`--net=${ns}`, 'true'], { timeoutMs: 10_000 });
+            if (r.code !== 0) throw new Error(`could not create a network namespace: ${r.stderr.trim()}`);
+          }
         }
-        onNamespace?.(ns);
         await cni({ command: 'ADD', containerId: taskId, netns: ns, ifname: 'lo', config: { cniVersion: '1.0.0', name: 'berth-lo', type: 'loopback' } }, this.cniPath);
         const res = await cni({ command: 'ADD', containerId: taskId, netns: ns, ifname: 'eth0', config: this.bridgeConfig(net) }, this.cniPath);
         const parsed = parseBridgeResult(res!, ns);

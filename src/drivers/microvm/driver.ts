@@ -22,11 +22,11 @@ import { spawn } from 'node:child_process';
 import { EventEmitter } from 'node:events';
 import { chmodSync, copyFileSync, existsSync, mkdirSync, readFileSync, readdirSync, readlinkSync, rmSync, rmdirSync, statSync, watch, writeFileSync, type FSWatcher } from 'node:fs';
 import { constants as osConstants, cpus } from 'node:os';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
 import type { NetworkAttachment, NetworkManager } from '../../network/manager.js';
 import type { DriverCapabilities, ExitResult, Fingerprint, RuntimeDriver, StopOptions, TaskConfig, TaskExecResult, TaskHandle, TaskStatus } from '../../core/driver.js';
 import { BerthError, invalidArgument } from '../../core/errors.js';
-import { qmp } from './qmp.js';
+import { qmp, QmpSession } from './qmp.js';
 import { pidAlive, runOk, sleep } from '../../lib/exec.js';
 import { cgroupHierarchies, processCpuMs } from '../../lib/host.js';
 import { migrationWarmer } from '../../lib/cgroupwarm.js';
@@ -71,7 +71,7 @@ function stageTimer(what: string): (stage: string) => void {
   let last = performance.now();
   return (stage) => {
     const now = performance.now();
-    process.stderr.write(`microvm ${what}: ${stage} +${(now - last).toFixed(1)} ms\n`);
+    process.stderr.write(`microvm ${what}: ${stage} +${(now - last).toFixed(1)} ms @${(performance.timeOrigin + now).toFixed(1)}\n`);
     last = now;
   };
 }
@@ -286,6 +286,21 @@ const TAP_WIRE = [
 ].join(' && ');
 const inNetns = (netns: string, script: string) => runOk('nsenter', [`--net=${netns}`, '--', 'sh', '-c', script], { timeoutMs: 10_000 });
 
+/**
+ * Resolves once a namespace is bound at `path` (an nsfs mount: another device than its folder's),
+ * or rejects with `launched`'s error if that ends first (the process meant to make it failed).
+ */
+async function namespaceBound(path: string, launched: Promise<unknown>): Promise<void> {
+  let failed: { e: unknown } | undefined;
+  launched.catch((e: unknown) => (failed = { e }));
+  const dirDev = statSync(dirname(path)).dev;
+  for (;;) {
+    if (statSync(path).dev !== dirDev) return;
+    if (failed) throw failed.e;
+    await sleep(1);
+  }
+}
+
 /** Guest RAM and vCPUs for a task's limits. */
 export function vmSize(resources: TaskConfig['resources'], hostCpus: number): { memoryMiB: number; vcpus: number } {
   const memoryMiB = resources.memoryMiB !== undefined ? resources.memoryMiB + GUEST_OVERHEAD_MIB : DEFAULT_GUEST_MIB;
@@ -467,7 +482,7 @@ export class MicroVmDriver implements RuntimeDriver {
       writeFileSync(join(dir, 'vm.json'), JSON.stringify(machine));
       const args = buildQemuArgs({ dir, ...machine, ...(cfg.sandbox ? { ram: { memfd: true } as const } : {}) });
       const cgroups = this.makeCgroups(cfg.id, { ...size, background: cfg.background });
-      pid = await this.launch(dir, args, cgroups, net?.netns);
+      pid = await this.launch(dir, args, cgroups, net ? { path: net.netns, make: false } : undefined);
       unwarm();
       await this.awaitAgent(cfg.id, dir, pid, cfg.sandbox === true);
       return this.tracked(cfg, pid, net);
@@ -576,14 +591,14 @@ export class MicroVmDriver implements RuntimeDriver {
       // (net.configure) once CNI is done. Any other needs nothing but its agent up.
       const convert = machine.net === true && !machine.fixedNet;
       let wiring: Promise<unknown> | undefined;
-      const boot = async (netns: string | undefined): Promise<void> => {
+      const boot = async (netns: { path: string; make: boolean } | undefined): Promise<void> => {
         await disks;
         const incoming = lazy ? 'defer' : `exec:cat '${join(src, 'memory')}'`;
         const args = buildQemuArgs({ dir, ...machine, incoming, ...(lazy ? { ram: { file: join(src, 'ram') } } : {}) });
         pid = await this.launch(dir, args, cgroups, netns).finally(unwarm);
         T('qemu up');
         if (netns) {
-          wiring = inNetns(netns, TAP_WIRE);
+          wiring = inNetns(netns.path, TAP_WIRE);
           wiring.catch(() => undefined); // awaited below; a failure is handled there
         }
         await this.loadSnapshot(cfg.id, dir, src, lazy);
@@ -593,22 +608,23 @@ export class MicroVmDriver implements RuntimeDriver {
         T('agent: hello');
       };
       // The VM is restored, tap0 wired and the agent asked while CNI makes the namespace's eth0 (QEMU
-      // needs only the namespace): the guest has VM_NET's address, as when it was snapshotted, and S
-      // reaches it once CNI is done.
+      // needs only the namespace, which it is started in: see NetworkManager.attach): the guest has
+      // VM_NET's address, as when it was snapshotted, and S reaches it once CNI is done.
       let booting: Promise<void> | undefined;
-      const startBoot = (netns: string | undefined) => {
+      const startBoot = (netns: { path: string; make: boolean } | undefined) => {
         booting = boot(netns);
         booting.catch(() => undefined); // awaited below; a failure is handled there
+        return booting;
       };
       let net: NetworkAttachment | undefined;
       if (cfg.network) {
-        net = await this.attachNetwork(cfg, startBoot).catch(async (e: unknown) => {
-          await Promise.allSettled([disks, booting]); // the cleanup below needs QEMU's pid, and the copies done
-          throw e;
+        net = await this.attachNetwork(cfg, (ns) => namespaceBound(ns, startBoot({ path: ns, make: true }))).catch(async (e: unknown) => {
+          const [, b] = await Promise.allSettled([disks, booting]); // the cleanup below needs QEMU's pid, and the copies done
+          throw b.status === 'rejected' ? b.reason : e; // (QEMU's own failure, if it failed, says more)
         });
         T('network');
         // (An attachment that existed already: no namespace was made, the VM starts now.)
-        if (!booting) startBoot(net.netns);
+        if (!booting) startBoot({ path: net.netns, make: false });
         await booting;
       } else {
         startBoot(undefined);
@@ -635,24 +651,27 @@ export class MicroVmDriver implements RuntimeDriver {
     // was connected then too): the guest's pending read goes on. Connected later, QEMU would tell
     // the guest that the host went away, and its agent would reopen the port first (~20 ms).
     // (A sandbox keeps this connection; a workload's is dropped by awaitAgent.)
-    await this.agent(id, 5000);
-    const sock = join(dir, 'qmp.sock');
-    if (lazy) {
-      await qmp(sock, 'migrate-set-capabilities', { capabilities: [{ capability: 'x-ignore-shared', state: true }] });
-      await qmp(sock, 'migrate-incoming', { uri: `exec:cat '${join(src, 'state')}'` });
-    }
-    // The snapshot was taken with the vCPUs stopped, so the loaded VM waits paused: once the
-    // memory is in, let it run. Its agent is already up and answers at once.
-    const deadline = Date.now() + 60_000;
-    for (;;) {
-      const st = (await qmp(sock, 'query-status')) as { status?: string };
-      if (st.status === 'running') return;
-      if (st.status !== 'inmigrate') {
-        await qmp(sock, 'cont');
-        return;
+    const [, q] = await Promise.all([this.agent(id, 5000), QmpSession.open(join(dir, 'qmp.sock'))]);
+    try {
+      if (lazy) {
+        await q.cmd('migrate-set-capabilities', { capabilities: [{ capability: 'x-ignore-shared', state: true }] });
+        await q.cmd('migrate-incoming', { uri: `exec:cat '${join(src, 'state')}'` });
       }
-      if (Date.now() > deadline) throw new Error('loading the snapshot took more than 60 s');
-      await sleep(1); // (a lazy snapshot's device state loads within milliseconds)
+      // The snapshot was taken with the vCPUs stopped, so the loaded VM waits paused: once the
+      // memory is in, let it run. Its agent is already up and answers at once.
+      const deadline = Date.now() + 60_000;
+      for (;;) {
+        const st = (await q.cmd('query-status')) as { status?: string };
+        if (st.status === 'running') return;
+        if (st.status !== 'inmigrate') {
+          await q.cmd('cont');
+          return;
+        }
+        if (Date.now() > deadline) throw new Error('loading the snapshot took more than 60 s');
+        await sleep(1); // (a lazy snapshot's device state loads within milliseconds)
+      }
+    } finally {
+      q.close();
     }
   }
 
@@ -683,9 +702,9 @@ export class MicroVmDriver implements RuntimeDriver {
     return net;
   }
 
-  private attachNetwork(cfg: TaskConfig, onNamespace?: (netns: string) => void): Promise<NetworkAttachment> {
+  private attachNetwork(cfg: TaskConfig, makeNamespace?: (netns: string) => Promise<void>): Promise<NetworkAttachment> {
     if (!this.net) throw invalidArgument('the microvm driver has no network manager: run the task with network mode "none"');
-    return this.net.attach(cfg.id, this.name, { ...cfg.network!, hostname: cfg.hostname ?? cfg.id.slice(0, 63) }, onNamespace);
+    return this.net.attach(cfg.id, this.name, { ...cfg.network!, hostname: cfg.hostname ?? cfg.id.slice(0, 63) }, makeNamespace);
   }
 
   /**
@@ -749,10 +768,11 @@ export class MicroVmDriver implements RuntimeDriver {
   }
 
   /** Starts QEMU daemonized; returns the VM's pid once QEMU has set up (sockets listening). */
-  private async launch(dir: string, args: string[], cgroups: string[], netns?: string): Promise<number> {
-    // In a network namespace, QEMU is exec'd by nsenter (same pid) so that it opens the tap there.
+  private async launch(dir: string, args: string[], cgroups: string[], netns?: { path: string; make: boolean }): Promise<number> {
+    // In a network namespace, QEMU is exec'd (same pid) by nsenter, or by unshare when it is to make
+    // the namespace (bound at the path before QEMU runs), so that it opens the tap there.
     const child = netns
-      ? spawn('nsenter', [`--net=${netns}`, '--', this.qemu, ...args], { stdio: ['ignore', 'ignore', 'pipe'], cwd: dir })
+      ? spawn(netns.make ? 'unshare' : 'nsenter', [`--net=${netns.path}`, '--', this.qemu, ...args], { stdio: ['ignore', 'ignore', 'pipe'], cwd: dir })
       : spawn(this.qemu, args, { stdio: ['ignore', 'ignore', 'pipe'], cwd: dir });
     // The launcher joins the cgroups before it forks the daemon (QEMU takes tens of ms to set up),
     // so the VM process starts inside them; it is moved again below in case it was faster.
