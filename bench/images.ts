@@ -20,6 +20,7 @@ import { spawn } from 'node:child_process';
 import { ImageService } from '../src/images/catalog.js';
 import { prepareRootfs, skopeo, startRegistry } from '../src/images/testing.js';
 import { updateBenchmarks } from './report.js';
+import { Interrupted, catchInterrupts } from './interrupt.js';
 
 const { values } = parseArgs({ options: { runs: { type: 'string', default: '5' }, 'cache-dir': { type: 'string', default: '/var/tmp/berth-bench-images' }, write: { type: 'string' } } });
 const RUNS = Number(values.runs);
@@ -52,6 +53,8 @@ function tarOf(dir: string) {
   return out;
 }
 
+const checkInterrupted = catchInterrupts('images bench');
+
 async function main(): Promise<void> {
   mkdirSync(values['cache-dir']!, { recursive: true, mode: 0o700 });
   const source = new ImageService(values['cache-dir']!);
@@ -65,6 +68,7 @@ async function main(): Promise<void> {
     ];
     const made = [];
     for (const i of images) {
+      checkInterrupted();
       log(`making ${i.label} (cached in ${values['cache-dir']})`);
       const img = await i.make();
       const remote = `${reg.host}/${img.ref.replace(/^localhost\//, '')}`;
@@ -80,6 +84,7 @@ async function main(): Promise<void> {
       const base: number[] = [];
       let lastDir = '';
       for (let r = 0; r < RUNS; r++) {
+        checkInterrupted();
         const dir = join(work, `berth-${r}`);
         const svc = new ImageService(dir);
         const bdir = join(work, `skopeo-${r}`);
@@ -132,6 +137,7 @@ async function main(): Promise<void> {
     const cold: number[] = [];
     const warm: number[] = [];
     for (let r = 0; r < RUNS; r++) {
+      checkInterrupted();
       const dir = join(work, `build-${r}`);
       const svc = new ImageService(dir);
       await svc.pull({ ref: made[1]!.remote });
@@ -179,4 +185,7 @@ async function main(): Promise<void> {
   }
 }
 
-await main();
+await main().catch((e: unknown) => {
+  console.error(e);
+  process.exit(e instanceof Interrupted ? 130 : 1);
+});

@@ -18,6 +18,7 @@ import { parseArgs } from 'node:util';
 import pino from 'pino';
 import { Ingress } from '../src/ingress/ingress.js';
 import { updateBenchmarks } from './report.js';
+import { Interrupted, catchInterrupts } from './interrupt.js';
 import { haproxyVersion, haproxyWorker, runWrk, type WrkResult } from './wrk.js';
 
 const { values } = parseArgs({
@@ -80,6 +81,8 @@ async function startPrinting(cmd: string[], cpu: string | undefined): Promise<{ 
 const wrk = (url: string, host: string | undefined, seconds: number, pids: { backend?: number; proxy?: number } = {}): WrkResult =>
   runWrk(url, { host, seconds, connections: CONNS, pin: PIN, pids });
 
+const checkInterrupted = catchInterrupts('ingress bench');
+
 async function main(): Promise<void> {
   need('wrk', 'wrk');
   need('haproxy', 'haproxy');
@@ -128,15 +131,18 @@ async function main(): Promise<void> {
     // The route's certificate is made before the route is applied; still, wait for HTTPS, then warm up.
     const deadline = Date.now() + 20_000;
     for (let w = wrk(targets[2]!.url, undefined, 1); w.rps === 0 || w.errors > 0; w = wrk(targets[2]!.url, undefined, 1)) {
+      checkInterrupted();
       if (Date.now() > deadline) throw new Error('the HTTPS route did not answer within 20 s');
     }
     for (const t of targets) {
+      checkInterrupted();
       const w = wrk(t.url, t.host, 2);
       if (w.errors > 0 || w.rps === 0) throw new Error(`${t.name}: warm-up got errors (${w.errors}) or no requests`);
     }
     const results = new Map<string, WrkResult[]>(targets.map((t) => [t.name, []]));
     for (let i = 0; i < RUNS; i++) {
       for (const t of targets) {
+        checkInterrupted();
         const r = wrk(t.url, t.host, DURATION, { backend: backend.proc.pid!, ...(t.proxy ? { proxy: t.proxy } : {}) });
         results.get(t.name)!.push(r);
         console.error(`run ${i + 1}/${RUNS} ${t.name}: ${r.rps.toFixed(0)} req/s p50 ${r.p50.toFixed(2)} ms p99 ${r.p99.toFixed(2)} ms cpu ${r.backendUs.toFixed(0)}/${r.proxyUs.toFixed(0)} µs errors ${r.errors}`);
@@ -178,5 +184,5 @@ async function main(): Promise<void> {
 
 main().catch((e) => {
   console.error(`ingress bench: ${(e as Error).message}`);
-  process.exit(1);
+  process.exit(e instanceof Interrupted ? 130 : 1);
 });

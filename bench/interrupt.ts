@@ -5,17 +5,23 @@ export class Interrupted extends Error {
   override name = 'Interrupted';
 }
 
-/** Catches the signals from now on; the returned check throws Interrupted once one came (exit with 130 then). */
-export function catchInterrupts(bench: string): () => void {
+/**
+ * Catches the signals from now on; the returned check throws Interrupted once one came (exit with 130
+ * then). Its `signal` aborts (with that Interrupted) at once: for a long call that takes an AbortSignal.
+ */
+export function catchInterrupts(bench: string): (() => void) & { signal: AbortSignal } {
   let interrupted: string | undefined;
+  const ac = new AbortController();
   for (const s of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) {
     process.on(s, () => {
       if (interrupted) return;
       interrupted = s;
       console.error(`${bench}: ${s}, cleaning up…`);
+      ac.abort(new Interrupted(`interrupted by ${s}`));
     });
   }
-  return () => {
+  const check = () => {
     if (interrupted) throw new Interrupted(`interrupted by ${interrupted}`);
   };
+  return Object.assign(check, { signal: ac.signal });
 }

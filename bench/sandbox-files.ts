@@ -15,6 +15,7 @@ import { parseArgs } from 'node:util';
 import { Sandbox } from '../sdk/src/index.js';
 import { TestDaemon } from '../test/harness.js';
 import { updateBenchmarks } from './report.js';
+import { Interrupted, catchInterrupts } from './interrupt.js';
 
 const { values } = parseArgs({
   options: {
@@ -26,6 +27,7 @@ const { values } = parseArgs({
 const MIB = Number(values.mib);
 if (!Number.isInteger(MIB) || MIB < 1) throw new Error('--mib must be a whole number ≥ 1');
 const TOTAL = MIB * 1024 * 1024;
+const checkInterrupted = catchInterrupts('sandbox-files bench');
 const BLOCK = randomBytes(4 * 1024 * 1024); // repeated: generating the data must not be what is measured
 
 /** The file's bytes, made on the fly (never held whole), hashed as they go out. */
@@ -97,6 +99,7 @@ async function main(): Promise<void> {
     rows.push(await hostBaseline());
     console.error(`host: up ${rows[0]!.upMBs.toFixed(0)} MB/s, down ${rows[0]!.downMBs.toFixed(0)} MB/s`);
     for (const tier of values.tiers!.split(',')) {
+      checkInterrupted();
       if (!tiers.includes(tier)) {
         console.error(`${tier}: not installed, skipped`);
         continue;
@@ -108,7 +111,7 @@ async function main(): Promise<void> {
         const up = createHash('sha256');
         const w = await peakRss([d.pid, process.pid], async () => {
           const t0 = performance.now();
-          const r = await sbx.files.write('/tmp/big', source(up), { requestTimeoutMs: 3_600_000 });
+          const r = await sbx.files.write('/tmp/big', source(up), { requestTimeoutMs: 3_600_000, signal: checkInterrupted.signal });
           if (r.written !== TOTAL) throw new Error(`${tier}: wrote ${r.written} of ${TOTAL} bytes`);
           return performance.now() - t0;
         });
@@ -116,7 +119,7 @@ async function main(): Promise<void> {
           const down = createHash('sha256');
           let got = 0;
           const t0 = performance.now();
-          const stream = await sbx.files.read('/tmp/big', { format: 'stream', requestTimeoutMs: 3_600_000 });
+          const stream = await sbx.files.read('/tmp/big', { format: 'stream', requestTimeoutMs: 3_600_000, signal: checkInterrupted.signal });
           for await (const c of stream as unknown as AsyncIterable<Uint8Array>) {
             down.update(c);
             got += c.length;
@@ -160,5 +163,5 @@ async function main(): Promise<void> {
 
 main().catch((e) => {
   console.error(e);
-  process.exit(1);
+  process.exit(e instanceof Interrupted || checkInterrupted.signal.aborted ? 130 : 1);
 });

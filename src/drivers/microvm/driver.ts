@@ -287,16 +287,19 @@ const TAP_WIRE = [
 const inNetns = (netns: string, script: string) => runOk('nsenter', [`--net=${netns}`, '--', 'sh', '-c', script], { timeoutMs: 10_000 });
 
 /**
- * Resolves once a namespace is bound at `path` (an nsfs mount: another device than its folder's),
- * or rejects with `launched`'s error if that ends first (the process meant to make it failed).
+ * Resolves once a namespace is bound at `path` (an nsfs mount: another device than its folder's);
+ * rejects if `launched` (the start of the process meant to make it) ends first without one.
  */
 async function namespaceBound(path: string, launched: Promise<unknown>): Promise<void> {
-  let failed: { e: unknown } | undefined;
-  launched.catch((e: unknown) => (failed = { e }));
+  let ended: { e?: unknown } | undefined;
+  launched.then(
+    () => (ended = {}),
+    (e: unknown) => (ended = { e }),
+  );
   const dirDev = statSync(dirname(path)).dev;
   for (;;) {
     if (statSync(path).dev !== dirDev) return;
-    if (failed) throw failed.e;
+    if (ended) throw ended.e ?? new Error(`no network namespace was bound at ${path}`);
     await sleep(1);
   }
 }
