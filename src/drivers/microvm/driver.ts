@@ -304,6 +304,9 @@ async function namespaceBound(path: string, launched: Promise<unknown>): Promise
   }
 }
 
+/** The network namespace QEMU is started in: entered (nsenter), or made at `path` (unshare). */
+type NetnsLaunch = { path: string; make: boolean };
+
 /** Guest RAM and vCPUs for a task's limits. */
 export function vmSize(resources: TaskConfig['resources'], hostCpus: number): { memoryMiB: number; vcpus: number } {
   const memoryMiB = resources.memoryMiB !== undefined ? resources.memoryMiB + GUEST_OVERHEAD_MIB : DEFAULT_GUEST_MIB;
@@ -512,42 +515,50 @@ export class MicroVmDriver implements RuntimeDriver {
     const t0 = performance.now();
     const sock = join(dir, 'qmp.sock');
     mkdirSync(dest, { recursive: true, mode: 0o700 });
-    const status = (await qmp(sock, 'query-status')) as { status?: string };
-    const wasRunning = status.status === 'running';
-    const memfd = ramMemfd(handle.pid);
-    // QEMU caps migration at 128 MiB/s by default: a local file can take far more.
-    await qmp(sock, 'migrate-set-parameters', { 'max-bandwidth': 64 * 2 ** 30 });
-    await qmp(sock, 'migrate-set-capabilities', { capabilities: [{ capability: 'x-ignore-shared', state: memfd !== undefined }] });
-    // (Not when paused: the stopped guest would keep the request half-read in its port, and every
-    // fork would inherit it.)
-    const agent = wasRunning ? await this.agent(handle.id, 2000).catch(() => undefined) : undefined;
-    if (handle.state?.sandbox === true && !memfd) {
-      // Less page cache, fewer pages for QEMU to write into the snapshot. (Not with a memfd: freed
-      // pages stay in it, and the forks' first commands would find their programs' pages gone.)
-      await agent?.request({ type: 'run', args: ['/bin/sh', '-c', 'sync; echo 3 > /proc/sys/vm/drop_caches'], env: {} }, 10_000).catch(() => undefined);
-    }
-    // The guest finishes what it has queued (writeback, the announcement of a link that just came up):
-    // else every fork does it again, cold (agent/settle.go). An older agent refuses; so be it.
-    await agent?.request({ type: 'settle' }, 5000).catch(() => undefined);
-    await qmp(sock, 'stop');
+    // One QMP connection for the whole snapshot (its status polls included).
+    const q = await QmpSession.open(sock);
+    let memfd: string | undefined;
     try {
-      // The disks are consistent while the vCPUs are stopped (stop drains in-flight I/O).
-      await runOk('cp', ['--sparse=always', join(dir, 'rw.ext4'), join(dest, 'rw.ext4')], { timeoutMs: 300_000 });
-      copyFileSync(join(dir, 'cfg.img'), join(dest, 'cfg.img'));
-      copyFileSync(join(dir, 'vm.json'), join(dest, 'vm.json'));
-      await qmp(sock, 'migrate', { uri: `exec:cat > '${join(dest, memfd ? 'state' : 'memory')}'` });
-      const deadline = Date.now() + 300_000;
-      for (;;) {
-        const m = (await qmp(sock, 'query-migrate')) as { status?: string; 'error-desc'?: string };
-        if (m.status === 'completed') break;
-        if (m.status === 'failed' || m.status === 'cancelled') throw new Error(`snapshot of ${handle.id} failed: ${m['error-desc'] ?? m.status}`);
-        if (Date.now() > deadline) throw new Error(`snapshot of ${handle.id} did not finish within 300 s`);
-        await sleep(10);
+      const status = (await q.cmd('query-status')) as { status?: string };
+      const wasRunning = status.status === 'running';
+      memfd = ramMemfd(handle.pid);
+      // QEMU caps migration at 128 MiB/s by default: a local file can take far more.
+      await q.cmd('migrate-set-parameters', { 'max-bandwidth': 64 * 2 ** 30 });
+      await q.cmd('migrate-set-capabilities', { capabilities: [{ capability: 'x-ignore-shared', state: memfd !== undefined }] });
+      // (Not when paused: the stopped guest would keep the request half-read in its port, and every
+      // fork would inherit it.)
+      const agent = wasRunning ? await this.agent(handle.id, 2000).catch(() => undefined) : undefined;
+      if (handle.state?.sandbox === true && !memfd) {
+        // Less page cache, fewer pages for QEMU to write into the snapshot. (Not with a memfd: freed
+        // pages stay in it, and the forks' first commands would find their programs' pages gone.)
+        await agent?.request({ type: 'run', args: ['/bin/sh', '-c', 'sync; echo 3 > /proc/sys/vm/drop_caches'], env: {} }, 10_000).catch(() => undefined);
       }
-      // Only the pages the guest has touched have data: holes stay holes (SEEK_DATA).
-      if (memfd) await runOk('cp', ['--sparse=always', memfd, join(dest, 'ram')], { timeoutMs: 300_000 });
+      // The guest finishes what it has queued (writeback, the announcement of a link that just came up):
+      // else every fork does it again, cold (agent/settle.go). An older agent refuses; so be it.
+      await agent?.request({ type: 'settle' }, 5000).catch(() => undefined);
+      await q.cmd('stop');
+      try {
+        // The disks are consistent while the vCPUs are stopped (stop drains in-flight I/O).
+        await runOk('cp', ['--sparse=always', join(dir, 'rw.ext4'), join(dest, 'rw.ext4')], { timeoutMs: 300_000 });
+        copyFileSync(join(dir, 'cfg.img'), join(dest, 'cfg.img'));
+        copyFileSync(join(dir, 'vm.json'), join(dest, 'vm.json'));
+        await q.cmd('migrate', { uri: `exec:cat > '${join(dest, memfd ? 'state' : 'memory')}'` });
+        const deadline = Date.now() + 300_000;
+        for (;;) {
+          const m = (await q.cmd('query-migrate')) as { status?: string; 'error-desc'?: string };
+          if (m.status === 'completed') break;
+          if (m.status === 'failed' || m.status === 'cancelled') throw new Error(`snapshot of ${handle.id} failed: ${m['error-desc'] ?? m.status}`);
+          if (Date.now() > deadline) throw new Error(`snapshot of ${handle.id} did not finish within 300 s`);
+          await sleep(10);
+        }
+        // Only the pages the guest has touched have data: holes stay holes (SEEK_DATA).
+        if (memfd) await runOk('cp', ['--sparse=always', memfd, join(dest, 'ram')], { timeoutMs: 300_000 });
+      } finally {
+        // (On a connection of its own if this one broke: the VM must go on either way.)
+        if (wasRunning) await q.cmd('cont').catch(() => qmp(sock, 'cont')).catch(() => undefined);
+      }
     } finally {
-      if (wasRunning) await qmp(sock, 'cont').catch(() => undefined);
+      q.close();
     }
     if (!memfd) return { ms: performance.now() - t0, bytes: statSync(join(dest, 'memory')).size };
     chmodSync(join(dest, 'ram'), 0o600);
@@ -594,7 +605,7 @@ export class MicroVmDriver implements RuntimeDriver {
       // (net.configure) once CNI is done. Any other needs nothing but its agent up.
       const convert = machine.net === true && !machine.fixedNet;
       let wiring: Promise<unknown> | undefined;
-      const boot = async (netns: { path: string; make: boolean } | undefined): Promise<void> => {
+      const boot = async (netns: NetnsLaunch | undefined): Promise<void> => {
         await disks;
         const incoming = lazy ? 'defer' : `exec:cat '${join(src, 'memory')}'`;
         const args = buildQemuArgs({ dir, ...machine, incoming, ...(lazy ? { ram: { file: join(src, 'ram') } } : {}) });
@@ -614,7 +625,7 @@ export class MicroVmDriver implements RuntimeDriver {
       // needs only the namespace, which it is started in: see NetworkManager.attach): the guest has
       // VM_NET's address, as when it was snapshotted, and S reaches it once CNI is done.
       let booting: Promise<void> | undefined;
-      const startBoot = (netns: { path: string; make: boolean } | undefined) => {
+      const startBoot = (netns: NetnsLaunch | undefined) => {
         booting = boot(netns);
         booting.catch(() => undefined); // awaited below; a failure is handled there
         return booting;
@@ -771,7 +782,7 @@ export class MicroVmDriver implements RuntimeDriver {
   }
 
   /** Starts QEMU daemonized; returns the VM's pid once QEMU has set up (sockets listening). */
-  private async launch(dir: string, args: string[], cgroups: string[], netns?: { path: string; make: boolean }): Promise<number> {
+  private async launch(dir: string, args: string[], cgroups: string[], netns?: NetnsLaunch): Promise<number> {
     // In a network namespace, QEMU is exec'd (same pid) by nsenter, or by unshare when it is to make
     // the namespace (bound at the path before QEMU runs), so that it opens the tap there.
     const child = netns
