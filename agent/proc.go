@@ -4,7 +4,6 @@ import (
 	"errors"
 	"os"
 	"sort"
-	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -302,7 +301,7 @@ func (a *Agent) run(c *conn, req *Request) error {
 		}
 	}
 	attr := &os.ProcAttr{Dir: cwd, Env: env, Files: files, Sys: sys}
-	ooms0 := a.oomKillCount()
+	ooms0 := a.oom.count()
 	var p *os.Process
 	var reaped chan syscall.WaitStatus
 	if a.reaper != nil {
@@ -353,7 +352,7 @@ func (a *Agent) run(c *conn, req *Request) error {
 			ev["code"] = 128 + int(ws.Signal())
 			ev["signal"] = unix.SignalName(ws.Signal())
 			// Killed while the memory cgroup it runs in recorded a new OOM kill: the OOM killer.
-			ev["oomKilled"] = ws.Signal() == unix.SIGKILL && ooms0 >= 0 && a.oomKillCount() > ooms0
+			ev["oomKilled"] = ws.Signal() == unix.SIGKILL && ooms0 >= 0 && a.oom.count() > ooms0
 		}
 		a.procs.remove(req.ID)
 		c.send(ev)
@@ -382,11 +381,12 @@ func (pr *proc) pump(wg *sync.WaitGroup, f *os.File, stream string, exited chan 
 		<-exited
 		f.SetReadDeadline(time.Now().Add(drainGrace))
 	}()
-	buf := make([]byte, 64<<10)
+	buf := getPumpBuf()
+	defer putPumpBuf(buf)
 	for {
 		n, err := f.Read(buf)
 		if n > 0 {
-			pr.c.send(M{"id": pr.id, "type": stream, "data": buf[:n]})
+			pr.c.sendData(pr.id, stream, buf[:n])
 		}
 		if err != nil {
 			return
@@ -396,6 +396,28 @@ func (pr *proc) pump(wg *sync.WaitGroup, f *os.File, stream string, exited chan 
 			f.SetReadDeadline(time.Now().Add(drainGrace))
 		default:
 		}
+	}
+}
+
+// pumpBufs keeps the pumps' read buffers for the next commands. A 64 KiB buffer is a large
+// object to Go's allocator, which takes a path of its own (spans, the page allocator): in a
+// microVM forked from a snapshot, ~150 blocks of the first command for TCG to translate
+// (BENCHMARKS.md, session 16). Eight buffers (512 KiB) are kept at most.
+var pumpBufs = make(chan []byte, 8)
+
+func getPumpBuf() []byte {
+	select {
+	case b := <-pumpBufs:
+		return b
+	default:
+		return make([]byte, 64<<10)
+	}
+}
+
+func putPumpBuf(b []byte) {
+	select {
+	case pumpBufs <- b:
+	default:
 	}
 }
 
@@ -481,29 +503,4 @@ func (a *Agent) signal(req *Request) error {
 		return errf(CodeFailedPrecondition, "process %s has already exited", req.Proc)
 	}
 	return err
-}
-
-// oomKillCount is the number of OOM kills recorded by the memory cgroup the
-// agent's processes run in (-1 when unknown): the VM's workload cgroup, else the
-// agent's own cgroup as seen from inside a container (cgroup v2 or v1).
-func (a *Agent) oomKillCount() int {
-	files := []string{"/sys/fs/cgroup/memory.events", "/sys/fs/cgroup/memory/memory.oom_control"}
-	if a.cgroupFD >= 0 {
-		files = []string{vmCgroup + "/memory.events"}
-	}
-	for _, f := range files {
-		b, err := os.ReadFile(f)
-		if err != nil {
-			continue
-		}
-		for _, line := range strings.Split(string(b), "\n") {
-			if v, ok := strings.CutPrefix(line, "oom_kill "); ok {
-				n, err := strconv.Atoi(strings.TrimSpace(v))
-				if err == nil {
-					return n
-				}
-			}
-		}
-	}
-	return -1
 }

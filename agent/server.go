@@ -13,7 +13,7 @@ import (
 )
 
 // Version is the agent's own version, announced by hello.
-const Version = "0.4.2" // 0.2.0: --conn-fd, and the monitor's --agent-fd; 0.3.0: the monitor's --agent-fd-pass; 0.4.0: hello's epochMs (a VM's clock); 0.4.1: a vport stays open across host connections; hello's answer has the guest's epochMs; 0.4.2: settle
+const Version = "0.4.3" // 0.2.0: --conn-fd, and the monitor's --agent-fd; 0.3.0: the monitor's --agent-fd-pass; 0.4.0: hello's epochMs (a VM's clock); 0.4.1: a vport stays open across host connections; hello's answer has the guest's epochMs; 0.4.2: settle; 0.4.3: a VM turns off periodic kernel work it does not need
 
 // Agent serves the protocol on connections; processes outlive connections.
 type Agent struct {
@@ -28,11 +28,15 @@ type Agent struct {
 	reconnect time.Duration
 	cgroupFD  int      // >= 0: processes started by "run" go into this cgroup (VM sandbox mode)
 	exitPort  *os.File // VM sandbox mode: a shutdown writes the exit record here
-	listen    listenState
+	// oom counts the OOM kills of the cgroup the processes run in: the VM's workload cgroup, else
+	// the agent's own cgroup as seen from inside a container (cgroup v2 or v1).
+	oom    *oomCounter
+	listen listenState
 }
 
 func NewAgent(root *Root, reap, poweroff bool) *Agent {
-	a := &Agent{root: root, poweroff: poweroff, exit: os.Exit, reconnect: time.Second, cgroupFD: -1}
+	a := &Agent{root: root, poweroff: poweroff, exit: os.Exit, reconnect: time.Second, cgroupFD: -1,
+		oom: newOOMCounter("/sys/fs/cgroup/memory.events", "/sys/fs/cgroup/memory/memory.oom_control")}
 	a.procs.byID = map[string]*proc{}
 	if reap {
 		a.reaper = NewReaper()
@@ -74,7 +78,7 @@ func (a *Agent) Serve(rw io.ReadWriteCloser) {
 			return
 		}
 		req := &Request{}
-		if err := json.Unmarshal(payload, req); err != nil {
+		if err := decodeRequest(payload, req); err != nil {
 			var idOnly struct {
 				ID string `json:"id"`
 			}

@@ -16,7 +16,6 @@ package main
 //           "berth.exit" (one JSON exit record)
 
 import (
-	"bufio"
 	"bytes"
 	"encoding/json"
 	"errors"
@@ -150,6 +149,7 @@ func vmBoot() (*os.File, error) {
 	if err != nil {
 		return nil, err
 	}
+	quietKernel() // before the first write to a disk, which would start its writeback throttling
 	exitPort, err := os.OpenFile(devs["berth.exit"], os.O_WRONLY, 0)
 	if err != nil {
 		return nil, fmt.Errorf("open exit port: %w", err)
@@ -184,6 +184,7 @@ func vmBoot() (*os.File, error) {
 		return exitPort, err
 	}
 	a := NewAgent(root, true, true)
+	a.oom = newOOMCounter(vmCgroup + "/memory.events")
 	if cfg.Sandbox {
 		a.cgroupFD = cgfd
 		a.exitPort = exitPort
@@ -213,7 +214,7 @@ func vmBoot() (*os.File, error) {
 	if ws.Signaled() {
 		rec.ExitCode = 128 + int(ws.Signal())
 		rec.Signal = unix.SignalName(ws.Signal())
-		rec.OOMKilled = ws.Signal() == unix.SIGKILL && oomKills() > 0
+		rec.OOMKilled = ws.Signal() == unix.SIGKILL && a.oom.count() > 0
 	}
 	a.procs.remove("main")
 	a.main.mu.Lock()
@@ -358,18 +359,53 @@ func readConfig(dev string) (*vmConfig, error) {
 	return cfg, nil
 }
 
+// quietKernel turns off periodic guest kernel work that a sandbox VM does not need. Under TCG each
+// wakeup costs host CPU while the VM idles, and a VM restored from a snapshot runs each timer that
+// fell due for the first time, in guest code TCG translates afresh in every fork, beside the fork's
+// first command (BENCHMARKS.md, session 16). Best effort: a knob the kernel lacks is skipped.
+func quietKernel() {
+	for _, k := range []struct{ path, value string }{
+		// kcompactd's proactive compaction, which looks at fragmentation every 500 ms to keep huge
+		// pages available: the guest makes none (Debian's cloud kernel defaults transparent huge
+		// pages to never), and a sandbox's memory is small.
+		{"/proc/sys/vm/compaction_proactiveness", "0"},
+		// The per-CPU vmstat counters are folded into the global ones every second by default, and
+		// also whenever one drifts past its threshold, so /proc/meminfo stays as close as before.
+		{"/proc/sys/vm/stat_interval", "10"},
+		// The lockup detectors: a per-CPU timer every 4 s that wakes the CPU's stopper thread. A
+		// guest under TCG on a busy host is where they would cry wolf.
+		{"/proc/sys/kernel/watchdog", "0"},
+	} {
+		if err := os.WriteFile(k.path, []byte(k.value), 0); err != nil && !errors.Is(err, os.ErrNotExist) {
+			log.Printf("%s: %v", k.path, err)
+		}
+	}
+	// Writeback throttling: a timer per disk that samples its latency while it is written to. The
+	// host's page cache is what absorbs a guest's writes here, not a device queue to keep short.
+	wbt, _ := filepath.Glob("/sys/block/*/queue/wbt_lat_usec")
+	for _, f := range wbt {
+		os.WriteFile(f, []byte("0"), 0)
+	}
+}
+
 // mountRoot makes vmNewRoot: the read-only image under an overlay whose upper
 // layer is on the writable disk, plus the usual kernel file systems.
 func mountRoot(rootDev, rwDev string) error {
-	if err := mountFS(rootDev, "/mnt/lower", "ext4", unix.MS_RDONLY, ""); err != nil {
+	// no_prefetch_block_bitmaps: by default ext4 reads every block group's bitmap from a background
+	// thread after mounting (to speed up the first allocations on big, fragmented disks), and that
+	// thread exits when it is done. A VM snapshotted meanwhile (a template is taken seconds after
+	// boot) ran the rest of it, and the thread's exit, in each of its forks, at the same moment as
+	// the fork's first command: ~1,000 blocks of guest kernel code for TCG to translate
+	// (BENCHMARKS.md, session 16). These disks are small and new; nothing is lost.
+	if err := mountFS(rootDev, "/mnt/lower", "ext4", unix.MS_RDONLY, "no_prefetch_block_bitmaps"); err != nil {
 		return err
 	}
 	// noinit_itable: the disk is made with lazy_itable_init (src/lib/disk.ts: a quick mkfs, a sparse
-	// file), and the kernel would otherwise zero its inode tables from a background thread after every
-	// boot: guest CPU under TCG, and in a VM snapshotted meanwhile, again in each of its forks. Unused
-	// inodes are never read either way (the group descriptors say which are); the zeroing only helps
-	// an fsck.
-	if err := mountFS(rwDev, "/mnt/rw", "ext4", unix.MS_NOSUID|unix.MS_NODEV, "noinit_itable"); err != nil {
+	// file), and the kernel would otherwise zero its inode tables from the same background thread
+	// after every boot: guest CPU under TCG, and in a VM snapshotted meanwhile, again in each of its
+	// forks. Unused inodes are never read either way (the group descriptors say which are); the
+	// zeroing only helps an fsck.
+	if err := mountFS(rwDev, "/mnt/rw", "ext4", unix.MS_NOSUID|unix.MS_NODEV, "noinit_itable,no_prefetch_block_bitmaps"); err != nil {
 		return err
 	}
 	for _, d := range []string{"/mnt/rw/upper", "/mnt/rw/work"} {
@@ -433,21 +469,6 @@ func setupCgroup(cfg *vmConfig) (int, error) {
 		}
 	}
 	return unix.Open(vmCgroup, unix.O_DIRECTORY|unix.O_RDONLY|unix.O_CLOEXEC, 0)
-}
-
-func oomKills() int {
-	b, err := os.ReadFile(vmCgroup + "/memory.events")
-	if err != nil {
-		return 0
-	}
-	sc := bufio.NewScanner(bytes.NewReader(b))
-	for sc.Scan() {
-		if v, ok := strings.CutPrefix(sc.Text(), "oom_kill "); ok {
-			n, _ := strconv.Atoi(v)
-			return n
-		}
-	}
-	return 0
 }
 
 // startMain starts the workload inside its cgroup, chrooted to the new root,

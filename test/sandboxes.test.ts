@@ -390,6 +390,20 @@ test('a microVM snapshotted right after its boot leaves its forks no pending lin
   assert.doesNotMatch(lean.out, /apparmor|tomoyo/, lean.out);
   assert.match(lean.out, /^no-psi$/m, lean.out);
   assert.match(lean.out, /^GODEBUG=asyncpreemptoff=1$/m, lean.out);
+  // No periodic or background kernel work a sandbox does not need (agent/vm.go quietKernel,
+  // mountRoot): ext4's bitmap prefetch thread, proactive compaction, the lockup detectors, a
+  // once-a-second vmstat fold, writeback throttling's sampling timer on each disk.
+  const quiet = await run(f.body.name, {
+    cmd: 'grep " ext4 " /proc/1/mounts; echo compaction=$(cat /proc/sys/vm/compaction_proactiveness) watchdog=$(cat /proc/sys/kernel/watchdog) ' +
+      'stat_interval=$(cat /proc/sys/vm/stat_interval); for f in /sys/block/vd*/queue/wbt_lat_usec; do echo "$f=$(cat $f)"; done; ps | grep -c "[e]xt4lazyinit" || true',
+  });
+  const ext4 = quiet.out.split('\n').filter((l) => / ext4 /.test(l));
+  assert.equal(ext4.length, 2, quiet.out);
+  for (const l of ext4) assert.match(l, /no_prefetch_block_bitmaps/, quiet.out);
+  assert.match(quiet.out, /^compaction=0 watchdog=0 stat_interval=10$/m, quiet.out);
+  const wbt = quiet.out.match(/wbt_lat_usec=\d+/g) ?? [];
+  assert.ok(wbt.length >= 3 && wbt.every((w) => w.endsWith('=0')), quiet.out);
+  assert.match(quiet.out, /^0$/m, `no ext4lazyinit thread: ${quiet.out}`);
   for (const n of [p.body.name, f.body.name]) await d.api('DELETE', `${S}/${n}`);
   assert.ok((await d.api('DELETE', `${T}/young`)).status < 300);
   await d.deleteAllSandboxes();
