@@ -39,98 +39,8 @@ func decodeRequestFast(b []byte, req *Request) bool {
 			return false
 		}
 		d.ws()
-		if d.lit("null") { // encoding/json: null leaves a value field alone and sets a pointer, slice or map to nil
-			switch key {
-			case "args":
-				req.Args = nil
-			case "env":
-				req.Env = nil
-			case "uid":
-				req.UID = nil
-			case "gid":
-				req.GID = nil
-			case "mode":
-				req.Mode = nil
-			case "data":
-				req.Data = nil
-			case "net":
-				req.Net = nil
-			}
-			if !knownKey(key) {
-				return false
-			}
-		} else {
-			switch key {
-			case "id", "type", "cwd", "proc", "sig", "path", "to", "target":
-				s, ok := d.str()
-				if !ok {
-					return false
-				}
-				*req.stringField(key) = s
-			case "stdin", "tty", "eof", "group", "append", "parents", "recursive", "poweroff":
-				v, ok := d.boolean()
-				if !ok {
-					return false
-				}
-				*req.boolField(key) = v
-			case "offset", "length", "timeoutMs", "epochMs":
-				n, ok := d.integer(math.MinInt64, math.MaxInt64)
-				if !ok {
-					return false
-				}
-				*req.int64Field(key) = n
-			case "cols", "rows":
-				n, ok := d.integer(0, math.MaxUint16)
-				if !ok {
-					return false
-				}
-				if key == "cols" {
-					req.Cols = uint16(n)
-				} else {
-					req.Rows = uint16(n)
-				}
-			case "uid", "gid", "mode":
-				n, ok := d.integer(0, math.MaxUint32)
-				if !ok {
-					return false
-				}
-				v := uint32(n)
-				switch key {
-				case "uid":
-					req.UID = &v
-				case "gid":
-					req.GID = &v
-				default:
-					req.Mode = &v
-				}
-			case "args":
-				args, ok := d.strings()
-				if !ok {
-					return false
-				}
-				req.Args = args
-			case "env":
-				if req.Env != nil { // encoding/json would merge a second "env" into the first
-					return false
-				}
-				env, ok := d.stringMap()
-				if !ok {
-					return false
-				}
-				req.Env = env
-			case "data":
-				s, ok := d.str()
-				if !ok {
-					return false
-				}
-				data, err := base64.StdEncoding.DecodeString(s)
-				if err != nil {
-					return false
-				}
-				req.Data = data
-			default: // "net" (a nested object) and any other key
-				return false
-			}
+		if !d.field(req.field(key)) {
+			return false
 		}
 		if d.next('}') {
 			return d.end()
@@ -141,69 +51,134 @@ func decodeRequestFast(b []byte, req *Request) bool {
 	}
 }
 
-func knownKey(k string) bool {
-	switch k {
-	case "id", "type", "cwd", "proc", "sig", "path", "to", "target", "stdin", "tty", "eof", "group", "append",
-		"parents", "recursive", "poweroff", "offset", "length", "timeoutMs", "epochMs", "cols", "rows", "uid",
-		"gid", "mode", "args", "env", "data", "net":
+// field reads one value into p, a pointer to a Request field (nil: an unknown key).
+func (d *fastDec) field(p any) bool {
+	if d.lit("null") { // encoding/json: null leaves a value alone and sets a pointer, slice or map to nil
+		switch p := p.(type) {
+		case nil:
+			return false
+		case **uint32:
+			*p = nil
+		case *[]string:
+			*p = nil
+		case *map[string]string:
+			*p = nil
+		case *[]byte:
+			*p = nil
+		case **netConfig:
+			*p = nil
+		}
 		return true
 	}
-	return false
+	switch p := p.(type) {
+	case *string:
+		s, ok := d.str()
+		*p = s
+		return ok
+	case *bool:
+		v, ok := d.boolean()
+		*p = v
+		return ok
+	case *int64:
+		n, ok := d.integer(math.MinInt64, math.MaxInt64)
+		*p = n
+		return ok
+	case *uint16:
+		n, ok := d.integer(0, math.MaxUint16)
+		*p = uint16(n)
+		return ok
+	case **uint32:
+		n, ok := d.integer(0, math.MaxUint32)
+		v := uint32(n)
+		*p = &v
+		return ok
+	case *[]string:
+		args, ok := d.strings()
+		*p = args
+		return ok
+	case *map[string]string:
+		if *p != nil { // encoding/json would merge a second "env" into the first
+			return false
+		}
+		env, ok := d.stringMap()
+		*p = env
+		return ok
+	case *[]byte:
+		s, ok := d.str()
+		if !ok {
+			return false
+		}
+		data, err := base64.StdEncoding.DecodeString(s)
+		*p = data
+		return err == nil
+	default: // **netConfig (a nested object), nil (a key the short path does not know)
+		return false
+	}
 }
 
-func (r *Request) stringField(k string) *string {
-	switch k {
+// field is a pointer to the field that key names exactly, or nil.
+func (r *Request) field(key string) any {
+	switch key {
 	case "id":
 		return &r.ID
 	case "type":
 		return &r.Type
+	case "args":
+		return &r.Args
+	case "env":
+		return &r.Env
 	case "cwd":
 		return &r.Cwd
-	case "proc":
-		return &r.Proc
-	case "sig":
-		return &r.Sig
-	case "path":
-		return &r.Path
-	case "to":
-		return &r.To
-	default:
-		return &r.Target
-	}
-}
-
-func (r *Request) boolField(k string) *bool {
-	switch k {
+	case "uid":
+		return &r.UID
+	case "gid":
+		return &r.GID
 	case "stdin":
 		return &r.Stdin
 	case "tty":
 		return &r.TTY
+	case "cols":
+		return &r.Cols
+	case "rows":
+		return &r.Rows
+	case "proc":
+		return &r.Proc
+	case "data":
+		return &r.Data
 	case "eof":
 		return &r.EOF
+	case "sig":
+		return &r.Sig
 	case "group":
 		return &r.Group
-	case "append":
-		return &r.Append
-	case "parents":
-		return &r.Parents
-	case "recursive":
-		return &r.Recursive
-	default:
-		return &r.Poweroff
-	}
-}
-
-func (r *Request) int64Field(k string) *int64 {
-	switch k {
+	case "path":
+		return &r.Path
+	case "to":
+		return &r.To
 	case "offset":
 		return &r.Offset
 	case "length":
 		return &r.Length
+	case "append":
+		return &r.Append
+	case "mode":
+		return &r.Mode
+	case "parents":
+		return &r.Parents
+	case "recursive":
+		return &r.Recursive
+	case "target":
+		return &r.Target
+	case "poweroff":
+		return &r.Poweroff
+	case "net":
+		return &r.Net
 	case "timeoutMs":
 		return &r.TimeoutMs
-	default:
+	case "epochMs":
 		return &r.EpochMs
 	}
+	return nil
 }
 
 // fastDec reads the subset of JSON that decodeRequestFast accepts.

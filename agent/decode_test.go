@@ -3,6 +3,7 @@ package main
 import (
 	"encoding/json"
 	"reflect"
+	"strings"
 	"testing"
 )
 
@@ -75,4 +76,25 @@ func FuzzDecodeRequest(f *testing.F) {
 		f.Add([]byte(s))
 	}
 	f.Fuzz(checkDecode)
+}
+
+// Every field of Request has its key on the short path, pointing at that field (a field added
+// without one would still decode, through encoding/json, only slower).
+func TestRequestFieldCoversEveryField(t *testing.T) {
+	var r Request
+	rv := reflect.ValueOf(&r).Elem()
+	for i := 0; i < rv.NumField(); i++ {
+		key := strings.Split(rv.Type().Field(i).Tag.Get("json"), ",")[0]
+		p := r.field(key)
+		if p == nil {
+			t.Errorf("no short-path key for %s (%q)", rv.Type().Field(i).Name, key)
+			continue
+		}
+		if reflect.ValueOf(p).Pointer() != rv.Field(i).Addr().Pointer() {
+			t.Errorf("key %q points at another field than %s", key, rv.Type().Field(i).Name)
+		}
+	}
+	if r.field("Args") != nil || r.field("extra") != nil {
+		t.Error("keys are matched exactly; others go to encoding/json")
+	}
 }
