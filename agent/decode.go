@@ -8,11 +8,11 @@ import (
 )
 
 // decodeRequest decodes a request frame as encoding/json would decode it into a Request. Frames as
-// the host writes them (flat objects of the fields below, strings without escapes) take a short
+// the host writes them (flat objects of Request's fields, strings without escapes) take a short
 // path without reflection; anything else, malformed frames included, goes to encoding/json, which
 // also words the errors. Why: in a microVM restored from a snapshot, TCG translates each block of
-// guest code the first time it runs (~10 µs a block), and encoding/json's reflection walk was ~450
-// of the ~7,000 blocks a fork runs before it answers hello (BENCHMARKS.md, session 16).
+// guest code the first time it runs (~10 µs a block), and encoding/json's reflection walk was ~400
+// of the ~6,500 blocks a fork runs before it answers hello (BENCHMARKS.md, session 16).
 func decodeRequest(b []byte, req *Request) error {
 	if decodeRequestFast(b, req) {
 		return nil
