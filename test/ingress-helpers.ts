@@ -144,7 +144,7 @@ export function wsEcho(port: number, host: string, payload: string): Promise<{ s
 }
 
 /** Retry until the check passes (certificates are issued a moment after a route appears). */
-export async function eventually<T>(f: () => Promise<T>, ok: (x: T) => boolean, timeoutMs = 20_000): Promise<T> {
+export async function eventually<T>(f: () => Promise<T>, ok: (x: T) => boolean, timeoutMs = 20_000, explain?: () => Promise<unknown>): Promise<T> {
   const deadline = Date.now() + timeoutMs;
   let last: unknown;
   for (;;) {
@@ -155,7 +155,11 @@ export async function eventually<T>(f: () => Promise<T>, ok: (x: T) => boolean, 
     } catch (e) {
       last = e;
     }
-    if (Date.now() > deadline) throw new Error(`timed out; last: ${last instanceof Error ? last.message : JSON.stringify(last)}`);
+    if (Date.now() > deadline) {
+      // What else to know when it failed (e.g. the ingress's own status: its last error, rejected routes).
+      const why = explain ? `; ${JSON.stringify(await explain().catch((e: Error) => `(explain failed: ${e.message})`))}` : '';
+      throw new Error(`timed out; last: ${last instanceof Error ? last.message : JSON.stringify(last)}${why}`);
+    }
     await new Promise((r) => setTimeout(r, 100));
   }
 }

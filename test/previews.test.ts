@@ -22,6 +22,14 @@ after(async () => {
   await d.destroy();
 });
 
+/** eventually(), with the ingress's status and the sandbox's phase in the message if it times out. */
+const served = <T>(name: string, f: () => Promise<T>, ok: (x: T) => boolean) =>
+  eventually(f, ok, 20_000, async () => {
+    const { proxy, routes, rejected, lastSyncAt, lastError } = (await d.api('GET', '/v1/ingress')).body;
+    const s = await d.api('GET', `/v1/projects/default/sandboxes/${name}`);
+    return { ingress: { proxy, routes, rejected, lastSyncAt, lastError }, sandbox: { phase: s.body.status?.phase, network: s.body.status?.network, ports: s.body.spec?.ports }, at: new Date().toISOString() };
+  });
+
 async function sh(name: string, cmd: string): Promise<void> {
   const res = await fetch(`${d.addr}/v1/projects/default/sandboxes/${name}/commands`, {
     method: 'POST',
@@ -53,34 +61,34 @@ for (const tier of ['container', 'gvisor']) {
     assert.ok(token && token.length >= 16);
 
     // Private: no token → 401; header or query token → the sandbox's server, over HTTP and HTTPS.
-    const denied = await eventually(() => get(httpPort, host), (r) => r.status === 401);
+    const denied = await served(name, () => get(httpPort, host), (r) => r.status === 401);
     assert.doesNotMatch(denied.body, /preview-ok/);
-    const ok = await eventually(() => get(httpPort, host, '/index.html', { 'x-berth-token': token }), (r) => r.status === 200);
+    const ok = await served(name, () => get(httpPort, host, '/index.html', { 'x-berth-token': token }), (r) => r.status === 200);
     assert.equal(ok.body, 'preview-ok\n');
     assert.equal((await get(httpPort, host, `/index.html?berth_token=${token}`)).status, 200);
     assert.equal((await get(httpPort, host, '/index.html', { 'x-berth-token': 'x'.repeat(32) })).status, 401);
     const ca = (await d.api('GET', '/v1/ingress/ca.pem')).body as string;
-    const tls = await eventually(() => getTls(httpsPort, host, ca, `/index.html?berth_token=${token}`), (r) => r.status === 200);
+    const tls = await served(name, () => getTls(httpsPort, host, ca, `/index.html?berth_token=${token}`), (r) => r.status === 200);
     assert.equal(tls.body, 'preview-ok\n');
 
     // Public: no token needed; listed once.
     assert.equal((await d.api('POST', `/v1/projects/default/sandboxes/${name}/ports`, { port: 3000, public: true })).status, 200);
-    await eventually(() => get(httpPort, host, '/index.html'), (r) => r.status === 200 && r.body === 'preview-ok\n');
+    await served(name, () => get(httpPort, host, '/index.html'), (r) => r.status === 200 && r.body === 'preview-ok\n');
     const list = await d.api('GET', `/v1/projects/default/sandboxes/${name}/ports`);
     assert.deepEqual(list.body.items.map((p: any) => [p.port, p.public, p.token]), [[3000, true, undefined]]);
 
     // Paused: no backend (503); resumed: served again.
     assert.equal((await d.api('POST', `/v1/projects/default/sandboxes/${name}/pause`)).status, 200);
-    await eventually(() => get(httpPort, host, '/index.html'), (r) => r.status === 503);
+    await served(name, () => get(httpPort, host, '/index.html'), (r) => r.status === 503);
     assert.equal((await d.api('POST', `/v1/projects/default/sandboxes/${name}/resume`)).status, 200);
-    await eventually(() => get(httpPort, host, '/index.html'), (r) => r.status === 200);
+    await served(name, () => get(httpPort, host, '/index.html'), (r) => r.status === 200);
 
     // The SDK's view of the same (sandbox.ports), then removed: the ingress no longer knows the host.
     const sbx = await Sandbox.connect(name, { apiUrl: d.addr, apiKey: d.token });
     assert.deepEqual((await sbx.ports.list()).map((p) => [p.port, p.public, p.url]), [[3000, true, exp.body.url]]);
     await sbx.ports.remove(3000);
     assert.equal((await d.api('DELETE', `/v1/projects/default/sandboxes/${name}/ports/3000`)).status, 404);
-    await eventually(() => get(httpPort, host, '/index.html'), (r) => r.status !== 200 && r.status !== 503);
+    await served(name, () => get(httpPort, host, '/index.html'), (r) => r.status !== 200 && r.status !== 503);
     assert.equal((await d.api('POST', `/v1/projects/default/sandboxes/${name}/ports`, { port: 3000 })).status, 200);
     assert.equal((await d.api('DELETE', `/v1/projects/default/sandboxes/${name}`)).status, 202);
     await d.deleteAllSandboxes();
