@@ -5,7 +5,7 @@
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { createHash, randomBytes } from 'node:crypto';
-import { existsSync, readFileSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
+import { existsSync, readFileSync, rmSync, statSync, truncateSync, writeFileSync } from 'node:fs';
 import { GUEST_SECOND_TURN, TestDaemon, assertWallClock, sleep } from './harness.js';
 import { VM_NET } from '../src/drivers/microvm/driver.js';
 
@@ -332,6 +332,10 @@ test('microVM snapshots map their RAM lazily: a fork keeps memory and processes,
   assert.equal(snap.status, 201, JSON.stringify(snap.body));
   const dir = snap.body.status.dir as string;
   assert.ok(existsSync(`${dir}/ram`) && existsSync(`${dir}/state`) && !existsSync(`${dir}/memory`), 'RAM as its own file, device state without it');
+  // Where the writable disk holds data, so that a fork copies only that, in berthd (no `cp`).
+  const rwMap = JSON.parse(readFileSync(`${dir}/rw.map.json`, 'utf8')) as { size: number; extents: [number, number][] };
+  assert.equal(rwMap.size, statSync(`${dir}/rw.ext4`).size);
+  assert.ok(rwMap.extents.length > 0 && rwMap.extents.reduce((a, [, n]) => a + n, 0) < rwMap.size / 16, JSON.stringify(rwMap));
   assert.equal(await alive(parent), 'in-ram\nsleeper\n', 'the parent goes on');
   await sleep(2500); // (a fork's clock, left as it was, would be this far behind: make() checks it)
   const fork = await make({ template: 'lazy', timeoutMs: 600_000 });
@@ -341,6 +345,8 @@ test('microVM snapshots map their RAM lazily: a fork keeps memory and processes,
   assert.equal(await txPackets(fork), sentByParent, 'the fork sent no packet since the snapshot');
   assert.equal(await alive(fork), 'in-ram\nsleeper\n', 'the fork has the parent\'s memory and processes');
   assert.equal((await run(fork, { cmd: 'cat /on-disk' })).out, 'on-disk\n', 'and its disk');
+  const forkDisk = statSync(`${d.dataDir}/runtime/microvm/tasks/${(await d.api('GET', `${S}/${fork}`)).body.id}/rw.ext4`);
+  assert.ok(forkDisk.size === rwMap.size && forkDisk.blocks * 512 < rwMap.size / 16, `the fork's disk is sparse: ${forkDisk.blocks * 512} of ${forkDisk.size} bytes allocated`);
   assert.equal((await run(fork, { cmd: 'echo fork-only > /mnt/ram/v && cat /mnt/ram/v' })).out, 'fork-only\n');
   assert.equal(await alive(parent), 'in-ram\nsleeper\n', 'a fork\'s writes stay in the fork (copy-on-write)');
   // A restored VM maps the template privately: its own snapshot carries its whole memory.

@@ -20,7 +20,7 @@
 import { randomBytes } from 'node:crypto';
 import { spawn } from 'node:child_process';
 import { EventEmitter } from 'node:events';
-import { chmodSync, copyFileSync, existsSync, mkdirSync, readFileSync, readdirSync, readlinkSync, rmSync, rmdirSync, statSync, watch, writeFileSync, type FSWatcher } from 'node:fs';
+import { chmodSync, closeSync, copyFileSync, existsSync, mkdirSync, readFileSync, readdirSync, openSync, readlinkSync, rmSync, rmdirSync, statSync, watch, writeFileSync, type FSWatcher } from 'node:fs';
 import { constants as osConstants, cpus } from 'node:os';
 import { dirname, join } from 'node:path';
 import type { NetworkAttachment, NetworkManager } from '../../network/manager.js';
@@ -30,7 +30,8 @@ import { qmp, QmpSession } from './qmp.js';
 import { pidAlive, runOk, sleep } from '../../lib/exec.js';
 import { cgroupHierarchies, processCpuMs } from '../../lib/host.js';
 import { migrationWarmer } from '../../lib/cgroupwarm.js';
-import { writeFile } from 'node:fs/promises';
+import { copyDataMap, dataMap, type DataMap } from '../../lib/disk.js';
+import { mkdir, writeFile } from 'node:fs/promises';
 import { AgentConnection, type AgentFrame } from '../agent/client.js';
 import { AgentPool } from '../agent/pool.js';
 import {
@@ -127,6 +128,27 @@ export interface VmMachine {
 }
 
 type CgroupSize = { memoryMiB: number; vcpus: number; background?: boolean | undefined };
+
+/** The descriptor on which a restored QEMU reads its snapshot's migration stream (`fd:3`). */
+const STREAM_FD = 3;
+/** A snapshot's map of its writable disk's data (lib/disk.ts DataMap), written by snapshot(). */
+const RW_MAP = 'rw.map.json';
+/** Above this much data a fork's disk is copied by `cp` (which reflinks where the file system can). */
+const RW_MAP_MAX_BYTES = 64 * 2 ** 20;
+
+/** The snapshot's writable-disk map, if it has a usable one (older snapshots have none). */
+function readRwMap(snapshotDir: string): DataMap | undefined {
+  try {
+    const m = JSON.parse(readFileSync(join(snapshotDir, RW_MAP), 'utf8')) as DataMap;
+    const ok =
+      Number.isSafeInteger(m.size) &&
+      Array.isArray(m.extents) &&
+      m.extents.every((e) => Array.isArray(e) && e.length === 2 && e.every((x) => Number.isSafeInteger(x) && x >= 0) && e[0]! + e[1]! <= m.size);
+    return ok && m.extents.reduce((a, [, len]) => a + len, 0) <= RW_MAP_MAX_BYTES && statSync(join(snapshotDir, 'rw.ext4')).size === m.size ? m : undefined;
+  } catch {
+    return undefined;
+  }
+}
 
 /**
  * Where guest RAM lives, when not in QEMU's own anonymous memory:
@@ -487,7 +509,7 @@ export class MicroVmDriver implements RuntimeDriver {
       // What a snapshot of this VM needs to be restored: the same machine (paths aside).
       writeFileSync(join(dir, 'vm.json'), JSON.stringify(machine));
       const args = buildQemuArgs({ dir, ...machine, ...(cfg.sandbox ? { ram: { memfd: true } as const } : {}) });
-      const cgroups = this.makeCgroups(cfg.id, { ...size, background: cfg.background });
+      const cgroups = await this.makeCgroups(cfg.id, { ...size, background: cfg.background });
       pid = await this.launch(dir, args, cgroups, net ? { path: net.netns, make: false } : undefined);
       unwarm();
       await this.awaitAgent(cfg.id, dir, pid, cfg.sandbox === true);
@@ -540,6 +562,9 @@ export class MicroVmDriver implements RuntimeDriver {
       try {
         // The disks are consistent while the vCPUs are stopped (stop drains in-flight I/O).
         await runOk('cp', ['--sparse=always', join(dir, 'rw.ext4'), join(dest, 'rw.ext4')], { timeoutMs: 300_000 });
+        // Where the copy holds data, so that a fork copies that in-process (startFromSnapshot).
+        const map = await dataMap(join(dest, 'rw.ext4'));
+        if (map) writeFileSync(join(dest, RW_MAP), JSON.stringify(map));
         copyFileSync(join(dir, 'cfg.img'), join(dest, 'cfg.img'));
         copyFileSync(join(dir, 'vm.json'), join(dest, 'vm.json'));
         await q.cmd('migrate', { uri: `exec:cat > '${join(dest, memfd ? 'state' : 'memory')}'` });
@@ -591,7 +616,9 @@ export class MicroVmDriver implements RuntimeDriver {
     try {
       // The disks are copied while the network namespace is made; the VM waits for both.
       const disks = (async () => {
-        await runOk('cp', ['--sparse=always', '--reflink=auto', join(src, 'rw.ext4'), join(dir, 'rw.ext4')], { timeoutMs: 300_000 });
+        const map = readRwMap(src);
+        if (map) await copyDataMap(join(src, 'rw.ext4'), join(dir, 'rw.ext4'), map);
+        else await runOk('cp', ['--sparse=always', '--reflink=auto', join(src, 'rw.ext4'), join(dir, 'rw.ext4')], { timeoutMs: 300_000 });
         copyFileSync(join(src, 'cfg.img'), join(dir, 'cfg.img'));
         writeFileSync(join(dir, 'vm.json'), JSON.stringify({ ...machine, fixedNet: true } satisfies VmMachine)); // (an older guest gets the fixed address below)
         T('disks');
@@ -600,22 +627,31 @@ export class MicroVmDriver implements RuntimeDriver {
       // A lazy snapshot (see snapshot()): map its RAM file, load only the device state. The
       // capability must match the stream's, and can only be set before the incoming migration starts.
       const lazy = existsSync(join(src, 'ram'));
+      // (Made meanwhile: QEMU is started before they exist and joins them when they do, see launch().)
       const cgroups = this.makeCgroups(cfg.id, { memoryMiB: machine.memoryMiB, vcpus: machine.vcpus, background: cfg.background });
+      cgroups.catch(() => undefined); // awaited by launch(); a failure is handled there
       // A guest snapshotted before VM_NET existed has its sandbox's own address: it gets the fixed one
       // (net.configure) once CNI is done. Any other needs nothing but its agent up.
       const convert = machine.net === true && !machine.fixedNet;
       let wiring: Promise<unknown> | undefined;
       const boot = async (netns: NetnsLaunch | undefined): Promise<void> => {
         await disks;
-        const incoming = lazy ? 'defer' : `exec:cat '${join(src, 'memory')}'`;
-        const args = buildQemuArgs({ dir, ...machine, incoming, ...(lazy ? { ram: { file: join(src, 'ram') } } : {}) });
-        pid = await this.launch(dir, args, cgroups, netns).finally(unwarm);
+        // QEMU reads the stream from a descriptor it inherits (not `exec:cat`: a shell and a cat to
+        // start on the fork's path).
+        const stream = openSync(join(src, lazy ? 'state' : 'memory'), 'r');
+        try {
+          const incoming = lazy ? 'defer' : `fd:${STREAM_FD}`;
+          const args = buildQemuArgs({ dir, ...machine, incoming, ...(lazy ? { ram: { file: join(src, 'ram') } } : {}) });
+          pid = await this.launch(dir, args, cgroups, netns, stream).finally(unwarm);
+        } finally {
+          closeSync(stream); // (QEMU has its own)
+        }
         T('qemu up');
         if (netns) {
           wiring = inNetns(netns.path, TAP_WIRE);
           wiring.catch(() => undefined); // awaited below; a failure is handled there
         }
-        await this.loadSnapshot(cfg.id, dir, src, lazy);
+        await this.loadSnapshot(cfg.id, dir, lazy);
         T('memory loaded');
         if (convert) return;
         await this.awaitAgent(cfg.id, dir, pid, cfg.sandbox === true);
@@ -660,7 +696,7 @@ export class MicroVmDriver implements RuntimeDriver {
   }
 
   /** Lets a VM started with -incoming load its snapshot, and run. */
-  private async loadSnapshot(id: string, dir: string, src: string, lazy: boolean): Promise<void> {
+  private async loadSnapshot(id: string, dir: string, lazy: boolean): Promise<void> {
     // Connected before the guest runs, the agent's port is as it was when snapshotted (the host
     // was connected then too): the guest's pending read goes on. Connected later, QEMU would tell
     // the guest that the host went away, and its agent would reopen the port first (~20 ms).
@@ -669,7 +705,7 @@ export class MicroVmDriver implements RuntimeDriver {
     try {
       if (lazy) {
         await q.cmd('migrate-set-capabilities', { capabilities: [{ capability: 'x-ignore-shared', state: true }] });
-        await q.cmd('migrate-incoming', { uri: `exec:cat '${join(src, 'state')}'` });
+        await q.cmd('migrate-incoming', { uri: `fd:${STREAM_FD}` }); // (the state file, see startFromSnapshot)
       }
       // The snapshot was taken with the vCPUs stopped, so the loaded VM waits paused: once the
       // memory is in, let it run. Its agent is already up and answers at once.
@@ -754,23 +790,28 @@ export class MicroVmDriver implements RuntimeDriver {
     }
   }
 
-  private makeCgroups(id: string, size: CgroupSize): string[] {
+  /**
+   * Makes the task's cgroups, in the thread pool: a cgroup mkdir takes the kernel's cgroup_mutex,
+   * which a migration holds while it waits for an RCU grace period (src/lib/cgroupwarm.ts; 10–40 ms
+   * on the benchmark host). Made on the event loop, a start's disk copy, CNI and QEMU waited for it.
+   */
+  private async makeCgroups(id: string, size: CgroupSize): Promise<string[]> {
     const dirs: string[] = [];
     for (const cg of this.cgroupPlan(id)) {
       if (cg.dir.startsWith('/sys/fs/cgroup/') && existsSync('/sys/fs/cgroup/cgroup.controllers')) {
         // cgroup v2: controllers must be enabled on every ancestor.
         const parent = join('/sys/fs/cgroup', this.cgroupParent);
-        mkdirSync(parent, { recursive: true });
+        await mkdir(parent, { recursive: true });
         for (const d of ['/sys/fs/cgroup', parent]) {
           try {
-            writeFileSync(join(d, 'cgroup.subtree_control'), '+memory +cpu');
+            await writeFile(join(d, 'cgroup.subtree_control'), '+memory +cpu');
           } catch {
             /* already enabled, or not delegable: the limit write below reports it */
           }
         }
       }
-      mkdirSync(cg.dir, { recursive: true });
-      for (const [f, v] of cg.files(size)) writeFileSync(join(cg.dir, f), v);
+      await mkdir(cg.dir, { recursive: true });
+      for (const [f, v] of cg.files(size)) await writeFile(join(cg.dir, f), v);
       dirs.push(cg.dir);
     }
     return dirs;
@@ -782,15 +823,17 @@ export class MicroVmDriver implements RuntimeDriver {
   }
 
   /** Starts QEMU daemonized; returns the VM's pid once QEMU has set up (sockets listening). */
-  private async launch(dir: string, args: string[], cgroups: string[], netns?: NetnsLaunch): Promise<number> {
+  private async launch(dir: string, args: string[], cgroups: string[] | Promise<string[]>, netns?: NetnsLaunch, streamFd?: number): Promise<number> {
     // In a network namespace, QEMU is exec'd (same pid) by nsenter, or by unshare when it is to make
     // the namespace (bound at the path before QEMU runs), so that it opens the tap there.
+    const stdio: ('ignore' | 'pipe' | number)[] = ['ignore', 'ignore', 'pipe', ...(streamFd !== undefined ? [streamFd] : [])]; // (QEMU's STREAM_FD)
     const child = netns
-      ? spawn(netns.make ? 'unshare' : 'nsenter', [`--net=${netns.path}`, '--', this.qemu, ...args], { stdio: ['ignore', 'ignore', 'pipe'], cwd: dir })
-      : spawn(this.qemu, args, { stdio: ['ignore', 'ignore', 'pipe'], cwd: dir });
+      ? spawn(netns.make ? 'unshare' : 'nsenter', [`--net=${netns.path}`, '--', this.qemu, ...args], { stdio, cwd: dir })
+      : spawn(this.qemu, args, { stdio, cwd: dir });
     // The launcher joins the cgroups before it forks the daemon (QEMU takes tens of ms to set up),
-    // so the VM process starts inside them; it is moved again below in case it was faster.
-    const early = child.pid ? this.joinCgroups(cgroups, child.pid).catch(() => undefined) : undefined; // (exited already: the exit code below says why)
+    // so the VM process starts inside them; it is moved again below in case it was faster (or the
+    // cgroups were still being made).
+    const early = child.pid ? Promise.resolve(cgroups).then((dirs) => this.joinCgroups(dirs, child.pid!)).catch(() => undefined) : undefined; // (exited already: the exit code below says why)
     let stderr = '';
     child.stderr!.setEncoding('utf8').on('data', (d: string) => (stderr += d));
     const code = await new Promise<number>((resolve, reject) => {
@@ -801,7 +844,8 @@ export class MicroVmDriver implements RuntimeDriver {
     if (code !== 0) throw new Error(`qemu failed to start: ${stderr.trim().slice(0, 1000) || `exit ${code}`}`);
     const pid = Number(readFileSync(join(dir, 'qemu.pid'), 'utf8').trim());
     if (!Number.isInteger(pid) || pid <= 0) throw new Error('qemu wrote no pid file');
-    await this.joinCgroups(cgroups, pid);
+    // (A failure here leaves QEMU running outside its cgroups: the caller's destroy() kills it by its pid file.)
+    await this.joinCgroups(await cgroups, pid);
     return pid;
   }
 
