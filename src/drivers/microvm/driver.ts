@@ -298,6 +298,10 @@ const NAT_TABLE = [
 ].join('\n');
 const TAP_CREATE = 'ip tuntap add dev tap0 mode tap';
 const TAP_WIRE = [
+  // No IPv6 on the host's side of tap0 (Berth's networks are IPv4 only; the guest has none on
+  // eth0): else its link-local address, DAD and MLD reports reach the guest, which runs its
+  // receive path for them, cold under TCG, at its boot. (Where the host has no IPv6, nothing to do.)
+  '{ [ ! -e /proc/sys/net/ipv6/conf/tap0 ] || echo 1 > /proc/sys/net/ipv6/conf/tap0/disable_ipv6; }',
   `ip link set dev tap0 address ${VM_NET.tapMac} up`,
   `ip addr replace ${VM_NET.gatewayIp}/${VM_NET.prefix} dev tap0`,
   'echo 1 > /proc/sys/net/ipv4/ip_forward',
