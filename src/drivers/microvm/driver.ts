@@ -651,12 +651,15 @@ export class MicroVmDriver implements RuntimeDriver {
           closeSync(stream); // (QEMU has its own)
         }
         T('qemu up');
+        await this.loadSnapshot(cfg.id, dir, lazy);
+        T('memory loaded');
+        // tap0 is wired while the guest runs (a restored guest sends nothing by itself; the create
+        // answers once it is wired), not before: starting a process blocks berthd's event loop for
+        // ~5 ms (a fork of its ~110 MiB), which the restore's QMP commands would wait for.
         if (netns) {
           wiring = inNetns(netns.path, TAP_WIRE);
           wiring.catch(() => undefined); // awaited below; a failure is handled there
         }
-        await this.loadSnapshot(cfg.id, dir, lazy);
-        T('memory loaded');
         if (convert) return;
         await this.awaitAgent(cfg.id, dir, pid, cfg.sandbox === true);
         T('agent: hello');
