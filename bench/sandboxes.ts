@@ -11,6 +11,7 @@
 //        [--cold-only]: only the sequential cold starts beside the bare runtime (for iterating on them)
 //        [--warm-only]: only the warm pool's claims (20 at once, then --runs sequential; for iterating on them)
 //        [--density-only] [--density-slow-ms 30000]: only the density run, until memory or CPU gives out
+//        [--snapshot-only]: only the forks from a snapshot template (microVM: --vm-runs of them; no --write)
 //          (a create slower than that) or --density-max; written to its own BENCHMARKS.md section
 // Where a cold start's time goes: BERTH_TRACE_START=1 BERTH_TEST_LOG=warn node dist/bench/sandboxes.js … 2>&1 |
 //   node dist/bench/trace-report.js   (per-stage medians; src/lib/trace.ts)
@@ -44,6 +45,7 @@ const { values } = parseArgs({
     'cold-only': { type: 'boolean', default: false },
     'density-only': { type: 'boolean', default: false },
     'warm-only': { type: 'boolean', default: false },
+    'snapshot-only': { type: 'boolean', default: false },
     'density-slow-ms': { type: 'string', default: '30000' },
   },
 });
@@ -55,6 +57,7 @@ const SLOW_MS = Number(values['density-slow-ms']);
 for (const [k, v] of Object.entries({ runs: RUNS, 'vm-runs': VM_RUNS, concurrent: CONC, 'density-max': DENSITY, 'density-slow-ms': SLOW_MS })) {
   if (!Number.isInteger(v) || v < 1) throw new Error(`--${k} must be a whole number ≥ 1`);
 }
+if (values['snapshot-only'] && values.write) throw new Error('--snapshot-only prints its table and writes none: drop --write');
 const checkInterrupted = catchInterrupts('sandboxes bench');
 const S = '/v1/projects/default/sandboxes';
 const P = '/v1/projects/default/sandbox-pools';
@@ -236,6 +239,27 @@ async function main(): Promise<void> {
         console.error(`${tier}: density: ${r.density.ran} at once, stopped by ${r.density.stoppedBy}, ${r.density.perMiB.toFixed(1)} MiB each, slowest create ${fmt(r.density.slowestMs)}, load ${r.density.load}`);
         await kill(d, names);
       };
+      // Forks of one template, one after another (a parent started, snapshotted and killed first).
+      const fromSnapshot = async () => {
+        console.error(`${tier}: from a snapshot template, ${runs} sequential`);
+        const parent = await berthOnce(d, spec, '?pool=none');
+        const snap = await d.api('POST', `${S}/${parent.name}/snapshot`, { template: 'bench' });
+        if (snap.status !== 201) throw new Error(`snapshot: ${JSON.stringify(snap.body)}`);
+        await kill(d, [parent.name]);
+        for (let i = 0; i < runs; i++) {
+          checkInterrupted();
+          const b = await berthOnce(d, { template: 'bench', timeoutMs: 600_000 });
+          r.snapshot.push(b.ms);
+          await kill(d, [b.name]);
+        }
+        await d.api('DELETE', '/v1/projects/default/sandbox-templates/bench');
+      };
+      if (values['snapshot-only']) {
+        if (tier !== 'container') await fromSnapshot();
+        const residue = d.hostResidue();
+        if (residue.length) throw new Error(`host residue after ${tier}: ${residue.join(', ')}`);
+        continue;
+      }
       if (values['density-only']) {
         await density();
         const residue = d.hostResidue();
@@ -288,20 +312,7 @@ async function main(): Promise<void> {
       while ((await d.api('GET', `${P}/bench`)).status !== 404) await sleep(100);
       if (values['warm-only']) continue;
 
-      if (tier !== 'container') {
-        console.error(`${tier}: from a snapshot template, ${runs} sequential`);
-        const parent = await berthOnce(d, spec, '?pool=none');
-        const snap = await d.api('POST', `${S}/${parent.name}/snapshot`, { template: 'bench' });
-        if (snap.status !== 201) throw new Error(`snapshot: ${JSON.stringify(snap.body)}`);
-        await kill(d, [parent.name]);
-        for (let i = 0; i < runs; i++) {
-          checkInterrupted();
-          const b = await berthOnce(d, { template: 'bench', timeoutMs: 600_000 });
-          r.snapshot.push(b.ms);
-          await kill(d, [b.name]);
-        }
-        await d.api('DELETE', '/v1/projects/default/sandbox-templates/bench');
-      }
+      if (tier !== 'container') await fromSnapshot();
 
       await density();
       const residue = d.hostResidue();
@@ -330,6 +341,11 @@ async function main(): Promise<void> {
     '|---|---|---|---|---|---|---|',
     ...[...results.values()].map((r) => `| ${r.label} | ${r.density.ran} | ${r.density.stoppedBy} | ${r.density.perMiB.toFixed(1)} MiB | ${fmt(r.density.slowestMs)} | ${fmt(r.density.lastMs)} | ${r.density.load} |`),
   ];
+  if (values['snapshot-only']) {
+    const rows = [...results.values()].filter((r) => r.snapshot.length);
+    console.log([host, '', '| tier | forks | from a snapshot p50 / p99 (target ≤ 300 ms) | min / max |', '|---|---|---|---|', ...rows.map((r) => `| ${r.label} | ${r.snapshot.length} | ${fmt(pct(r.snapshot, 50))} / ${fmt(pct(r.snapshot, 99))} | ${fmt(Math.min(...r.snapshot))} / ${fmt(Math.max(...r.snapshot))} |`)].join('\n'));
+    return;
+  }
   if (values['density-only']) {
     const text = [host, '', ...densityTable].join('\n');
     console.log(text);
