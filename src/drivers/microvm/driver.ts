@@ -617,6 +617,7 @@ export class MicroVmDriver implements RuntimeDriver {
     let pid: number | undefined;
     const T = stageTimer(`restore ${cfg.id}`);
     const unwarm = migrationWarmer.hold(); // (see start())
+    let cgroups: Promise<string[]> | undefined;
     try {
       // The disks are copied while the network namespace is made; the VM waits for both.
       const disks = (async () => {
@@ -632,8 +633,9 @@ export class MicroVmDriver implements RuntimeDriver {
       // capability must match the stream's, and can only be set before the incoming migration starts.
       const lazy = existsSync(join(src, 'ram'));
       // (Made meanwhile: QEMU is started before they exist and joins them when they do, see launch().)
-      const cgroups = this.makeCgroups(cfg.id, { memoryMiB: machine.memoryMiB, vcpus: machine.vcpus, background: cfg.background });
-      cgroups.catch(() => undefined); // awaited by launch(); a failure is handled there
+      const made = this.makeCgroups(cfg.id, { memoryMiB: machine.memoryMiB, vcpus: machine.vcpus, background: cfg.background });
+      made.catch(() => undefined); // awaited by launch(); a failure is handled there
+      cgroups = made;
       // A guest snapshotted before VM_NET existed has its sandbox's own address: it gets the fixed one
       // (net.configure) once CNI is done. Any other needs nothing but its agent up.
       const convert = machine.net === true && !machine.fixedNet;
@@ -646,7 +648,7 @@ export class MicroVmDriver implements RuntimeDriver {
         try {
           const incoming = lazy ? 'defer' : `fd:${STREAM_FD}`;
           const args = buildQemuArgs({ dir, ...machine, incoming, ...(lazy ? { ram: { file: join(src, 'ram') } } : {}) });
-          pid = await this.launch(dir, args, cgroups, netns, stream).finally(unwarm);
+          pid = await this.launch(dir, args, made, netns, stream).finally(unwarm);
         } finally {
           closeSync(stream); // (QEMU has its own)
         }
@@ -697,6 +699,7 @@ export class MicroVmDriver implements RuntimeDriver {
     } catch (e) {
       unwarm();
       if (pid && this.isRunning(cfg.id)) await this.killVm(cfg.id, pid);
+      await cgroups?.catch(() => undefined); // (made by then, so that destroy removes them)
       await this.destroy(cfg.id, { force: true });
       throw e;
     }
