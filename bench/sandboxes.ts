@@ -239,6 +239,11 @@ async function main(): Promise<void> {
         console.error(`${tier}: density: ${r.density.ran} at once, stopped by ${r.density.stoppedBy}, ${r.density.perMiB.toFixed(1)} MiB each, slowest create ${fmt(r.density.slowestMs)}, load ${r.density.load}`);
         await kill(d, names);
       };
+      // Nothing of the tier's sandboxes left on the host once they are killed.
+      const noResidue = () => {
+        const residue = d.hostResidue();
+        if (residue.length) throw new Error(`host residue after ${tier}: ${residue.join(', ')}`);
+      };
       // Forks of one template, one after another (a parent started, snapshotted and killed first).
       const fromSnapshot = async () => {
         console.error(`${tier}: from a snapshot template, ${runs} sequential`);
@@ -256,14 +261,12 @@ async function main(): Promise<void> {
       };
       if (values['snapshot-only']) {
         if (tier !== 'container') await fromSnapshot();
-        const residue = d.hostResidue();
-        if (residue.length) throw new Error(`host residue after ${tier}: ${residue.join(', ')}`);
+        noResidue();
         continue;
       }
       if (values['density-only']) {
         await density();
-        const residue = d.hostResidue();
-        if (residue.length) throw new Error(`host residue after ${tier}: ${residue.join(', ')}`);
+        noResidue();
         continue;
       }
 
@@ -315,8 +318,7 @@ async function main(): Promise<void> {
       if (tier !== 'container') await fromSnapshot();
 
       await density();
-      const residue = d.hostResidue();
-      if (residue.length) throw new Error(`host residue after ${tier}: ${residue.join(', ')}`);
+      noResidue();
     }
   } finally {
     await d.deleteAllSandboxes().catch(() => undefined);
