@@ -54,7 +54,7 @@ export class BareMicroVm {
       tscKhz,
       epochMs: Date.now(),
       ...(this.ram ? { ram: this.ram } : {}),
-    }).filter((a) => a !== '-daemonize');
+    });
     return { dir, argv };
   }
 

@@ -10,8 +10,9 @@
 //   exit.json the exit record, written by QEMU from the guest's "berth.exit" port
 //   agent.sock the control channel (QEMU listens; the guest agent answers over virtio-serial)
 //   qemu.pid, console.log (guest kernel console, for failures)
-// QEMU is daemonized and writes logs and the exit record itself, so berthd keeps nothing per task
-// and can be killed at any time: a restarted berthd adopts the VM by its pid file (recover()).
+// QEMU runs in a session of its own (like a daemon, but not daemonized: see launch()) and writes
+// logs and the exit record itself, so berthd keeps nothing per task and can be killed at any time:
+// a restarted berthd adopts the VM by its pid file (recover()).
 //
 // Acceleration: KVM only where it really works (see assets.detectAccel); otherwise TCG. Limits:
 // the VM gets vCPUs = ceil(cpu) and RAM = memory + guest overhead; inside, the workload sits in a
@@ -236,7 +237,6 @@ export function buildQemuArgs(o: VmMachine & { dir: string; ram?: GuestRam | und
     ...(o.net ? ['-netdev', 'tap,id=net0,ifname=tap0,script=no,downscript=no,vhost=off', '-device', `virtio-net-device,netdev=net0,mac=${VM_NET.guestMac}`] : []),
     '-qmp', `unix:${f('qmp.sock')},server=on,wait=off`,
     '-pidfile', f('qemu.pid'),
-    '-daemonize',
   ];
 }
 
@@ -514,7 +514,9 @@ export class MicroVmDriver implements RuntimeDriver {
       writeFileSync(join(dir, 'vm.json'), JSON.stringify(machine));
       const args = buildQemuArgs({ dir, ...machine, ...(cfg.sandbox ? { ram: { memfd: true } as const } : {}) });
       const cgroups = await this.makeCgroups(cfg.id, { ...size, background: cfg.background });
-      pid = await this.launch(dir, args, cgroups, net ? { path: net.netns, make: false } : undefined);
+      const vm = await this.launch(dir, args, cgroups, net ? { path: net.netns, make: false } : undefined);
+      pid = vm.pid;
+      vm.qmp.close();
       unwarm();
       await this.awaitAgent(cfg.id, dir, pid, cfg.sandbox === true);
       return this.tracked(cfg, pid, net);
@@ -645,15 +647,18 @@ export class MicroVmDriver implements RuntimeDriver {
         // QEMU reads the stream from a descriptor it inherits (not `exec:cat`: a shell and a cat to
         // start on the fork's path).
         const stream = openSync(join(src, lazy ? 'state' : 'memory'), 'r');
+        let q: QmpSession;
         try {
           const incoming = lazy ? 'defer' : `fd:${STREAM_FD}`;
           const args = buildQemuArgs({ dir, ...machine, incoming, ...(lazy ? { ram: { file: join(src, 'ram') } } : {}) });
-          pid = await this.launch(dir, args, made, netns, stream).finally(unwarm);
+          const vm = await this.launch(dir, args, made, netns, stream).finally(unwarm);
+          pid = vm.pid;
+          q = vm.qmp;
         } finally {
           closeSync(stream); // (QEMU has its own)
         }
         T('qemu up');
-        await this.loadSnapshot(cfg.id, dir, lazy);
+        await this.loadSnapshot(cfg.id, q, lazy);
         T('memory loaded');
         // tap0 is wired while the guest runs (a restored guest sends nothing by itself; the create
         // answers once it is wired), not before: starting a process blocks berthd's event loop for
@@ -706,17 +711,20 @@ export class MicroVmDriver implements RuntimeDriver {
   }
 
   /** Lets a VM started with -incoming load its snapshot, and run. */
-  private async loadSnapshot(id: string, dir: string, lazy: boolean): Promise<void> {
+  /** `q`: the QMP session that launch() opened, closed here. */
+  private async loadSnapshot(id: string, q: QmpSession, lazy: boolean): Promise<void> {
     // Connected before the guest runs, the agent's port is as it was when snapshotted (the host
     // was connected then too): the guest's pending read goes on. Connected later, QEMU would tell
     // the guest that the host went away, and its agent would reopen the port first (~20 ms).
     // (A sandbox keeps this connection; a workload's is dropped by awaitAgent.)
-    const [, q] = await Promise.all([this.agent(id, 5000), QmpSession.open(join(dir, 'qmp.sock'))]);
+    const agent = this.agent(id, 5000);
+    agent.catch(() => undefined); // (awaited below)
     try {
       if (lazy) {
         await q.cmd('migrate-set-capabilities', { capabilities: [{ capability: 'x-ignore-shared', state: true }] });
         await q.cmd('migrate-incoming', { uri: `fd:${STREAM_FD}` }); // (the state file, see startFromSnapshot)
       }
+      await agent;
       // The snapshot was taken with the vCPUs stopped, so the loaded VM waits paused: once the
       // memory is in, let it run. Its agent is already up and answers at once.
       const deadline = Date.now() + 60_000;
@@ -832,31 +840,72 @@ export class MicroVmDriver implements RuntimeDriver {
     for (const d of dirs) await writeFile(join(d, 'cgroup.procs'), String(pid));
   }
 
-  /** Starts QEMU daemonized; returns the VM's pid once QEMU has set up (sockets listening). */
-  private async launch(dir: string, args: string[], cgroups: string[] | Promise<string[]>, netns?: NetnsLaunch, streamFd?: number): Promise<number> {
+  /**
+   * Starts QEMU in its own session (not daemonized, see below); resolves once QEMU has set up, its
+   * QMP monitor answering, and sits in the task's cgroups. Returns its pid and that QMP session.
+   *
+   * Not `-daemonize`: QEMU's daemonizing forks it after its libraries are loaded and its options
+   * parsed, and the child then copies, page by page, all that the parent had written (the
+   * libraries' relocations, the heap of its ~1,000 QOM types) as it goes on. Measured with a
+   * fork's command line (BENCHMARKS.md, session 19): 72 ms to a ready monitor daemonized, 43 ms
+   * not. Like a daemon, QEMU is in a session of its own and outlives berthd (unref'd: a restarted
+   * berthd adopts it by its pid file, see recover()); its stderr is read only while it starts (after
+   * that, QEMU ignores SIGPIPE: a message written once berthd is gone is dropped, as before).
+   */
+  private async launch(dir: string, args: string[], cgroups: string[] | Promise<string[]>, netns?: NetnsLaunch, streamFd?: number): Promise<{ pid: number; qmp: QmpSession }> {
     // In a network namespace, QEMU is exec'd (same pid) by nsenter, or by unshare when it is to make
     // the namespace (bound at the path before QEMU runs), so that it opens the tap there.
     const stdio: ('ignore' | 'pipe' | number)[] = ['ignore', 'ignore', 'pipe', ...(streamFd !== undefined ? [streamFd] : [])]; // (QEMU's STREAM_FD)
     const child = netns
-      ? spawn(netns.make ? 'unshare' : 'nsenter', [`--net=${netns.path}`, '--', this.qemu, ...args], { stdio, cwd: dir })
-      : spawn(this.qemu, args, { stdio, cwd: dir });
-    // The launcher joins the cgroups before it forks the daemon (QEMU takes tens of ms to set up),
-    // so the VM process starts inside them; it is moved again below in case it was faster (or the
-    // cgroups were still being made).
-    const early = child.pid ? Promise.resolve(cgroups).then((dirs) => this.joinCgroups(dirs, child.pid!)).catch(() => undefined) : undefined; // (exited already: the exit code below says why)
+      ? spawn(netns.make ? 'unshare' : 'nsenter', [`--net=${netns.path}`, '--', this.qemu, ...args], { stdio, cwd: dir, detached: true })
+      : spawn(this.qemu, args, { stdio, cwd: dir, detached: true });
+    child.unref();
     let stderr = '';
-    child.stderr!.setEncoding('utf8').on('data', (d: string) => (stderr += d));
-    const code = await new Promise<number>((resolve, reject) => {
-      child.on('error', reject);
-      child.on('close', (c) => resolve(c ?? 1));
+    const errors = child.stderr!;
+    errors.setEncoding('utf8').on('data', (d: string) => (stderr = (stderr + d).slice(-4000)));
+    (errors as { unref?: () => void }).unref?.();
+    const ended = new Promise<string>((resolve) => {
+      child.once('error', (e) => resolve(e.message));
+      child.once('close', (code, sig) => resolve(stderr.trim().slice(0, 1000) || (sig ? `killed by ${sig}` : `exit ${code}`)));
     });
-    await early;
-    if (code !== 0) throw new Error(`qemu failed to start: ${stderr.trim().slice(0, 1000) || `exit ${code}`}`);
-    const pid = Number(readFileSync(join(dir, 'qemu.pid'), 'utf8').trim());
-    if (!Number.isInteger(pid) || pid <= 0) throw new Error('qemu wrote no pid file');
-    // (A failure here leaves QEMU running outside its cgroups: the caller's destroy() kills it by its pid file.)
-    await this.joinCgroups(await cgroups, pid);
-    return pid;
+    const failed = ended.then((why) => Promise.reject(new Error(`qemu failed to start: ${why}`)));
+    failed.catch(() => undefined); // (raced below)
+    const pid = child.pid;
+    if (!pid) return failed;
+    // Joined while QEMU sets up (moving a process moves all its threads, and QEMU's vCPUs do not run
+    // before the restore or boot lets them).
+    const joined = Promise.resolve(cgroups).then((dirs) => this.joinCgroups(dirs, pid));
+    joined.catch(() => undefined); // (awaited below)
+    let gone = false;
+    void ended.then(() => (gone = true));
+    const deadline = Date.now() + 60_000;
+    const ready = (async (): Promise<QmpSession> => {
+      // The monitor's socket exists once QEMU has parsed its options; it answers once all is set up.
+      for (;;) {
+        try {
+          return await QmpSession.open(join(dir, 'qmp.sock'), Math.max(1000, deadline - Date.now()));
+        } catch (e) {
+          const code = (e as NodeJS.ErrnoException).code;
+          if ((code !== 'ENOENT' && code !== 'ECONNREFUSED') || gone) throw e;
+          if (Date.now() > deadline) throw new Error('qemu did not open its QMP socket within 60 s', { cause: e });
+          await sleep(2);
+        }
+      }
+    })();
+    let q: QmpSession | undefined;
+    try {
+      q = await Promise.race([ready, failed]);
+      await Promise.race([joined, failed]);
+      errors.destroy(); // (what QEMU writes from now on is dropped, as a daemon's was)
+      return { pid, qmp: q };
+    } catch (e) {
+      q?.close();
+      void ready.then((s) => s.close(), () => undefined);
+      // A QEMU that ended tells why better than the connection it dropped (its monitor's socket
+      // exists before the rest of its set-up, which can still fail).
+      const why = await Promise.race([ended, sleep(1000).then(() => undefined)]);
+      throw why !== undefined ? new Error(`qemu failed to start: ${why}`) : e; // (QEMU, if it still runs, is ended by the caller's destroy(), found by its pid file)
+    }
   }
 
   /** Waits until the guest agent answers `probe` (hello) with the workload started (or the VM is gone). */
