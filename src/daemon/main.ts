@@ -3,6 +3,8 @@
 import { Command } from 'commander';
 import { Daemon, VERSION } from './berthd.js';
 import { DEFAULT_BASE_DOMAIN, settingsFromFlags, type IngressFlags } from '../ingress/types.js';
+import { useSpawner } from '../lib/exec.js';
+import { Spawner } from '../lib/spawner.js';
 
 const program = new Command()
   .name('berthd')
@@ -32,6 +34,9 @@ async function main() {
     process.exit(1);
   }
   let daemon: Daemon;
+  // Host tools are started by a small helper process: a start from berthd stalls its event loop.
+  const spawner = new Spawner();
+  useSpawner(spawner);
   try {
     const prefix = Number(o.networkSubnetPrefix);
     if (!Number.isInteger(prefix)) throw new Error(`--network-subnet-prefix must be a number such as 24, not "${o.networkSubnetPrefix}"`);
@@ -57,6 +62,8 @@ async function main() {
     daemon.log.info({ signal: sig }, 'shutting down (workloads keep running)');
     const t = setTimeout(() => process.exit(1), 15_000);
     await daemon.stop();
+    useSpawner(undefined);
+    spawner.close();
     clearTimeout(t);
     process.exit(0);
   };

@@ -18,11 +18,27 @@ export class ExecError extends Error {
   }
 }
 
-export function run(
-  file: string,
-  args: string[],
-  opts: { timeoutMs?: number; input?: string; env?: NodeJS.ProcessEnv; cwd?: string } = {},
-): Promise<ExecResult> {
+export interface RunOptions {
+  timeoutMs?: number;
+  input?: string;
+  env?: NodeJS.ProcessEnv;
+  cwd?: string;
+}
+
+let spawner: { run: typeof runHere } | undefined;
+
+/** berthd: its tools are started by the spawner process (src/lib/spawner.ts), not by berthd itself. */
+export function useSpawner(s: { run: typeof runHere } | undefined): void {
+  spawner = s;
+}
+
+/** Runs a tool to its end (killed after timeoutMs, 30 s by default): its exit code and output. */
+export function run(file: string, args: string[], opts: RunOptions = {}): Promise<ExecResult> {
+  return spawner ? spawner.run(file, args, opts) : runHere(file, args, opts);
+}
+
+/** run() in this process. */
+export function runHere(file: string, args: string[], opts: RunOptions = {}): Promise<ExecResult> {
   return new Promise((resolve, reject) => {
     const child = spawn(file, args, { stdio: [opts.input !== undefined ? 'pipe' : 'ignore', 'pipe', 'pipe'], env: opts.env ?? process.env, cwd: opts.cwd });
     let stdout = '';

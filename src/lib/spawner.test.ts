@@ -1,0 +1,58 @@
+// The spawner (src/lib/spawner.ts): tools run in its process give what run() in berthd gives; a
+// spawner that dies fails the calls in flight with a clear error and is started again; closed,
+// its process is gone.
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { runHere } from './exec.js';
+import { Spawner } from './spawner.js';
+
+const gone = async (pid: number) => {
+  for (let i = 0; i < 100; i++) {
+    try {
+      process.kill(pid, 0);
+    } catch {
+      return true;
+    }
+    await new Promise((r) => setTimeout(r, 20));
+  }
+  return false;
+};
+
+test('the spawner runs tools as run() does: output, input, exit code, env, cwd, a missing tool, a timeout', async () => {
+  const s = new Spawner();
+  try {
+    const pid = s.pid()!;
+    for (const [file, args, opts] of [
+      ['sh', ['-c', 'echo out; echo err >&2; exit 3'], {}],
+      ['cat', [], { input: 'from stdin\n' }],
+      ['sh', ['-c', 'echo "$X $(pwd)"'], { env: { X: 'x-value', PATH: process.env.PATH }, cwd: '/tmp' }],
+    ] as const) {
+      const here = await runHere(file, [...args], opts);
+      assert.deepEqual(await s.run(file, [...args], opts), here);
+    }
+    const r = await s.run('sh', ['-c', 'echo $PPID']);
+    assert.equal(Number(r.stdout.trim()), pid, 'started by the spawner, not by this process');
+    await assert.rejects(s.run('/nonexistent/tool', []), (e: NodeJS.ErrnoException) => e.code === 'ENOENT');
+    const t0 = Date.now();
+    assert.equal((await s.run('sleep', ['10'], { timeoutMs: 200 })).code, 137);
+    assert.ok(Date.now() - t0 < 5000);
+  } finally {
+    s.close();
+  }
+});
+
+test('a spawner that dies fails the calls in flight and is started again; closed, it is gone', async () => {
+  const s = new Spawner();
+  const first = s.pid()!;
+  const inFlight = s.run('sleep', ['5']);
+  await new Promise((r) => setTimeout(r, 200));
+  process.kill(first, 'SIGKILL');
+  await assert.rejects(inFlight, /spawner process exited \(SIGKILL\) before the tool's result came back/);
+  assert.ok(await gone(first));
+  assert.equal((await s.run('echo', ['again'])).stdout, 'again\n');
+  const second = s.pid()!;
+  assert.notEqual(second, first);
+  s.close();
+  assert.ok(await gone(second), 'closed: its process ended');
+  await assert.rejects(s.run('true', []), /closed/);
+});
