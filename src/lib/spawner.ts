@@ -23,23 +23,29 @@ export type SpawnReply = { id: number } & ({ result: ExecResult } | { error: str
 
 const SERVER = fileURLToPath(new URL('./spawner-main.js', import.meta.url));
 
+type Call = { resolve: (r: ExecResult) => void; reject: (e: Error) => void };
+
+/** One helper process and the calls it has in flight. */
+interface Helper {
+  proc: ChildProcess;
+  calls: Map<number, Call>;
+}
+
 export class Spawner {
-  private proc: ChildProcess | undefined;
+  private helper: Helper | undefined;
   private nextId = 1;
   private closed = false;
-  private readonly pending = new Map<ChildProcess, Map<number, { resolve: (r: ExecResult) => void; reject: (e: Error) => void }>>();
 
   run(file: string, args: string[], opts: RunOptions = {}): Promise<ExecResult> {
     if (this.closed) return Promise.reject(new Error('the spawner is closed'));
-    const p = this.ensure();
+    const h = this.ensure();
     const id = this.nextId++;
-    const calls = this.pending.get(p)!;
     return new Promise((resolve, reject) => {
-      calls.set(id, { resolve, reject });
-      if (calls.size === 1) hold(p, true); // (a call in flight keeps berthd running, see ensure())
-      p.send({ id, file, args, opts } satisfies SpawnRequest, (e) => {
+      h.calls.set(id, { resolve, reject });
+      if (h.calls.size === 1) hold(h.proc, true); // (a call in flight keeps berthd running, see ensure())
+      h.proc.send({ id, file, args, opts } satisfies SpawnRequest, (e) => {
         if (!e) return;
-        settled(p, calls, id);
+        settled(h, id);
         reject(new Error(`the spawner did not take ${file}: ${e.message}`));
       });
     });
@@ -47,41 +53,39 @@ export class Spawner {
 
   /** The helper's pid (started if need be): for tests. */
   pid(): number | undefined {
-    return this.ensure().pid;
+    return this.ensure().proc.pid;
   }
 
   close(): void {
     this.closed = true;
-    this.proc?.kill('SIGTERM');
-    this.proc = undefined;
+    this.helper?.proc.kill('SIGTERM');
+    this.helper = undefined;
   }
 
-  private ensure(): ChildProcess {
-    if (this.proc?.connected) return this.proc;
+  private ensure(): Helper {
+    if (this.helper?.proc.connected) return this.helper;
     // A small young generation: the helper holds little, and a smaller address space forks faster.
-    const p = fork(SERVER, [], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'], execArgv: ['--max-semi-space-size=1', '--max-old-space-size=64'], serialization: 'json' });
-    const calls = new Map<number, { resolve: (r: ExecResult) => void; reject: (e: Error) => void }>();
-    this.pending.set(p, calls);
-    p.on('message', (m: SpawnReply) => {
-      const c = calls.get(m.id);
+    const proc = fork(SERVER, [], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'], execArgv: ['--max-semi-space-size=1', '--max-old-space-size=64'], serialization: 'json' });
+    const h: Helper = { proc, calls: new Map() };
+    proc.on('message', (m: SpawnReply) => {
+      const c = h.calls.get(m.id);
       if (!c) return;
-      settled(p, calls, m.id);
+      settled(h, m.id);
       if ('result' in m) c.resolve(m.result);
       else c.reject(Object.assign(new Error(m.error), m.code ? { code: m.code } : {}));
     });
     const gone = (why: string) => {
-      if (this.proc === p) this.proc = undefined;
-      for (const c of calls.values()) c.reject(new Error(`the spawner process ${why} before the tool's result came back; the caller may retry`));
-      calls.clear();
-      this.pending.delete(p);
+      if (this.helper === h) this.helper = undefined;
+      for (const c of h.calls.values()) c.reject(new Error(`the spawner process ${why} before the tool's result came back; the caller may retry`));
+      h.calls.clear();
     };
-    p.on('exit', (code, sig) => gone(`exited (${sig ?? code})`));
-    p.on('error', (e) => gone(`failed (${e.message})`));
+    proc.on('exit', (code, sig) => gone(`exited (${sig ?? code})`));
+    proc.on('error', (e) => gone(`failed (${e.message})`));
     // The helper keeps berthd running only while a call is in flight (berthd's own handles do it
     // otherwise): an idle helper must not keep a finished process alive.
-    hold(p, false);
-    this.proc = p;
-    return p;
+    hold(proc, false);
+    this.helper = h;
+    return h;
   }
 }
 
@@ -96,7 +100,7 @@ function hold(p: ChildProcess, on: boolean): void {
   }
 }
 
-function settled(p: ChildProcess, calls: Map<number, unknown>, id: number): void {
-  calls.delete(id);
-  if (calls.size === 0) hold(p, false);
+function settled(h: Helper, id: number): void {
+  h.calls.delete(id);
+  if (h.calls.size === 0) hold(h.proc, false);
 }

@@ -661,8 +661,9 @@ export class MicroVmDriver implements RuntimeDriver {
         await this.loadSnapshot(cfg.id, q, lazy);
         T('memory loaded');
         // tap0 is wired while the guest runs (a restored guest sends nothing by itself; the create
-        // answers once it is wired), not before: starting a process blocks berthd's event loop for
-        // ~5 ms (a fork of its ~110 MiB), which the restore's QMP commands would wait for.
+        // answers once it is wired), not before: its processes (nsenter, sh, ip, nft) would take CPU
+        // from QEMU's start and the snapshot's load. (They are started by the spawner, see
+        // src/lib/spawner.ts; measured in session 18, when berthd started them itself.)
         if (netns) {
           wiring = inNetns(netns.path, TAP_WIRE);
           wiring.catch(() => undefined); // awaited below; a failure is handled there
@@ -862,7 +863,6 @@ export class MicroVmDriver implements RuntimeDriver {
     let stderr = '';
     const errors = child.stderr!;
     errors.setEncoding('utf8').on('data', (d: string) => (stderr = (stderr + d).slice(-4000)));
-    (errors as { unref?: () => void }).unref?.();
     const ended = new Promise<string>((resolve) => {
       child.once('error', (e) => resolve(e.message));
       child.once('close', (code, sig) => resolve(stderr.trim().slice(0, 1000) || (sig ? `killed by ${sig}` : `exit ${code}`)));
@@ -876,8 +876,6 @@ export class MicroVmDriver implements RuntimeDriver {
     // began (as before: the daemon was forked while the launcher was being moved).
     const joined = Promise.resolve(cgroups).then((dirs) => this.joinCgroups(dirs, pid));
     joined.catch(() => undefined); // (awaited below)
-    let gone = false;
-    void ended.then(() => (gone = true));
     const deadline = Date.now() + 60_000;
     const ready = (async (): Promise<QmpSession> => {
       // The monitor's socket exists once QEMU has parsed its options; it answers once all is set up.
@@ -886,7 +884,7 @@ export class MicroVmDriver implements RuntimeDriver {
           return await QmpSession.open(join(dir, 'qmp.sock'), Math.max(1000, deadline - Date.now()));
         } catch (e) {
           const code = (e as NodeJS.ErrnoException).code;
-          if ((code !== 'ENOENT' && code !== 'ECONNREFUSED') || gone) throw e;
+          if ((code !== 'ENOENT' && code !== 'ECONNREFUSED') || child.exitCode !== null || child.signalCode !== null) throw e;
           if (Date.now() > deadline) throw new Error('qemu did not open its QMP socket within 60 s', { cause: e });
           await sleep(2);
         }
