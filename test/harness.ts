@@ -203,17 +203,19 @@ export class TestDaemon {
     for (const [bin, root] of [['runc', 'runtime/runc/runc'], [process.env.BERTH_RUNSC ?? '/usr/local/lib/berth/runsc', 'runtime/gvisor/runsc']]) {
       if (!existsSync(join(this.dataDir, root!))) continue;
       const args = bin === 'runc' ? ['--root', join(this.dataDir, root!)] : [`--root=${join(this.dataDir, root!)}`, '--network=none', '--overlay2=none', '--host-uds=create'];
-      const ids = spawnSync(bin!, [...args, 'list', '-q']).stdout?.toString().split('\n').filter(Boolean) ?? [];
+      const ids = spawnSync(bin!, [...args, 'list', bin === 'runc' ? '-q' : '-quiet']).stdout?.toString().split('\n').filter(Boolean) ?? [];
       for (const id of ids) {
         spawnSync(bin!, [...args, 'kill', id, 'KILL']);
         spawnSync(bin!, [...args, 'delete', '--force', id]);
       }
     }
-    // MicroVMs this daemon started (found by their state under its data dir): end them by pid.
+    // MicroVMs and workload monitors this daemon started (found by their state under its data dir):
+    // end them by pid.
     for (const pid of readdirSync('/proc').filter((p) => /^\d+$/.test(p))) {
       try {
         const cmd = readFileSync(`/proc/${pid}/cmdline`, 'utf8');
         if (cmd.includes('qemu-system') && cmd.includes(join(this.dataDir, 'runtime', 'microvm'))) process.kill(Number(pid), 'SIGKILL');
+        if (cmd.includes('berth-agent\0monitor\0') && cmd.includes(join(this.dataDir, 'runtime'))) process.kill(Number(pid), 'SIGKILL');
         if (cmd.split('\0')[0]!.endsWith('haproxy') && cmd.includes(join(this.dataDir, 'ingress'))) process.kill(Number(pid), 'SIGKILL');
       } catch {
         /* raced */
@@ -225,14 +227,44 @@ export class TestDaemon {
     const inst = instanceId(this.dataDir);
     for (const l of readdirSync('/sys/class/net')) if (l.startsWith(`b${inst}`)) spawnSync('ip', ['link', 'del', l]);
     spawnSync('nft', ['-f', '-'], { input: ['inet', 'bridge'].map((f) => `add table ${f} berth_${inst}\ndelete table ${f} berth_${inst}\n`).join('') });
-    for (const dir of cgroupParentDirs(this.cgroupParent)) {
+    // The cgroups of workloads left running: what still runs in them is this daemon's (its sandboxes'
+    // processes), ended by pid; then the groups are removed, deepest first.
+    for (const dir of cgroupParentDirs(this.cgroupParent)) await removeCgroupTree(dir);
+    rmSync(this.dataDir, { recursive: true, force: true });
+  }
+}
+
+/** Ends the processes in a cgroup and its descendants and removes them, deepest first (a killed process leaves its group within ~2 s). */
+async function removeCgroupTree(dir: string): Promise<void> {
+  let subs: string[];
+  try {
+    subs = readdirSync(dir, { withFileTypes: true }).filter((f) => f.isDirectory()).map((f) => join(dir, f.name));
+  } catch {
+    return; // (gone)
+  }
+  for (const sub of subs) await removeCgroupTree(sub);
+  const deadline = Date.now() + 2000;
+  for (;;) {
+    let pids: string[] = [];
+    try {
+      pids = readFileSync(join(dir, 'cgroup.procs'), 'utf8').split('\n').filter(Boolean);
+    } catch {
+      /* gone */
+    }
+    for (const pid of pids) {
       try {
-        rmdirSync(dir);
+        process.kill(Number(pid), 'SIGKILL');
       } catch {
-        /* absent or not empty (reported by hostResidue) */
+        /* just exited */
       }
     }
-    rmSync(this.dataDir, { recursive: true, force: true });
+    try {
+      rmdirSync(dir);
+      return;
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code === 'ENOENT' || Date.now() > deadline) return; // (what is left is reported by hostResidue)
+      await sleep(20);
+    }
   }
 }
 

@@ -3,8 +3,8 @@
 // everything leaves nothing on the host.
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { readFileSync } from 'node:fs';
-import { TestDaemon, sleep } from './harness.js';
+import { readFileSync, readdirSync } from 'node:fs';
+import { TestDaemon, cgroupParentDirs, sleep } from './harness.js';
 
 let d: TestDaemon;
 before(async () => {
@@ -114,4 +114,34 @@ test('restart policy always restarts with back-off and keeps counting', { timeou
   await d.api('DELETE', `${W}/flappy`);
   await d.deleteAllWorkloads();
   assert.deepEqual(d.hostResidue(), []);
+});
+
+test('the test harness ends what a failed test left running: sandboxes of every tier, their processes and cgroups', { timeout: 120_000 }, async (t) => {
+  // destroy() is the safety net between test files: a test that fails half-way must not leave the
+  // next ones a runtime, a microVM or a cgroup (it once missed gVisor's: `runsc list -q` is not a flag).
+  const x = await TestDaemon.start();
+  const info = await x.api('GET', '/v1/info');
+  const tiers: string[] = info.body.drivers.filter((v: any) => v.healthy).map((v: any) => v.isolation);
+  if (!tiers.includes('gvisor')) t.diagnostic('gVisor not installed: container and microVM only');
+  for (const isolation of tiers) {
+    const r = await x.api('POST', '/v1/projects/default/sandboxes?pool=none', { spec: { isolation, timeoutMs: 600_000 } });
+    assert.equal(r.status, 201, `${isolation}: ${JSON.stringify(r.body)}`);
+  }
+  const ours = () => {
+    const found: string[] = [];
+    for (const p of readdirSync('/proc').filter((n) => /^\d+$/.test(n))) {
+      try {
+        const cmd = readFileSync(`/proc/${p}/cmdline`, 'utf8');
+        if (cmd.includes(x.dataDir) && readFileSync(`/proc/${p}/stat`, 'utf8').split(') ')[1]![0] !== 'Z') found.push(`${p} ${cmd.replaceAll('\0', ' ').slice(0, 80)}`);
+      } catch {
+        /* exited */
+      }
+    }
+    return found;
+  };
+  assert.ok(ours().length >= tiers.length, 'each sandbox has a process naming the daemon\'s data dir');
+  await x.destroy();
+  await sleep(200);
+  assert.deepEqual(ours(), []);
+  assert.deepEqual(cgroupParentDirs(x.cgroupParent), [], 'the cgroup parent is removed in every hierarchy');
 });
