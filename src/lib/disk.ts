@@ -1,6 +1,7 @@
 // Size-limited writable file systems: a sparse ext4 image (only written blocks use host disk),
 // mounted through a loop device where the host must see it (the container tiers' writable layer)
 // or handed to a microVM as a block device.
+import { closeSync, ftruncateSync, openSync, readSync, rmSync, writeSync } from 'node:fs';
 import { open, rm } from 'node:fs/promises';
 import { run, runOk } from './exec.js';
 import { isMountPoint } from './host.js';
@@ -65,8 +66,10 @@ export function parseFilefrag(out: string): DataMap | undefined {
  * Copies a sparse file whose DataMap is known: the copy has the same size and holes, and only the
  * data is read and written. In-process because a `cp --sparse` is a process to start, which on a
  * microVM fork's path cost more than the copy (a template's writable disk holds ~1 MiB of data).
+ * Up to `syncMaxBytes` of data, in one blocking go (see SYNC_COPY_MAX_BYTES).
  */
-export async function copyDataMap(src: string, dst: string, map: DataMap): Promise<void> {
+export async function copyDataMap(src: string, dst: string, map: DataMap, syncMaxBytes = SYNC_COPY_MAX_BYTES): Promise<void> {
+  if (map.extents.reduce((a, [, len]) => a + len, 0) <= syncMaxBytes) return copyDataMapSync(src, dst, map);
   const from = await open(src, 'r');
   try {
     const to = await open(dst, 'wx', 0o600);
@@ -91,5 +94,39 @@ export async function copyDataMap(src: string, dst: string, map: DataMap): Promi
     }
   } finally {
     await from.close();
+  }
+}
+
+/**
+ * Up to this much data is copied in one go, without returning to the event loop: a template's
+ * writable disk (~0.7 MiB in 12 extents) took 4–7 ms as 24 awaited reads and writes, each a round
+ * trip through libuv's thread pool, against ~1 ms blocking (measured on a microVM fork's path).
+ */
+const SYNC_COPY_MAX_BYTES = 4 * 2 ** 20;
+
+function copyDataMapSync(src: string, dst: string, map: DataMap): void {
+  const from = openSync(src, 'r');
+  try {
+    const to = openSync(dst, 'wx', 0o600);
+    let ok = false;
+    try {
+      ftruncateSync(to, map.size);
+      const buf = Buffer.allocUnsafe(Math.min(2 ** 20, map.extents.reduce((a, [, len]) => Math.max(a, len), 0)));
+      for (const [offset, length] of map.extents) {
+        for (let done = 0; done < length; ) {
+          const n = Math.min(buf.length, length - done);
+          const bytesRead = readSync(from, buf, 0, n, offset + done);
+          if (bytesRead !== n) throw new Error(`${src} is shorter than its data map says (${offset + done + bytesRead} bytes)`);
+          if (writeSync(to, buf, 0, n, offset + done) !== n) throw new Error(`short write to ${dst} at ${offset + done}`);
+          done += n;
+        }
+      }
+      ok = true;
+    } finally {
+      closeSync(to);
+      if (!ok) rmSync(dst, { force: true }); // (no half copy left behind)
+    }
+  } finally {
+    closeSync(from);
   }
 }
