@@ -11,24 +11,22 @@
 // started again on the next call if it dies, the calls in flight failing with a clear error.
 import { fork, type ChildProcess } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
-import type { ExecResult, RunOptions } from './exec.js';
+import type { ExecResult, RunOptions, StartOptions, Started } from './exec.js';
 
-export interface SpawnRequest {
-  id: number;
-  file: string;
-  args: string[];
-  opts: RunOptions;
-}
-export type SpawnReply = { id: number } & ({ result: ExecResult } | { error: string; code?: string });
+type SpawnCall = { file: string; args: string[] } & ({ opts: RunOptions } | { start: StartOptions });
+export type SpawnRequest = { id: number } & SpawnCall;
+/** A call's answer (a tool's result, a started process's pid, or an error), or the end of a process it started. */
+export type SpawnReply = ({ id: number } & ({ result: ExecResult } | { pid: number } | { error: string; code?: string })) | { exited: number; why: string };
 
 const SERVER = fileURLToPath(new URL('./spawner-main.js', import.meta.url));
 
-type Call = { resolve: (r: ExecResult) => void; reject: (e: Error) => void };
+type Call = { resolve: (r: ExecResult | number) => void; reject: (e: Error) => void };
 
-/** One helper process and the calls it has in flight. */
+/** One helper process, the calls it has in flight, and who waits for the end of a process it started (by pid). */
 interface Helper {
   proc: ChildProcess;
   calls: Map<number, Call>;
+  watchers: Map<number, (why: string) => void>;
 }
 
 export class Spawner {
@@ -37,16 +35,31 @@ export class Spawner {
   private closed = false;
 
   run(file: string, args: string[], opts: RunOptions = {}): Promise<ExecResult> {
+    return this.call({ file, args, opts }).then((r) => r.result as ExecResult);
+  }
+
+  /**
+   * exec.ts startDetached() from the helper: the process is the helper's child, and outlives berthd
+   * as it would have as berthd's. Its end is reported while watched, unless the helper dies first.
+   */
+  async startDetached(file: string, args: string[], start: StartOptions): Promise<Started> {
+    const { h, result } = await this.call({ file, args, start });
+    const pid = result as number;
+    const exited = new Promise<string>((resolve) => h.watchers.set(pid, resolve));
+    return { pid, exited, unwatch: () => h.watchers.delete(pid) };
+  }
+
+  private call(req: SpawnCall): Promise<{ h: Helper; result: ExecResult | number }> {
     if (this.closed) return Promise.reject(new Error('the spawner is closed'));
     const h = this.ensure();
     const id = this.nextId++;
     return new Promise((resolve, reject) => {
-      h.calls.set(id, { resolve, reject });
+      h.calls.set(id, { resolve: (result) => resolve({ h, result }), reject });
       if (h.calls.size === 1) hold(h.proc, true); // (a call in flight keeps berthd running, see ensure())
-      h.proc.send({ id, file, args, opts } satisfies SpawnRequest, (e) => {
+      h.proc.send({ id, ...req } satisfies SpawnRequest, (e) => {
         if (!e) return;
         settled(h, id);
-        reject(new Error(`the spawner did not take ${file}: ${e.message}`));
+        reject(new Error(`the spawner did not take ${req.file}: ${e.message}`));
       });
     });
   }
@@ -66,18 +79,25 @@ export class Spawner {
     if (this.helper?.proc.connected) return this.helper;
     // A small young generation: the helper holds little, and a smaller address space forks faster.
     const proc = fork(SERVER, [], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'], execArgv: ['--max-semi-space-size=1', '--max-old-space-size=64'], serialization: 'json' });
-    const h: Helper = { proc, calls: new Map() };
+    const h: Helper = { proc, calls: new Map(), watchers: new Map() };
     proc.on('message', (m: SpawnReply) => {
+      if ('exited' in m) {
+        h.watchers.get(m.exited)?.(m.why);
+        h.watchers.delete(m.exited);
+        return;
+      }
       const c = h.calls.get(m.id);
       if (!c) return;
       settled(h, m.id);
       if ('result' in m) c.resolve(m.result);
+      else if ('pid' in m) c.resolve(m.pid);
       else c.reject(Object.assign(new Error(m.error), m.code ? { code: m.code } : {}));
     });
     const gone = (why: string) => {
       if (this.helper === h) this.helper = undefined;
       for (const c of h.calls.values()) c.reject(new Error(`the spawner process ${why} before the tool's result came back; the caller may retry`));
       h.calls.clear();
+      h.watchers.clear(); // (their processes run on, reparented; their end can no longer be told)
     };
     proc.on('exit', (code, sig) => gone(`exited (${sig ?? code})`));
     proc.on('error', (e) => gone(`failed (${e.message})`));

@@ -21,14 +21,14 @@
 import { randomBytes } from 'node:crypto';
 import { spawn } from 'node:child_process';
 import { EventEmitter } from 'node:events';
-import { chmodSync, closeSync, copyFileSync, existsSync, mkdirSync, readFileSync, readdirSync, openSync, readlinkSync, rmSync, rmdirSync, statSync, watch, writeFileSync, type FSWatcher } from 'node:fs';
+import { chmodSync, copyFileSync, existsSync, mkdirSync, readFileSync, readdirSync, readlinkSync, rmSync, rmdirSync, statSync, watch, writeFileSync, type FSWatcher } from 'node:fs';
 import { constants as osConstants, cpus } from 'node:os';
 import { dirname, join } from 'node:path';
 import type { NetworkAttachment, NetworkManager } from '../../network/manager.js';
 import type { DriverCapabilities, ExitResult, Fingerprint, RuntimeDriver, StopOptions, TaskConfig, TaskExecResult, TaskHandle, TaskStatus } from '../../core/driver.js';
 import { BerthError, invalidArgument } from '../../core/errors.js';
 import { qmp, QmpSession } from './qmp.js';
-import { pidAlive, runOk, sleep } from '../../lib/exec.js';
+import { pidAlive, runOk, sleep, startDetached } from '../../lib/exec.js';
 import { cgroupHierarchies, processCpuMs } from '../../lib/host.js';
 import { migrationWarmer } from '../../lib/cgroupwarm.js';
 import { copyDataMap, dataMap, type DataMap } from '../../lib/disk.js';
@@ -646,17 +646,11 @@ export class MicroVmDriver implements RuntimeDriver {
         await disks;
         // QEMU reads the stream from a descriptor it inherits (not `exec:cat`: a shell and a cat to
         // start on the fork's path).
-        const stream = openSync(join(src, lazy ? 'state' : 'memory'), 'r');
-        let q: QmpSession;
-        try {
-          const incoming = lazy ? 'defer' : `fd:${STREAM_FD}`;
-          const args = buildQemuArgs({ dir, ...machine, incoming, ...(lazy ? { ram: { file: join(src, 'ram') } } : {}) });
-          const vm = await this.launch(dir, args, made, netns, stream).finally(unwarm);
-          pid = vm.pid;
-          q = vm.qmp;
-        } finally {
-          closeSync(stream); // (QEMU has its own)
-        }
+        const incoming = lazy ? 'defer' : `fd:${STREAM_FD}`;
+        const args = buildQemuArgs({ dir, ...machine, incoming, ...(lazy ? { ram: { file: join(src, 'ram') } } : {}) });
+        const vm = await this.launch(dir, args, made, netns, join(src, lazy ? 'state' : 'memory')).finally(unwarm);
+        pid = vm.pid;
+        const q = vm.qmp;
         T('qemu up');
         await this.loadSnapshot(cfg.id, q, lazy);
         T('memory loaded');
@@ -852,25 +846,34 @@ export class MicroVmDriver implements RuntimeDriver {
    * berthd adopts it by its pid file, see recover()); its stderr is read only while it starts (after
    * that, QEMU ignores SIGPIPE: a message written once berthd is gone is dropped, as before).
    */
-  private async launch(dir: string, args: string[], cgroups: string[] | Promise<string[]>, netns?: NetnsLaunch, streamFd?: number): Promise<{ pid: number; qmp: QmpSession }> {
+  private async launch(dir: string, args: string[], cgroups: string[] | Promise<string[]>, netns?: NetnsLaunch, streamFile?: string): Promise<{ pid: number; qmp: QmpSession }> {
     // In a network namespace, QEMU is exec'd (same pid) by nsenter, or by unshare when it is to make
-    // the namespace (bound at the path before QEMU runs), so that it opens the tap there.
-    const stdio: ('ignore' | 'pipe' | number)[] = ['ignore', 'ignore', 'pipe', ...(streamFd !== undefined ? [streamFd] : [])]; // (QEMU's STREAM_FD)
-    const child = netns
-      ? spawn(netns.make ? 'unshare' : 'nsenter', [`--net=${netns.path}`, '--', this.qemu, ...args], { stdio, cwd: dir, detached: true })
-      : spawn(this.qemu, args, { stdio, cwd: dir, detached: true });
-    child.unref();
-    let stderr = '';
-    const errors = child.stderr!;
-    errors.setEncoding('utf8').on('data', (d: string) => (stderr = (stderr + d).slice(-4000)));
-    const ended = new Promise<string>((resolve) => {
-      child.once('error', (e) => resolve(e.message));
-      child.once('close', (code, sig) => resolve(stderr.trim().slice(0, 1000) || (sig ? `killed by ${sig}` : `exit ${code}`)));
+    // the namespace (bound at the path before QEMU runs), so that it opens the tap there. Started by
+    // the spawner in berthd (src/lib/spawner.ts): a start from berthd itself stalled its event loop
+    // ~6.6 ms (the fork of its ~110 MiB), on the start's path. QEMU's stderr goes to a file of the
+    // task (what it says when it fails to start is read from there); the stream to restore is opened
+    // as STREAM_FD.
+    const stderrFile = join(dir, 'qemu.stderr');
+    const file = netns ? (netns.make ? 'unshare' : 'nsenter') : this.qemu;
+    const started = await startDetached(file, netns ? [`--net=${netns.path}`, '--', this.qemu, ...args] : args, {
+      cwd: dir,
+      stderrFile,
+      ...(streamFile !== undefined ? { fdFiles: [streamFile] } : {}),
+    }).catch((e: unknown) => Promise.reject(new Error(`qemu failed to start: ${(e as Error).message}`)));
+    const { pid } = started;
+    let exited = false;
+    const ended = started.exited.then((why) => {
+      exited = true;
+      let said = '';
+      try {
+        said = readFileSync(stderrFile, 'utf8').slice(-4000).trim().slice(0, 1000);
+      } catch {
+        /* (none) */
+      }
+      return said || why;
     });
     const failed = ended.then((why) => Promise.reject(new Error(`qemu failed to start: ${why}`)));
     failed.catch(() => undefined); // (raced below)
-    const pid = child.pid;
-    if (!pid) return failed;
     // Joined while QEMU sets up (moving a process moves all its threads). A restored guest runs only
     // once loadSnapshot() lets it; a booted one as soon as QEMU is set up, ~40 ms after this join
     // began (as before: the daemon was forked while the launcher was being moved).
@@ -884,7 +887,7 @@ export class MicroVmDriver implements RuntimeDriver {
           return await QmpSession.open(join(dir, 'qmp.sock'), Math.max(1000, deadline - Date.now()));
         } catch (e) {
           const code = (e as NodeJS.ErrnoException).code;
-          if ((code !== 'ENOENT' && code !== 'ECONNREFUSED') || child.exitCode !== null || child.signalCode !== null) throw e;
+          if ((code !== 'ENOENT' && code !== 'ECONNREFUSED') || exited) throw e;
           if (Date.now() > deadline) throw new Error('qemu did not open its QMP socket within 60 s', { cause: e });
           await sleep(2);
         }
@@ -894,7 +897,7 @@ export class MicroVmDriver implements RuntimeDriver {
     try {
       q = await Promise.race([ready, failed]);
       await Promise.race([joined, failed]);
-      errors.destroy(); // (what QEMU writes from now on is dropped, as a daemon's was)
+      started.unwatch();
       return { pid, qmp: q };
     } catch (e) {
       q?.close();
@@ -902,6 +905,7 @@ export class MicroVmDriver implements RuntimeDriver {
       // A QEMU that ended tells why better than the connection it dropped (its monitor's socket
       // exists before the rest of its set-up, which can still fail).
       const why = await Promise.race([ended, sleep(1000).then(() => undefined)]);
+      started.unwatch();
       throw why !== undefined ? new Error(`qemu failed to start: ${why}`) : e; // (QEMU, if it still runs, is ended by the caller's destroy(), found by its pid file)
     }
   }
