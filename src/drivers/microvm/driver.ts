@@ -842,9 +842,9 @@ export class MicroVmDriver implements RuntimeDriver {
    * parsed, and the child then copies, page by page, all that the parent had written (the
    * libraries' relocations, the heap of its ~1,000 QOM types) as it goes on. Measured with a
    * fork's command line (BENCHMARKS.md, session 19): 72 ms to a ready monitor daemonized, 43 ms
-   * not. Like a daemon, QEMU is in a session of its own and outlives berthd (unref'd: a restarted
-   * berthd adopts it by its pid file, see recover()); its stderr is read only while it starts (after
-   * that, QEMU ignores SIGPIPE: a message written once berthd is gone is dropped, as before).
+   * not. Like a daemon, QEMU is in a session of its own and outlives berthd (a restarted berthd
+   * adopts it by its pid file, see recover()). Its stderr is the task's qemu.stderr, read when it
+   * fails to start.
    */
   private async launch(dir: string, args: string[], cgroups: string[] | Promise<string[]>, netns?: NetnsLaunch, streamFile?: string): Promise<{ pid: number; qmp: QmpSession }> {
     // In a network namespace, QEMU is exec'd (same pid) by nsenter, or by unshare when it is to make
