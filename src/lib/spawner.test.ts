@@ -88,6 +88,9 @@ test('startDetached, in the spawner and here: a session of its own, stderr to a 
       assert.equal(told, false, where);
       assert.ok(await gone(q.pid), `${where}: reaped`);
       await assert.rejects(start('/nonexistent/qemu', [], { stderrFile }), (e: NodeJS.ErrnoException) => e.code === 'ENOENT', where);
+      // A process that ends at once: its end is told all the same (its report follows the reply closely).
+      const quick = await Promise.all(Array.from({ length: 20 }, () => start('true', [], { stderrFile }).then((x) => Promise.race([x.exited, new Promise((r) => setTimeout(() => r('not told'), 3000))]))));
+      assert.deepEqual(quick, Array(20).fill('exit 0'), where);
     }
   } finally {
     clearInterval(alive);

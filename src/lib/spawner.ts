@@ -43,18 +43,24 @@ export class Spawner {
    * as it would have as berthd's. Its end is reported while watched, unless the helper dies first.
    */
   async startDetached(file: string, args: string[], start: StartOptions): Promise<Started> {
-    const { h, result } = await this.call({ file, args, start });
+    let exited: Promise<string> | undefined;
+    // The watcher is set as the reply is handled, not after an await: a process that ends at once
+    // has its end reported right behind the reply, and IPC messages are emitted back to back.
+    const { h, result } = await this.call({ file, args, start }, (h, pid) => (exited = new Promise((resolve) => h.watchers.set(pid as number, resolve))));
     const pid = result as number;
-    const exited = new Promise<string>((resolve) => h.watchers.set(pid, resolve));
-    return { pid, exited, unwatch: () => h.watchers.delete(pid) };
+    return { pid, exited: exited!, unwatch: () => h.watchers.delete(pid) };
   }
 
-  private call(req: SpawnCall): Promise<{ h: Helper; result: ExecResult | number }> {
+  private call(req: SpawnCall, onReply?: (h: Helper, result: ExecResult | number) => void): Promise<{ h: Helper; result: ExecResult | number }> {
     if (this.closed) return Promise.reject(new Error('the spawner is closed'));
     const h = this.ensure();
     const id = this.nextId++;
     return new Promise((resolve, reject) => {
-      h.calls.set(id, { resolve: (result) => resolve({ h, result }), reject });
+      const done = (result: ExecResult | number) => {
+        onReply?.(h, result);
+        resolve({ h, result });
+      };
+      h.calls.set(id, { resolve: done, reject });
       if (h.calls.size === 1) hold(h.proc, true); // (a call in flight keeps berthd running, see ensure())
       h.proc.send({ id, ...req } satisfies SpawnRequest, (e) => {
         if (!e) return;
